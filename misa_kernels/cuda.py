@@ -1,0 +1,66 @@
+"""The CUDA C++ backend (csrc/): loads the compiled extension `misa_kernels._C` on first use.
+
+Importing misa_kernels never touches the extension; a missing or broken build is reported only when
+the cuda backend is asked for (`load_error()` says why), so CPU users and Triton users are unaffected.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .scalars import kernel_scalars
+
+_ext = None
+_error: Optional[str] = None
+_tried = False
+
+
+def _load():
+    global _ext, _error, _tried
+    if not _tried:
+        _tried = True
+        try:
+            _ext = importlib.import_module("misa_kernels._C")
+        except Exception as exc:  # ImportError, or an undefined symbol from a mismatched torch
+            _error = (f"the compiled extension misa_kernels._C is not available ({exc}); reinstall with "
+                      f"nvcc and a CUDA build of torch present (MISA_FORCE_CUDA_BUILD=1 pip install .)")
+    return _ext
+
+
+def load_error() -> Optional[str]:
+    """None when the extension is built and a GPU is visible, else the reason the backend cannot run."""
+    if _load() is None:
+        return _error
+    if not torch.cuda.is_available():
+        return "the extension is built, but torch sees no CUDA device"
+    return None
+
+
+def extension():
+    ext = _load()
+    if ext is None:
+        raise RuntimeError(_error)
+    return ext
+
+
+def _scalar_args(sc):
+    return sc.device, sc.beta1, sc.beta2, sc.eps, sc.step_size, sc.bias_correction2_sqrt, sc.decay
+
+
+def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms: Optional[Tensor], *, lr, beta1,
+                beta2, eps, weight_decay, step, fresh) -> None:
+    sc = kernel_scalars(lr, step, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    extension().adamw_step_(params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms, *_scalar_args(sc), bool(fresh))
+
+
+def grad_sq_norms(tensors) -> Tensor:
+    return extension().grad_sq_norms(tensors)
+
+
+def momentum_flush_(params, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, step) -> None:
+    sc = kernel_scalars(lr, step, beta1=beta1, beta2=beta2, eps=eps, flush=True)
+    extension().momentum_flush_(params, exp_avgs, exp_avg_sqs, *_scalar_args(sc))

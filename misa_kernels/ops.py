@@ -1,0 +1,119 @@
+"""The public ops. Each one checks its arguments, asks `backends.resolve` which backend runs, and
+calls the op declared in `library.py`; the backend module (`reference`, `triton`, `cuda`) does the
+work. Public function -> check + resolve -> torch.ops.misa.* -> backend kernel."""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import backends, checks
+from . import library  # noqa: F401  (registers torch.ops.misa.*)
+
+
+def _split(value):
+    # The schema cannot take "float or Tensor": a tensor travels in its own slot.
+    return (0.0, value) if isinstance(value, Tensor) else (float(value), None)
+
+
+def adamw_step_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    *,
+    lr,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    step,
+    fresh: bool = False,
+    grad_sq_norms: Optional[Tensor] = None,
+    backend: str = "auto",
+) -> None:
+    """One AdamW step over every tensor, in place, exactly as `torch.optim.AdamW` (fp32 math).
+
+    With `grad_sq_norms` (fp32, one entry per tensor) each tensor's squared gradient norm is added to
+    it in the same pass. `fresh=True` treats the states as zero and never reads them.
+    """
+    params = checks.as_tensor_list("params", params)
+    grads = checks.as_tensor_list("grads", grads)
+    exp_avgs = checks.as_tensor_list("exp_avgs", exp_avgs)
+    exp_avg_sqs = checks.as_tensor_list("exp_avg_sqs", exp_avg_sqs)
+    n = checks.check_same_length(params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
+    if n == 0:
+        return
+    device = params[0].device
+    checks.check_device(device, params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
+    checks.check_params_and_grads(params, grads)
+    checks.check_states(params, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
+    checks.check_grad_sq_norms(grad_sq_norms, n, device)
+    checks.check_scalar_or_0d("lr", lr, device, minimum=0.0)
+    checks.check_scalar_or_0d("step", step, device, minimum=1)
+    checks.check_hyper(beta1, beta2, eps, weight_decay)
+    chosen = backends.resolve(backend, device)
+    lr_value, lr_tensor = _split(lr)
+    step_value, step_tensor = _split(step)
+    torch.ops.misa.adamw_step_(params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms, lr_value, lr_tensor,
+                               step_value, step_tensor, beta1, beta2, eps, weight_decay, bool(fresh), chosen)
+    backends.record(chosen)
+
+
+def grad_sq_norms(tensors: Sequence[Tensor], backend: str = "auto") -> Tensor:
+    """sum(x*x) of every tensor, in fp32, as one fp32 tensor (one launch on the fused backends)."""
+    tensors = checks.as_tensor_list("tensors", tensors)
+    if not tensors:
+        return torch.zeros(0, dtype=torch.float32)
+    device = tensors[0].device
+    checks.check_device(device, tensors=tensors)
+    for i, t in enumerate(tensors):
+        if t.dtype not in checks.PARAM_DTYPES:
+            raise TypeError(f"tensors[{i}]: dtype {t.dtype} is not supported; expected float32, bfloat16 or float16")
+        if t.dtype != tensors[0].dtype:
+            raise TypeError(f"tensors[{i}]: all tensors of one call must share a dtype; got "
+                            f"{tensors[0].dtype} and {t.dtype}")
+    chosen = backends.resolve(backend, device)
+    out = torch.ops.misa.grad_sq_norms(tensors, chosen)
+    backends.record(chosen)
+    return out
+
+
+def momentum_flush_(
+    params: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    *,
+    lr,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    step,
+    backend: str = "auto",
+) -> None:
+    """The end-of-period step of MISA: p -= lr * beta1/(1-beta1) * m_hat / (sqrt(v_hat) + eps).
+    States are read, never written."""
+    params = checks.as_tensor_list("params", params)
+    exp_avgs = checks.as_tensor_list("exp_avgs", exp_avgs)
+    exp_avg_sqs = checks.as_tensor_list("exp_avg_sqs", exp_avg_sqs)
+    n = checks.check_same_length(params=params, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
+    if n == 0:
+        return
+    device = params[0].device
+    checks.check_device(device, params=params, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
+    checks.check_params_and_grads(params, params)
+    checks.check_states(params, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
+    checks.check_scalar_or_0d("lr", lr, device, minimum=0.0)
+    checks.check_scalar_or_0d("step", step, device, minimum=1)
+    checks.check_hyper(beta1, beta2, eps)
+    chosen = backends.resolve(backend, device)
+    lr_value, lr_tensor = _split(lr)
+    step_value, step_tensor = _split(step)
+    torch.ops.misa.momentum_flush_(params, exp_avgs, exp_avg_sqs, lr_value, lr_tensor, step_value,
+                                   step_tensor, beta1, beta2, eps, chosen)
+    backends.record(chosen)
+
+
+__all__: List[str] = ["adamw_step_", "grad_sq_norms", "momentum_flush_"]

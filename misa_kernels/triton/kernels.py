@@ -1,0 +1,141 @@
+"""Triton kernels: one program per chunk of the chunk table (tables.py), fp32 math.
+
+Hyperparameters are runtime arguments (a new lr or step never recompiles); only the dtype, the
+mode flags and the block sizes are compile-time constants. Norms are written as one partial per
+chunk and summed per tensor by `reduce_partials_kernel` in a fixed order: deterministic, no atomics.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _typed(address, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    ptr = address.to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        # Lets the compiler use 16-byte vector loads; the host sets ALIGNED only when it holds.
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def _to_param(x, DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
+    if SOFT_BF16 and DTYPE == tl.bfloat16:
+        # Triton's interpreter truncates fp32 -> bf16; round to nearest even by hand there so the
+        # interpreter checks the same numbers the GPU computes.
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return tl.where(x != x, x.to(DTYPE), rounded)
+    else:
+        return x.to(DTYPE)
+
+
+@triton.jit
+def adamw_kernel(
+    chunk_tensor_ptr, chunk_start_ptr, numel_ptr, addr_ptr, n_tensors,
+    partials_ptr, scalars_ptr,
+    beta1, beta2, eps, step_size, bc2_sqrt, decay,
+    PARAM_DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    FRESH: tl.constexpr, NORMS: tl.constexpr, SCALARS_ON_DEVICE: tl.constexpr, ALIGNED: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    t = tl.load(chunk_tensor_ptr + pid)
+    start = tl.load(chunk_start_ptr + pid)
+    n = tl.load(numel_ptr + t)
+    p_ptr = _typed(tl.load(addr_ptr + t), PARAM_DTYPE, ALIGNED)
+    g_ptr = _typed(tl.load(addr_ptr + n_tensors + t), PARAM_DTYPE, ALIGNED)
+    m_ptr = _typed(tl.load(addr_ptr + 2 * n_tensors + t), tl.float32, ALIGNED)
+    v_ptr = _typed(tl.load(addr_ptr + 3 * n_tensors + t), tl.float32, ALIGNED)
+    if SCALARS_ON_DEVICE:
+        step_size = tl.load(scalars_ptr)
+        bc2_sqrt = tl.load(scalars_ptr + 1)
+        decay = tl.load(scalars_ptr + 2)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    # Stop at the tensor's end: a small tensor does not walk a whole chunk of masked blocks.
+    for off in range(0, tl.minimum(n - start, CHUNK), BLOCK):
+        idx = start + off + tl.arange(0, BLOCK)
+        idx = tl.max_contiguous(tl.multiple_of(idx, BLOCK), BLOCK)
+        mask = idx < n
+        g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        if NORMS:
+            acc += g * g
+        if FRESH:
+            m = (1.0 - beta1) * g
+            v = (1.0 - beta2) * g * g
+        else:
+            m = tl.load(m_ptr + idx, mask=mask, other=0.0)
+            v = tl.load(v_ptr + idx, mask=mask, other=0.0)
+            m = m + (1.0 - beta1) * (g - m)
+            v = beta2 * v + (1.0 - beta2) * g * g
+        p = tl.load(p_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        denom = tl.sqrt(v) / bc2_sqrt + eps
+        p = p * decay - step_size * (m / denom)
+        tl.store(p_ptr + idx, _to_param(p, PARAM_DTYPE, SOFT_BF16), mask=mask)
+        tl.store(m_ptr + idx, m, mask=mask)
+        tl.store(v_ptr + idx, v, mask=mask)
+    if NORMS:
+        tl.store(partials_ptr + pid, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def flush_kernel(
+    chunk_tensor_ptr, chunk_start_ptr, numel_ptr, addr_ptr, n_tensors,
+    scalars_ptr, eps, step_size, bc2_sqrt,
+    PARAM_DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    SCALARS_ON_DEVICE: tl.constexpr, ALIGNED: tl.constexpr, SOFT_BF16: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    t = tl.load(chunk_tensor_ptr + pid)
+    start = tl.load(chunk_start_ptr + pid)
+    n = tl.load(numel_ptr + t)
+    p_ptr = _typed(tl.load(addr_ptr + t), PARAM_DTYPE, ALIGNED)
+    m_ptr = _typed(tl.load(addr_ptr + n_tensors + t), tl.float32, ALIGNED)
+    v_ptr = _typed(tl.load(addr_ptr + 2 * n_tensors + t), tl.float32, ALIGNED)
+    if SCALARS_ON_DEVICE:
+        step_size = tl.load(scalars_ptr)
+        bc2_sqrt = tl.load(scalars_ptr + 1)
+    # Stop at the tensor's end: a small tensor does not walk a whole chunk of masked blocks.
+    for off in range(0, tl.minimum(n - start, CHUNK), BLOCK):
+        idx = start + off + tl.arange(0, BLOCK)
+        idx = tl.max_contiguous(tl.multiple_of(idx, BLOCK), BLOCK)
+        mask = idx < n
+        m = tl.load(m_ptr + idx, mask=mask, other=0.0)
+        v = tl.load(v_ptr + idx, mask=mask, other=0.0)
+        p = tl.load(p_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        p = p - step_size * (m / (tl.sqrt(v) / bc2_sqrt + eps))
+        tl.store(p_ptr + idx, _to_param(p, PARAM_DTYPE, SOFT_BF16), mask=mask)
+
+
+@triton.jit
+def sq_norm_partials_kernel(
+    chunk_tensor_ptr, chunk_start_ptr, numel_ptr, addr_ptr, partials_ptr,
+    DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    t = tl.load(chunk_tensor_ptr + pid)
+    start = tl.load(chunk_start_ptr + pid)
+    n = tl.load(numel_ptr + t)
+    x_ptr = _typed(tl.load(addr_ptr + t), DTYPE, ALIGNED)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    # Stop at the tensor's end: a small tensor does not walk a whole chunk of masked blocks.
+    for off in range(0, tl.minimum(n - start, CHUNK), BLOCK):
+        idx = start + off + tl.arange(0, BLOCK)
+        idx = tl.max_contiguous(tl.multiple_of(idx, BLOCK), BLOCK)
+        x = tl.load(x_ptr + idx, mask=idx < n, other=0.0).to(tl.float32)
+        acc += x * x
+    tl.store(partials_ptr + pid, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def reduce_partials_kernel(partials_ptr, chunk_begin_ptr, out_ptr, BLOCK: tl.constexpr):
+    t = tl.program_id(0)
+    begin = tl.load(chunk_begin_ptr + t)
+    end = tl.load(chunk_begin_ptr + t + 1)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(begin, end, BLOCK):
+        idx = i + tl.arange(0, BLOCK)
+        acc += tl.load(partials_ptr + idx, mask=idx < end, other=0.0)
+    total = tl.load(out_ptr + t) + tl.sum(acc, axis=0)
+    tl.store(out_ptr + t, total)

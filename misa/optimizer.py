@@ -1,0 +1,569 @@
+"""MISA as a torch.optim.Optimizer: a thin scheduler over misa_kernels.
+
+Every `interval` optimizer steps (an outer loop, MISA.md) it flushes the momentum of the active
+modules, updates their importance from the squared gradient norms that the fused AdamW kernel
+accumulated, samples a new set within the budget `delta`, and hands the new modules' optimizer
+states out of a fixed StateArena. Frozen modules have requires_grad=False, no gradient and no state.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import defaultdict
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+import misa_kernels
+from misa_kernels import StateArena
+from misa_kernels.arena import ALIGN_ELEMENTS
+
+from .partition import Partition, partition
+from .sampler import ORDERS, VARIANTS, ImportanceSampler, entropy
+
+_MODULES_GROUP = "modules"
+_ALWAYS_GROUP = "always"
+
+
+def _local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (FSDP2), or the tensor itself: kernels run on local data."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
+def _check_config(lr, betas, eps, weight_decay, delta, eta, interval, warmup_interval, min_flush_steps):
+    if not (isinstance(lr, Tensor) or lr >= 0):
+        raise ValueError(f"lr: expected lr >= 0, got {lr}")
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0 <= b < 1 for b in betas)):
+        raise ValueError(f"betas: expected a pair in [0, 1), got {betas!r}")
+    if not eps > 0:
+        raise ValueError(f"eps: expected eps > 0, got {eps}")
+    if not weight_decay >= 0:
+        raise ValueError(f"weight_decay: expected weight_decay >= 0, got {weight_decay}")
+    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta <= 1:
+        raise ValueError(f"delta: expected a fraction of all parameters in (0, 1], got {delta!r}")
+    if not (isinstance(eta, (int, float)) and eta >= 0 and math.isfinite(eta)):
+        raise ValueError(f"eta: expected a finite eta >= 0, got {eta!r}")
+    for name, value in (("interval", interval), ("warmup_interval", warmup_interval),
+                        ("min_flush_steps", min_flush_steps)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+
+
+class MISA(torch.optim.Optimizer):
+    """Module-wise Importance SAmpling (Liu et al., NeurIPS 2025) with fused AdamW.
+
+    Args:
+        model_or_named_params: an nn.Module, or `model.named_parameters()`.
+        lr, betas, eps, weight_decay: AdamW's (decoupled weight decay, as torch.optim.AdamW).
+        delta: trainable-parameter budget, a fraction of all model parameters (embeddings included).
+        eta: sampling temperature: p = softmax(eta * importance).
+        interval: optimizer steps per outer loop (T).
+        granularity: "module" (each weight matrix) or "layer" (each transformer block).
+        order: "misa" (importance sampling), "uniform" (LISA-style), "ascending" | "descending" |
+            "random" (BAdam's switch modes).
+        variant: "paper" (default) or "official" (the authors' code; differences in MISA.md).
+        include_embedding, include_lm_head: make them modules ("paper") or train them at every step
+            ("official").
+        sample_last: the oldest-sampled modules forced into each sample (default 0; 2 for "official").
+        warmup_interval: length of the loops that force never-sampled modules in (default interval;
+            1 for "official").
+        seed: seeds the sampler's own generator (saved in state_dict).
+        backend: misa_kernels backend, "auto" | "torch" | "triton" | "cuda".
+        beta: EMA factor of the importance estimate (0.8).
+        min_flush_steps: loops shorter than this are not flushed (a flush after one step would apply
+            beta1/(1-beta1) = 9 more steps of a single noisy gradient).
+        flush: apply the end-of-loop momentum flush (default: True for "paper", False for "official").
+        train_1d: train 1-D parameters of their own (norms) at every step instead of freezing them.
+        always_train: extra parameters, or param-group dicts, trained at every step.
+        check_finite: check each step's gradient norms first and skip the step (warning, state
+            untouched) if any is NaN/inf. This costs one read of the gradients and one host sync;
+            with check_finite=False the norms come out of the single fused AdamW pass.
+    """
+
+    def __init__(
+        self,
+        model_or_named_params,
+        lr: float = 1e-3,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        delta: float = 0.03,
+        eta: float = 1.0,
+        interval: int = 50,
+        granularity: str = "module",
+        order: str = "misa",
+        variant: str = "paper",
+        include_embedding: bool = False,
+        include_lm_head: bool = False,
+        sample_last: Optional[int] = None,
+        warmup_interval: Optional[int] = None,
+        seed: int = 0,
+        backend: str = "auto",
+        *,
+        beta: float = 0.8,
+        min_flush_steps: int = 5,
+        flush: Optional[bool] = None,
+        train_1d: bool = False,
+        always_train: Optional[Iterable] = None,
+        check_finite: bool = True,
+    ):
+        _check_config(lr, betas, eps, weight_decay, delta, eta, interval, warmup_interval, min_flush_steps)
+        if order not in ORDERS:
+            raise ValueError(f"order: expected one of {', '.join(map(repr, ORDERS))}, got {order!r}")
+        if variant not in VARIANTS:
+            raise ValueError(f"variant: expected 'paper' or 'official', got {variant!r}")
+        if backend not in ("auto", "torch", "triton", "cuda"):
+            raise ValueError(f"backend: expected one of 'auto', 'torch', 'triton', 'cuda', got {backend!r}")
+        official = variant == "official"
+        self.variant, self.order, self.granularity = variant, order, granularity
+        self.delta, self.eta, self.interval = float(delta), float(eta), interval
+        self.warmup_interval = warmup_interval if warmup_interval is not None else (1 if official else interval)
+        self.min_flush_steps = min_flush_steps
+        self.flush = (not official) if flush is None else bool(flush)
+        self.backend = backend
+        self.check_finite = check_finite
+        self.partition: Partition = partition(
+            model_or_named_params, granularity=granularity, include_embedding=include_embedding,
+            include_lm_head=include_lm_head, embedding_and_head_every_step=official, train_1d=train_1d)
+        modules = self.partition.modules
+        self.module_names: List[str] = [m.name for m in modules]
+        sizes = [m.numel for m in modules]
+        self.budget = self.delta * self.partition.total_params
+        self._check_budget(sizes)
+        self.sampler = ImportanceSampler(
+            sizes, self.budget, eta=eta, beta=beta, order=order, variant=variant,
+            sample_last=(2 if official else 0) if sample_last is None else sample_last, seed=seed)
+
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        groups = [{"params": [p for m in modules for _, p in m.params], "name": _MODULES_GROUP}]
+        extra = [p for _, p in self.partition.always]
+        if extra:
+            groups.append({"params": extra, "name": _ALWAYS_GROUP})
+        groups += self._user_groups(always_train, groups)
+        super().__init__(groups, defaults)
+
+        every_param = [p for g in self.param_groups for p in g["params"]]
+        devices = {_local(p).device for p in every_param}
+        if len(devices) > 1:
+            raise ValueError(f"model_or_named_params: parameters on mixed devices ({', '.join(map(str, devices))}); "
+                             "MISA keeps one state arena per optimizer: move the model to one device")
+        self.device = devices.pop()
+        self._index = {p: i for i, p in enumerate(every_param)}
+        self._param_module = {p: b for b, m in enumerate(modules) for _, p in m.params}
+        self._param_names = {p: n for m in modules for n, p in m.params}
+        self._param_names.update({p: n for n, p in self.partition.always})
+        self._always = [(gi, p) for gi, g in enumerate(self.param_groups) if gi > 0 for p in g["params"]]
+        self.arena = StateArena(self._arena_capacity(modules), device=self.device)
+        for _, p in self._always:
+            self._acquire(p)
+
+        self._active: List[int] = []
+        self._t = 0  # optimizer steps into the current outer loop
+        self._period_len = self.warmup_interval
+        self._step_count = 0
+        self._S = torch.zeros(0, device=self.device)
+        self._cached_norms: Optional[Tuple[int, Tensor]] = None
+        self.skipped_steps = 0
+        self.switch_log: List[Dict] = []
+        self._switch_hooks: List[Callable[["MISA"], None]] = []
+        # Distributed hooks (misa.distributed): sum per-tensor squared norms over shards, check agreement.
+        self._reduce_sq_norms: Optional[Callable[[Tensor], None]] = None
+        self._check_active_set: Optional[Callable[[List[int]], None]] = None
+
+        for _, p in self.partition.frozen:
+            p.requires_grad_(False)
+            p.grad = None
+        for m in modules:
+            for _, p in m.params:
+                p.requires_grad_(False)
+                p.grad = None
+        for _, p in self._always:
+            p.requires_grad_(True)
+        self._switch(self.sampler.sample())
+
+    # ---------------------------------------------------------------- construction helpers
+    def _check_budget(self, sizes: Sequence[int]) -> None:
+        total = self.partition.total_params
+        smallest = min(range(len(sizes)), key=lambda b: sizes[b])
+        if sizes[smallest] > self.budget:
+            raise ValueError(
+                f"delta={self.delta:g} is smaller than the smallest module ({self.module_names[smallest]}: "
+                f"{sizes[smallest]:,} parameters, {sizes[smallest] / total:.4%} of {total:,}); "
+                f"raise delta to at least {sizes[smallest] / total:.4g}")
+        if self.order in ("ascending", "descending", "random"):
+            largest = max(range(len(sizes)), key=lambda b: sizes[b])
+            if sizes[largest] > self.budget:
+                raise ValueError(
+                    f"delta={self.delta:g}: order={self.order!r} visits every module, but "
+                    f"{self.module_names[largest]} ({sizes[largest] / total:.4%} of all parameters) does not fit; "
+                    f"raise delta to at least {sizes[largest] / total:.4g}")
+
+    def _user_groups(self, always_train, groups) -> List[Dict]:
+        if always_train is None:
+            return []
+        taken = {id(p) for g in groups for p in g["params"]}
+        out = []
+        items = list(always_train)
+        if items and isinstance(items[0], dict):
+            out = [dict(g, params=list(g["params"]), name=g.get("name", _ALWAYS_GROUP)) for g in items]
+        elif items:
+            out = [{"params": items, "name": _ALWAYS_GROUP}]
+        for g in out:
+            for p in g["params"]:
+                if id(p) in taken:
+                    raise ValueError("always_train: a parameter is already a module or trained at every step")
+                taken.add(id(p))
+        return out
+
+    def _arena_capacity(self, modules) -> int:
+        # Every active set holds at most `budget` global elements; a shard holds at most the largest
+        # local/global ratio of them. Each tensor may also waste up to one alignment unit.
+        ratio = max(sum(_local(p).numel() for _, p in m.params) / max(m.numel, 1) for m in modules)
+        n_tensors = sum(len(m.params) for m in modules)
+        module_part = int(math.ceil(self.budget * ratio)) + ALIGN_ELEMENTS * n_tensors
+        always_part = StateArena.required_numel([_local(p).numel() for _, p in self._always])
+        return 2 * (module_part + always_part)
+
+    # ---------------------------------------------------------------- observable state
+    @property
+    def active_modules(self) -> List[str]:
+        return [self.module_names[b] for b in self._active]
+
+    @property
+    def importance(self) -> Tensor:
+        return self.sampler.importance()
+
+    @property
+    def probabilities(self) -> Tensor:
+        return self.sampler.probabilities()
+
+    @property
+    def trainable_fraction(self) -> float:
+        return sum(self.sampler.sizes[b] for b in self._active) / self.partition.total_params
+
+    @property
+    def steps_in_period(self) -> int:
+        return self._t
+
+    def register_switch_hook(self, hook: Callable[["MISA"], None]) -> None:
+        """`hook(optimizer)` runs after every switch of the active set (used to rebuild DDP)."""
+        self._switch_hooks.append(hook)
+
+    # ---------------------------------------------------------------- states in the arena
+    def _acquire(self, p: Tensor) -> None:
+        i = self._index[p]
+        shape = _local(p).shape
+        self.arena.acquire(("exp_avg", i), shape)
+        self.arena.acquire(("exp_avg_sq", i), shape)
+        self.state[p] = {"step": 0}
+        self._refresh_views([p])
+
+    def _refresh_views(self, params) -> None:
+        for p in params:
+            i = self._index[p]
+            self.state[p]["exp_avg"] = self.arena.view(("exp_avg", i))
+            self.state[p]["exp_avg_sq"] = self.arena.view(("exp_avg_sq", i))
+
+    def _release(self, p: Tensor) -> None:
+        i = self._index[p]
+        self.arena.release(("exp_avg", i))
+        self.arena.release(("exp_avg_sq", i))
+        self.state.pop(p, None)
+
+    # ---------------------------------------------------------------- switching
+    def _module_params(self, b: int) -> List[Tensor]:
+        return [p for _, p in self.partition.modules[b].params]
+
+    def _switch(self, new: Sequence[int], *, log: bool = True, keep_states: Optional[set] = None) -> None:
+        new = sorted(new)
+        if self._check_active_set is not None:
+            self._check_active_set(new)
+        old, new_set = set(self._active), set(new)
+        if keep_states is None:
+            # The authors' code keeps the Adam state of a module sampled again in the next loop.
+            keep_states = old & new_set if self.variant == "official" else set()
+        for b in old:
+            for p in self._module_params(b):
+                if b not in keep_states:
+                    self._release(p)
+                if b not in new_set:
+                    p.requires_grad_(False)
+                    p.grad = None
+        generation = self.arena.generation
+        for b in new:
+            for p in self._module_params(b):
+                p.requires_grad_(True)
+                if b not in keep_states:
+                    self._acquire(p)
+        if self.arena.generation != generation:  # compaction moved blocks: re-point every state
+            self._refresh_views(list(self.state.keys()))
+        self._active = new
+        self._build_slots()
+        self._S = torch.zeros(len(new), dtype=torch.float32, device=self.device)
+        self._t = 0
+        self._period_len = self.warmup_interval if self.sampler.in_warmup else self.interval
+        if log:
+            probs = self.probabilities
+            self.switch_log.append({
+                "step": self._step_count, "active_modules": self.active_modules,
+                "trainable_fraction": self.trainable_fraction, "entropy": entropy(probs),
+                "period_len": self._period_len, "warmup": self.sampler.in_warmup,
+            })
+        for hook in self._switch_hooks:
+            hook(self)
+
+    def _build_slots(self) -> None:
+        # One slot per active module tensor, modules in order; a padded gather matrix sums them per module.
+        self._slots: Dict[Tensor, int] = {}
+        rows = []
+        for b in self._active:
+            row = []
+            for p in self._module_params(b):
+                self._slots[p] = len(self._slots)
+                row.append(self._slots[p])
+            rows.append(row)
+        width = max((len(r) for r in rows), default=1)
+        pad = len(self._slots)
+        self._seg_index = torch.tensor([r + [pad] * (width - len(r)) for r in rows] or [[pad]],
+                                       dtype=torch.int64, device=self.device)
+
+    # ---------------------------------------------------------------- the step
+    def _grads(self) -> List[Tuple[int, Tensor, Tensor, Optional[int]]]:
+        """(group index, local param, local grad, slot or None) for every active param with a grad."""
+        out = []
+        active = [(0, p) for b in self._active for p in self._module_params(b)] + self._always
+        for gi, p in active:
+            if p.grad is None:
+                continue
+            g = _local(p.grad)
+            if g.is_sparse:
+                raise RuntimeError(f"MISA does not support sparse gradients ({self._param_names.get(p, 'a param')})")
+            out.append((gi, p, g, self._slots.get(p)))
+        return out
+
+    def _norms_by_slot(self, entries) -> Tuple[Tensor, Tensor]:
+        """Squared norms of every grad: per module slot (plus a zero pad slot), and per entry."""
+        per_entry = torch.zeros(len(entries), dtype=torch.float32, device=self.device)
+        by_dtype = defaultdict(list)
+        for k, (_, _, g, _) in enumerate(entries):
+            by_dtype[g.dtype].append(k)
+        for ks in by_dtype.values():
+            norms = misa_kernels.grad_sq_norms([entries[k][2] for k in ks], backend=self.backend)
+            per_entry[torch.tensor(ks, device=self.device)] = norms
+        return self._to_slots(entries, per_entry), per_entry
+
+    def _to_slots(self, entries, per_entry: Tensor) -> Tensor:
+        step_sq = torch.zeros(len(self._slots) + 1, dtype=torch.float32, device=self.device)
+        ks = [k for k, e in enumerate(entries) if e[3] is not None]
+        if ks:
+            idx = torch.tensor([entries[k][3] for k in ks], device=self.device)
+            step_sq.index_copy_(0, idx, per_entry[torch.tensor(ks, device=self.device)])
+        return step_sq
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        entries = self._grads()
+        if not entries:
+            return loss
+        step_sq = None
+        reduced = False  # norms left by clip_grad_norm_ are already summed over shards
+        cached = self._cached_norms
+        self._cached_norms = None
+        if cached is not None and cached[0] == self._step_count:
+            step_sq, reduced = cached[1], True
+        elif self.check_finite:
+            step_sq, per_entry = self._norms_by_slot(entries)
+            if not bool(torch.isfinite(per_entry.sum())):
+                self._skip(entries, per_entry)
+                return loss
+        if step_sq is None:
+            step_sq = torch.zeros(len(self._slots) + 1, dtype=torch.float32, device=self.device)
+            self._fused_steps(entries, step_sq)
+        else:
+            self._fused_steps(entries, None)
+        if self._reduce_sq_norms is not None and not reduced:
+            self._reduce_sq_norms(step_sq)
+        per_module = step_sq[self._seg_index].sum(dim=1)
+        # paper: S accumulates squared norms; official: the norm itself (MISA.md).
+        self._S += per_module.sqrt() if self.variant == "official" else per_module
+        self._t += 1
+        self._step_count += 1
+        if self._t >= self._period_len:
+            self._end_period()
+        return loss
+
+    def _skip(self, entries, per_entry: Tensor) -> None:
+        bad = [self._param_names.get(entries[k][1], "?") for k in
+               torch.nonzero(~torch.isfinite(per_entry)).flatten().tolist()]
+        self.skipped_steps += 1
+        warnings.warn(f"MISA: non-finite gradient in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
+                      f"step {self._step_count} skipped, parameters and optimizer state untouched",
+                      RuntimeWarning, stacklevel=3)
+
+    def _fused_steps(self, entries, step_sq: Optional[Tensor]) -> None:
+        """One fused kernel call per (group, dtype, step count, module-or-not)."""
+        calls = defaultdict(list)
+        for gi, p, g, slot in entries:
+            calls[(gi, _local(p).dtype, self.state[p]["step"], slot is not None)].append((p, g, slot))
+        for (gi, _, step, is_module), items in calls.items():
+            group = self.param_groups[gi]
+            beta1, beta2 = group["betas"]
+            params = [_local(p) for p, _, _ in items]
+            states = [self.state[p] for p, _, _ in items]
+            norms, scatter = None, None
+            if step_sq is not None and is_module:
+                slots = [s for _, _, s in items]
+                if slots == list(range(slots[0], slots[0] + len(slots))):
+                    norms = step_sq[slots[0]:slots[0] + len(slots)]  # a contiguous view: accumulate in place
+                else:
+                    norms = torch.zeros(len(slots), dtype=torch.float32, device=self.device)
+                    scatter = torch.tensor(slots, device=self.device)
+            misa_kernels.adamw_step_(
+                params, [g for _, g, _ in items], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                step=step + 1, fresh=step == 0, grad_sq_norms=norms, backend=self.backend)
+            if scatter is not None:
+                step_sq.index_copy_(0, scatter, norms)
+            for s in states:
+                s["step"] = step + 1
+
+    def _end_period(self) -> None:
+        length = self._t
+        if self.flush and length >= self.min_flush_steps:
+            self._flush()
+        stats = (self._S / length).tolist()
+        self.sampler.update(self._active, stats)
+        self._switch(self.sampler.sample())
+
+    def _flush(self) -> None:
+        calls = defaultdict(list)
+        for b in self._active:
+            for p in self._module_params(b):
+                st = self.state.get(p)
+                if st is not None and st["step"] > 0:
+                    calls[(_local(p).dtype, st["step"])].append(p)
+        group = self.param_groups[0]
+        beta1, beta2 = group["betas"]
+        for (_, step), params in calls.items():
+            misa_kernels.momentum_flush_(
+                [_local(p) for p in params], [self.state[p]["exp_avg"] for p in params],
+                [self.state[p]["exp_avg_sq"] for p in params], lr=group["lr"], beta1=beta1, beta2=beta2,
+                eps=group["eps"], step=step, backend=self.backend)
+
+    # ---------------------------------------------------------------- gradient clipping
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> Tensor:
+        """Clip the active gradients by their global L2 norm, using one fused norm pass; the next
+        `step()` reuses these norms (scaled by the clip factor) instead of computing them again.
+        Returns the norm before clipping, like torch.nn.utils.clip_grad_norm_."""
+        if norm_type != 2.0:
+            raise ValueError(f"norm_type: MISA clips by the L2 norm only, got {norm_type}")
+        entries = self._grads()
+        if not entries:
+            return torch.zeros((), device=self.device)
+        step_sq, per_entry = self._norms_by_slot(entries)
+        total_sq = per_entry.sum()
+        if self._reduce_sq_norms is not None:
+            # Sharded (FSDP2) grads: the global norm sums every rank's shards.
+            sq = torch.cat([step_sq, total_sq.reshape(1) - step_sq.sum().reshape(1)])
+            self._reduce_sq_norms(sq)
+            step_sq, total_sq = sq[:-1], sq[:-1].sum() + sq[-1]
+        total = total_sq.sqrt()
+        if not bool(torch.isfinite(total)):
+            # Leave the grads alone; step() will see the non-finite norm and skip.
+            return total
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        torch._foreach_mul_([g for _, _, g, _ in entries], coef)
+        self._cached_norms = (self._step_count, step_sq * coef * coef)
+        return total
+
+    # ---------------------------------------------------------------- checkpoints
+    def state_dict(self) -> Dict:
+        sd = super().state_dict()
+        for st in sd["state"].values():
+            for key in ("exp_avg", "exp_avg_sq"):
+                st[key] = st[key].detach().clone()  # standalone copies, not views of the arena
+        sd["misa"] = {
+            "module_names": list(self.module_names),
+            "variant": self.variant,
+            "sampler": self.sampler.state_dict(),
+            "active": list(self._active),
+            "t": self._t,
+            "period_len": self._period_len,
+            "step_count": self._step_count,
+            "S": self._S.detach().cpu().clone(),
+            "skipped_steps": self.skipped_steps,
+            "switch_log": list(self.switch_log),
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: Dict) -> None:
+        misa = state_dict.get("misa")
+        if misa is None:
+            raise ValueError("state_dict: not a MISA state_dict (no 'misa' entry)")
+        if misa["module_names"] != self.module_names:
+            raise ValueError("state_dict: saved for a model with different modules "
+                             f"({len(misa['module_names'])} saved, {len(self.module_names)} here)")
+        if len(state_dict["param_groups"]) != len(self.param_groups):
+            raise ValueError("state_dict: the number of param groups differs")
+        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError("state_dict: a param group has a different number of parameters")
+            for key, value in saved.items():
+                if key != "params":
+                    group[key] = value
+        every_param = [p for g in self.param_groups for p in g["params"]]
+        saved_state = {int(k): v for k, v in state_dict["state"].items()}
+        # Drop current module states, then take the saved active set with the saved states.
+        for b in self._active:
+            for p in self._module_params(b):
+                self._release(p)
+        self._active = []
+        self.sampler.load_state_dict(misa["sampler"])
+        self._switch(misa["active"], log=False, keep_states=set())
+        for i, st in saved_state.items():
+            p = every_param[i]
+            if p not in self.state:
+                raise ValueError(f"state_dict: state for {self._param_names.get(p, i)}, which is not active")
+            self.state[p]["exp_avg"].copy_(st["exp_avg"].reshape(self.state[p]["exp_avg"].shape))
+            self.state[p]["exp_avg_sq"].copy_(st["exp_avg_sq"].reshape(self.state[p]["exp_avg_sq"].shape))
+            self.state[p]["step"] = int(st["step"])
+        self._t = int(misa["t"])
+        self._period_len = int(misa["period_len"])
+        self._step_count = int(misa["step_count"])
+        self._S = misa["S"].to(device=self.device, dtype=torch.float32).clone()
+        self.skipped_steps = int(misa["skipped_steps"])
+        self.switch_log = list(misa["switch_log"])
+
+    def __repr__(self) -> str:
+        return (f"MISA(modules={len(self.module_names)}, delta={self.delta:g}, eta={self.eta:g}, "
+                f"interval={self.interval}, order={self.order!r}, variant={self.variant!r}, "
+                f"active={len(self._active)}, trainable={self.trainable_fraction:.2%})")
+
+
+class BlockCoordinateDescentOptimizer(MISA):
+    """The authors' API: wrap a base Adam/AdamW and sample blocks within `param_ratio_limit`.
+
+    The base optimizer only supplies the hyperparameters (lr, betas, eps, weight_decay); the update
+    runs on misa_kernels like MISA. Extra keyword arguments go to MISA (eta, interval, variant, ...).
+    """
+
+    def __init__(self, base_optimizer: torch.optim.Optimizer, named_parameters_list, param_ratio_limit: float = 0.03,
+                 **misa_kwargs):
+        if not isinstance(base_optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            raise TypeError(f"base_optimizer: expected torch.optim.AdamW or Adam, got {type(base_optimizer).__name__}")
+        d = base_optimizer.defaults
+        if isinstance(base_optimizer, torch.optim.Adam) and not isinstance(base_optimizer, torch.optim.AdamW) \
+                and d.get("weight_decay", 0.0) != 0.0 and not d.get("decoupled_weight_decay", False):
+            raise ValueError("base_optimizer: Adam with weight_decay is L2-regularised Adam; MISA implements "
+                             "AdamW's decoupled weight decay: pass torch.optim.AdamW")
+        self.base_optimizer = base_optimizer
+        super().__init__(list(named_parameters_list), lr=d["lr"], betas=d["betas"], eps=d["eps"],
+                         weight_decay=d.get("weight_decay", 0.0), delta=param_ratio_limit, **misa_kwargs)

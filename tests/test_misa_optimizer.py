@@ -1,0 +1,333 @@
+"""misa.MISA against a float64 reference of MISA.md, plus its invariants."""
+
+import math
+
+import pytest
+import torch
+
+import misa
+from models import tiny_lm
+
+LR, WD, BETAS, EPS, BETA = 1e-2, 0.01, (0.9, 0.999), 1e-8, 0.8
+
+
+def synthetic_grads(model, gen):
+    """Give every trainable parameter a fresh random gradient (the same draw for any twin model)."""
+    grads = {}
+    for name, p in model.named_parameters():
+        g = torch.randn(p.shape, generator=gen) * (1 + len(name) % 3)
+        if p.requires_grad:
+            p.grad = g.to(p.dtype)
+            grads[name] = g.to(p.dtype)
+    return grads
+
+
+class Float64Reference:
+    """MISA.md's 'paper' algorithm in float64, following the active sets the optimizer reports."""
+
+    def __init__(self, model, eta, min_flush_steps=5):
+        self.params = {n: p.detach().double().clone() for n, p in model.named_parameters()}
+        self.eta, self.min_flush_steps = eta, min_flush_steps
+        self.G, self.k = {}, {}
+        self.m, self.v, self.steps, self.S = {}, {}, 0, {}
+
+    def start(self, modules, names):
+        self.modules = modules  # module -> [param names]
+        self.m = {n: torch.zeros_like(self.params[n]) for mod in modules for n in names[mod]}
+        self.v = {n: torch.zeros_like(self.params[n]) for n in self.m}
+        self.S = {mod: 0.0 for mod in modules}
+        self.names = names
+        self.steps = 0
+
+    def step(self, grads):
+        self.steps += 1
+        t = self.steps
+        for mod in self.modules:
+            for n in self.names[mod]:
+                g = grads[n].double()
+                self.S[mod] += float((g * g).sum())
+                self.m[n] = BETAS[0] * self.m[n] + (1 - BETAS[0]) * g
+                self.v[n] = BETAS[1] * self.v[n] + (1 - BETAS[1]) * g * g
+                m_hat = self.m[n] / (1 - BETAS[0] ** t)
+                v_hat = self.v[n] / (1 - BETAS[1] ** t)
+                self.params[n] = self.params[n] * (1 - LR * WD) - LR * m_hat / (v_hat.sqrt() + EPS)
+
+    def end(self):
+        T = self.steps
+        if T >= self.min_flush_steps:
+            for n in self.m:
+                m_hat = self.m[n] / (1 - BETAS[0] ** T)
+                v_hat = self.v[n] / (1 - BETAS[1] ** T)
+                self.params[n] = self.params[n] - LR * BETAS[0] / (1 - BETAS[0]) * m_hat / (v_hat.sqrt() + EPS)
+        for mod in self.modules:
+            self.k[mod] = self.k.get(mod, 0) + 1
+            self.G[mod] = BETA * self.G.get(mod, 0.0) + (1 - BETA) * self.S[mod] / T
+
+    def importance(self, all_modules):
+        return torch.tensor([self.G[m] / (1 - BETA ** self.k[m]) if self.k.get(m, 0) else 0.0
+                             for m in all_modules], dtype=torch.float64)
+
+
+def module_param_names(opt):
+    return {m.name: [n for n, _ in m.params] for m in opt.partition.modules}
+
+
+@pytest.mark.parametrize("interval,warmup", [(6, None), (4, 2)], ids=["T6", "T4-warmup2"])
+def test_matches_float64_reference(interval, warmup):
+    model = tiny_lm(seed=1)
+    opt = misa.MISA(model, lr=LR, weight_decay=WD, delta=0.12, eta=2.0, interval=interval,
+                    warmup_interval=warmup, seed=3, backend="torch")
+    ref = Float64Reference(model, eta=2.0)
+    names = module_param_names(opt)
+    gen = torch.Generator().manual_seed(0)
+    ref.start(opt.active_modules, names)
+    switches = 0
+    for _ in range(40):
+        before = len(opt.switch_log)
+        grads = synthetic_grads(model, gen)
+        opt.step()
+        ref.step(grads)
+        opt.zero_grad()
+        if len(opt.switch_log) > before:  # an outer loop ended at this step
+            switches += 1
+            ref.end()
+            want = ref.importance(opt.module_names)
+            torch.testing.assert_close(opt.importance, want, rtol=1e-5, atol=0)
+            torch.testing.assert_close(opt.probabilities, torch.softmax(2.0 * opt.importance, 0))
+            ref.start(opt.active_modules, names)
+        got = {n: p.detach().double() for n, p in model.named_parameters()}
+        num = sum(float(((got[n] - ref.params[n]) ** 2).sum()) for n in got)
+        den = sum(float((ref.params[n] ** 2).sum()) for n in got)
+        assert math.sqrt(num / den) <= 1e-6
+        for n in ref.m:  # states of the active modules (a new module's state is undefined until its first step)
+            p = dict(model.named_parameters())[n]
+            if opt.state[p]["step"] == 0:
+                continue
+            torch.testing.assert_close(opt.state[p]["exp_avg"].double(), ref.m[n], rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(opt.state[p]["exp_avg_sq"].double(), ref.v[n], rtol=1e-5, atol=1e-9)
+    assert switches >= 5
+
+
+def test_budget_frozen_modules_and_states():
+    model = tiny_lm(seed=2)
+    opt = misa.MISA(model, lr=1e-3, delta=0.08, interval=3, backend="torch")
+    total = sum(p.numel() for p in model.parameters())
+    gen = torch.Generator().manual_seed(1)
+    seen = set()
+    for _ in range(60):
+        active = set(opt.active_modules)
+        seen |= active
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        assert trainable <= 0.08 * total
+        for m in opt.partition.modules:
+            for _, p in m.params:
+                assert p.requires_grad == (m.name in active)
+                assert (p in opt.state) == (m.name in active)
+        synthetic_grads(model, gen)
+        for name, p in model.named_parameters():
+            assert (p.grad is not None) == p.requires_grad
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        for m in opt.partition.modules:
+            if m.name not in opt.active_modules:
+                assert all(p.grad is None and not p.requires_grad for _, p in m.params)
+    assert seen == set(opt.module_names)  # warm-up visits every module
+    assert opt.arena.stats()["generation"] == 0  # never compacted: switches reuse the same buffer
+
+
+def test_norms_and_embedding_are_frozen_by_default_and_optional():
+    model = tiny_lm()
+    opt = misa.MISA(model, delta=0.2, backend="torch")
+    assert "embed_tokens" not in opt.module_names and "lm_head" not in opt.module_names
+    assert not model.norm.weight.requires_grad and not model.embed_tokens.weight.requires_grad
+    opt2 = misa.MISA(tiny_lm(), delta=0.5, include_embedding=True, include_lm_head=True, backend="torch")
+    assert "embed_tokens" in opt2.module_names and "lm_head" in opt2.module_names
+    model3 = tiny_lm()
+    opt3 = misa.MISA(model3, delta=0.2, train_1d=True, backend="torch")
+    assert model3.norm.weight.requires_grad and model3.layers[0].input_layernorm.bias.requires_grad
+    assert model3.norm.weight in opt3.state
+    # the bias of down_proj travels with its module
+    assert any(n.endswith("mlp.down_proj.bias") for m in opt3.partition.modules for n, _ in m.params)
+
+
+def test_layer_granularity_makes_blocks_modules():
+    opt = misa.MISA(tiny_lm(layers=4), delta=0.3, granularity="layer", backend="torch")
+    assert opt.module_names == [f"layers.{i}" for i in range(4)]
+
+
+def test_unrecognised_model_still_works_and_empty_model_errors():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    opt = misa.MISA(model, delta=0.8, backend="torch")
+    assert opt.module_names == ["0", "2"]
+    with pytest.raises(ValueError, match="nothing to partition"):
+        misa.MISA(torch.nn.LayerNorm(4), delta=0.5)
+    with pytest.raises(ValueError, match="no parameters"):
+        misa.MISA(torch.nn.ReLU(), delta=0.5)
+
+
+@pytest.mark.parametrize("kwargs,text", [
+    (dict(delta=0.0), "delta"), (dict(delta=1.5), "delta"), (dict(delta=1e-6), "smallest module"),
+    (dict(eta=-1.0), "eta"), (dict(interval=0), "interval"), (dict(order="sorted"), "order"),
+    (dict(granularity="neuron"), "granularity"), (dict(variant="v2"), "variant"), (dict(lr=-1.0), "lr"),
+    (dict(betas=(0.9, 1.0)), "betas"), (dict(backend="opencl"), "backend"),
+    (dict(order="ascending", delta=0.04), "visits every module"),
+], ids=lambda v: str(v) if isinstance(v, str) else None)
+def test_bad_configuration(kwargs, text):
+    model = tiny_lm()
+    with pytest.raises(ValueError, match=text):
+        misa.MISA(model, **kwargs)
+
+
+def test_mixed_devices_are_refused():
+    model = tiny_lm()
+    model.lm_head.to("meta")
+    with pytest.raises(ValueError, match="mixed devices"):
+        misa.MISA(model, delta=0.2, include_lm_head=True)
+
+
+def test_nonfinite_gradient_skips_step_and_leaves_state():
+    model = tiny_lm()
+    opt = misa.MISA(model, lr=1e-2, delta=0.2, interval=5, backend="torch")
+    gen = torch.Generator().manual_seed(0)
+    synthetic_grads(model, gen)
+    opt.step()
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    states = {p: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()} for p, s in opt.state.items()}
+    synthetic_grads(model, gen)
+    first_active = next(p for p in model.parameters() if p.requires_grad and p.grad is not None)
+    first_active.grad[0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="non-finite gradient"):
+        opt.step()
+    assert opt.skipped_steps == 1 and opt.steps_in_period == 1
+    for n, p in model.named_parameters():
+        assert torch.equal(p, params[n])
+    for p, s in opt.state.items():
+        assert s["step"] == states[p]["step"]
+        assert torch.equal(s["exp_avg"], states[p]["exp_avg"]) and torch.equal(s["exp_avg_sq"], states[p]["exp_avg_sq"])
+
+
+def test_works_with_lr_scheduler_and_closure():
+    model = tiny_lm()
+    opt = misa.MISA(model, lr=1e-2, delta=0.2, interval=2, backend="torch")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    ids = torch.randint(0, 32, (4, 9), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(12):
+        def closure():
+            opt.zero_grad()
+            loss = model.loss(ids)
+            loss.backward()
+            return loss
+        losses.append(float(opt.step(closure).detach()))
+        sched.step()
+    assert losses[-1] < losses[0]
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 / 13)
+
+
+def test_clip_grad_norm_matches_torch_and_feeds_the_step():
+    model = tiny_lm()
+    opt = misa.MISA(model, lr=1e-2, delta=0.2, interval=10, backend="torch", check_finite=False)
+    gen = torch.Generator().manual_seed(0)
+    synthetic_grads(model, gen)
+    grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    want = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    got = opt.clip_grad_norm_(1.0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+    clipped = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in model.parameters()
+                                                    if p.grad is not None]))
+    assert float(clipped) == pytest.approx(1.0, rel=1e-4)
+    opt.step()
+    assert float(opt._S.sum()) == pytest.approx(1.0, rel=1e-4)  # S saw the clipped norms
+
+
+@pytest.mark.parametrize("order", ["uniform", "ascending", "descending", "random"])
+def test_baseline_orders(order):
+    model = tiny_lm(layers=4)
+    opt = misa.MISA(model, delta=0.3, granularity="layer", order=order, interval=1, backend="torch", seed=5)
+    gen = torch.Generator().manual_seed(0)
+    visits = []
+    for _ in range(8):
+        visits.append(tuple(opt.active_modules))
+        synthetic_grads(model, gen)
+        opt.step()
+        opt.zero_grad()
+    names = [f"layers.{i}" for i in range(4)]
+    if order == "ascending":
+        assert [v[0] for v in visits] == names + names
+    elif order == "descending":
+        assert [v[0] for v in visits] == names[::-1] + names[::-1]
+    elif order == "random":
+        assert sorted(v[0] for v in visits[:4]) == names and sorted(v[0] for v in visits[4:]) == names
+    assert torch.allclose(opt.probabilities, torch.full((4,), 0.25, dtype=torch.float64))
+
+
+def test_official_variant():
+    model = tiny_lm()
+    opt = misa.MISA(model, lr=1e-2, delta=0.3, interval=3, variant="official", include_embedding=True,
+                    backend="torch", seed=1)
+    assert opt.sampler.sample_last == 2 and opt.warmup_interval == 1 and not opt.flush
+    assert model.embed_tokens.weight.requires_grad and model.embed_tokens.weight in opt.state  # every step
+    gen = torch.Generator().manual_seed(0)
+    kept_state_seen = False
+    for _ in range(25):
+        prev = set(opt.active_modules)
+        prev_steps = {p: s["step"] for p, s in opt.state.items()}
+        synthetic_grads(model, gen)
+        opt.step()
+        opt.zero_grad()
+        for name in prev & set(opt.active_modules):
+            p = next(p for n, p in model.named_parameters() if n.startswith(name + "."))
+            if opt.state[p]["step"] == prev_steps[p] + 1 and opt.steps_in_period == 0:
+                kept_state_seen = True  # sampled again: state and step count kept
+    assert kept_state_seen
+    # logits are min(5, eta*G^2)
+    G = opt.importance
+    torch.testing.assert_close(opt.probabilities, torch.softmax(torch.clamp(G.square(), max=5.0), 0))
+
+
+def test_official_importance_update_compounds():
+    s = misa.ImportanceSampler([10, 10], budget=10, variant="official", beta=0.8)
+    for _ in range(7):
+        s.update([0], [1.0])
+    s2 = misa.ImportanceSampler([10, 10], budget=10, variant="paper", beta=0.8)
+    for _ in range(7):
+        s2.update([0], [1.0])
+    assert float(s2.importance()[0]) == pytest.approx(1.0)  # the paper's correction is unbiased
+    assert float(s.importance()[0]) > 5.0  # the authors' in-place correction inflates G
+
+
+def test_block_coordinate_descent_api():
+    model = tiny_lm()
+    base = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.8, 0.99), weight_decay=0.05)
+    opt = misa.BlockCoordinateDescentOptimizer(base, list(model.named_parameters()), param_ratio_limit=0.1,
+                                               interval=4, backend="torch")
+    assert opt.param_groups[0]["lr"] == 3e-3 and opt.param_groups[0]["betas"] == (0.8, 0.99)
+    assert opt.trainable_fraction <= 0.1
+    with pytest.raises(ValueError, match="decoupled"):
+        misa.BlockCoordinateDescentOptimizer(torch.optim.Adam(model.parameters(), weight_decay=0.1),
+                                             list(model.named_parameters()))
+    with pytest.raises(TypeError, match="base_optimizer"):
+        misa.BlockCoordinateDescentOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                             list(model.named_parameters()))
+
+
+@pytest.mark.interpreter
+def test_triton_backend_under_interpreter_matches_torch_backend():
+    import misa_kernels
+
+    if "triton" not in misa_kernels.available_backends("cpu"):
+        pytest.skip("triton cannot run on the CPU here")
+    results = {}
+    for backend in ("torch", "triton"):
+        model = tiny_lm(seed=4, d=8, ff=8, layers=2)
+        opt = misa.MISA(model, lr=1e-2, delta=0.2, interval=3, backend=backend, seed=2)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(7):
+            synthetic_grads(model, gen)
+            opt.step()
+            opt.zero_grad()
+        results[backend] = ([p.detach().clone() for p in model.parameters()], opt.importance, opt.active_modules)
+    for a, b in zip(results["torch"][0], results["triton"][0]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results["torch"][1], results["triton"][1], rtol=1e-5, atol=0)
+    assert results["torch"][2] == results["triton"][2]

@@ -521,11 +521,7 @@ class MISA(torch.optim.Optimizer):
                     group[key] = value
         every_param = [p for g in self.param_groups for p in g["params"]]
         saved_state = {int(k): v for k, v in state_dict["state"].items()}
-        # Drop current module states, then take the saved active set with the saved states.
-        for b in self._active:
-            for p in self._module_params(b):
-                self._release(p)
-        self._active = []
+        # Switch to the saved active set (dropping every current module state), then fill in the saved states.
         self.sampler.load_state_dict(misa["sampler"])
         self._switch(misa["active"], log=False, keep_states=set())
         for i, st in saved_state.items():

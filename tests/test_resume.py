@@ -1,0 +1,96 @@
+"""A run resumed from a state_dict saved at any step (mid-period included) equals the uninterrupted run."""
+
+import io
+
+import pytest
+import torch
+
+import misa
+from models import tiny_lm
+
+
+def train(model, opt, steps, data_seed=0, start=0):
+    for step in range(start, start + steps):
+        ids = torch.randint(0, 32, (4, 9), generator=torch.Generator().manual_seed(data_seed * 1000 + step))
+        loss = model.loss(ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def make(variant="paper", **kw):
+    model = tiny_lm(seed=7)
+    opt = misa.MISA(model, lr=5e-3, weight_decay=0.01, delta=0.15, interval=4, variant=variant, seed=11,
+                    backend="torch", **kw)
+    return model, opt
+
+
+def roundtrip(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, map_location="cpu", weights_only=False)
+
+
+@pytest.mark.parametrize("variant", ["paper", "official"])
+@pytest.mark.parametrize("save_at", [1, 6, 8, 13], ids=lambda s: f"save@{s}")
+def test_resume_is_exact(variant, save_at):
+    total = 22
+    model_a, opt_a = make(variant)
+    train(model_a, opt_a, total)
+
+    model_b, opt_b = make(variant)
+    train(model_b, opt_b, save_at)
+    ckpt = roundtrip({"model": model_b.state_dict(), "opt": opt_b.state_dict()})
+    del model_b, opt_b
+
+    model_c, opt_c = make(variant)
+    model_c.load_state_dict(ckpt["model"])
+    opt_c.load_state_dict(ckpt["opt"])
+    train(model_c, opt_c, total - save_at, start=save_at)
+
+    for (n, a), (_, c) in zip(model_a.named_parameters(), model_c.named_parameters()):
+        assert torch.equal(a, c), n
+        assert a.requires_grad == c.requires_grad, n
+    assert opt_a.active_modules == opt_c.active_modules
+    assert torch.equal(opt_a.importance, opt_c.importance)
+    assert opt_a.switch_log == opt_c.switch_log
+    for pa, pc in zip(model_a.parameters(), model_c.parameters()):
+        assert (pa in opt_a.state) == (pc in opt_c.state)
+        if pa in opt_a.state:
+            assert torch.equal(opt_a.state[pa]["exp_avg"], opt_c.state[pc]["exp_avg"])
+            assert opt_a.state[pa]["step"] == opt_c.state[pc]["step"]
+
+
+def test_state_dict_holds_copies_not_the_arena():
+    model, opt = make()
+    train(model, opt, 3)
+    sd = opt.state_dict()
+    arena_ptr = opt.arena.buffer.untyped_storage().data_ptr()
+    for st in sd["state"].values():
+        assert st["exp_avg"].untyped_storage().data_ptr() != arena_ptr
+        assert st["exp_avg"].untyped_storage().nbytes() == st["exp_avg"].numel() * 4
+
+
+def test_load_rejects_another_model():
+    _, opt = make()
+    other = misa.MISA(tiny_lm(layers=2), delta=0.2, backend="torch")
+    with pytest.raises(ValueError, match="different modules"):
+        other.load_state_dict(opt.state_dict())
+    with pytest.raises(ValueError, match="not a MISA"):
+        opt.load_state_dict(torch.optim.AdamW(tiny_lm().parameters()).state_dict())
+
+
+@pytest.mark.gpu
+def test_saved_on_gpu_loads_on_cpu():
+    model = tiny_lm(seed=7).cuda()
+    opt = misa.MISA(model, lr=5e-3, delta=0.15, interval=4, seed=11)
+    train(model, opt, 6)
+    ckpt = roundtrip({"model": model.state_dict(), "opt": opt.state_dict()})
+    model_cpu, opt_cpu = make()
+    model_cpu.load_state_dict(ckpt["model"])
+    opt_cpu.load_state_dict(ckpt["opt"])
+    assert opt_cpu.active_modules == opt.active_modules
+    for p_gpu, p_cpu in zip(model.parameters(), model_cpu.parameters()):
+        if p_gpu in opt.state:
+            torch.testing.assert_close(opt.state[p_gpu]["exp_avg"].cpu(), opt_cpu.state[p_cpu]["exp_avg"])

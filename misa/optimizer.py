@@ -193,8 +193,13 @@ class MISA(torch.optim.Optimizer):
                 f"delta={self.delta:g} is smaller than the smallest module ({self.module_names[smallest]}: "
                 f"{sizes[smallest]:,} parameters, {sizes[smallest] / total:.4%} of {total:,}); "
                 f"raise delta to at least {sizes[smallest] / total:.4g}")
+        largest = max(range(len(sizes)), key=lambda b: sizes[b])
+        too_big = [self.module_names[b] for b in range(len(sizes)) if sizes[b] > self.budget]
+        if too_big and self.order in ("misa", "uniform"):
+            warnings.warn(f"delta={self.delta:g}: {len(too_big)} module(s) are larger than the budget and will never "
+                          f"be trained (e.g. {too_big[0]}, {sizes[largest] / total:.4%} of all parameters)",
+                          UserWarning, stacklevel=3)
         if self.order in ("ascending", "descending", "random"):
-            largest = max(range(len(sizes)), key=lambda b: sizes[b])
             if sizes[largest] > self.budget:
                 raise ValueError(
                     f"delta={self.delta:g}: order={self.order!r} visits every module, but "

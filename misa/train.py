@@ -1,0 +1,354 @@
+"""`python -m misa.train` (or `misa-train`): train a small LLaMA-architecture LM from scratch with MISA.
+
+With no arguments it trains on Python's standard-library sources (bytes), needing no download, and
+prints a summary; `--compare misa,lisa,badam,adamw` runs several optimizers on the same seeds and
+data and draws them on one plot. Exit code 2 means bad input (nothing is written then).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from .data import DataError, TokenDataset, describe, load_corpus, tokenize
+from .model import SIZES, LlamaConfig, LlamaForCausalLM
+from .optimizer import MISA
+
+OPTIMIZERS = ("misa", "lisa", "badam", "adamw")
+CHECKPOINT = "checkpoint.pt"
+
+
+class UsageError(ValueError):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="misa-train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--optimizer", default="misa", choices=OPTIMIZERS,
+                   help="misa; lisa = uniform module sampling; badam = ascending cyclic; adamw = full AdamW")
+    p.add_argument("--compare", default=None, metavar="LIST",
+                   help="comma-separated optimizers to run with the same seeds and data, drawn on one plot")
+    p.add_argument("--seeds", type=int, default=1, help="with --compare: seeds per optimizer (seed, seed+1, ...)")
+    p.add_argument("--delta", type=float, default=0.25, help="trainable-parameter budget (fraction of all params)")
+    p.add_argument("--eta", type=float, default=1.0, help="sampling temperature")
+    p.add_argument("--interval", type=int, default=20, help="optimizer steps per outer loop (T)")
+    p.add_argument("--granularity", default="module", choices=("module", "layer"))
+    p.add_argument("--variant", default="paper", choices=("paper", "official"))
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--warmup-steps", type=int, default=10, help="linear learning-rate warm-up")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
+    p.add_argument("--max-steps", type=int, default=300)
+    p.add_argument("--model-size", default="small", choices=sorted(SIZES))
+    p.add_argument("--config", default=None, help="JSON file with LlamaConfig fields (overrides --model-size)")
+    p.add_argument("--model", default=None,
+                   help="a local Hugging Face causal-LM folder to train instead (needs transformers)")
+    p.add_argument("--data", default=None, help="a text file or folder (default: Python's stdlib sources)")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="parameter dtype")
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "cuda"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/<optimizer>-<time>)")
+    p.add_argument("--resume", default=None, metavar="DIR", help="resume exactly from DIR/checkpoint.pt")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (plain log lines)")
+    return p
+
+
+# ----------------------------------------------------------------------------------------- validation
+def validate(args) -> None:
+    for name in ("max_steps", "seq_len", "batch_size", "interval", "eval_every", "eval_batches", "seeds"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)}")
+    if not 0 < args.delta <= 1:
+        raise UsageError(f"--delta: expected a fraction in (0, 1], got {args.delta}")
+    if args.eta < 0:
+        raise UsageError(f"--eta: expected eta >= 0, got {args.eta}")
+    if args.lr <= 0:
+        raise UsageError(f"--lr: expected lr > 0, got {args.lr}")
+    if args.compare:
+        names = [n.strip() for n in args.compare.split(",") if n.strip()]
+        unknown = [n for n in names if n not in OPTIMIZERS]
+        if unknown or not names:
+            raise UsageError(f"--compare: unknown optimizer {', '.join(unknown) or '(none)'}; "
+                             f"choose from {', '.join(OPTIMIZERS)}")
+        if args.resume:
+            raise UsageError("--compare and --resume do not go together")
+    if args.resume and not (Path(args.resume) / CHECKPOINT).is_file():
+        raise UsageError(f"--resume: {Path(args.resume) / CHECKPOINT} does not exist")
+    for name in ("config", "model"):
+        path = getattr(args, name)
+        if path is not None and not Path(path).exists():
+            raise UsageError(f"--{name}: {path} does not exist")
+    if args.device is not None:
+        try:
+            dev = torch.device(args.device)
+        except RuntimeError as exc:
+            raise UsageError(f"--device: {exc}") from exc
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device}: no CUDA device is available")
+
+
+def pick_device(args) -> torch.device:
+    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+# ----------------------------------------------------------------------------------------- building
+def build_model(args, device):
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    if args.model:
+        try:
+            from transformers import AutoModelForCausalLM
+        except ImportError as exc:
+            raise UsageError("--model needs transformers: pip install misa-kernels[hf]") from exc
+        model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=dtype, local_files_only=True)
+
+        def loss_fn(batch):
+            logits = model(input_ids=batch[:, :-1]).logits
+            return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+
+        model.loss = loss_fn
+        return model.to(device)
+    cfg = LlamaConfig(**SIZES[args.model_size].to_dict())
+    if args.config:
+        cfg = LlamaConfig(**{**cfg.to_dict(), **json.loads(Path(args.config).read_text())})
+    cfg.max_seq_len = max(cfg.max_seq_len, args.seq_len)
+    torch.manual_seed(args.seed)
+    return LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
+
+
+def build_optimizer(name: str, model, args):
+    if name == "adamw":
+        fused = next(model.parameters()).is_cuda
+        return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=fused)
+    order = {"misa": "misa", "lisa": "uniform", "badam": "ascending"}[name]
+    return MISA(model, lr=args.lr, weight_decay=args.weight_decay, delta=args.delta, eta=args.eta,
+                interval=args.interval, granularity=args.granularity, order=order, variant=args.variant,
+                seed=args.seed, backend=args.backend)
+
+
+def lr_lambda(warmup: int):
+    return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+
+
+# ----------------------------------------------------------------------------------------- running
+@torch.no_grad()
+def evaluate(model, data: TokenDataset, args) -> float:
+    was_training = model.training
+    model.eval()
+    losses = [float(model.loss(b)) for b in data.val_batches(args.batch_size, args.eval_batches)]
+    model.train(was_training)
+    return sum(losses) / len(losses)
+
+
+def peak_memory_mb(device) -> Dict[str, float]:
+    if device.type == "cuda":
+        return {"peak_allocated_mb": torch.cuda.max_memory_allocated(device) / 2**20,
+                "peak_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20}
+    return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def run(args, optimizer_name: str, out: Path, data: TokenDataset, device, progress: bool = True) -> Dict:
+    model = build_model(args, device)
+    opt = build_optimizer(optimizer_name, model, args)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.warmup_steps))
+    start, history = 0, {"step": [], "train_loss": [], "val_step": [], "val_loss": []}
+    if args.resume:
+        ckpt = torch.load(Path(args.resume) / CHECKPOINT, map_location=device, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        start, history = ckpt["step"], ckpt["history"]
+    out.mkdir(parents=True, exist_ok=True)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    tokens_per_step = args.batch_size * args.seq_len
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=args.max_steps, initial=start, desc=optimizer_name, dynamic_ncols=True, file=sys.stdout)
+    t0, trained_steps = time.perf_counter(), 0
+    model.train()
+    for step in range(start, args.max_steps):
+        batch = data.batch(step, args.batch_size, args.seed)
+        loss = model.loss(batch)
+        loss.backward()
+        if args.max_grad_norm > 0:
+            if isinstance(opt, MISA):
+                opt.clip_grad_norm_(args.max_grad_norm)
+            else:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        trained_steps += 1
+        loss_value = float(loss.detach())
+        history["step"].append(step + 1)
+        history["train_loss"].append(loss_value)
+        done = step + 1
+        if done % args.eval_every == 0 or done == args.max_steps:
+            history["val_step"].append(done)
+            history["val_loss"].append(evaluate(model, data, args))
+        elapsed = time.perf_counter() - t0
+        status = {"loss": f"{loss_value:.3f}", "tok/s": f"{trained_steps * tokens_per_step / elapsed:.0f}"}
+        if device.type == "cuda":
+            status["mem"] = f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f}MB"
+        if isinstance(opt, MISA):
+            status["active"] = len(opt.active_modules)
+        if bar is not None:
+            bar.set_postfix(status, refresh=False)
+            bar.update(1)
+        elif done % args.eval_every == 0 or done == args.max_steps:
+            print(f"[{optimizer_name}] step {done}/{args.max_steps} " + " ".join(f"{k}={v}" for k, v in status.items())
+                  + (f" val_loss={history['val_loss'][-1]:.4f}" if history["val_step"][-1:] == [done] else ""),
+                  flush=True)
+        if args.save_every and done % args.save_every == 0 and done < args.max_steps:
+            save_checkpoint(out, model, opt, sched, done, history, args)
+    if bar is not None:
+        bar.close()
+    elapsed = time.perf_counter() - t0
+    save_checkpoint(out, model, opt, sched, args.max_steps, history, args)
+    val_loss = history["val_loss"][-1] if history["val_loss"] else evaluate(model, data, args)
+    summary = {
+        "optimizer": optimizer_name, "seed": args.seed, "steps": args.max_steps,
+        "final_train_loss": history["train_loss"][-1] if history["train_loss"] else None,
+        "final_val_loss": val_loss, "final_val_perplexity": math.exp(min(val_loss, 50)),
+        "tokens_per_s": trained_steps * tokens_per_step / elapsed if elapsed > 0 else None,
+        "params": sum(p.numel() for p in model.parameters()),
+        "device": str(device), **peak_memory_mb(device),
+    }
+    if isinstance(opt, MISA):
+        summary.update(trainable_fraction=opt.trainable_fraction, switches=len(opt.switch_log),
+                       skipped_steps=opt.skipped_steps, active_modules=opt.active_modules)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "history.json").write_text(json.dumps(history))
+    plot({optimizer_name: [history]}, out / "loss.png", title=f"{optimizer_name} on {describe(args.data)}")
+    return {"summary": summary, "history": history}
+
+
+def save_checkpoint(out: Path, model, opt, sched, step: int, history, args) -> None:
+    tmp = out / (CHECKPOINT + ".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "step": step, "history": history, "args": vars(args)}, tmp)
+    os.replace(tmp, out / CHECKPOINT)
+
+
+def plot(curves: Dict[str, List[Dict]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, runs in curves.items():
+        for key, ax in (("train_loss", axes[0]), ("val_loss", axes[1])):
+            steps = runs[0]["step"] if key == "train_loss" else runs[0]["val_step"]
+            values = torch.tensor([r[key] for r in runs], dtype=torch.float64)
+            if key == "train_loss" and values.shape[1] > 20:  # smooth the noisy training curve
+                k = max(1, values.shape[1] // 50)
+                values = torch.nn.functional.avg_pool1d(values[:, None], k, 1, padding=0)[:, 0]
+                steps = steps[k - 1:]
+            mean = values.mean(0)
+            line, = ax.plot(steps, mean.tolist(), label=f"{name} (n={len(runs)})")
+            if len(runs) > 1:
+                ax.fill_between(steps, values.min(0).values.tolist(), values.max(0).values.tolist(),
+                                color=line.get_color(), alpha=0.2)
+    axes[0].set_title("training loss (smoothed)")
+    axes[1].set_title("validation loss")
+    for ax in axes:
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def compare(args, data, device, out: Path) -> Dict:
+    names = [n.strip() for n in args.compare.split(",") if n.strip()]
+    results: Dict[str, List[Dict]] = {n: [] for n in names}
+    base_seed = args.seed
+    for name in names:
+        for k in range(args.seeds):
+            args.seed = base_seed + k
+            res = run(args, name, out / f"{name}-seed{args.seed}", data, device, progress=not args.no_progress)
+            results[name].append(res)
+    args.seed = base_seed
+    rows = []
+    for name, runs in results.items():
+        vals = torch.tensor([r["summary"]["final_val_loss"] for r in runs], dtype=torch.float64)
+        rows.append({"optimizer": name, "seeds": len(runs), "val_loss_mean": float(vals.mean()),
+                     "val_loss_std": float(vals.std()) if len(runs) > 1 else 0.0,
+                     "val_loss_min": float(vals.min()), "val_loss_max": float(vals.max()),
+                     "val_ppl_mean": float(vals.exp().mean()),
+                     "tokens_per_s": sum(r["summary"]["tokens_per_s"] for r in runs) / len(runs)})
+    meta = {"command": " ".join(sys.argv), "device": str(device), "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "model_size": args.model_size, "steps": args.max_steps,
+            "delta": args.delta, "eta": args.eta, "interval": args.interval, "granularity": args.granularity,
+            "lr": args.lr, "seq_len": args.seq_len, "batch_size": args.batch_size, "data": describe(args.data)}
+    (out / "compare.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    lines = ["| optimizer | seeds | final val loss (mean ± std) | min | max | val ppl | tokens/s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: r["val_loss_mean"]):
+        lines.append(f"| {r['optimizer']} | {r['seeds']} | {r['val_loss_mean']:.4f} ± {r['val_loss_std']:.4f} | "
+                     f"{r['val_loss_min']:.4f} | {r['val_loss_max']:.4f} | {r['val_ppl_mean']:.3f} | "
+                     f"{r['tokens_per_s']:.0f} |")
+    settings = ", ".join(f"{k}={v}" for k, v in meta.items() if k != "command")
+    (out / "compare.md").write_text(f"Written by `{meta['command']}`\n\n{settings}\n\n" + "\n".join(lines) + "\n")
+    plot({n: [r["history"] for r in runs] for n, runs in results.items()}, out / "compare.png",
+         title=f"{args.model_size} model, delta={args.delta}, {args.max_steps} steps, {args.seeds} seed(s)")
+    print("\n".join(lines))
+    return {"rows": rows, "meta": meta}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # argparse exits with code 2 on unknown options and choices
+    try:
+        validate(args)
+        if args.resume:
+            saved = torch.load(Path(args.resume) / CHECKPOINT, map_location="cpu", weights_only=False)["args"]
+            keep = {k: getattr(args, k) for k in ("max_steps", "resume", "out", "no_progress", "device")}
+            args = argparse.Namespace(**{**saved, **keep})
+            args.out = args.out or args.resume
+        device = pick_device(args)
+        data = TokenDataset(tokenize(load_corpus(args.data), args.model), args.seq_len, device)
+        if args.resume is None and args.model is None:
+            build_model(args, "meta")  # fail on a bad --config before anything is written
+    except (UsageError, DataError, TypeError) as exc:
+        print(f"misa-train: error: {exc}", file=sys.stderr)
+        return 2
+    name = args.compare.replace(",", "-") if args.compare else args.optimizer
+    out = Path(args.out or Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.compare:
+        compare(args, data, device, out)
+        print(f"wrote {out / 'compare.md'}, {out / 'compare.png'}")
+        return 0
+    result = run(args, args.optimizer, out, data, device, progress=not args.no_progress)
+    s = result["summary"]
+    mem = ", ".join(f"{k} {v:.0f}" for k, v in s.items() if k.startswith("peak_"))
+    print(f"done: {s['steps']} steps of {args.optimizer} on {describe(args.data)} ({s['params']:,} params, {device})\n"
+          f"final train loss {s['final_train_loss']:.4f}, val loss {s['final_val_loss']:.4f}, "
+          f"val perplexity {s['final_val_perplexity']:.3f}, {s['tokens_per_s']:.0f} tokens/s, {mem}\n"
+          f"wrote {out / 'summary.json'}, {out / 'loss.png'}, {out / CHECKPOINT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gc
 import os
+import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -82,7 +83,8 @@ class DistributedDataParallel(nn.Module):
         ddp = misa.distributed.DistributedDataParallel(model, opt, device_ids=[local_rank])
         loss = loss_fn(ddp(batch)); loss.backward(); opt.step(); opt.zero_grad()
 
-    Keyword arguments go to torch's DDP. `rebuilds` counts the reducers built so far.
+    Keyword arguments go to torch's DDP. `rebuilds` counts the reducers built so far and
+    `rebuild_seconds` holds how long each build took.
     """
 
     def __init__(self, module: nn.Module, optimizer: MISA, **ddp_kwargs):
@@ -92,18 +94,21 @@ class DistributedDataParallel(nn.Module):
         self._ddp_kwargs.setdefault("init_sync", False)
         self.ddp: Optional[nn.parallel.DistributedDataParallel] = None
         self.rebuilds = 0
+        self.rebuild_seconds: List[float] = []
         if optimizer._check_active_set is None:
             prepare(optimizer, self._ddp_kwargs.get("process_group"))
         self._rebuild(optimizer)
         optimizer.register_switch_hook(self._rebuild)
 
     def _rebuild(self, optimizer: MISA) -> None:
+        start = time.perf_counter()
         if self.ddp is not None:
             # The old reducer's autograd hooks go away with it; collect now so none fires on the new set.
             self.ddp = None
             gc.collect()
         self.ddp = nn.parallel.DistributedDataParallel(self.module, **self._ddp_kwargs)
         self.rebuilds += 1
+        self.rebuild_seconds.append(time.perf_counter() - start)
 
     def forward(self, *args, **kwargs):
         return self.ddp(*args, **kwargs)

@@ -1,0 +1,245 @@
+"""Kernel microbenchmarks: adamw_step_ (steady and fresh), grad_sq_norms, momentum_flush_.
+
+Our cuda and triton backends against the pure-torch path, torch.optim.AdamW(fused=True) followed by
+torch._foreach_norm (the usual way to get norms), and, where installed, bitsandbytes' 32-bit AdamW and
+torchao's AdamW. Every row prints time, bytes moved, GB/s and % of the copy bandwidth measured in the
+same run, and is saved to benchmarks/results/<device>-<date>.json with a plot beside it.
+
+    python benchmarks/bench_kernels.py            # on a GPU
+    python benchmarks/bench_kernels.py --quick    # seconds, on a CPU: checks the script, claims nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+import misa_kernels as mk  # noqa: E402
+
+# LLaMA-3-8B: one layer's module shapes (8.03B parameters in all, 218M per layer).
+LLAMA3_8B_LAYER = [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096), (14336, 4096), (14336, 4096), (4096, 14336)]
+LLAMA3_8B_PARAMS = 8_030_261_248
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+L2_BYTES = 64 * 2**20  # more than any current GPU's L2: rotate buffers until a set exceeds this
+
+
+def active_set(target_numel: int) -> List[tuple]:
+    """Module shapes of consecutive LLaMA-3-8B layers until `target_numel` is reached (the last cut to fit)."""
+    shapes, total, i = [], 0, 0
+    while total < target_numel:
+        rows, cols = LLAMA3_8B_LAYER[i % len(LLAMA3_8B_LAYER)]
+        take = min(rows * cols, target_numel - total)
+        shapes.append((take,) if take != rows * cols else (rows, cols))
+        total += take
+        i += 1
+    return shapes
+
+
+def cases(quick: bool) -> List[Dict]:
+    if quick:
+        return [{"name": "uniform-64K", "shapes": [(16384,)] * 4}, {"name": "many-small", "shapes": [(256,)] * 64}]
+    out = [{"name": f"uniform-{n >> 20}M", "shapes": [(n // 4,)] * 4} for n in (1 << 20, 1 << 22, 1 << 24, 1 << 26,
+                                                                          1 << 28, 1 << 29)]
+    for delta in (0.01, 0.03):
+        out.append({"name": f"llama3-8b-delta{int(delta * 100)}%", "shapes": active_set(int(delta * LLAMA3_8B_PARAMS))})
+    layer = sum(r * c for r, c in LLAMA3_8B_LAYER)
+    for frac in (0.25, 1.0):  # 25% and 100% of one layer's modules
+        out.append({"name": f"llama3-8b-layer{int(frac * 100)}%", "shapes": active_set(int(frac * layer))})
+    out.append({"name": "many-small", "shapes": [(4096,)] * 2048})
+    return out
+
+
+def adamw_bytes(numel: int, psize: int, fresh: bool) -> int:
+    return numel * (2 * psize + psize + (8 if fresh else 16))  # p r/w, g r, m and v (written; read unless fresh)
+
+
+def make_sets(shapes, dtype, device, n_sets):
+    sets = []
+    for s in range(n_sets):
+        g = torch.Generator(device=device).manual_seed(s)
+        params = [torch.randn(sh, generator=g, device=device).to(dtype) for sh in shapes]
+        grads = [torch.randn(sh, generator=g, device=device).to(dtype) for sh in shapes]
+        m = [torch.randn(sh, generator=g, device=device) * 0.01 for sh in shapes]
+        v = [torch.rand(sh, generator=g, device=device) * 1e-4 for sh in shapes]
+        sets.append((params, grads, m, v))
+    return sets
+
+
+def impls(device: torch.device, quick: bool) -> List[str]:
+    names = [b for b in ("cuda", "triton") if b in mk.available_backends(device)] if device.type == "cuda" else []
+    names += ["torch_reference", "torch_fused_adamw"]
+    if device.type == "cuda" and not quick:
+        try:
+            import bitsandbytes  # noqa: F401
+
+            names.append("bnb_adamw32bit")
+        except Exception:
+            pass
+        try:
+            import torchao.optim  # noqa: F401
+
+            names.append("torchao_adamw")
+        except Exception:
+            pass
+    return names
+
+
+def adamw_runner(impl: str, sets, fresh: bool):
+    """Returns fn(i) doing one step (with squared grad norms) on buffer set i % len(sets)."""
+    hyper = dict(lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
+    if impl in ("cuda", "triton", "torch_reference"):
+        backend = "torch" if impl == "torch_reference" else impl
+
+        def run(i):
+            p, g, m, v = sets[i % len(sets)]
+            norms = torch.zeros(len(p), device=p[0].device)
+            mk.adamw_step_(p, g, m, v, **hyper, step=1 if fresh else 10, fresh=fresh, grad_sq_norms=norms,
+                           backend=backend)
+        return run
+    # Peers: torch.optim-style optimizers over the same tensors, norms by torch._foreach_norm. A fresh
+    # step for them means states that were just allocated (their first step zero-fills them).
+    optimizers = []
+    for p, g, m, v in sets:
+        params = [torch.nn.Parameter(t) for t in p]
+        for q, gg in zip(params, g):
+            q.grad = gg
+        if impl == "torch_fused_adamw":
+            # torch's fused AdamW keeps states in the parameter dtype: bf16 states for bf16 params.
+            opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, fused=True)
+        elif impl == "bnb_adamw32bit":
+            import bitsandbytes as bnb
+
+            opt = bnb.optim.AdamW32bit(params, lr=1e-4, weight_decay=0.01)
+        else:
+            import torchao.optim
+
+            opt = torchao.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
+        opt.step()  # create the states outside the timed region
+        optimizers.append((opt, [q.grad for q in params]))
+
+    def run(i):
+        opt, grads = optimizers[i % len(optimizers)]
+        if fresh:
+            opt.state.clear()
+        torch._foreach_norm(grads)
+        opt.step()
+    return run
+
+
+def bench(args) -> Path:
+    device = common.pick_device(args.device)
+    env = common.environment(device)
+    bw = common.copy_bandwidth_gbps(device, (1 << 16) if args.quick else (1 << 28))
+    rows: List[Dict] = []
+    deadline = time.monotonic() + args.budget_s
+    for case in cases(args.quick):
+        numel = sum(torch.Size(s).numel() for s in case["shapes"])
+        for dname in (["fp32"] if args.quick else ["bf16", "fp32"]):
+            dtype = DTYPES[dname]
+            psize = torch.tensor([], dtype=dtype).element_size()
+            set_bytes = numel * (2 * psize + 8)
+            n_sets = max(1, min(4, -(-L2_BYTES // set_bytes)))
+            if device.type == "cuda" and set_bytes * n_sets * 2.5 > torch.cuda.mem_get_info(device)[0]:
+                print(f"skip {case['name']} {dname}: does not fit in memory")
+                continue
+            sets = make_sets(case["shapes"], dtype, device, n_sets)
+            for impl in impls(device, args.quick):
+                for fresh in (False, True):
+                    if time.monotonic() > deadline:
+                        print("time budget reached: remaining rows skipped")
+                        break
+                    try:
+                        t = common.time_ms(adamw_runner(impl, sets, fresh), device, args.reps, args.warmup)
+                    except Exception as exc:  # a peer that cannot take this case (e.g. dtype)
+                        print(f"{impl} {case['name']} {dname}: {type(exc).__name__}: {exc}")
+                        continue
+                    nbytes = adamw_bytes(numel, psize, fresh)
+                    rows.append(row("adamw_step", impl, dname, case, numel, fresh, t, nbytes, bw))
+            for impl in [b for b in ("cuda", "triton") if b in impls(device, args.quick)] + ["torch_reference",
+                                                                                             "torch_foreach_norm"]:
+                grads = [s[1] for s in sets]
+                if impl == "torch_foreach_norm":
+                    fn = lambda i: torch._foreach_norm(grads[i % len(grads)])  # noqa: E731
+                else:
+                    backend = "torch" if impl == "torch_reference" else impl
+                    fn = lambda i, b=backend: mk.grad_sq_norms(grads[i % len(grads)], backend=b)  # noqa: E731
+                t = common.time_ms(fn, device, args.reps, args.warmup)
+                rows.append(row("grad_sq_norms", impl, dname, case, numel, False, t, numel * psize, bw))
+            for impl in [b for b in ("cuda", "triton") if b in impls(device, args.quick)] + ["torch_reference"]:
+                backend = "torch" if impl == "torch_reference" else impl
+
+                def fn(i, b=backend):
+                    p, _, m, v = sets[i % len(sets)]
+                    mk.momentum_flush_(p, m, v, lr=1e-4, step=50, backend=b)
+                t = common.time_ms(fn, device, args.reps, args.warmup)
+                rows.append(row("momentum_flush", impl, dname, case, numel, False, t, numel * (2 * psize + 8), bw))
+            del sets
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    path = common.results_path(device, args.out)
+    common.write_rows(path, env, rows, {"copy_bandwidth_gbps": bw, "quick": args.quick})
+    for r in rows:
+        print(f"{r['bench']:15s} {r['impl']:18s} {r['param_dtype']:4s} {r['case']:22s} fresh={r['fresh']!s:5s} "
+              f"{r['ms_p50']:9.3f} ms  {r['gbps']:8.1f} GB/s  {r['pct_copy_bw']:5.1f}% of copy")
+    plot(rows, path.with_suffix(".kernels.png"), env["device"])
+    print(f"copy bandwidth {bw:.1f} GB/s; wrote {path}")
+    return path
+
+
+def row(bench_name, impl, dname, case, numel, fresh, t, nbytes, bw) -> Dict:
+    gbps = nbytes / (t["ms_p50"] * 1e-3) / 1e9
+    return {"bench": bench_name, "impl": impl, "param_dtype": dname, "case": case["name"], "numel": numel,
+            "n_tensors": len(case["shapes"]), "fresh": fresh, **t, "bytes": nbytes, "gbps": gbps,
+            "pct_copy_bw": 100 * gbps / bw}
+
+
+def plot(rows, path: Path, device: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sel = [r for r in rows if r["bench"] == "adamw_step" and r["case"].startswith("uniform") and not r["fresh"]]
+    if not sel:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for (impl, dname) in sorted({(r["impl"], r["param_dtype"]) for r in sel}):
+        pts = sorted((r["numel"], r["ms_p50"], r["pct_copy_bw"]) for r in sel if r["impl"] == impl
+                     and r["param_dtype"] == dname)
+        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{impl} {dname}")
+        axes[1].plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=f"{impl} {dname}")
+    axes[0].set(xscale="log", yscale="log", xlabel="elements", ylabel="ms (p50)", title="adamw_step (steady)")
+    axes[1].set(xscale="log", xlabel="elements", ylabel="% of copy bandwidth", title="achieved bandwidth")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(device)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> Path:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes, fp32, few runs: a CPU smoke run")
+    p.add_argument("--device", default=None)
+    p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--budget-s", type=float, default=240.0, help="stop adding rows after this many seconds")
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    args = p.parse_args(argv)
+    args.reps = args.reps or (3 if args.quick else 30)
+    args.warmup = args.warmup or (1 if args.quick else 5)
+    return bench(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Shared by the benchmark scripts: environment facts, timing, copy bandwidth, the results file.
+
+Timing (METHOD.md): warm-up, then each run timed on its own with CUDA events (perf_counter on the
+CPU), reported as p20/p50/p80 in milliseconds. Callers rotate input buffers so that one set of
+inputs never sits in L2 between runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def commit() -> str:
+    try:
+        root = Path(__file__).resolve().parents[1]
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10)
+        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if sha.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def environment(device: torch.device) -> Dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    from misa_kernels import cuda as cuda_backend
+
+    return {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "cuda_backend": cuda_backend.load_error() or "ready",
+        "commit": commit(),
+        "date": time.strftime("%Y-%m-%d"),
+        "time": time.strftime("%H:%M:%S"),
+        "python": platform.python_version(),
+    }
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[int], None], device: torch.device, reps: int, warmup: int) -> Dict[str, float]:
+    """Runs fn(i) warmup + reps times; returns p20/p50/p80 of the timed runs in milliseconds."""
+    for i in range(warmup):
+        fn(i)
+    synchronize(device)
+    times: List[float] = []
+    for i in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(warmup + i)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn(warmup + i)
+            times.append((time.perf_counter() - t0) * 1e3)
+    q = torch.tensor(times, dtype=torch.float64).quantile(torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64))
+    return {"ms_p20": float(q[0]), "ms_p50": float(q[1]), "ms_p80": float(q[2])}
+
+
+def copy_bandwidth_gbps(device: torch.device, numel: int, reps: int = 20) -> float:
+    """Device-to-device copy bandwidth, counting the read and the write."""
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    t = time_ms(lambda i: dst.copy_(src), device, reps=reps, warmup=3)
+    return 2 * numel * 4 / (t["ms_p50"] * 1e-3) / 1e9
+
+
+def results_path(device: torch.device, out: Optional[str]) -> Path:
+    folder = Path(out) if out else RESULTS
+    folder.mkdir(parents=True, exist_ok=True)
+    slug = "".join(c if c.isalnum() else "-" for c in device_name(device).lower()).strip("-")
+    while "--" in slug:
+        slug = slug.replace("--", "-")
+    return folder / f"{slug}-{time.strftime('%Y-%m-%d')}.json"
+
+
+def write_rows(path: Path, env: Dict, rows: List[Dict], extra: Optional[Dict] = None) -> None:
+    """Merge rows into the results file (one file per device and day, all benchmarks together)."""
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data.update(env)
+    data.update(extra or {})
+    benches = {r["bench"] for r in rows}
+    data["rows"] = [r for r in data.get("rows", []) if r["bench"] not in benches] + rows
+    path.write_text(json.dumps(data, indent=1))
+
+
+def pick_device(name: Optional[str]) -> torch.device:
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -1,0 +1,97 @@
+"""Render the README's result tables from the JSON files the benchmark scripts wrote (never by hand).
+
+    python benchmarks/render_readme.py                 # rewrite the marked README sections
+    python benchmarks/render_readme.py --check-only F  # validate results files against the schema
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+REQUIRED_TOP = ("device", "torch", "commit", "date", "rows")
+REQUIRED_KERNEL_ROW = ("bench", "impl", "param_dtype", "numel", "n_tensors", "fresh", "ms_p50", "ms_p20", "ms_p80",
+                       "bytes", "gbps", "pct_copy_bw")
+
+
+def check(path: Path) -> list:
+    data = json.loads(path.read_text())
+    problems = [f"{path}: missing {k}" for k in REQUIRED_TOP if k not in data]
+    for i, row in enumerate(data.get("rows", [])):
+        if row.get("bench") in ("adamw_step", "grad_sq_norms", "momentum_flush"):
+            problems += [f"{path}: row {i} misses {k}" for k in REQUIRED_KERNEL_ROW if k not in row]
+    return problems
+
+
+def compare_section() -> str:
+    files = sorted(RESULTS.glob("compare-*/compare.json"))
+    if not files:
+        return "_No comparison run is recorded yet._"
+    parts = []
+    for f in files:
+        data = json.loads(f.read_text())
+        meta = data["meta"]
+        rel = f.parent.relative_to(ROOT)
+        lines = [f"**{rel.name}** ({meta['device']}, torch {meta['torch']}, {meta['date']}): model {meta['model_size']}, "
+                 f"{meta['steps']} steps, delta={meta['delta']}, eta={meta['eta']}, T={meta['interval']}, "
+                 f"lr={meta['lr']}, seq {meta['seq_len']} x batch {meta['batch_size']}; written by "
+                 f"`{meta['command']}`; plot `{rel}/compare.png`.", "",
+                 "| optimizer | seeds | final val loss, mean ± std | min | max | val perplexity |",
+                 "|---|---|---|---|---|---|"]
+        for r in sorted(data["rows"], key=lambda r: r["val_loss_mean"]):
+            lines.append(f"| {r['optimizer']} | {r['seeds']} | {r['val_loss_mean']:.4f} ± {r['val_loss_std']:.4f} | "
+                         f"{r['val_loss_min']:.4f} | {r['val_loss_max']:.4f} | {r['val_ppl_mean']:.2f} |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def kernels_section() -> str:
+    gpu_files = []
+    for f in sorted(RESULTS.glob("*.json")):
+        data = json.loads(f.read_text())
+        if not data.get("quick") and not str(data.get("device", "cpu")).startswith("cpu") and any(
+                r.get("bench") == "adamw_step" for r in data.get("rows", [])):
+            gpu_files.append((f, data))
+    if not gpu_files:
+        return ("_No GPU kernel results are recorded yet: run `bash benchmarks/gpu_check.sh` on a GPU and commit "
+                "the JSON it writes._")
+    f, data = gpu_files[-1]
+    lines = [f"`{f.relative_to(ROOT)}`: {data['device']}, torch {data['torch']}, triton {data.get('triton')}, "
+             f"commit {data['commit'][:10]}, {data['date']}; copy bandwidth {data['copy_bandwidth_gbps']:.0f} GB/s.", "",
+             "| case | dtype | fresh | impl | ms (p50) | GB/s | % of copy bw |", "|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        if r["bench"] == "adamw_step":
+            lines.append(f"| {r['case']} | {r['param_dtype']} | {r['fresh']} | {r['impl']} | {r['ms_p50']:.3f} | "
+                         f"{r['gbps']:.0f} | {r['pct_copy_bw']:.1f} |")
+    return "\n".join(lines)
+
+
+def render(readme: Path) -> None:
+    text = readme.read_text()
+    for name, body in (("compare", compare_section()), ("kernels", kernels_section())):
+        begin, end = f"<!-- results:{name}:begin -->", f"<!-- results:{name}:end -->"
+        head, rest = text.split(begin)
+        _, tail = rest.split(end)
+        text = f"{head}{begin}\n{body}\n{end}{tail}"
+    readme.write_text(text)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--check-only", nargs="*", default=None)
+    p.add_argument("--readme", default=str(ROOT / "README.md"))
+    args = p.parse_args(argv)
+    if args.check_only is not None:
+        problems = [msg for f in args.check_only for msg in check(Path(f))]
+        print("\n".join(problems) or "results files are well-formed")
+        return 1 if problems else 0
+    render(Path(args.readme))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""The benchmark suite in quick mode, so the scripts never rot (CPU numbers here are not claims), and a
+pytest-benchmark run of the kernel ops on small CPU tensors (`pytest benchmarks/`)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import misa_kernels as mk  # noqa: E402
+
+
+def test_bench_kernels_quick(tmp_path):
+    import bench_kernels
+    import render_readme
+
+    path = bench_kernels.main(["--quick", "--out", str(tmp_path)])
+    data = json.loads(path.read_text())
+    assert render_readme.check(path) == []
+    impls = {(r["bench"], r["impl"]) for r in data["rows"]}
+    assert ("adamw_step", "torch_reference") in impls and ("adamw_step", "torch_fused_adamw") in impls
+    assert all(r["ms_p50"] > 0 and r["bytes"] > 0 for r in data["rows"])
+    assert data["copy_bandwidth_gbps"] > 0 and data["commit"]
+
+
+def test_bench_arena_quick(tmp_path):
+    import bench_arena
+
+    data = json.loads(bench_arena.main(["--quick", "--out", str(tmp_path)]).read_text())
+    assert {r["impl"] for r in data["rows"]} == {"arena", "allocate_per_switch"}
+
+
+def test_bench_train_step_quick(tmp_path):
+    pytest.importorskip("transformers")
+    import bench_train_step
+
+    path = bench_train_step.main(["--quick", "--methods", "misa_kernels,adamw_fused,badam", "--out", str(tmp_path)])
+    rows = json.loads(path.read_text())["rows"]
+    assert {r["impl"] for r in rows} == {"misa_kernels", "adamw_fused", "badam"}
+    assert all(r["ms_p50"] > 0 for r in rows)
+
+
+@pytest.mark.distributed
+def test_bench_ddp_rebuild_quick(tmp_path):
+    import bench_ddp_rebuild
+
+    rows = json.loads(bench_ddp_rebuild.main(["--quick", "--steps", "4", "--out", str(tmp_path)]).read_text())["rows"]
+    assert {r["impl"] for r in rows} == {"misa_rebuild", "ddp_find_unused_full_model"}
+
+
+def test_render_readme_sections(tmp_path):
+    import render_readme
+
+    readme = tmp_path / "README.md"
+    readme.write_text("x\n<!-- results:compare:begin -->\nold\n<!-- results:compare:end -->\ny\n"
+                      "<!-- results:kernels:begin -->\n<!-- results:kernels:end -->\n")
+    render_readme.render(readme)
+    text = readme.read_text()
+    assert "old" not in text and text.startswith("x\n") and "results:kernels:end" in text
+
+
+@pytest.mark.parametrize("fresh", [False, True], ids=["steady", "fresh"])
+def test_adamw_step_torch_cpu(benchmark, fresh):
+    shapes = [(256, 256)] * 8
+    p = [torch.randn(s) for s in shapes]
+    g = [torch.randn(s) for s in shapes]
+    m = [torch.randn(s) for s in shapes]
+    v = [torch.rand(s) for s in shapes]
+    norms = torch.zeros(len(shapes))
+    benchmark(lambda: mk.adamw_step_(p, g, m, v, lr=1e-3, step=1 if fresh else 5, fresh=fresh,
+                                     grad_sq_norms=norms, backend="torch"))
+
+
+def test_grad_sq_norms_torch_cpu(benchmark):
+    g = [torch.randn(256, 256) for _ in range(8)]
+    benchmark(lambda: mk.grad_sq_norms(g, backend="torch"))

@@ -48,7 +48,7 @@ def worker(rank, world, init_file, out_file, size, steps, interval, delta, strat
     times = []
     g = torch.Generator().manual_seed(rank)
     try:
-        for step in range(steps):
+        for _ in range(steps):
             ids = torch.randint(0, 256, (4, 129), generator=g).to(device)
             common.synchronize(device)
             t0 = time.perf_counter()

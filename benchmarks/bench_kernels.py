@@ -20,9 +20,9 @@ from typing import Dict, List
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-
 import misa_kernels as mk  # noqa: E402
+
+import common  # noqa: E402
 
 # LLaMA-3-8B: one layer's module shapes (8.03B parameters in all, 218M per layer).
 LLAMA3_8B_LAYER = [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096), (14336, 4096), (14336, 4096), (4096, 14336)]
@@ -107,7 +107,7 @@ def adamw_runner(impl: str, sets, fresh: bool):
     # Peers: torch.optim-style optimizers over the same tensors, norms by torch._foreach_norm. A fresh
     # step for them means states that were just allocated (their first step zero-fills them).
     optimizers = []
-    for p, g, m, v in sets:
+    for p, g, _, _ in sets:
         params = [torch.nn.Parameter(t) for t in p]
         for q, gg in zip(params, g):
             q.grad = gg
@@ -167,16 +167,16 @@ def bench(args) -> Path:
                                                                                              "torch_foreach_norm"]:
                 grads = [s[1] for s in sets]
                 if impl == "torch_foreach_norm":
-                    fn = lambda i: torch._foreach_norm(grads[i % len(grads)])  # noqa: E731
+                    fn = lambda i, grads=grads: torch._foreach_norm(grads[i % len(grads)])
                 else:
                     backend = "torch" if impl == "torch_reference" else impl
-                    fn = lambda i, b=backend: mk.grad_sq_norms(grads[i % len(grads)], backend=b)  # noqa: E731
+                    fn = lambda i, b=backend, grads=grads: mk.grad_sq_norms(grads[i % len(grads)], backend=b)
                 t = common.time_ms(fn, device, args.reps, args.warmup)
                 rows.append(row("grad_sq_norms", impl, dname, case, numel, False, t, numel * psize, bw))
             for impl in [b for b in ("cuda", "triton") if b in impls(device, args.quick)] + ["torch_reference"]:
                 backend = "torch" if impl == "torch_reference" else impl
 
-                def fn(i, b=backend):
+                def fn(i, b=backend, sets=sets):
                     p, _, m, v = sets[i % len(sets)]
                     mk.momentum_flush_(p, m, v, lr=1e-4, step=50, backend=b)
                 t = common.time_ms(fn, device, args.reps, args.warmup)

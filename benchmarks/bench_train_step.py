@@ -18,9 +18,9 @@ from typing import Dict, List
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-
 import misa  # noqa: E402
+
+import common  # noqa: E402
 
 SHAPES = {  # LLaMA-3.2-1B and LLaMA-3-8B
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,

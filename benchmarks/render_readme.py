@@ -36,8 +36,9 @@ def compare_section() -> str:
         data = json.loads(f.read_text())
         meta = data["meta"]
         rel = f.parent.relative_to(ROOT)
-        lines = [f"**{rel.name}** ({meta['device']}, torch {meta['torch']}, {meta['date']}): model {meta['model_size']}, "
-                 f"{meta['steps']} steps, delta={meta['delta']}, eta={meta['eta']}, T={meta['interval']}, "
+        lines = [f"**{rel.name}** ({meta['device']}, torch {meta['torch']}, {meta['date']}): "
+                 f"model {meta['model_size']}, {meta['steps']} steps, delta={meta['delta']}, eta={meta['eta']}, "
+                 f"T={meta['interval']}, "
                  f"lr={meta['lr']}, seq {meta['seq_len']} x batch {meta['batch_size']}; written by "
                  f"`{meta['command']}`; plot `{rel}/compare.png`.", "",
                  "| optimizer | seeds | final val loss, mean ± std | min | max | val perplexity |",
@@ -61,7 +62,8 @@ def kernels_section() -> str:
                 "the JSON it writes._")
     f, data = gpu_files[-1]
     lines = [f"`{f.relative_to(ROOT)}`: {data['device']}, torch {data['torch']}, triton {data.get('triton')}, "
-             f"commit {data['commit'][:10]}, {data['date']}; copy bandwidth {data['copy_bandwidth_gbps']:.0f} GB/s.", "",
+             f"commit {data['commit'][:10]}, {data['date']}; "
+             f"copy bandwidth {data['copy_bandwidth_gbps']:.0f} GB/s.", "",
              "| case | dtype | fresh | impl | ms (p50) | GB/s | % of copy bw |", "|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
         if r["bench"] == "adamw_step":

@@ -9,8 +9,11 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import backends, checks
-from . import library  # noqa: F401  (registers torch.ops.misa.*)
+from . import (
+    backends,
+    checks,
+    library,  # noqa: F401  (registers torch.ops.misa.*)
+)
 
 
 def _split(value):

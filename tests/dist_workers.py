@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import misa
 from misa import distributed as mdist
+
 from models import tiny_lm
 
 HYPER = dict(lr=5e-3, weight_decay=0.01, delta=0.15, interval=3, seed=5, backend="torch")

@@ -6,8 +6,10 @@ import pytest
 import torch
 
 import misa_kernels as mk
+
 from conftest import test_device
-from oracle import adamw_step as oracle_adamw, rel_err
+from oracle import adamw_step as oracle_adamw
+from oracle import rel_err
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # "many" is more tensors than one CUDA launch holds (36 with four operands).

@@ -41,8 +41,8 @@ def test_trainer_runs_with_accumulation_and_clipping(tmp_path, monkeypatch, grad
     monkeypatch.setattr(misa.MISA, "clip_grad_norm_", spy)
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=2,
                              gradient_accumulation_steps=2, max_grad_norm=0.5, learning_rate=1e-3, report_to=[],
-                             use_cpu=True, logging_steps=2, save_strategy="no", gradient_checkpointing=grad_checkpointing,
-                             lr_scheduler_type="linear", warmup_steps=2)
+                             use_cpu=True, logging_steps=2, save_strategy="no",
+                             gradient_checkpointing=grad_checkpointing, lr_scheduler_type="linear", warmup_steps=2)
     trainer = MISATrainer(model=model, args=args, train_dataset=dataset(),
                           misa_kwargs=dict(delta=0.2, interval=2, backend="torch"))
     result = trainer.train()

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import misa
+
 from models import tiny_lm
 
 LR, WD, BETAS, EPS, BETA = 1e-2, 0.01, (0.9, 0.999), 1e-8, 0.8
@@ -124,7 +125,7 @@ def test_budget_frozen_modules_and_states():
                 assert p.requires_grad == (m.name in active)
                 assert (p in opt.state) == (m.name in active)
         synthetic_grads(model, gen)
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             assert (p.grad is not None) == p.requires_grad
         opt.step()
         opt.zero_grad(set_to_none=True)

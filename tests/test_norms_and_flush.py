@@ -4,8 +4,11 @@ import pytest
 import torch
 
 import misa_kernels as mk
+
 from conftest import test_device
-from oracle import grad_sq_norms as oracle_norms, momentum_flush as oracle_flush, rel_err
+from oracle import grad_sq_norms as oracle_norms
+from oracle import momentum_flush as oracle_flush
+from oracle import rel_err
 from test_adamw_step import DTYPES, SHAPES, backend_params, make_inputs, require
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import misa_kernels as mk
+
 from conftest import test_device
 from test_adamw_step import backend_params, make_inputs, require
 

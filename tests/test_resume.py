@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import misa
+
 from models import tiny_lm
 
 

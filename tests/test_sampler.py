@@ -7,6 +7,7 @@ import torch
 
 import misa
 from misa.sampler import ImportanceSampler
+
 from models import tiny_lm
 
 
@@ -46,7 +47,7 @@ def test_two_slot_inclusion_matches_sequential_draws():
 def test_warmup_forces_never_sampled_modules_first():
     s = ImportanceSampler([3, 3, 3, 3, 3, 3], budget=6, eta=5.0, seed=2)
     seen = []
-    for loop in range(3):
+    for _ in range(3):
         a = s.sample()
         assert s.in_warmup
         seen += a
@@ -85,7 +86,7 @@ def test_higher_gradient_modules_are_sampled_more_in_training():
     hot = {"layers.1.mlp.up_proj", "layers.2.self_attn.v_proj"}
     gen = torch.Generator().manual_seed(0)
     counts = {n: 0 for n in opt.module_names}
-    for step in range(400):
+    for _ in range(400):
         if opt.steps_in_period == 0:
             for n in opt.active_modules:
                 counts[n] += 1

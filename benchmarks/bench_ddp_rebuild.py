@@ -89,6 +89,7 @@ def main(argv=None) -> Path:
         t = torch.tensor(r["times"][2:] or [float("nan")], dtype=torch.float64)
         rows.append({"bench": "ddp_step", "impl": strategy, "model": size, "world_size": 2, "steps": len(r["times"]),
                      "interval": args.interval, "delta": args.delta, "step_ms_p50": float(t.median() * 1e3),
+                     "step_ms_mean": float(t.mean() * 1e3), "active_params_last": r["active_params"],
                      "rebuild_ms_p50": float(torch.tensor(r["rebuild_seconds"][1:] or [float("nan")]).median() * 1e3),
                      "rebuilds": len(r["rebuild_seconds"]), "params": r["params"], "error": r["error"],
                      "process_device": r["device"]})

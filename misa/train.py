@@ -46,9 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=int, default=20, help="optimizer steps per outer loop (T)")
     p.add_argument("--granularity", default="module", choices=("module", "layer"))
     p.add_argument("--variant", default="paper", choices=("paper", "official"))
-    p.add_argument("--freeze-embeddings", action="store_true",
-                   help="keep the embedding and LM head frozen (a fine-tuning setting); by default they are "
-                        "modules, since a model trained from scratch needs them")
+    p.add_argument("--embeddings", default="every-step", choices=("every-step", "module", "frozen"),
+                   help="the embedding and LM head: trained at every step (as the authors' code does; a model "
+                        "trained from scratch needs them early), sampled as modules, or frozen (fine-tuning)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--warmup-steps", type=int, default=10, help="linear learning-rate warm-up")
@@ -141,10 +141,14 @@ def build_optimizer(name: str, model, args):
         fused = next(model.parameters()).is_cuda
         return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=fused)
     order = {"misa": "misa", "lisa": "uniform", "badam": "ascending"}[name]
-    embeddings = not getattr(args, "freeze_embeddings", False)
+    as_modules = args.embeddings == "module"
+    always = None
+    if args.embeddings == "every-step":
+        always = [p for n, p in model.named_parameters() if "embed" in n or "lm_head" in n]
     return MISA(model, lr=args.lr, weight_decay=args.weight_decay, delta=args.delta, eta=args.eta,
                 interval=args.interval, granularity=args.granularity, order=order, variant=args.variant,
-                include_embedding=embeddings, include_lm_head=embeddings, seed=args.seed, backend=args.backend)
+                include_embedding=as_modules, include_lm_head=as_modules, always_train=always, seed=args.seed,
+                backend=args.backend)
 
 
 def lr_lambda(warmup: int):
@@ -214,6 +218,8 @@ def run(args, optimizer_name: str, out: Path, data: TokenDataset, device, progre
         status = {"loss": f"{loss_value:.3f}", "tok/s": f"{trained_steps * tokens_per_step / elapsed:.0f}"}
         if device.type == "cuda":
             status["mem"] = f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f}MB"
+        else:
+            status["rss"] = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}MB"
         if isinstance(opt, MISA):
             status["active"] = len(opt.active_modules)
         if bar is not None:

@@ -200,3 +200,44 @@ def test_bias_correction_uses_exact_step():
     mk.adamw_step_(p, g, m, v, lr=0.5, step=1, fresh=True, eps=1e-12)
     assert torch.allclose(p[0].abs(), torch.full((8,), 0.5), rtol=1e-5)
     assert math.isclose(float(p[0][0]), 0.5, rel_tol=1e-5) and math.isclose(float(p[0][-1]), -0.5, rel_tol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_cuda_graph_capture_with_tensor_lr_and_step(backend):
+    """lr and step as device tensors: one captured step replays with new values, no recompilation."""
+    device = torch.device("cuda")
+    require(backend, device)
+    shapes = [(1000, 33), (4097,)]
+    params, grads, exp_avgs, exp_avg_sqs = make_inputs(shapes, torch.bfloat16, device, seed=9)
+    lr = torch.tensor(1e-3, device=device)
+    step = torch.tensor(1.0, device=device)
+    norms = torch.zeros(len(shapes), device=device)
+    p, m, v = clone(params), clone(exp_avgs), clone(exp_avg_sqs)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside the graph: tables, compilation
+        mk.adamw_step_(clone(p), grads, clone(m), clone(v), lr=lr, step=step, grad_sq_norms=norms.clone(),
+                       backend=backend)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        mk.adamw_step_(p, grads, m, v, lr=lr, step=step, grad_sq_norms=norms, backend=backend)
+    want_p, want_m, want_v = clone(params), clone(exp_avgs), clone(exp_avg_sqs)
+    p_copy = clone(params)
+    for t, src in zip(p, p_copy):
+        t.copy_(src)
+    for t, src in zip(m, exp_avgs):
+        t.copy_(src)
+    for t, src in zip(v, exp_avg_sqs):
+        t.copy_(src)
+    norms.zero_()
+    for lr_k, step_k in [(1e-3, 1), (5e-4, 2), (2e-4, 3)]:
+        lr.fill_(lr_k)
+        step.fill_(step_k)
+        graph.replay()
+        mk.adamw_step_(want_p, grads, want_m, want_v, lr=lr_k, step=step_k, backend="torch")
+    torch.cuda.synchronize()
+    assert rel_err(p, want_p) <= 1e-2 and rel_err(m, want_m) <= 1e-6 and rel_err(v, want_v) <= 1e-6
+    want_norms = torch.stack([g.float().square().sum() for g in grads]) * 3
+    torch.testing.assert_close(norms, want_norms, rtol=1e-5, atol=0)

@@ -88,10 +88,7 @@ def main(argv=None) -> Path:
                      "reserved_max_bytes": max(r["reserved_bytes"] for r in per),
                      "reserved_per_switch": [r["reserved_bytes"] for r in per]})
         print({k: v for k, v in rows[-1].items() if k != "reserved_per_switch"})
-    path = common.results_path(device, args.out)
-    common.write_rows(path, common.environment(device), rows)
-    print(f"wrote {path}")
-    return path
+    return common.save(device, args.out, rows)
 
 
 if __name__ == "__main__":

@@ -95,10 +95,7 @@ def main(argv=None) -> Path:
                      "process_device": r["device"]})
         print(rows[-1], flush=True)
     device = torch.device(rows[0]["process_device"].split(":")[0])
-    path = common.results_path(device, args.out)
-    common.write_rows(path, common.environment(device), rows)
-    print(f"wrote {path}")
-    return path
+    return common.save(device, args.out, rows)
 
 
 if __name__ == "__main__":

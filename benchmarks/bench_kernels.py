@@ -136,7 +136,6 @@ def adamw_runner(impl: str, sets, fresh: bool):
 
 def bench(args) -> Path:
     device = common.pick_device(args.device)
-    env = common.environment(device)
     bw = common.copy_bandwidth_gbps(device, (1 << 16) if args.quick else (1 << 28))
     rows: List[Dict] = []
     deadline = time.monotonic() + args.budget_s
@@ -184,13 +183,12 @@ def bench(args) -> Path:
             del sets
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    path = common.results_path(device, args.out)
-    common.write_rows(path, env, rows, {"copy_bandwidth_gbps": bw, "quick": args.quick})
+    path = common.save(device, args.out, rows, {"copy_bandwidth_gbps": bw, "quick": args.quick})
     for r in rows:
         print(f"{r['bench']:15s} {r['impl']:18s} {r['param_dtype']:4s} {r['case']:22s} fresh={r['fresh']!s:5s} "
               f"{r['ms_p50']:9.3f} ms  {r['gbps']:8.1f} GB/s  {r['pct_copy_bw']:5.1f}% of copy")
-    plot(rows, path.with_suffix(".kernels.png"), env["device"])
-    print(f"copy bandwidth {bw:.1f} GB/s; wrote {path}")
+    plot(rows, path.with_suffix(".kernels.png"), common.device_name(device))
+    print(f"copy bandwidth {bw:.1f} GB/s")
     return path
 
 

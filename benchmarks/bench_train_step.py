@@ -137,10 +137,7 @@ def main(argv=None) -> Path:
                     rows.append(r)
                     print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
                     gc.collect()
-    path = common.results_path(device, args.out)
-    common.write_rows(path, common.environment(device), rows)
-    print(f"wrote {path}")
-    return path
+    return common.save(device, args.out, rows)
 
 
 if __name__ == "__main__":

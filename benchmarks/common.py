@@ -113,5 +113,13 @@ def write_rows(path: Path, env: Dict, rows: List[Dict], extra: Optional[Dict] = 
     path.write_text(json.dumps(data, indent=1))
 
 
+def save(device: torch.device, out: Optional[str], rows: List[Dict], extra: Optional[Dict] = None) -> Path:
+    """Write rows (with the environment) to the day's results file for this device; returns its path."""
+    path = results_path(device, out)
+    write_rows(path, environment(device), rows, extra)
+    print(f"wrote {path}")
+    return path
+
+
 def pick_device(name: Optional[str]) -> torch.device:
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))

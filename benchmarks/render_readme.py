@@ -72,9 +72,30 @@ def kernels_section() -> str:
     return "\n".join(lines)
 
 
+def ddp_section() -> str:
+    found = None
+    for f in sorted(RESULTS.glob("*.json")):
+        data = json.loads(f.read_text())
+        rows = [r for r in data.get("rows", []) if r.get("bench") == "ddp_step"]
+        if rows:
+            found = (f, data, rows)
+    if found is None:
+        return "_No DDP measurement is recorded yet: run `python benchmarks/bench_ddp_rebuild.py`._"
+    f, data, rows = found
+    lines = [f"`{f.relative_to(ROOT)}` ({data['device']}, torch {data['torch']}, commit {data['commit'][:10]}, "
+             f"{data['date']}; 2 processes, {rows[0]['process_device']}):", "",
+             "| strategy | model | steps | T | mean step ms | median step ms | rebuilds | median rebuild ms | error |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        mean = r.get("step_ms_mean", float("nan"))
+        lines.append(f"| {r['impl']} | {r['model']} | {r['steps']} | {r['interval']} | {mean:.1f} "
+                     f"| {r['step_ms_p50']:.1f} | {r['rebuilds']} | {r['rebuild_ms_p50']:.1f} | {r['error'] or ''} |")
+    return "\n".join(lines)
+
+
 def render(readme: Path) -> None:
     text = readme.read_text()
-    for name, body in (("compare", compare_section()), ("kernels", kernels_section())):
+    for name, body in (("compare", compare_section()), ("kernels", kernels_section()), ("ddp", ddp_section())):
         begin, end = f"<!-- results:{name}:begin -->", f"<!-- results:{name}:end -->"
         head, rest = text.split(begin)
         _, tail = rest.split(end)

@@ -152,7 +152,6 @@ class MISA(torch.optim.Optimizer):
                              "MISA keeps one state arena per optimizer: move the model to one device")
         self.device = devices.pop()
         self._index = {p: i for i, p in enumerate(every_param)}
-        self._param_module = {p: b for b, m in enumerate(modules) for _, p in m.params}
         self._param_names = {p: n for m in modules for n, p in m.params}
         self._param_names.update({p: n for n, p in self.partition.always})
         self._always = [(gi, p) for gi, g in enumerate(self.param_groups) if gi > 0 for p in g["params"]]

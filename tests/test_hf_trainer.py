@@ -68,3 +68,34 @@ def test_plain_trainer_with_factory(tmp_path):
     trainer = Trainer(model=model, args=args, train_dataset=dataset(), optimizers=(opt, None))
     trainer.train()
     assert trainer.state.global_step == 3
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama"])
+def test_partition_of_real_architectures(arch):
+    import misa
+
+    if arch == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32))
+        want = {"transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_fc",
+                "transformer.h.0.mlp.c_proj"}
+    elif arch == "gpt_neox":
+        from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+        model = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                 intermediate_size=64, vocab_size=64))
+        want = {"gpt_neox.layers.0.attention.query_key_value", "gpt_neox.layers.0.attention.dense",
+                "gpt_neox.layers.0.mlp.dense_h_to_4h", "gpt_neox.layers.0.mlp.dense_4h_to_h"}
+    else:
+        model = tiny_llama()
+        want = {f"model.layers.0.{n}" for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                 "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    opt = misa.MISA(model, delta=0.5, backend="torch")
+    layer0 = {n for n in opt.module_names if ".0." in n}
+    assert layer0 == want
+    assert len(opt.module_names) == 2 * len(want)  # embeddings and head are not modules by default
+    with_embed = misa.MISA(model, delta=0.9, include_embedding=True, include_lm_head=True, backend="torch")
+    assert any("embed" in n or "wte" in n for n in with_embed.module_names)
+    layers = misa.MISA(model, delta=0.9, granularity="layer", backend="torch")
+    assert len(layers.module_names) == 2

@@ -36,7 +36,8 @@ def compare_section() -> str:
         data = json.loads(f.read_text())
         meta = data["meta"]
         rel = f.parent.relative_to(ROOT)
-        lines = [f"**{rel.name}** ({meta['device']}, torch {meta['torch']}, {meta['date']}): "
+        lines = [f"**{rel.name}** ({meta['device']}, torch {meta['torch']}, commit {meta.get('commit', '?')[:10]}, "
+                 f"{meta['date']}): "
                  f"model {meta['model_size']}, {meta['steps']} steps, delta={meta['delta']}, eta={meta['eta']}, "
                  f"T={meta['interval']}, "
                  f"lr={meta['lr']}, seq {meta['seq_len']} x batch {meta['batch_size']}; written by "

@@ -47,8 +47,29 @@ def compare_section() -> str:
         for r in sorted(data["rows"], key=lambda r: r["val_loss_mean"]):
             lines.append(f"| {r['optimizer']} | {r['seeds']} | {r['val_loss_mean']:.4f} ± {r['val_loss_std']:.4f} | "
                          f"{r['val_loss_min']:.4f} | {r['val_loss_max']:.4f} | {r['val_ppl_mean']:.2f} |")
+        lines += ["", verdict(data["rows"])]
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
+
+
+def verdict(rows) -> str:
+    """Whether MISA beats each baseline here, judged against the spread over seeds (computed, not typed)."""
+    by = {r["optimizer"]: r for r in rows}
+    if "misa" not in by:
+        return ""
+    misa = by["misa"]
+    out = []
+    for name in ("lisa", "badam", "adamw"):
+        if name not in by:
+            continue
+        other = by[name]
+        diff = other["val_loss_mean"] - misa["val_loss_mean"]
+        spread = max(misa["val_loss_std"], other["val_loss_std"])
+        word = "lower" if diff > 0 else "higher"
+        judged = "larger than" if abs(diff) > spread else "within"
+        out.append(f"MISA's mean final validation loss is {abs(diff):.4f} {word} than {name}'s, {judged} the "
+                   f"spread over seeds (largest std {spread:.4f}).")
+    return " ".join(out)
 
 
 def kernels_section() -> str:

@@ -222,13 +222,14 @@ def run(args, optimizer_name: str, out: Path, data: TokenDataset, device, progre
             status["rss"] = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}MB"
         if isinstance(opt, MISA):
             status["active"] = len(opt.active_modules)
+        if history["val_loss"]:
+            status["val_ppl"] = f"{math.exp(min(history['val_loss'][-1], 50)):.2f}"
         if bar is not None:
             bar.set_postfix(status, refresh=False)
             bar.update(1)
         elif done % args.eval_every == 0 or done == args.max_steps:
             print(f"[{optimizer_name}] step {done}/{args.max_steps} " + " ".join(f"{k}={v}" for k, v in status.items())
-                  + (f" val_loss={history['val_loss'][-1]:.4f}" if history["val_step"][-1:] == [done] else ""),
-                  flush=True)
+                  + f" val_loss={history['val_loss'][-1]:.4f}", flush=True)
         if args.save_every and done % args.save_every == 0 and done < args.max_steps:
             save_checkpoint(out, model, opt, sched, done, history, args)
     if bar is not None:

@@ -119,6 +119,8 @@ def render(readme: Path) -> None:
     text = readme.read_text()
     for name, body in (("compare", compare_section()), ("kernels", kernels_section()), ("ddp", ddp_section())):
         begin, end = f"<!-- results:{name}:begin -->", f"<!-- results:{name}:end -->"
+        if begin not in text:
+            continue
         head, rest = text.split(begin)
         _, tail = rest.split(end)
         text = f"{head}{begin}\n{body}\n{end}{tail}"

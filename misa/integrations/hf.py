@@ -38,7 +38,9 @@ class MISATrainer(Trainer):
     def __init__(self, *args, misa_kwargs: Optional[dict] = None, **kwargs):
         self.misa_kwargs = dict(misa_kwargs or {})
         super().__init__(*args, **kwargs)
-        if self.args.gradient_checkpointing and hasattr(self.model, "enable_input_require_grads"):
+        checkpointing = getattr(self.args, "activation_checkpointing", False) or getattr(
+            self.args, "gradient_checkpointing", False)  # renamed in transformers 5
+        if checkpointing and hasattr(self.model, "enable_input_require_grads"):
             # Frozen embeddings feed checkpointed blocks inputs that need no grad; with reentrant
             # checkpointing the blocks' weights would then get none. Same fix as PEFT uses.
             self.model.enable_input_require_grads()

@@ -10,25 +10,15 @@ from __future__ import annotations
 import json
 import os
 import platform
-import subprocess
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
 
+from misa import provenance
+
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def commit() -> str:
-    try:
-        root = Path(__file__).resolve().parents[1]
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10)
-        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if sha.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def device_name(device: torch.device) -> str:
@@ -52,7 +42,7 @@ def environment(device: torch.device) -> Dict:
         "triton": triton_version,
         "cuda": torch.version.cuda,
         "cuda_backend": cuda_backend.load_error() or "ready",
-        "commit": commit(),
+        "commit": provenance.commit(),
         "date": time.strftime("%Y-%m-%d"),
         "time": time.strftime("%H:%M:%S"),
         "python": platform.python_version(),

@@ -19,6 +19,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from . import provenance
 from .data import DataError, TokenDataset, describe, load_corpus, tokenize
 from .model import SIZES, LlamaConfig, LlamaForCausalLM
 from .optimizer import MISA
@@ -293,22 +294,6 @@ def plot(curves: Dict[str, List[Dict]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def _commit() -> str:
-    """The git commit of the code that ran (an editable checkout), or "unknown"."""
-    import subprocess
-
-    try:
-        root = Path(__file__).resolve().parents[1]
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10)
-        if head.returncode != 0:
-            return "unknown"
-        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def compare(args, data, device, out: Path) -> Dict:
     names = [n.strip() for n in args.compare.split(",") if n.strip()]
     results: Dict[str, List[Dict]] = {n: [] for n in names}
@@ -327,8 +312,9 @@ def compare(args, data, device, out: Path) -> Dict:
                      "val_loss_min": float(vals.min()), "val_loss_max": float(vals.max()),
                      "val_ppl_mean": float(vals.exp().mean()),
                      "tokens_per_s": sum(r["summary"]["tokens_per_s"] for r in runs) / len(runs)})
-    meta = {"command": " ".join(sys.argv), "device": str(device), "torch": torch.__version__, "commit": _commit(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "model_size": args.model_size, "steps": args.max_steps,
+    meta = {"command": " ".join(sys.argv), "device": str(device), "torch": torch.__version__,
+            "commit": provenance.commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "model_size": args.model_size, "steps": args.max_steps,
             "delta": args.delta, "eta": args.eta, "interval": args.interval, "granularity": args.granularity,
             "lr": args.lr, "seq_len": args.seq_len, "batch_size": args.batch_size, "data": describe(args.data)}
     (out / "compare.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

@@ -1,8 +1,10 @@
 """Triton kernels: one program per chunk of the chunk table (tables.py), fp32 math.
 
 Hyperparameters are runtime arguments (a new lr or step never recompiles); only the dtype, the
-mode flags and the block sizes are compile-time constants. Norms are written as one partial per
-chunk and summed per tensor by `reduce_partials_kernel` in a fixed order: deterministic, no atomics.
+mode flags and the block sizes are compile-time constants. Each program walks its chunk in full
+blocks without a mask (so that the compiler can use 16-byte vector accesses when the host vouches
+for alignment with ALIGNED) and one masked tail block. Norms are written as one partial per chunk
+and summed per tensor by `reduce_partials_kernel` in a fixed order: deterministic, no atomics.
 """
 
 import triton
@@ -13,9 +15,24 @@ import triton.language as tl
 def _typed(address, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     ptr = address.to(tl.pointer_type(DTYPE))
     if ALIGNED:
-        # Lets the compiler use 16-byte vector loads; the host sets ALIGNED only when it holds.
         ptr = tl.multiple_of(ptr, 16)
     return ptr
+
+
+@triton.jit
+def _load(ptr, idx, mask, MASKED: tl.constexpr):
+    if MASKED:
+        return tl.load(ptr + idx, mask=mask, other=0.0)
+    else:
+        return tl.load(ptr + idx)
+
+
+@triton.jit
+def _store(ptr, idx, value, mask, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptr + idx, value, mask=mask)
+    else:
+        tl.store(ptr + idx, value)
 
 
 @triton.jit
@@ -32,6 +49,39 @@ def _to_param(x, DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
 
 
 @triton.jit
+def _chunk_bounds(chunk_tensor_ptr, chunk_start_ptr, numel_ptr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    t = tl.load(chunk_tensor_ptr + pid)
+    start = tl.multiple_of(tl.load(chunk_start_ptr + pid), BLOCK)
+    n = tl.load(numel_ptr + t)
+    length = tl.minimum(n - start, CHUNK)
+    full = length // BLOCK * BLOCK  # blocks that need no mask
+    return pid, t, start, n, length, full
+
+
+@triton.jit
+def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, idx, n, beta1, beta2, eps, step_size, bc2_sqrt, decay,
+                 PARAM_DTYPE: tl.constexpr, FRESH: tl.constexpr, SOFT_BF16: tl.constexpr, MASKED: tl.constexpr):
+    mask = idx < n
+    g = _load(g_ptr, idx, mask, MASKED).to(tl.float32)
+    if FRESH:
+        m = (1.0 - beta1) * g
+        v = (1.0 - beta2) * g * g
+    else:
+        m = _load(m_ptr, idx, mask, MASKED)
+        v = _load(v_ptr, idx, mask, MASKED)
+        m = m + (1.0 - beta1) * (g - m)
+        v = beta2 * v + (1.0 - beta2) * g * g
+    p = _load(p_ptr, idx, mask, MASKED).to(tl.float32)
+    denom = tl.sqrt(v) / bc2_sqrt + eps
+    p = p * decay - step_size * (m / denom)
+    _store(p_ptr, idx, _to_param(p, PARAM_DTYPE, SOFT_BF16), mask, MASKED)
+    _store(m_ptr, idx, m, mask, MASKED)
+    _store(v_ptr, idx, v, mask, MASKED)
+    return g * g
+
+
+@triton.jit
 def adamw_kernel(
     chunk_tensor_ptr, chunk_start_ptr, numel_ptr, addr_ptr, n_tensors,
     partials_ptr, scalars_ptr,
@@ -40,10 +90,7 @@ def adamw_kernel(
     FRESH: tl.constexpr, NORMS: tl.constexpr, SCALARS_ON_DEVICE: tl.constexpr, ALIGNED: tl.constexpr,
     SOFT_BF16: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    t = tl.load(chunk_tensor_ptr + pid)
-    start = tl.load(chunk_start_ptr + pid)
-    n = tl.load(numel_ptr + t)
+    pid, t, start, n, length, full = _chunk_bounds(chunk_tensor_ptr, chunk_start_ptr, numel_ptr, CHUNK, BLOCK)
     p_ptr = _typed(tl.load(addr_ptr + t), PARAM_DTYPE, ALIGNED)
     g_ptr = _typed(tl.load(addr_ptr + n_tensors + t), PARAM_DTYPE, ALIGNED)
     m_ptr = _typed(tl.load(addr_ptr + 2 * n_tensors + t), tl.float32, ALIGNED)
@@ -53,30 +100,27 @@ def adamw_kernel(
         bc2_sqrt = tl.load(scalars_ptr + 1)
         decay = tl.load(scalars_ptr + 2)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    # Stop at the tensor's end: a small tensor does not walk a whole chunk of masked blocks.
-    for off in range(0, tl.minimum(n - start, CHUNK), BLOCK):
-        idx = start + off + tl.arange(0, BLOCK)
-        idx = tl.max_contiguous(tl.multiple_of(idx, BLOCK), BLOCK)
-        mask = idx < n
-        g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        if NORMS:
-            acc += g * g
-        if FRESH:
-            m = (1.0 - beta1) * g
-            v = (1.0 - beta2) * g * g
-        else:
-            m = tl.load(m_ptr + idx, mask=mask, other=0.0)
-            v = tl.load(v_ptr + idx, mask=mask, other=0.0)
-            m = m + (1.0 - beta1) * (g - m)
-            v = beta2 * v + (1.0 - beta2) * g * g
-        p = tl.load(p_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        denom = tl.sqrt(v) / bc2_sqrt + eps
-        p = p * decay - step_size * (m / denom)
-        tl.store(p_ptr + idx, _to_param(p, PARAM_DTYPE, SOFT_BF16), mask=mask)
-        tl.store(m_ptr + idx, m, mask=mask)
-        tl.store(v_ptr + idx, v, mask=mask)
+    for off in range(0, full, BLOCK):
+        idx = tl.multiple_of(start + off, BLOCK) + tl.arange(0, BLOCK)
+        acc += _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, idx, n, beta1, beta2, eps, step_size, bc2_sqrt, decay,
+                            PARAM_DTYPE, FRESH, SOFT_BF16, False)
+    if full < length:
+        idx = start + full + tl.arange(0, BLOCK)
+        acc += _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, idx, n, beta1, beta2, eps, step_size, bc2_sqrt, decay,
+                            PARAM_DTYPE, FRESH, SOFT_BF16, True)
     if NORMS:
         tl.store(partials_ptr + pid, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _flush_block(p_ptr, m_ptr, v_ptr, idx, n, eps, step_size, bc2_sqrt,
+                 PARAM_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr, MASKED: tl.constexpr):
+    mask = idx < n
+    m = _load(m_ptr, idx, mask, MASKED)
+    v = _load(v_ptr, idx, mask, MASKED)
+    p = _load(p_ptr, idx, mask, MASKED).to(tl.float32)
+    p = p - step_size * (m / (tl.sqrt(v) / bc2_sqrt + eps))
+    _store(p_ptr, idx, _to_param(p, PARAM_DTYPE, SOFT_BF16), mask, MASKED)
 
 
 @triton.jit
@@ -86,26 +130,19 @@ def flush_kernel(
     PARAM_DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
     SCALARS_ON_DEVICE: tl.constexpr, ALIGNED: tl.constexpr, SOFT_BF16: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    t = tl.load(chunk_tensor_ptr + pid)
-    start = tl.load(chunk_start_ptr + pid)
-    n = tl.load(numel_ptr + t)
+    pid, t, start, n, length, full = _chunk_bounds(chunk_tensor_ptr, chunk_start_ptr, numel_ptr, CHUNK, BLOCK)
     p_ptr = _typed(tl.load(addr_ptr + t), PARAM_DTYPE, ALIGNED)
     m_ptr = _typed(tl.load(addr_ptr + n_tensors + t), tl.float32, ALIGNED)
     v_ptr = _typed(tl.load(addr_ptr + 2 * n_tensors + t), tl.float32, ALIGNED)
     if SCALARS_ON_DEVICE:
         step_size = tl.load(scalars_ptr)
         bc2_sqrt = tl.load(scalars_ptr + 1)
-    # Stop at the tensor's end: a small tensor does not walk a whole chunk of masked blocks.
-    for off in range(0, tl.minimum(n - start, CHUNK), BLOCK):
-        idx = start + off + tl.arange(0, BLOCK)
-        idx = tl.max_contiguous(tl.multiple_of(idx, BLOCK), BLOCK)
-        mask = idx < n
-        m = tl.load(m_ptr + idx, mask=mask, other=0.0)
-        v = tl.load(v_ptr + idx, mask=mask, other=0.0)
-        p = tl.load(p_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        p = p - step_size * (m / (tl.sqrt(v) / bc2_sqrt + eps))
-        tl.store(p_ptr + idx, _to_param(p, PARAM_DTYPE, SOFT_BF16), mask=mask)
+    for off in range(0, full, BLOCK):
+        idx = tl.multiple_of(start + off, BLOCK) + tl.arange(0, BLOCK)
+        _flush_block(p_ptr, m_ptr, v_ptr, idx, n, eps, step_size, bc2_sqrt, PARAM_DTYPE, SOFT_BF16, False)
+    if full < length:
+        idx = start + full + tl.arange(0, BLOCK)
+        _flush_block(p_ptr, m_ptr, v_ptr, idx, n, eps, step_size, bc2_sqrt, PARAM_DTYPE, SOFT_BF16, True)
 
 
 @triton.jit
@@ -113,16 +150,15 @@ def sq_norm_partials_kernel(
     chunk_tensor_ptr, chunk_start_ptr, numel_ptr, addr_ptr, partials_ptr,
     DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    t = tl.load(chunk_tensor_ptr + pid)
-    start = tl.load(chunk_start_ptr + pid)
-    n = tl.load(numel_ptr + t)
+    pid, t, start, n, length, full = _chunk_bounds(chunk_tensor_ptr, chunk_start_ptr, numel_ptr, CHUNK, BLOCK)
     x_ptr = _typed(tl.load(addr_ptr + t), DTYPE, ALIGNED)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    # Stop at the tensor's end: a small tensor does not walk a whole chunk of masked blocks.
-    for off in range(0, tl.minimum(n - start, CHUNK), BLOCK):
-        idx = start + off + tl.arange(0, BLOCK)
-        idx = tl.max_contiguous(tl.multiple_of(idx, BLOCK), BLOCK)
+    for off in range(0, full, BLOCK):
+        idx = tl.multiple_of(start + off, BLOCK) + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + idx).to(tl.float32)
+        acc += x * x
+    if full < length:
+        idx = start + full + tl.arange(0, BLOCK)
         x = tl.load(x_ptr + idx, mask=idx < n, other=0.0).to(tl.float32)
         acc += x * x
     tl.store(partials_ptr + pid, tl.sum(acc, axis=0))

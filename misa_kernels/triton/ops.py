@@ -20,8 +20,12 @@ _SOFT_BF16 = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _chunk() -> int:
-    # Tests shrink the chunk so that "larger than one chunk" stays cheap under the interpreter.
-    return int(os.environ.get("MISA_TRITON_CHUNK", tables.DEFAULT_CHUNK))
+    # Tests shrink the chunk so that "larger than one chunk" stays cheap under the interpreter. The
+    # kernels tell the compiler that a chunk's start is a multiple of the block: keep it a power of two.
+    chunk = int(os.environ.get("MISA_TRITON_CHUNK", tables.DEFAULT_CHUNK))
+    if chunk < 16 or chunk & (chunk - 1):
+        raise ValueError(f"MISA_TRITON_CHUNK: expected a power of two >= 16, got {chunk}")
+    return chunk
 
 
 def _block(chunk: int) -> int:

@@ -17,10 +17,9 @@ mismatch instead of letting ranks silently train different modules.
 from __future__ import annotations
 
 import gc
-import os
+import io
 import time
 import weakref
-from pathlib import Path
 from typing import List, Optional
 
 import torch
@@ -122,33 +121,62 @@ class DistributedDataParallel(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
-def _local_state(tensors: dict) -> dict:
-    return {k: (v.to_local().clone() if hasattr(v, "to_local") else v) for k, v in tensors.items()}
+# torch.distributed.checkpoint (DCP) writes the model and the Adam states of the active modules as
+# sharded tensors (DTensors under FSDP2, replicated tensors under DDP), so a checkpoint can be read back
+# with another sharding; the rest of MISA's state (sampler, RNG, active set, counters), identical on
+# every rank, travels as one torch.save blob. Loading is two-phase: the blob first, which selects the
+# saved active set and acquires its state buffers; then DCP reads the states straight into them.
+
+_META = "misa_schedule"
+
+
+def _as_saved(tensor: torch.Tensor, param) -> torch.Tensor:
+    if hasattr(param, "device_mesh"):  # FSDP2: this rank's shard of a global tensor shaped like param
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(tensor.view(param.to_local().shape), param.device_mesh, param.placements,
+                                  run_check=False, shape=param.shape, stride=param.stride())
+    return tensor.view(param.shape)
+
+
+def _state_tensors(optimizer: MISA, indices) -> dict:
+    out = {}
+    for i in indices:
+        p = optimizer.param_by_index(i)
+        st = optimizer.state[p]
+        out[str(i)] = {"exp_avg": _as_saved(st["exp_avg"], p), "exp_avg_sq": _as_saved(st["exp_avg_sq"], p)}
+    return out
 
 
 def save_checkpoint(path, model: nn.Module, optimizer: MISA) -> None:
-    """Every rank writes its own file (rank<r>.pt): its shard of the model (FSDP2) or the replicated
-    model (DDP), and the optimizer's state for its local shards. Resume with the same world size."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    blob = {"model": _local_state(model.state_dict()), "optimizer": optimizer.state_dict(),
-            "world_size": dist.get_world_size() if dist.is_initialized() else 1}
-    tmp = path / f"rank{rank}.pt.tmp"
-    torch.save(blob, tmp)
-    os.replace(tmp, path / f"rank{rank}.pt")
-    if dist.is_initialized():
-        dist.barrier()
+    """Save model and optimizer with torch.distributed.checkpoint (call on every rank)."""
+    import torch.distributed.checkpoint as dcp
+
+    sd = optimizer.state_dict()
+    states = sd.pop("state")
+    sd["steps"] = {int(i): int(st["step"]) for i, st in states.items()}
+    blob = io.BytesIO()
+    torch.save(sd, blob)
+    blob.seek(0)
+    dcp.save({"model": model.state_dict(), "optimizer": _state_tensors(optimizer, sd["steps"]), _META: blob},
+             checkpoint_id=str(path))
 
 
 def load_checkpoint(path, model: nn.Module, optimizer: MISA) -> None:
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    blob = torch.load(Path(path) / f"rank{rank}.pt", map_location="cpu", weights_only=False)
-    if blob["world_size"] != world:
-        raise ValueError(f"checkpoint {path}: saved with world size {blob['world_size']}, loading with {world}")
-    with torch.no_grad():
-        for name, value in model.state_dict().items():
-            target = value.to_local() if hasattr(value, "to_local") else value
-            target.copy_(blob["model"][name])
-    optimizer.load_state_dict(blob["optimizer"])
+    """Resume model and optimizer from `save_checkpoint` (call on every rank; the sharding may differ)."""
+    import torch.distributed.checkpoint as dcp
+
+    holder = {_META: io.BytesIO()}
+    dcp.load(holder, checkpoint_id=str(path))
+    sd = holder[_META]
+    if isinstance(sd, io.BytesIO):  # older DCP versions hand back the raw bytes
+        sd.seek(0)
+        sd = torch.load(sd, map_location="cpu", weights_only=False)
+    model_sd = model.state_dict()
+    dcp.load({"model": model_sd}, checkpoint_id=str(path))
+    model.load_state_dict(model_sd)
+    optimizer.load_schedule(sd)
+    steps = sd["steps"]
+    dcp.load({"optimizer": _state_tensors(optimizer, steps)}, checkpoint_id=str(path))  # into the arena views
+    for i, step in steps.items():
+        optimizer.state[optimizer.param_by_index(int(i))]["step"] = int(step)

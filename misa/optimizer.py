@@ -509,6 +509,22 @@ class MISA(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: Dict) -> None:
+        self.load_schedule(state_dict)
+        for i, st in state_dict["state"].items():
+            p = self.param_by_index(int(i))
+            if p not in self.state:
+                raise ValueError(f"state_dict: state for {self._param_names.get(p, i)}, which is not active")
+            self.state[p]["exp_avg"].copy_(st["exp_avg"].reshape(self.state[p]["exp_avg"].shape))
+            self.state[p]["exp_avg_sq"].copy_(st["exp_avg_sq"].reshape(self.state[p]["exp_avg_sq"].shape))
+            self.state[p]["step"] = int(st["step"])
+
+    def param_by_index(self, i: int) -> Tensor:
+        """The parameter behind index `i` of state_dict()["state"] (param-group order)."""
+        return [p for g in self.param_groups for p in g["params"]][i]
+
+    def load_schedule(self, state_dict: Dict) -> None:
+        """Everything of a state_dict except the Adam states: hyperparameters, the sampler and its RNG, the
+        active set (whose states are then acquired, undefined until filled in) and the step counters."""
         misa = state_dict.get("misa")
         if misa is None:
             raise ValueError("state_dict: not a MISA state_dict (no 'misa' entry)")
@@ -523,18 +539,9 @@ class MISA(torch.optim.Optimizer):
             for key, value in saved.items():
                 if key != "params":
                     group[key] = value
-        every_param = [p for g in self.param_groups for p in g["params"]]
-        saved_state = {int(k): v for k, v in state_dict["state"].items()}
-        # Switch to the saved active set (dropping every current module state), then fill in the saved states.
+        # Switch to the saved active set, dropping every current module state.
         self.sampler.load_state_dict(misa["sampler"])
         self._switch(misa["active"], log=False, keep_states=set())
-        for i, st in saved_state.items():
-            p = every_param[i]
-            if p not in self.state:
-                raise ValueError(f"state_dict: state for {self._param_names.get(p, i)}, which is not active")
-            self.state[p]["exp_avg"].copy_(st["exp_avg"].reshape(self.state[p]["exp_avg"].shape))
-            self.state[p]["exp_avg_sq"].copy_(st["exp_avg_sq"].reshape(self.state[p]["exp_avg_sq"].shape))
-            self.state[p]["step"] = int(st["step"])
         self._t = int(misa["t"])
         self._period_len = int(misa["period_len"])
         self._step_count = int(misa["step_count"])

@@ -24,11 +24,13 @@ def lm_loss(forward, ids):
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
 
-def single_process_run(steps=STEPS):
-    """The reference: one process, the concatenated batch."""
+def single_process_run(steps=STEPS, checkpoint=None, start=0):
+    """The reference: one process, the concatenated batch (optionally resumed from a DCP checkpoint)."""
     model = tiny_lm(seed=0)
     opt = misa.MISA(model, **HYPER)
-    for step in range(steps):
+    if checkpoint is not None:
+        mdist.load_checkpoint(checkpoint, model, opt)
+    for step in range(start, steps):
         lm_loss(model, global_batch(step)).backward()
         opt.step()
         opt.zero_grad()

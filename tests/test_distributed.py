@@ -33,6 +33,7 @@ def reference():
     return dist_workers.single_process_run()
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # the single-process reload, on purpose
 @pytest.mark.parametrize("kind", ["ddp", "fsdp2"])
 def test_distributed_matches_single_process(kind, tmp_path, reference):
     reports = launch(kind, tmp_path)
@@ -58,3 +59,8 @@ def test_distributed_matches_single_process(kind, tmp_path, reference):
     assert any(r["mismatch_error"] and "disagree" in r["mismatch_error"] for r in reports)
     if kind == "ddp":
         assert r0["rebuilds"] == r0["switches"]  # one reducer per active set
+    # the checkpoint is a torch.distributed.checkpoint: one process reads it back, resharded, and finishes
+    params, active = dist_workers.single_process_run(checkpoint=str(tmp_path / "ckpt"), start=dist_workers.SAVE_AT)
+    assert active == ref_active
+    for n, want in ref_params.items():
+        torch.testing.assert_close(params[n], want, rtol=1e-5, atol=1e-6, msg=n)

@@ -1,6 +1,6 @@
 """MISA as a torch.optim.Optimizer: a thin scheduler over misa_kernels.
 
-Every `interval` optimizer steps (an outer loop, MISA.md) it flushes the momentum of the active
+Every `interval` optimizer steps (an outer loop) it flushes the momentum of the active
 modules, updates their importance from the squared gradient norms that the fused AdamW kernel
 accumulated, samples a new set within the budget `delta`, and hands the new modules' optimizer
 states out of a fixed StateArena. Frozen modules have requires_grad=False, no gradient and no state.
@@ -64,7 +64,7 @@ class MISA(torch.optim.Optimizer):
         granularity: "module" (each weight matrix) or "layer" (each transformer block).
         order: "misa" (importance sampling), "uniform" (LISA-style), "ascending" | "descending" |
             "random" (BAdam's switch modes).
-        variant: "paper" (default) or "official" (the authors' code; differences in MISA.md).
+        variant: "paper" (default) or "official" (the authors' code; differences in the README).
         include_embedding, include_lm_head: make them modules ("paper") or train them at every step
             ("official").
         sample_last: the oldest-sampled modules forced into each sample (default 0; 2 for "official").
@@ -395,7 +395,7 @@ class MISA(torch.optim.Optimizer):
         if self._reduce_sq_norms is not None and not reduced:
             self._reduce_sq_norms(step_sq)
         per_module = step_sq[self._seg_index].sum(dim=1)
-        # paper: S accumulates squared norms; official: the norm itself (MISA.md).
+        # paper: S accumulates squared norms; official: the norm itself, as the authors' code does.
         self._S += per_module.sqrt() if self.variant == "official" else per_module
         self._t += 1
         self._step_count += 1

@@ -1,4 +1,4 @@
-"""Model -> modules: the units MISA samples (MISA.md, "Modules").
+"""Model -> modules: the units MISA samples (the paper's partition).
 
 granularity="module": every 2-D weight inside a transformer block is one module (q/k/v/o, gate/up/down
 for LLaMA-style names; c_attn/c_proj/c_fc for GPT-2; query_key_value/dense/... for NeoX), together

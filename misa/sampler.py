@@ -1,4 +1,4 @@
-"""Importance estimates, sampling probabilities and budgeted sampling (MISA.md, Algorithm 2).
+"""Importance estimates, sampling probabilities and budgeted sampling (Algorithm 2 of the paper).
 
 Pure bookkeeping on the host: a few hundred numbers per model, updated once per outer loop. All
 randomness comes from the sampler's own seeded generator, saved in `state_dict`.

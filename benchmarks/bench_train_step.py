@@ -70,8 +70,10 @@ def measure(shape, seq, method, ckpt, args, device) -> Dict:
         torch.cuda.reset_peak_memory_stats(device)
     model = build(shape, seq, device, dtype)
     if ckpt:
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x renamed it
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model, opt = make_optimizer(method, model, args.delta, args.interval)
     ids = torch.randint(0, SHAPES[shape]["vocab_size"], (args.batch, seq), device=device)
 

@@ -12,7 +12,7 @@ PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 STATE_DTYPE = torch.float32
 
 
-def _tensor_list(name: str, tensors) -> list:
+def as_tensor_list(name: str, tensors) -> list:
     if isinstance(tensors, Tensor) or not isinstance(tensors, (list, tuple)):
         raise TypeError(f"{name}: expected a list of tensors, got {type(tensors).__name__}")
     for i, t in enumerate(tensors):
@@ -101,7 +101,3 @@ def check_hyper(beta1: float, beta2: float, eps: float, weight_decay: float = 0.
         raise ValueError(f"eps: expected eps > 0, got {eps}")
     if not weight_decay >= 0.0:
         raise ValueError(f"weight_decay: expected weight_decay >= 0, got {weight_decay}")
-
-
-def as_tensor_list(name: str, tensors) -> list:
-    return _tensor_list(name, tensors)

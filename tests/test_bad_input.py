@@ -137,6 +137,9 @@ def test_env_backend_that_cannot_run_raises(monkeypatch):
 
 
 def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
+    # Triton reads TRITON_INTERPRET when it is first imported: import it before the variable changes,
+    # so that this test cannot switch the interpreter off for the tests that follow it.
+    pytest.importorskip("misa_kernels.triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(mk.BackendUnavailable, match="TRITON_INTERPRET"):
         mk.grad_sq_norms([torch.randn(4)], backend="triton")

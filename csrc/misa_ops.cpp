@@ -29,21 +29,6 @@ DType to_dtype(at::ScalarType t) {
   }
 }
 
-misa::AdamScalars make_scalars(const c10::optional<at::Tensor>& device_scalars, double beta1, double beta2, double eps,
-                               double step_size, double bc2_sqrt, double decay, const at::Device& dev) {
-  const float* dev_ptr = nullptr;
-  if (device_scalars.has_value()) {
-    const at::Tensor& s = *device_scalars;
-    CHECK_DEVICE(s, dev);
-    CHECK_DTYPE(s, at::kFloat);
-    CHECK_NUMEL(s, 3);
-    CHECK_CONTIGUOUS(s);
-    dev_ptr = s.data_ptr<float>();
-  }
-  return {static_cast<float>(beta1), static_cast<float>(beta2), static_cast<float>(eps), static_cast<float>(step_size),
-          static_cast<float>(bc2_sqrt), static_cast<float>(decay), dev_ptr};
-}
-
 void check_params(const std::vector<at::Tensor>& params, const at::Device& dev) {
   TORCH_CHECK(dev.is_cuda(), "params must be CUDA tensors, got ", dev);
   for (const auto& p : params) {
@@ -78,10 +63,46 @@ std::vector<int64_t> numels(const std::vector<at::Tensor>& xs) {
   return out;
 }
 
+// Every value arrives folded by misa_kernels/scalars.py (float64 on the host, then fp32).
+misa::AdamScalars make_scalars(const c10::optional<at::Tensor>& device_scalars, double one_minus_beta1, double beta2,
+                               double one_minus_beta2, double eps, double step_size, double bc2_sqrt, double decay,
+                               const at::Device& dev) {
+  const float* dev_ptr = nullptr;
+  if (device_scalars.has_value()) {
+    const at::Tensor& s = *device_scalars;
+    CHECK_DEVICE(s, dev);
+    CHECK_DTYPE(s, at::kFloat);
+    CHECK_NUMEL(s, 3);
+    CHECK_CONTIGUOUS(s);
+    dev_ptr = s.data_ptr<float>();
+  }
+  return {static_cast<float>(one_minus_beta1), static_cast<float>(beta2), static_cast<float>(one_minus_beta2),
+          static_cast<float>(eps),          static_cast<float>(step_size), static_cast<float>(bc2_sqrt),
+          static_cast<float>(decay),        dev_ptr};
+}
+
+// Master copies (fp32, one per low-precision parameter) or none; `pointers` keeps them alive.
+misa::Rounding make_rounding(const std::vector<at::Tensor>& masters, const std::vector<at::Tensor>& params,
+                             std::vector<void*>& pointers, bool stochastic, int64_t seed) {
+  TORCH_CHECK(seed >= 0 && seed < (int64_t(1) << 31), "seed must lie in [0, 2**31), got ", seed);
+  misa::Rounding r{nullptr, stochastic, static_cast<uint32_t>(seed)};
+  if (!masters.empty()) {
+    TORCH_CHECK(params[0].scalar_type() != at::kFloat, "float32 parameters take no master_params");
+    check_like(masters, params, at::kFloat, "master_params");
+    for (const auto& w : masters) pointers.push_back(w.data_ptr());
+    r.master = reinterpret_cast<float* const*>(pointers.data());
+  }
+  TORCH_CHECK(!stochastic || params[0].scalar_type() == at::kBFloat16,
+              "stochastic rounding supports bfloat16 parameters only");
+  return r;
+}
+
 void adamw_step_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                  const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
-                 const c10::optional<at::Tensor>& grad_sq_norms, const c10::optional<at::Tensor>& device_scalars,
-                 double beta1, double beta2, double eps, double step_size, double bc2_sqrt, double decay, bool fresh) {
+                 const c10::optional<at::Tensor>& grad_sq_norms, const std::vector<at::Tensor>& master_params,
+                 const c10::optional<at::Tensor>& device_scalars, double one_minus_beta1, double beta2,
+                 double one_minus_beta2, double eps, double step_size, double bc2_sqrt, double decay, bool fresh,
+                 bool stochastic, int64_t seed) {
   if (params.empty()) return;
   const at::Device dev = params[0].device();
   check_params(params, dev);
@@ -102,10 +123,13 @@ void adamw_step_(const std::vector<at::Tensor>& params, const std::vector<at::Te
     workspace = at::empty({misa::norm_workspace_size(n, sizes.data())}, params[0].options().dtype(at::kFloat));
   }
   auto p = pointers(params), g = pointers(grads), m = pointers(exp_avgs), v = pointers(exp_avg_sqs);
-  const auto sc = make_scalars(device_scalars, beta1, beta2, eps, step_size, bc2_sqrt, decay, dev);
+  std::vector<void*> w;
+  const auto rounding = make_rounding(master_params, params, w, stochastic, seed);
+  const auto sc = make_scalars(device_scalars, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt,
+                               decay, dev);
   C10_CUDA_CHECK(misa::adamw_step(n, p.data(), const_cast<const void* const*>(g.data()),
                                   reinterpret_cast<float* const*>(m.data()), reinterpret_cast<float* const*>(v.data()),
-                                  sizes.data(), to_dtype(params[0].scalar_type()), sc, fresh, norms_ptr,
+                                  sizes.data(), to_dtype(params[0].scalar_type()), sc, fresh, rounding, norms_ptr,
                                   norms_ptr ? workspace.data_ptr<float>() : nullptr,
                                   c10::cuda::getCurrentCUDAStream()));
 }
@@ -127,8 +151,10 @@ at::Tensor grad_sq_norms(const std::vector<at::Tensor>& tensors) {
 }
 
 void momentum_flush_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& exp_avgs,
-                     const std::vector<at::Tensor>& exp_avg_sqs, const c10::optional<at::Tensor>& device_scalars,
-                     double beta1, double beta2, double eps, double step_size, double bc2_sqrt, double decay) {
+                     const std::vector<at::Tensor>& exp_avg_sqs, const std::vector<at::Tensor>& master_params,
+                     const c10::optional<at::Tensor>& device_scalars, double one_minus_beta1, double beta2,
+                     double one_minus_beta2, double eps, double step_size, double bc2_sqrt, double decay,
+                     bool stochastic, int64_t seed) {
   if (params.empty()) return;
   const at::Device dev = params[0].device();
   check_params(params, dev);
@@ -137,11 +163,15 @@ void momentum_flush_(const std::vector<at::Tensor>& params, const std::vector<at
   const c10::cuda::CUDAGuard guard(dev);
   const auto sizes = numels(params);
   auto p = pointers(params), m = pointers(exp_avgs), v = pointers(exp_avg_sqs);
-  const auto sc = make_scalars(device_scalars, beta1, beta2, eps, step_size, bc2_sqrt, decay, dev);
+  std::vector<void*> w;
+  const auto rounding = make_rounding(master_params, params, w, stochastic, seed);
+  const auto sc = make_scalars(device_scalars, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt,
+                               decay, dev);
   C10_CUDA_CHECK(misa::momentum_flush(static_cast<int>(params.size()), p.data(),
                                       reinterpret_cast<const float* const*>(m.data()),
                                       reinterpret_cast<const float* const*>(v.data()), sizes.data(),
-                                      to_dtype(params[0].scalar_type()), sc, c10::cuda::getCurrentCUDAStream()));
+                                      to_dtype(params[0].scalar_type()), sc, rounding,
+                                      c10::cuda::getCurrentCUDAStream()));
 }
 
 }  // namespace

@@ -144,7 +144,8 @@ def _state_tensors(optimizer: MISA, indices) -> dict:
     for i in indices:
         p = optimizer.param_by_index(i)
         st = optimizer.state[p]
-        out[str(i)] = {"exp_avg": _as_saved(st["exp_avg"], p), "exp_avg_sq": _as_saved(st["exp_avg_sq"], p)}
+        # m, v and (bf16/fp16 models) the fp32 master of this rank's shard
+        out[str(i)] = {key: _as_saved(st[key], p) for key in ("exp_avg", "exp_avg_sq", "master") if key in st}
     return out
 
 

@@ -12,6 +12,18 @@ PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 STATE_DTYPE = torch.float32
 
 
+def canonical_device(device) -> torch.device:
+    """`device` spelled as tensors on it report theirs: an index for accelerators, none for the CPU.
+    torch.device("cuda") != torch.device("cuda:0"), so comparing a user's spelling with a tensor's
+    device needs this."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if device.index is None and device.type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def as_tensor_list(name: str, tensors) -> list:
     if isinstance(tensors, Tensor) or not isinstance(tensors, (list, tuple)):
         raise TypeError(f"{name}: expected a list of tensors, got {type(tensors).__name__}")
@@ -66,6 +78,52 @@ def check_states(params: Sequence[Tensor], **states: Sequence[Tensor]) -> None:
                                  f"the parameter's), got shape {tuple(s.shape)}")
 
 
+def check_master_params(params: Sequence[Tensor], masters: Optional[Sequence[Tensor]]) -> list:
+    """The fp32 master copies, one per low-precision parameter; [] when not given."""
+    if masters is None:
+        return []
+    masters = as_tensor_list("master_params", masters)
+    if len(masters) != len(params):
+        raise ValueError(f"master_params: expected {len(params)} tensors (one per parameter), got {len(masters)}")
+    if params and params[0].dtype == torch.float32:
+        raise TypeError("master_params: the parameters are float32 and need no master copy; pass None")
+    for i, (p, w) in enumerate(zip(params, masters)):
+        if w.dtype != torch.float32:
+            raise TypeError(f"master_params[{i}]: master weights must be float32, got {w.dtype}")
+        if w.numel() != p.numel():
+            raise ValueError(f"master_params[{i}]: expected {p.numel()} elements (shape {tuple(p.shape)}, "
+                             f"the parameter's), got shape {tuple(w.shape)}")
+    return masters
+
+
+def check_rounding(rounding: str, dtype: torch.dtype, seed) -> bool:
+    """True for stochastic rounding (which only bf16 parameters can use)."""
+    from .scalars import check_seed
+
+    if rounding not in ("nearest", "stochastic"):
+        raise ValueError(f"rounding: expected 'nearest' or 'stochastic', got {rounding!r}")
+    check_seed(seed)
+    if rounding == "stochastic" and dtype == torch.float16:
+        raise TypeError("rounding='stochastic' supports bfloat16 parameters (float16 has too little range to "
+                        "train without a master copy): use master_params for float16")
+    return rounding == "stochastic" and dtype == torch.bfloat16
+
+
+def check_distinct(**lists: Sequence[Tensor]) -> None:
+    """No tensor may be passed twice (e.g. a parameter as its own exp_avg): the kernels read and write
+    each operand once per element, so an alias would silently compute garbage."""
+    try:
+        spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), name, i)
+                       for name, tensors in lists.items() for i, t in enumerate(tensors)
+                       if t.numel() > 0 and t.device.type != "meta")
+    except RuntimeError:  # fake tensors (tracing) have no memory to compare
+        return
+    for prev, cur in zip(spans, spans[1:]):
+        if cur[0] < prev[1]:
+            raise ValueError(f"{cur[2]}[{cur[3]}] overlaps {prev[2]}[{prev[3]}]: every tensor must be its own "
+                             "memory")
+
+
 def check_grad_sq_norms(out: Optional[Tensor], n: int, device: torch.device) -> None:
     if out is None:
         return
@@ -78,7 +136,8 @@ def check_grad_sq_norms(out: Optional[Tensor], n: int, device: torch.device) -> 
         raise ValueError(f"grad_sq_norms: expected a tensor on {device}, got one on {out.device}")
 
 
-def check_scalar_or_0d(name: str, value, device: torch.device, minimum: Optional[float] = None) -> None:
+def check_scalar_or_0d(name: str, value, device: torch.device, minimum: Optional[float] = None,
+                       integer: bool = False) -> None:
     if isinstance(value, Tensor):
         if value.dim() != 0:
             raise ValueError(f"{name}: a tensor {name} must be 0-d, got shape {tuple(value.shape)}")
@@ -91,6 +150,8 @@ def check_scalar_or_0d(name: str, value, device: torch.device, minimum: Optional
         raise ValueError(f"{name}: expected a finite number, got {value}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name}: expected {name} >= {minimum}, got {value}")
+    if integer and not float(value).is_integer():
+        raise ValueError(f"{name}: expected a whole number, got {value}")
 
 
 def check_hyper(beta1: float, beta2: float, eps: float, weight_decay: float = 0.0) -> None:

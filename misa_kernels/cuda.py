@@ -48,19 +48,24 @@ def extension():
 
 
 def _scalar_args(sc):
-    return sc.device, sc.beta1, sc.beta2, sc.eps, sc.step_size, sc.bias_correction2_sqrt, sc.decay
+    # Exactly the host-folded values (scalars.py): the kernels do no arithmetic on hyperparameters.
+    return (sc.device, sc.one_minus_beta1, sc.beta2, sc.one_minus_beta2, sc.eps, sc.step_size,
+            sc.bias_correction2_sqrt, sc.decay)
 
 
-def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms: Optional[Tensor], *, lr, beta1,
-                beta2, eps, weight_decay, step, fresh) -> None:
+def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms: Optional[Tensor], master_params, *, lr,
+                beta1, beta2, eps, weight_decay, step, fresh, stochastic, seed) -> None:
     sc = kernel_scalars(lr, step, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
-    extension().adamw_step_(params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms, *_scalar_args(sc), bool(fresh))
+    extension().adamw_step_(params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms, list(master_params),
+                            *_scalar_args(sc), bool(fresh), bool(stochastic), int(seed))
 
 
 def grad_sq_norms(tensors) -> Tensor:
     return extension().grad_sq_norms(tensors)
 
 
-def momentum_flush_(params, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, step) -> None:
+def momentum_flush_(params, exp_avgs, exp_avg_sqs, master_params, *, lr, beta1, beta2, eps, step, stochastic,
+                    seed) -> None:
     sc = kernel_scalars(lr, step, beta1=beta1, beta2=beta2, eps=eps, flush=True)
-    extension().momentum_flush_(params, exp_avgs, exp_avg_sqs, *_scalar_args(sc))
+    extension().momentum_flush_(params, exp_avgs, exp_avg_sqs, list(master_params), *_scalar_args(sc),
+                                bool(stochastic), int(seed))

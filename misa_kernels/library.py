@@ -16,13 +16,15 @@ def _number_or_tensor(value: float, tensor: Optional[Tensor]):
     return tensor if tensor is not None else value
 
 
-@torch.library.custom_op("misa::adamw_step_", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "grad_sq_norms"))
+@torch.library.custom_op("misa::adamw_step_",
+                         mutates_args=("params", "exp_avgs", "exp_avg_sqs", "grad_sq_norms", "master_params"))
 def adamw_step_op(
     params: List[Tensor],
     grads: List[Tensor],
     exp_avgs: List[Tensor],
     exp_avg_sqs: List[Tensor],
     grad_sq_norms: Optional[Tensor],
+    master_params: List[Tensor],
     lr: float,
     lr_tensor: Optional[Tensor],
     step: float,
@@ -32,18 +34,21 @@ def adamw_step_op(
     eps: float,
     weight_decay: float,
     fresh: bool,
+    stochastic: bool,
+    seed: int,
     backend: str,
 ) -> None:
     backends.implementation(backend).adamw_step_(
-        params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms,
+        params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms, master_params,
         lr=_number_or_tensor(lr, lr_tensor), beta1=beta1, beta2=beta2, eps=eps,
         weight_decay=weight_decay, step=_number_or_tensor(step, step_tensor), fresh=fresh,
+        stochastic=stochastic, seed=seed,
     )
 
 
 @adamw_step_op.register_fake
-def _(params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms, lr, lr_tensor, step, step_tensor,
-      beta1, beta2, eps, weight_decay, fresh, backend) -> None:
+def _(params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms, master_params, lr, lr_tensor, step, step_tensor,
+      beta1, beta2, eps, weight_decay, fresh, stochastic, seed, backend) -> None:
     return None
 
 
@@ -57,11 +62,12 @@ def _(tensors, backend):
     return tensors[0].new_empty(len(tensors), dtype=torch.float32)
 
 
-@torch.library.custom_op("misa::momentum_flush_", mutates_args=("params",))
+@torch.library.custom_op("misa::momentum_flush_", mutates_args=("params", "master_params"))
 def momentum_flush_op(
     params: List[Tensor],
     exp_avgs: List[Tensor],
     exp_avg_sqs: List[Tensor],
+    master_params: List[Tensor],
     lr: float,
     lr_tensor: Optional[Tensor],
     step: float,
@@ -69,14 +75,17 @@ def momentum_flush_op(
     beta1: float,
     beta2: float,
     eps: float,
+    stochastic: bool,
+    seed: int,
     backend: str,
 ) -> None:
     backends.implementation(backend).momentum_flush_(
-        params, exp_avgs, exp_avg_sqs, lr=_number_or_tensor(lr, lr_tensor), beta1=beta1, beta2=beta2,
-        eps=eps, step=_number_or_tensor(step, step_tensor),
+        params, exp_avgs, exp_avg_sqs, master_params, lr=_number_or_tensor(lr, lr_tensor), beta1=beta1,
+        beta2=beta2, eps=eps, step=_number_or_tensor(step, step_tensor), stochastic=stochastic, seed=seed,
     )
 
 
 @momentum_flush_op.register_fake
-def _(params, exp_avgs, exp_avg_sqs, lr, lr_tensor, step, step_tensor, beta1, beta2, eps, backend) -> None:
+def _(params, exp_avgs, exp_avg_sqs, master_params, lr, lr_tensor, step, step_tensor, beta1, beta2, eps,
+      stochastic, seed, backend) -> None:
     return None

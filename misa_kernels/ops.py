@@ -35,12 +35,20 @@ def adamw_step_(
     step,
     fresh: bool = False,
     grad_sq_norms: Optional[Tensor] = None,
+    master_params: Optional[Sequence[Tensor]] = None,
+    rounding: str = "nearest",
+    seed: int = 0,
     backend: str = "auto",
 ) -> None:
     """One AdamW step over every tensor, in place, exactly as `torch.optim.AdamW` (fp32 math).
 
     With `grad_sq_norms` (fp32, one entry per tensor) each tensor's squared gradient norm is added to
     it in the same pass. `fresh=True` treats the states as zero and never reads them.
+
+    `master_params` (fp32, one per bf16/fp16 parameter): the update reads and writes the master and
+    writes the parameter as the rounded master, in the same pass; with `fresh=True` the master is first
+    set from the parameter (not read). `rounding="stochastic"` (bf16 only) rounds the fp32 result into
+    the parameter without bias, reproducibly from `seed` (vary it per step).
     """
     params = checks.as_tensor_list("params", params)
     grads = checks.as_tensor_list("grads", grads)
@@ -53,15 +61,21 @@ def adamw_step_(
     checks.check_device(device, params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
     checks.check_params_and_grads(params, grads)
     checks.check_states(params, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
+    masters = checks.check_master_params(params, master_params)
+    checks.check_device(device, master_params=masters)
+    checks.check_distinct(params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
+                          master_params=masters)
+    stochastic = checks.check_rounding(rounding, params[0].dtype, seed)
     checks.check_grad_sq_norms(grad_sq_norms, n, device)
     checks.check_scalar_or_0d("lr", lr, device, minimum=0.0)
-    checks.check_scalar_or_0d("step", step, device, minimum=1)
+    checks.check_scalar_or_0d("step", step, device, minimum=1, integer=True)
     checks.check_hyper(beta1, beta2, eps, weight_decay)
     chosen = backends.resolve(backend, device)
     lr_value, lr_tensor = _split(lr)
     step_value, step_tensor = _split(step)
-    torch.ops.misa.adamw_step_(params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms, lr_value, lr_tensor,
-                               step_value, step_tensor, beta1, beta2, eps, weight_decay, bool(fresh), chosen)
+    torch.ops.misa.adamw_step_(params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms, masters, lr_value, lr_tensor,
+                               step_value, step_tensor, beta1, beta2, eps, weight_decay, bool(fresh), stochastic,
+                               int(seed), chosen)
     backends.record(chosen)
 
 
@@ -94,10 +108,14 @@ def momentum_flush_(
     beta2: float = 0.999,
     eps: float = 1e-8,
     step,
+    master_params: Optional[Sequence[Tensor]] = None,
+    rounding: str = "nearest",
+    seed: int = 0,
     backend: str = "auto",
 ) -> None:
     """The end-of-period step of MISA: p -= lr * beta1/(1-beta1) * m_hat / (sqrt(v_hat) + eps).
-    States are read, never written."""
+    States are read, never written; with `master_params` the masters are updated and the parameters
+    written as the rounded masters (`rounding` as in `adamw_step_`)."""
     params = checks.as_tensor_list("params", params)
     exp_avgs = checks.as_tensor_list("exp_avgs", exp_avgs)
     exp_avg_sqs = checks.as_tensor_list("exp_avg_sqs", exp_avg_sqs)
@@ -108,14 +126,18 @@ def momentum_flush_(
     checks.check_device(device, params=params, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
     checks.check_params_and_grads(params, params)
     checks.check_states(params, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
+    masters = checks.check_master_params(params, master_params)
+    checks.check_device(device, master_params=masters)
+    checks.check_distinct(params=params, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, master_params=masters)
+    stochastic = checks.check_rounding(rounding, params[0].dtype, seed)
     checks.check_scalar_or_0d("lr", lr, device, minimum=0.0)
-    checks.check_scalar_or_0d("step", step, device, minimum=1)
+    checks.check_scalar_or_0d("step", step, device, minimum=1, integer=True)
     checks.check_hyper(beta1, beta2, eps)
     chosen = backends.resolve(backend, device)
     lr_value, lr_tensor = _split(lr)
     step_value, step_tensor = _split(step)
-    torch.ops.misa.momentum_flush_(params, exp_avgs, exp_avg_sqs, lr_value, lr_tensor, step_value,
-                                   step_tensor, beta1, beta2, eps, chosen)
+    torch.ops.misa.momentum_flush_(params, exp_avgs, exp_avg_sqs, masters, lr_value, lr_tensor, step_value,
+                                   step_tensor, beta1, beta2, eps, stochastic, int(seed), chosen)
     backends.record(chosen)
 
 

@@ -11,6 +11,10 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
+from .scalars import GOLDEN, HASH_M1, HASH_M2
+
+_MASK32 = 0xFFFFFFFF
+
 
 def _bias_corrections(beta1, beta2, step):
     # `step` may be a Python number or a 0-d tensor; both follow the same formulas.
@@ -29,10 +33,58 @@ def _shaped_like(states: List[Tensor], params: List[Tensor]) -> List[Tensor]:
     return [s if s.shape == p.shape else s.view(p.shape) for s, p in zip(states, params)]
 
 
-def _write_back(params: List[Tensor], params_fp32: List[Tensor]) -> None:
+def _mul32(x: Tensor, c: int) -> Tensor:
+    # (x * c) mod 2**32 for int64 tensors holding uint32 values, without int64 overflow.
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _MASK32
+
+
+def _hash32(x: Tensor) -> Tensor:
+    # lowbias32, as scalars.hash32 and the Triton and CUDA kernels compute it.
+    x = x ^ (x >> 16)
+    x = _mul32(x, HASH_M1)
+    x = x ^ (x >> 15)
+    x = _mul32(x, HASH_M2)
+    return x ^ (x >> 16)
+
+
+def stochastic_round_bf16(x: Tensor, seed: int, tensor_index: int) -> Tensor:
+    """fp32 -> bf16, rounding up with probability equal to the distance from the lower neighbour."""
+    key = int(_hash32(torch.tensor((seed + tensor_index * GOLDEN) & _MASK32, dtype=torch.int64)))
+    idx = torch.arange(x.numel(), dtype=torch.int64, device=x.device)
+    noise = _hash32(idx ^ key) & 0xFFFF
+    bits = x.reshape(-1).view(torch.int32).to(torch.int64) & _MASK32
+    bits = (bits + noise) & 0xFFFF0000
+    bits = torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32)
+    rounded = bits.view(torch.float32).to(torch.bfloat16).view(x.shape)  # exact: the low bits are zero
+    return torch.where(torch.isnan(x), x.to(torch.bfloat16), rounded)
+
+
+def _write_back(params: List[Tensor], params_fp32: List[Tensor], stochastic: bool = False, seed: int = 0) -> None:
+    if stochastic and params and params[0].dtype == torch.bfloat16:
+        for i, (p, q) in enumerate(zip(params, params_fp32)):
+            p.copy_(stochastic_round_bf16(q, seed, i))
+        return
     low = [(p, q) for p, q in zip(params, params_fp32) if q is not p]
     if low:
         torch._foreach_copy_([p for p, _ in low], [q for _, q in low])
+
+
+def _nonempty(*lists: List[Tensor]):
+    # Every backend numbers the non-empty tensors alone (their index keys stochastic rounding).
+    keep = [i for i, t in enumerate(lists[0]) if t.numel() > 0]
+    return [[ts[i] for i in keep] for ts in lists]
+
+
+def _working_copy(params: List[Tensor], master_params: List[Tensor], fresh: bool) -> List[Tensor]:
+    """The fp32 tensors the update runs on: the masters (set from the weights on a fresh step), or
+    fp32 copies of low-precision weights, or fp32 weights themselves."""
+    if not master_params:
+        return _as_fp32(params)
+    masters = _shaped_like(master_params, params)
+    if fresh:
+        torch._foreach_copy_(masters, params)
+    return masters
 
 
 def _apply_update(params_fp32, exp_avgs, denom, step_size) -> None:
@@ -57,6 +109,7 @@ def adamw_step_(
     exp_avgs: List[Tensor],
     exp_avg_sqs: List[Tensor],
     grad_sq_norms: Optional[Tensor],
+    master_params: List[Tensor],
     *,
     lr,
     beta1: float,
@@ -65,6 +118,8 @@ def adamw_step_(
     weight_decay: float,
     step,
     fresh: bool,
+    stochastic: bool = False,
+    seed: int = 0,
 ) -> None:
     bias_correction1, bc2_sqrt = _bias_corrections(beta1, beta2, step)
     step_size = lr / bias_correction1
@@ -72,6 +127,10 @@ def adamw_step_(
     g = _as_fp32(grads)
     if grad_sq_norms is not None:
         grad_sq_norms.add_(torch.stack([t.square().sum() for t in g]))
+    if master_params or stochastic:
+        lists = _nonempty(params, g, exp_avgs, exp_avg_sqs, *([master_params] if master_params else []))
+        params, g, exp_avgs, exp_avg_sqs = lists[:4]
+        master_params = lists[4] if master_params else []
     if fresh:
         # States are treated as zero and never read: they may hold anything (even NaN).
         torch._foreach_copy_(exp_avgs, g)
@@ -83,10 +142,10 @@ def adamw_step_(
         torch._foreach_lerp_(exp_avgs, g, 1 - beta1)
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, g, g, value=1 - beta2)
-    p = _as_fp32(params)
+    p = _working_copy(params, master_params, fresh)
     torch._foreach_mul_(p, 1 - lr * weight_decay)
     _apply_update(p, exp_avgs, _denominator(exp_avg_sqs, bc2_sqrt, eps), step_size)
-    _write_back(params, p)
+    _write_back(params, p, stochastic, seed)
 
 
 def grad_sq_norms(tensors: List[Tensor]) -> Tensor:
@@ -99,16 +158,23 @@ def momentum_flush_(
     params: List[Tensor],
     exp_avgs: List[Tensor],
     exp_avg_sqs: List[Tensor],
+    master_params: List[Tensor],
     *,
     lr,
     beta1: float,
     beta2: float,
     eps: float,
     step,
+    stochastic: bool = False,
+    seed: int = 0,
 ) -> None:
     bias_correction1, bc2_sqrt = _bias_corrections(beta1, beta2, step)
     step_size = lr * (beta1 / (1 - beta1)) / bias_correction1
     exp_avgs, exp_avg_sqs = _shaped_like(exp_avgs, params), _shaped_like(exp_avg_sqs, params)
-    p = _as_fp32(params)
+    if master_params or stochastic:
+        lists = _nonempty(params, exp_avgs, exp_avg_sqs, *([master_params] if master_params else []))
+        params, exp_avgs, exp_avg_sqs = lists[:3]
+        master_params = lists[3] if master_params else []
+    p = _working_copy(params, master_params, fresh=False)
     _apply_update(p, exp_avgs, _denominator(exp_avg_sqs, bc2_sqrt, eps), step_size)
-    _write_back(params, p)
+    _write_back(params, p, stochastic, seed)

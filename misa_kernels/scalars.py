@@ -1,27 +1,40 @@
-"""Host-side folding of the AdamW hyperparameters into the three numbers a kernel needs.
+"""Host-side folding of the AdamW hyperparameters into the numbers a kernel needs, and the stochastic
+rounding hash every backend shares.
 
-Kernels never see `lr` or `step` directly: they read `step_size`, `bias_correction2_sqrt` and
-`decay`. Folding on the host in float64 keeps `beta**step` exact (an fp32 `pow` on the device loses
-~1e-7 relative, which is visible at step 1), and makes the hyperparameters plain runtime arguments,
-so a new lr never recompiles a kernel. When `lr` or `step` is a 0-d device tensor (CUDA-graph
-capture), the same formulas run as tiny tensor ops on the device and the kernel reads the result
-through a pointer instead.
+A kernel never does arithmetic on a hyperparameter: it reads `1 - beta1`, `beta2`, `1 - beta2`,
+`step_size`, `bias_correction2_sqrt` and `decay`, each computed here in float64 and then rounded to
+fp32, exactly as a GPU launch hands a Python float to a kernel. Computing `1 - beta2` from an fp32
+beta2 inside a kernel is 1.3e-5 off (fp32(0.999) = 0.99900001287); folding here also keeps
+`beta**step` exact and makes the hyperparameters plain runtime arguments, so a new lr never
+recompiles a kernel. Rounding to fp32 on the host matters under Triton's interpreter: it would
+otherwise do float64 arithmetic on the scalars and hide the class of bug a GPU shows.
+
+When `lr` or `step` is a 0-d device tensor (CUDA-graph capture), the lr/step-dependent numbers are
+computed by tiny tensor ops on the device and the kernel reads them through a pointer instead.
 """
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 
 Number = Union[int, float]
+_MASK32 = 0xFFFFFFFF
+
+
+def fp32(x: float) -> float:
+    """x rounded to the nearest fp32 value, as a GPU kernel argument receives it."""
+    return struct.unpack("f", struct.pack("f", float(x)))[0]
 
 
 @dataclass(frozen=True)
 class KernelScalars:
-    beta1: float
+    one_minus_beta1: float
     beta2: float
+    one_minus_beta2: float
     eps: float
     # Either all three are Python floats (device is None) ...
     step_size: float = 0.0
@@ -44,9 +57,12 @@ def _fold(lr, step, beta1: float, beta2: float, weight_decay: float, flush: bool
 def kernel_scalars(
     lr, step, *, beta1: float, beta2: float, eps: float, weight_decay: float = 0.0, flush: bool = False
 ) -> KernelScalars:
+    betas = dict(one_minus_beta1=fp32(1.0 - beta1), beta2=fp32(beta2), one_minus_beta2=fp32(1.0 - beta2),
+                 eps=fp32(eps))
     if not isinstance(lr, torch.Tensor) and not isinstance(step, torch.Tensor):
         step_size, bc2_sqrt, decay = _fold(float(lr), float(step), beta1, beta2, weight_decay, flush)
-        return KernelScalars(beta1, beta2, eps, step_size, bc2_sqrt, decay)
+        return KernelScalars(**betas, step_size=fp32(step_size), bias_correction2_sqrt=fp32(bc2_sqrt),
+                             decay=fp32(decay))
     device = lr.device if isinstance(lr, torch.Tensor) else step.device
     lr_t = torch.as_tensor(lr, dtype=torch.float64, device=device)
     step_t = torch.as_tensor(step, dtype=torch.float64, device=device)
@@ -56,4 +72,35 @@ def kernel_scalars(
     if not isinstance(decay, torch.Tensor):
         decay = torch.tensor(decay, dtype=torch.float64, device=device)
     packed = torch.stack([step_size, bc2_sqrt, decay]).to(torch.float32)
-    return KernelScalars(beta1, beta2, eps, device=packed)
+    return KernelScalars(**betas, device=packed)
+
+
+# ---- stochastic rounding: one counter-based hash, the same in torch, Triton and CUDA C++ ----
+# A rounding decision depends only on (seed, tensor index in the call, element index), so every
+# backend rounds every element the same way and a run is reproducible from its seed.
+HASH_M1 = 0x7FEB352D
+HASH_M2 = 0x846CA68B
+GOLDEN = 0x9E3779B9
+
+
+def hash32(x: int) -> int:
+    """lowbias32 (C. Wellons): a well-mixed 32-bit integer hash."""
+    x &= _MASK32
+    x ^= x >> 16
+    x = (x * HASH_M1) & _MASK32
+    x ^= x >> 15
+    x = (x * HASH_M2) & _MASK32
+    x ^= x >> 16
+    return x
+
+
+def tensor_key(seed: int, tensor_index: int) -> int:
+    """The per-tensor key that an element index is mixed with: hash32(seed + index * golden)."""
+    return hash32((seed + tensor_index * GOLDEN) & _MASK32)
+
+
+def check_seed(seed) -> int:
+    # One integer type for every value keeps Triton from compiling a kernel per seed range.
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
+        raise ValueError(f"seed: expected an int in [0, 2**31), got {seed!r}")
+    return seed

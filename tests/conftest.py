@@ -31,7 +31,12 @@ def pytest_collection_modifyitems(config, items):
 
 
 def test_device() -> torch.device:
-    return torch.device(os.environ.get("MISA_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """The device under test, spelled as its tensors report it (cuda:0, not cuda; cpu, not cpu:0), so
+    that `tensor.device == test_device()` holds for tensors made on it."""
+    from misa_kernels.checks import canonical_device
+
+    name = os.environ.get("MISA_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    return canonical_device(name)
 
 
 test_device.__test__ = False  # a helper, not a test

@@ -24,9 +24,14 @@ def lm_loss(forward, ids):
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
 
-def single_process_run(steps=STEPS, checkpoint=None, start=0):
+def _dtype(kind):
+    # "ddp-bf16" / "fsdp2-bf16": a bf16 model, so MISA keeps fp32 masters (of local shards under FSDP2)
+    return torch.bfloat16 if kind.endswith("-bf16") else torch.float32
+
+
+def single_process_run(steps=STEPS, checkpoint=None, start=0, dtype=torch.float32):
     """The reference: one process, the concatenated batch (optionally resumed from a DCP checkpoint)."""
-    model = tiny_lm(seed=0)
+    model = tiny_lm(seed=0, dtype=dtype)
     opt = misa.MISA(model, **HYPER)
     if checkpoint is not None:
         mdist.load_checkpoint(checkpoint, model, opt)
@@ -38,15 +43,15 @@ def single_process_run(steps=STEPS, checkpoint=None, start=0):
 
 
 def _setup(kind, rank, world):
-    model = tiny_lm(seed=0)
-    if kind == "fsdp2":
+    model = tiny_lm(seed=0, dtype=_dtype(kind))
+    if kind.startswith("fsdp2"):
         from torch.distributed.fsdp import fully_shard
 
         for layer in model.layers:
             fully_shard(layer)
         fully_shard(model)
     opt = misa.MISA(model, **HYPER)
-    if kind == "ddp":
+    if kind.startswith("ddp"):
         wrapped = mdist.DistributedDataParallel(model, opt)
     else:
         mdist.prepare(opt)
@@ -87,6 +92,7 @@ def worker(rank, world, init_file, out_dir, kind):
     report["active"] = opt.active_modules
     report["switches"] = len(opt.switch_log)
     report["rebuilds"] = getattr(wrapped, "rebuilds", None)
+    report["has_masters"] = any("master" in st for st in opt.state.values())
     # B: stop mid-period at SAVE_AT, checkpoint, resume into fresh objects, finish
     resumed = {"frozen_with_grad": [], "active_per_step": []}
     model, opt, wrapped = _setup(kind, rank, world)

@@ -1,11 +1,14 @@
 """adamw_step_ against the float64 oracle and torch.optim.AdamW, on every backend that runs here."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 import misa_kernels as mk
+from misa_kernels.checks import canonical_device
+from misa_kernels.scalars import fp32, kernel_scalars
 
 from conftest import test_device
 from oracle import adamw_step as oracle_adamw
@@ -49,24 +52,35 @@ def clone(ts):
     return [t.clone() for t in ts]
 
 
-def run_case(backend, device, shapes, dtype, *, fresh, step, with_norms, seed=0, lr=None):
+def make_masters(params, seed):
+    """fp32 masters that differ from their rounded weights (as after a few steps), so that a kernel
+    reading the weight instead of the master is caught."""
+    g = torch.Generator().manual_seed(seed + 2)
+    return [(p.float() + torch.randn(p.shape, generator=g).to(p.device) * 1e-3 * p.float().abs()).reshape(-1)
+            for p in params]
+
+
+def run_case(backend, device, shapes, dtype, *, fresh, step, with_norms, seed=0, lr=None, master=False, hyper=None):
     params, grads, exp_avgs, exp_avg_sqs = make_inputs(shapes, dtype, device, seed)
-    hyper = dict(HYPER)
+    hyper = dict(hyper or HYPER)
     if lr is not None:
         hyper["lr"] = lr
     lr_value = float(hyper["lr"])
+    masters = make_masters(params, seed) if master else None
     norms0 = torch.rand(len(shapes), generator=torch.Generator().manual_seed(seed + 1)).to(device) + 1.0
     want_p, want_m, want_v, want_n = oracle_adamw(
         params, grads, exp_avgs, exp_avg_sqs, **{**hyper, "lr": lr_value}, step=float(step), fresh=fresh,
-        grad_sq_norms=norms0 if with_norms else None)
+        grad_sq_norms=norms0 if with_norms else None, master_params=masters)
     p, m, v = clone(params), clone(exp_avgs), clone(exp_avg_sqs)
-    if fresh:  # fresh states must never be read: poison them
-        for t in m + v:
+    w = clone(masters) if master else None
+    if fresh:  # fresh states (and masters) must never be read: poison them
+        for t in m + v + (w or []):
             t.fill_(float("nan"))
     norms = norms0.clone() if with_norms else None
-    mk.adamw_step_(p, grads, m, v, **hyper, step=step, fresh=fresh, grad_sq_norms=norms, backend=backend)
+    mk.adamw_step_(p, grads, m, v, **hyper, step=step, fresh=fresh, grad_sq_norms=norms, master_params=w,
+                   backend=backend)
     assert mk.last_backend() == backend
-    return dict(p=p, m=m, v=v, norms=norms, want_p=want_p, want_m=want_m, want_v=want_v, want_n=want_n,
+    return dict(p=p, m=m, v=v, w=w, norms=norms, want_p=want_p, want_m=want_m, want_v=want_v, want_n=want_n,
                 inputs=(params, grads, exp_avgs, exp_avg_sqs), hyper=hyper)
 
 
@@ -156,7 +170,7 @@ def test_matches_torch_optim_adamw_over_steps(backend, weight_decay):
 def test_gpu_large_against_torch_backend(backend, dtype, fresh):
     """Large sizes on the GPU: several chunks, more blocks than one CUDA launch holds (320), an odd tail,
     and misaligned views (forcing the scalar path)."""
-    device = torch.device("cuda")
+    device = canonical_device("cuda")
     require(backend, device)
     big = [(5000, 4099), (65536 * 2 + 3,), (1,), (4096, 1024)]
     case = run_case(backend, device, big, dtype, fresh=fresh, step=1 if fresh else 11, with_norms=True)
@@ -170,7 +184,7 @@ def test_gpu_large_against_torch_backend(backend, dtype, fresh):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_gpu_misaligned_views(backend):
-    device = torch.device("cuda")
+    device = canonical_device("cuda")
     require(backend, device)
     n = 10_001
     base = [torch.randn(n + 1, device=device) for _ in range(4)]
@@ -183,7 +197,7 @@ def test_gpu_misaligned_views(backend):
 
 @pytest.mark.gpu
 def test_gpu_cuda_and_triton_norms_are_deterministic():
-    device = torch.device("cuda")
+    device = canonical_device("cuda")
     grads = [torch.randn(3_000_000, device=device), torch.randn(70_000, device=device)]
     for backend in mk.available_backends(device):
         first = mk.grad_sq_norms(grads, backend=backend)
@@ -206,7 +220,7 @@ def test_bias_correction_uses_exact_step():
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_gpu_cuda_graph_capture_with_tensor_lr_and_step(backend):
     """lr and step as device tensors: one captured step replays with new values, no recompilation."""
-    device = torch.device("cuda")
+    device = canonical_device("cuda")
     require(backend, device)
     shapes = [(1000, 33), (4097,)]
     params, grads, exp_avgs, exp_avg_sqs = make_inputs(shapes, torch.bfloat16, device, seed=9)
@@ -241,3 +255,161 @@ def test_gpu_cuda_graph_capture_with_tensor_lr_and_step(backend):
     assert rel_err(p, want_p) <= 1e-2 and rel_err(m, want_m) <= 1e-6 and rel_err(v, want_v) <= 1e-6
     want_norms = torch.stack([g.float().square().sum() for g in grads]) * 3
     torch.testing.assert_close(norms, want_norms, rtol=1e-5, atol=0)
+
+
+# ---------------------------------------------------------------- host-folded scalars (the H100 bug)
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("betas", [(0.9, 0.999), (0.95, 0.9999), (0.5, 0.99999)], ids=str)
+def test_one_minus_beta_is_folded_on_the_host(backend, betas):
+    """A kernel that forms 1 - beta2 from an fp32 beta2 is off by 1.3e-5 (0.999) to 1e-2 (0.99999) in
+    exp_avg_sq. Scalars reach an interpreted Triton kernel as fp32, as on a GPU, so this fails on the CPU
+    for such a kernel too."""
+    device = test_device()
+    require(backend, device)
+    hyper = dict(HYPER, beta1=betas[0], beta2=betas[1])
+    for fresh in (True, False):
+        case = run_case(backend, device, SHAPES["mixed"], torch.float32, fresh=fresh, step=1 if fresh else 4,
+                        with_norms=False, hyper=hyper)
+        assert rel_err(case["m"], case["want_m"]) <= 1e-6
+        assert rel_err(case["v"], case["want_v"]) <= 1e-6
+        assert rel_err(case["p"], case["want_p"]) <= 1e-6
+
+
+def test_kernel_scalars_are_fp32_values_folded_in_float64():
+    sc = kernel_scalars(1e-3, 3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
+    assert sc.one_minus_beta2 == fp32(1 - 0.999) and sc.one_minus_beta2 != fp32(1 - fp32(0.999))
+    assert sc.one_minus_beta1 == fp32(1 - 0.9)
+    for value in (sc.one_minus_beta1, sc.beta2, sc.one_minus_beta2, sc.eps, sc.step_size, sc.bias_correction2_sqrt,
+                  sc.decay):
+        assert value == fp32(value)  # what a GPU launch would receive
+    assert sc.step_size == fp32(1e-3 / (1 - 0.9**3)) and sc.decay == fp32(1 - 1e-4)
+
+
+def test_cuda_binding_receives_the_host_folded_scalars(monkeypatch):
+    """The CUDA backend cannot run here; check what its Python side hands the extension."""
+    from misa_kernels import cuda
+
+    calls = []
+
+    class Recorder:
+        def adamw_step_(self, *args):
+            calls.append(("adamw", args))
+
+        def momentum_flush_(self, *args):
+            calls.append(("flush", args))
+
+    monkeypatch.setattr(cuda, "extension", lambda: Recorder())
+    p, g, m, v = make_inputs([(4,)], torch.bfloat16, torch.device("cpu"), seed=0)
+    w = [t.float() for t in p]
+    cuda.adamw_step_(p, g, m, v, None, w, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, step=3,
+                     fresh=False, stochastic=True, seed=7)
+    cuda.momentum_flush_(p, m, v, w, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, step=3, stochastic=False, seed=0)
+    (_, a), (_, f) = calls
+    want = kernel_scalars(1e-3, 3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
+    assert a[5] is w or a[5] == w
+    assert a[6] is None  # no device scalars for a number lr
+    assert a[7:14] == (want.one_minus_beta1, want.beta2, want.one_minus_beta2, want.eps, want.step_size,
+                       want.bias_correction2_sqrt, want.decay)
+    assert a[14:] == (False, True, 7)
+    flush = kernel_scalars(1e-3, 3, beta1=0.9, beta2=0.999, eps=1e-8, flush=True)
+    assert f[5:12] == (flush.one_minus_beta1, flush.beta2, flush.one_minus_beta2, flush.eps, flush.step_size,
+                       flush.bias_correction2_sqrt, flush.decay)
+    source = (Path(__file__).resolve().parents[1] / "csrc" / "cuda" / "adamw.cu").read_text()
+    assert "1.f - sc." not in source and "sc.one_minus_beta2" in source
+
+
+# ---------------------------------------------------------------- fp32 master weights
+LOW = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", list(LOW.values()), ids=list(LOW))
+@pytest.mark.parametrize("shapes", list(SHAPES.values()), ids=list(SHAPES))
+@pytest.mark.parametrize("fresh", [False, True], ids=["steady", "fresh"])
+def test_master_weights_match_float64_oracle(backend, dtype, shapes, fresh):
+    device = test_device()
+    require(backend, device)
+    step = 1 if fresh else 7
+    case = run_case(backend, device, shapes, dtype, fresh=fresh, step=step, with_norms=True, master=True)
+    masters = [w.reshape(p.shape) for w, p in zip(case["w"], case["p"])]
+    assert rel_err(masters, case["want_p"]) <= 1e-6  # the master is updated in fp32
+    for p, w in zip(case["p"], masters):  # the weight is the master rounded to nearest
+        assert p.dtype == dtype and torch.equal(p, w.to(dtype))
+    assert rel_err(case["m"], case["want_m"]) <= 1e-6 and rel_err(case["v"], case["want_v"]) <= 1e-6
+    assert rel_err([case["norms"]], [case["want_n"]]) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_master_params_are_refused_for_fp32_and_checked(backend):
+    device = test_device()
+    require(backend, device)
+    p, g, m, v = make_inputs([(5,)], torch.float32, device, seed=0)
+    with pytest.raises(TypeError, match="master_params"):
+        mk.adamw_step_(p, g, m, v, lr=1e-3, step=1, master_params=[t.clone() for t in p], backend=backend)
+    p, g, m, v = make_inputs([(5,)], torch.bfloat16, device, seed=0)
+    with pytest.raises(TypeError, match=r"master_params\[0\]"):
+        mk.adamw_step_(p, g, m, v, lr=1e-3, step=1, master_params=[t.clone() for t in p], backend=backend)
+    with pytest.raises(ValueError, match="master_params"):
+        mk.adamw_step_(p, g, m, v, lr=1e-3, step=1, master_params=[], backend=backend)
+
+
+# ---------------------------------------------------------------- stochastic rounding
+def bf16_neighbours(x):
+    """The bf16 values just below and above each fp32 value (equal when x is a bf16 value)."""
+    bits = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    low = bits & 0xFFFF0000
+    high = torch.where(bits == low, low, low + 0x10000)
+    to_f = lambda b: torch.where(b >= 2**31, b - 2**32, b).to(torch.int32).view(torch.float32)  # noqa: E731
+    return to_f(low), to_f(high)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_stochastic_rounding_is_reproducible_and_between_neighbours(backend):
+    device = test_device()
+    require(backend, device)
+    shapes = SHAPES["mixed"]
+    results = {}
+    for b in ("torch", backend):
+        params, grads, m, v = make_inputs(shapes, torch.bfloat16, device, seed=3)
+        masters = make_masters(params, 3)
+        w = clone(masters)
+        mk.adamw_step_(params, grads, m, v, **HYPER, step=4, master_params=w, rounding="stochastic", seed=1234,
+                       backend=b)
+        results[b] = (params, w)
+    for got, want in zip(results[backend][0], results["torch"][0]):
+        assert torch.equal(got, want)  # the same hash on every backend: the same decisions
+    params, masters = results[backend]
+    low, high = bf16_neighbours(torch.cat([w.cpu() for w in masters]))
+    value = torch.cat([p.float().cpu().reshape(-1) for p in params])
+    assert torch.all((value == low) | (value == high))
+    rounded_up = float(((value == high) & (low != high)).float().mean())
+    assert 0.2 < rounded_up < 0.8  # both directions occur
+
+
+def test_stochastic_rounding_is_unbiased():
+    from misa_kernels.reference import stochastic_round_bf16
+
+    one_ulp = 2.0**-7  # bf16 spacing in [1, 2)
+    for frac in (0.1, 0.3, 0.5, 0.9):
+        x = torch.full((20000,), 1.0 + frac * one_ulp)
+        r = stochastic_round_bf16(x, seed=5, tensor_index=0).float()
+        assert set(r.unique().tolist()) <= {1.0, 1.0 + one_ulp}
+        up = float((r > 1.0).float().mean())
+        assert abs(up - frac) < 0.015, (frac, up)
+        assert abs(float(r.double().mean()) - float(x.double().mean())) < 0.015 * one_ulp
+    other = stochastic_round_bf16(x, seed=6, tensor_index=0)
+    assert not torch.equal(other, stochastic_round_bf16(x, seed=5, tensor_index=0))  # the seed matters
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_stochastic_rounding_refuses_fp16_and_bad_seeds(backend):
+    device = test_device()
+    require(backend, device)
+    p, g, m, v = make_inputs([(5,)], torch.float16, device, seed=0)
+    with pytest.raises(TypeError, match="stochastic"):
+        mk.adamw_step_(p, g, m, v, lr=1e-3, step=1, rounding="stochastic", backend=backend)
+    p, g, m, v = make_inputs([(5,)], torch.bfloat16, device, seed=0)
+    with pytest.raises(ValueError, match="seed"):
+        mk.adamw_step_(p, g, m, v, lr=1e-3, step=1, rounding="stochastic", seed=-1, backend=backend)
+    with pytest.raises(ValueError, match="rounding"):
+        mk.adamw_step_(p, g, m, v, lr=1e-3, step=1, rounding="down", backend=backend)

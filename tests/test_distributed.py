@@ -28,16 +28,29 @@ def launch(kind, tmp_path):
     return [torch.load(os.path.join(tmp_path, f"report{r}.pt"), weights_only=False) for r in range(WORLD)]
 
 
+def close_to(got, want, dtype):
+    if dtype == torch.float32:
+        for n, w in want.items():
+            torch.testing.assert_close(got[n], w, rtol=1e-5, atol=1e-6, msg=n)
+        return
+    # bf16: each rank's forward and backward run in bf16 on half the batch, so per-element agreement with
+    # one process is not expected; the model as a whole must agree closely (exactness is checked by resume).
+    diff = sum(float((got[n].double() - w.double()).square().sum()) for n, w in want.items()) ** 0.5
+    norm = sum(float(w.double().square().sum()) for w in want.values()) ** 0.5
+    assert diff / norm < 2e-2
+
+
 @pytest.fixture(scope="module")
-def reference():
-    return dist_workers.single_process_run()
+def references():
+    return {dtype: dist_workers.single_process_run(dtype=dtype) for dtype in (torch.float32, torch.bfloat16)}
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # the single-process reload, on purpose
-@pytest.mark.parametrize("kind", ["ddp", "fsdp2"])
-def test_distributed_matches_single_process(kind, tmp_path, reference):
+@pytest.mark.parametrize("kind", ["ddp", "fsdp2", "ddp-bf16", "fsdp2-bf16"])
+def test_distributed_matches_single_process(kind, tmp_path, references):
+    dtype = dist_workers._dtype(kind)
     reports = launch(kind, tmp_path)
-    ref_params, ref_active = reference
+    ref_params, ref_active = references[dtype]
     r0, r1 = reports
     # every rank: the same active set at every step, identical parameters
     assert r0["active_per_step"] == r1["active_per_step"]
@@ -46,8 +59,8 @@ def test_distributed_matches_single_process(kind, tmp_path, reference):
         assert torch.equal(r0["params"][n], r1["params"][n]), n
     # equal to one process on the concatenated batch, within float tolerance
     assert r0["active"] == ref_active
-    for n, want in ref_params.items():
-        torch.testing.assert_close(r0["params"][n], want, rtol=1e-5, atol=1e-6, msg=n)
+    close_to(r0["params"], ref_params, dtype)
+    assert r0["has_masters"] == (dtype == torch.bfloat16)
     # frozen modules never held a gradient, on any rank
     assert r0["frozen_with_grad"] == [] and r1["frozen_with_grad"] == []
     # a checkpoint saved mid-period resumes exactly
@@ -57,10 +70,10 @@ def test_distributed_matches_single_process(kind, tmp_path, reference):
             assert torch.equal(r["resumed_params"][n], r["params"][n]), n
     # ranks that sample differently are caught
     assert any(r["mismatch_error"] and "disagree" in r["mismatch_error"] for r in reports)
-    if kind == "ddp":
+    if kind.startswith("ddp"):
         assert r0["rebuilds"] == r0["switches"]  # one reducer per active set
     # the checkpoint is a torch.distributed.checkpoint: one process reads it back, resharded, and finishes
-    params, active = dist_workers.single_process_run(checkpoint=str(tmp_path / "ckpt"), start=dist_workers.SAVE_AT)
+    params, active = dist_workers.single_process_run(checkpoint=str(tmp_path / "ckpt"), start=dist_workers.SAVE_AT,
+                                                     dtype=dtype)
     assert active == ref_active
-    for n, want in ref_params.items():
-        torch.testing.assert_close(params[n], want, rtol=1e-5, atol=1e-6, msg=n)
+    close_to(params, ref_params, dtype)

@@ -99,3 +99,25 @@ def test_partition_of_real_architectures(arch):
     assert any("embed" in n or "wte" in n for n in with_embed.module_names)
     layers = misa.MISA(model, delta=0.9, granularity="layer", backend="torch")
     assert len(layers.module_names) == 2
+
+
+def test_trainer_on_a_bf16_model_keeps_fp32_masters(tmp_path):
+    from transformers import TrainingArguments
+
+    import misa
+    from misa.integrations.hf import MISATrainer, unwrap_misa
+
+    model = tiny_llama(2).to(torch.bfloat16)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, report_to=[],
+                             use_cpu=True, save_strategy="no", learning_rate=1e-4, max_grad_norm=1.0)
+    trainer = MISATrainer(model=model, args=args, train_dataset=dataset(),
+                          misa_kwargs=dict(delta=0.2, interval=10, backend="torch"))
+    trainer.train()
+    opt = unwrap_misa(trainer.optimizer)
+    assert isinstance(opt, misa.MISA) and opt.state
+    for p, st in opt.state.items():
+        assert st["master"].dtype == torch.float32
+        assert torch.equal(st["master"].to(torch.bfloat16), p.detach())
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    assert changed  # at lr 1e-4 a bf16 model without masters would barely move

@@ -9,7 +9,7 @@ from conftest import test_device
 from oracle import grad_sq_norms as oracle_norms
 from oracle import momentum_flush as oracle_flush
 from oracle import rel_err
-from test_adamw_step import DTYPES, SHAPES, backend_params, make_inputs, require
+from test_adamw_step import DTYPES, SHAPES, backend_params, make_inputs, make_masters, require
 
 
 @pytest.mark.parametrize("backend", backend_params())
@@ -68,3 +68,21 @@ def test_momentum_flush_with_device_tensors(backend):
     mk.momentum_flush_(got, m, v, lr=torch.tensor(1e-3, device=device), step=torch.tensor(4.0, device=device),
                        backend=backend)
     assert rel_err(got, want) <= 1e-6
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shapes", [SHAPES["1"], SHAPES["4097"], SHAPES["many"]], ids=["1", "4097", "many"])
+def test_momentum_flush_with_master_weights(backend, dtype, shapes):
+    """The flush updates the fp32 masters and writes the weights as the rounded masters."""
+    device = test_device()
+    require(backend, device)
+    params, _, m, v = make_inputs(shapes, dtype, device, seed=8)
+    masters = make_masters(params, 8)
+    hyper = dict(lr=2e-3, beta1=0.9, beta2=0.999, eps=1e-8, step=12)
+    want = oracle_flush(params, m, v, **hyper, master_params=masters)
+    got, w = [t.clone() for t in params], [t.clone() for t in masters]
+    mk.momentum_flush_(got, m, v, **hyper, master_params=w, backend=backend)
+    assert rel_err([t.reshape(p.shape) for t, p in zip(w, got)], want) <= 1e-6
+    for p, t in zip(got, w):
+        assert torch.equal(p, t.reshape(p.shape).to(dtype))

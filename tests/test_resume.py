@@ -11,16 +11,18 @@ from models import tiny_lm
 
 
 def train(model, opt, steps, data_seed=0, start=0):
+    device = next(model.parameters()).device  # the batch goes where the model is
     for step in range(start, start + steps):
         ids = torch.randint(0, 32, (4, 9), generator=torch.Generator().manual_seed(data_seed * 1000 + step))
+        ids = ids.to(device)
         loss = model.loss(ids)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
 
-def make(variant="paper", **kw):
-    model = tiny_lm(seed=7)
+def make(variant="paper", dtype=torch.float32, **kw):
+    model = tiny_lm(seed=7, dtype=dtype)
     opt = misa.MISA(model, lr=5e-3, weight_decay=0.01, delta=0.15, interval=4, variant=variant, seed=11,
                     backend="torch", **kw)
     return model, opt
@@ -33,19 +35,25 @@ def roundtrip(obj):
     return torch.load(buf, map_location="cpu", weights_only=False)
 
 
+LOW_PRECISION = {"fp32": (torch.float32, {}), "bf16-master": (torch.bfloat16, {}),
+                 "bf16-stochastic": (torch.bfloat16, {"rounding": "stochastic"})}
+
+
+@pytest.mark.parametrize("precision", list(LOW_PRECISION), ids=list(LOW_PRECISION))
 @pytest.mark.parametrize("variant", ["paper", "official"])
 @pytest.mark.parametrize("save_at", [1, 6, 8, 13], ids=lambda s: f"save@{s}")
-def test_resume_is_exact(variant, save_at):
+def test_resume_is_exact(variant, save_at, precision):
+    dtype, kw = LOW_PRECISION[precision]
     total = 22
-    model_a, opt_a = make(variant)
+    model_a, opt_a = make(variant, dtype, **kw)
     train(model_a, opt_a, total)
 
-    model_b, opt_b = make(variant)
+    model_b, opt_b = make(variant, dtype, **kw)
     train(model_b, opt_b, save_at)
     ckpt = roundtrip({"model": model_b.state_dict(), "opt": opt_b.state_dict()})
     del model_b, opt_b
 
-    model_c, opt_c = make(variant)
+    model_c, opt_c = make(variant, dtype, **kw)
     model_c.load_state_dict(ckpt["model"])
     opt_c.load_state_dict(ckpt["opt"])
     train(model_c, opt_c, total - save_at, start=save_at)
@@ -61,6 +69,9 @@ def test_resume_is_exact(variant, save_at):
         if pa in opt_a.state:
             assert torch.equal(opt_a.state[pa]["exp_avg"], opt_c.state[pc]["exp_avg"])
             assert opt_a.state[pa]["step"] == opt_c.state[pc]["step"]
+            assert ("master" in opt_a.state[pa]) == (precision == "bf16-master")
+            if "master" in opt_a.state[pa]:
+                assert torch.equal(opt_a.state[pa]["master"], opt_c.state[pc]["master"])
 
 
 def test_state_dict_holds_copies_not_the_arena():

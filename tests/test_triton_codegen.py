@@ -24,8 +24,8 @@ def instructions():
     return json.loads(result.stdout)
 
 
-@pytest.mark.parametrize("kernel", ["adamw", "flush", "norms"])
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("kernel,dtype", [(k, d) for k in ("adamw", "flush", "norms") for d in ("fp32", "bf16")]
+                         + [("adamw_master", "bf16"), ("flush_master", "bf16")])
 def test_aligned_kernels_vectorize(instructions, kernel, dtype):
     aligned = instructions[f"{kernel}-{dtype}-aligned"]
     unaligned = instructions[f"{kernel}-{dtype}-unaligned"]

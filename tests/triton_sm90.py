@@ -14,8 +14,8 @@ from misa_kernels.triton import kernels
 
 POINTERS = {"chunk_tensor_ptr": "*i64", "chunk_start_ptr": "*i64", "numel_ptr": "*i64", "addr_ptr": "*i64",
             "chunk_begin_ptr": "*i64", "partials_ptr": "*fp32", "scalars_ptr": "*fp32", "out_ptr": "*fp32"}
-SCALARS = {"n_tensors": "i32", "beta1": "fp32", "beta2": "fp32", "eps": "fp32", "step_size": "fp32",
-           "bc2_sqrt": "fp32", "decay": "fp32"}
+SCALARS = {"n_tensors": "i32", "one_minus_beta1": "fp32", "beta2": "fp32", "one_minus_beta2": "fp32", "eps": "fp32",
+           "step_size": "fp32", "bc2_sqrt": "fp32", "decay": "fp32", "seed": "i32"}
 
 
 def instructions(fn, constexprs):
@@ -35,10 +35,17 @@ def main():
             key = f"{dname}-{'aligned' if aligned else 'unaligned'}"
             out[f"adamw-{key}"] = instructions(kernels.adamw_kernel, dict(
                 PARAM_DTYPE=dtype, CHUNK=65536, BLOCK=1024, FRESH=False, NORMS=True, SCALARS_ON_DEVICE=False,
-                ALIGNED=aligned, SOFT_BF16=False))
+                ALIGNED=aligned, MASTER=False, STOCHASTIC=False, SOFT_BF16=False))
             out[f"flush-{key}"] = instructions(kernels.flush_kernel, dict(
                 PARAM_DTYPE=dtype, CHUNK=65536, BLOCK=1024, SCALARS_ON_DEVICE=True, ALIGNED=aligned,
-                SOFT_BF16=False))
+                MASTER=False, STOCHASTIC=False, SOFT_BF16=False))
+            if dname == "bf16":  # master weights and stochastic rounding keep the vector accesses
+                out[f"adamw_master-{key}"] = instructions(kernels.adamw_kernel, dict(
+                    PARAM_DTYPE=dtype, CHUNK=65536, BLOCK=1024, FRESH=False, NORMS=True, SCALARS_ON_DEVICE=False,
+                    ALIGNED=aligned, MASTER=True, STOCHASTIC=True, SOFT_BF16=False))
+                out[f"flush_master-{key}"] = instructions(kernels.flush_kernel, dict(
+                    PARAM_DTYPE=dtype, CHUNK=65536, BLOCK=1024, SCALARS_ON_DEVICE=False, ALIGNED=aligned,
+                    MASTER=True, STOCHASTIC=False, SOFT_BF16=False))
             out[f"norms-{key}"] = instructions(kernels.sq_norm_partials_kernel, dict(
                 DTYPE=dtype, CHUNK=65536, BLOCK=1024, ALIGNED=aligned))
     out["reduce"] = instructions(kernels.reduce_partials_kernel, dict(BLOCK=256))

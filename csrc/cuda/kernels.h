@@ -9,17 +9,29 @@ namespace misa {
 
 enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
-// Hyperparameters folded on the host (misa_kernels/scalars.py). When `device` is not null the kernel
-// reads [step_size, bias_correction2_sqrt, decay] from it instead (lr/step as device tensors, for
-// CUDA-graph capture).
+// Hyperparameters folded on the host in float64 (misa_kernels/scalars.py): a kernel only multiplies
+// and adds them, never forms 1 - beta or beta^step itself. When `device` is not null the kernel reads
+// [step_size, bias_correction2_sqrt, decay] from it instead (lr/step as device tensors, for CUDA-graph
+// capture).
 struct AdamScalars {
-  float beta1;
+  float one_minus_beta1;
   float beta2;
+  float one_minus_beta2;
   float eps;
   float step_size;
   float bias_correction2_sqrt;
   float decay;
   const float* device;
+};
+
+// How the fp32 result is written into a bf16/fp16 parameter. `master`: fp32 master copies (one per
+// parameter) are read and written, and the parameter is their rounded value; on a fresh step the
+// master is set from the parameter. `stochastic` (bf16 only): unbiased rounding keyed by
+// hash32(seed + tensor_index * golden) ^ element index, the same hash as misa_kernels/scalars.py.
+struct Rounding {
+  float* const* master;  // null: no masters
+  bool stochastic;
+  uint32_t seed;
 };
 
 // Number of fp32 partial sums the norm-producing launches need as workspace.
@@ -29,15 +41,16 @@ int64_t norm_workspace_size(int n_tensors, const int64_t* numels);
 // deterministically through `workspace` (norm_workspace_size floats).
 cudaError_t adamw_step(int n_tensors, void* const* params, const void* const* grads, float* const* exp_avgs,
                 float* const* exp_avg_sqs, const int64_t* numels, DType dtype, AdamScalars scalars, bool fresh,
-                float* grad_sq_norms, float* workspace, cudaStream_t stream);
+                Rounding rounding, float* grad_sq_norms, float* workspace, cudaStream_t stream);
 
 // out[i] += sum(x_i^2); `out` must be zeroed by the caller for a plain norm.
 cudaError_t grad_sq_norms(int n_tensors, const void* const* tensors, const int64_t* numels, DType dtype, float* out,
                    float* workspace, cudaStream_t stream);
 
-// p -= step_size * m / (sqrt(v) / bias_correction2_sqrt + eps); states are read only.
+// p -= step_size * m / (sqrt(v) / bias_correction2_sqrt + eps); states are read only (masters, when
+// given, are updated and the parameters written from them).
 cudaError_t momentum_flush(int n_tensors, void* const* params, const float* const* exp_avgs,
                     const float* const* exp_avg_sqs, const int64_t* numels, DType dtype, AdamScalars scalars,
-                    cudaStream_t stream);
+                    Rounding rounding, cudaStream_t stream);
 
 }  // namespace misa

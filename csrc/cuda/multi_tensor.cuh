@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -24,6 +25,7 @@ template <int Depth> struct MaxTensors;
 template <> struct MaxTensors<1> { static constexpr int value = 110; };
 template <> struct MaxTensors<3> { static constexpr int value = 48; };
 template <> struct MaxTensors<4> { static constexpr int value = 36; };
+template <> struct MaxTensors<5> { static constexpr int value = 30; };
 
 template <int Depth>
 struct TensorTable {
@@ -31,6 +33,7 @@ struct TensorTable {
   void* addresses[Depth][kMaxTensors];
   int64_t numel[kMaxTensors];
   int64_t partial_base[kMaxTensors];  // index of the tensor's first chunk in the norm workspace
+  int32_t index[kMaxTensors];         // the tensor's position among the call's non-empty tensors
   uint16_t block_tensor[kMaxBlocks];
   int32_t block_chunk[kMaxBlocks];
 };
@@ -49,13 +52,14 @@ void multi_tensor_apply(int n_tensors, void* const* const* lists, const int64_t*
   int last = -1;
   for (int i = 0; i < n_tensors; ++i)
     if (numels[i] > 0) last = i;
-  int loc_tensor = 0, loc_block = 0;
+  int loc_tensor = 0, loc_block = 0, nonempty = 0;
   int64_t partial_base = 0;
   for (int i = 0; i <= last; ++i) {
     if (numels[i] == 0) continue;
     for (int d = 0; d < Depth; ++d) table.addresses[d][loc_tensor] = lists[d][i];
     table.numel[loc_tensor] = numels[i];
     table.partial_base[loc_tensor] = partial_base;
+    table.index[loc_tensor] = nonempty++;
     ++loc_tensor;
     const int64_t chunks = chunks_of(numels[i]);
     for (int64_t c = 0; c < chunks; ++c) {
@@ -75,6 +79,7 @@ void multi_tensor_apply(int n_tensors, void* const* const* lists, const int64_t*
           for (int d = 0; d < Depth; ++d) table.addresses[d][0] = table.addresses[d][loc_tensor - 1];
           table.numel[0] = table.numel[loc_tensor - 1];
           table.partial_base[0] = table.partial_base[loc_tensor - 1];
+          table.index[0] = table.index[loc_tensor - 1];
           loc_tensor = 1;
         }
       }
@@ -93,6 +98,39 @@ template <typename T> __device__ __forceinline__ T from_float(float x);
 template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+
+// lowbias32 (C. Wellons): the hash misa_kernels/scalars.py and the Triton kernels use, so that every
+// backend makes the same stochastic rounding decisions.
+__host__ __device__ __forceinline__ uint32_t hash32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
+}
+
+__host__ __device__ __forceinline__ uint32_t tensor_key(uint32_t seed, uint32_t tensor_index) {
+  return hash32(seed + tensor_index * 0x9E3779B9u);
+}
+
+// fp32 -> bf16 rounding up with probability equal to the distance from the lower neighbour.
+__device__ __forceinline__ __nv_bfloat16 stochastic_bf16(float x, uint32_t key, int64_t element) {
+  if (x != x) return __float2bfloat16_rn(x);
+  const uint32_t noise = hash32(static_cast<uint32_t>(element) ^ key) & 0xFFFFu;
+  const uint32_t bits = (__float_as_uint(x) + noise) & 0xFFFF0000u;
+  return __ushort_as_bfloat16(static_cast<unsigned short>(bits >> 16));
+}
+
+// The parameter's value for an fp32 result: nearest-even, or stochastic (bf16 only).
+template <typename T, bool kStochastic>
+__device__ __forceinline__ T round_to_param(float x, uint32_t key, int64_t element) {
+  if constexpr (kStochastic && std::is_same_v<T, __nv_bfloat16>) {
+    return stochastic_bf16(x, key, element);
+  } else {
+    return from_float<T>(x);
+  }
+}
 
 // N elements moved as one aligned vector (16 bytes for N * sizeof(T) == 16).
 template <typename T, int N>

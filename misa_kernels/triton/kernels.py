@@ -1,10 +1,16 @@
 """Triton kernels: one program per chunk of the chunk table (tables.py), fp32 math.
 
-Hyperparameters are runtime arguments (a new lr or step never recompiles); only the dtype, the
-mode flags and the block sizes are compile-time constants. Each program walks its chunk in full
-blocks without a mask (so that the compiler can use 16-byte vector accesses when the host vouches
-for alignment with ALIGNED) and one masked tail block. Norms are written as one partial per chunk
-and summed per tensor by `reduce_partials_kernel` in a fixed order: deterministic, no atomics.
+Hyperparameters are runtime arguments, folded on the host (misa_kernels/scalars.py): a kernel only
+multiplies and adds them, and a new lr or step never recompiles. Only the dtype, the mode flags and
+the block sizes are compile-time constants. Each program walks its chunk in full blocks without a
+mask (so that the compiler can use 16-byte vector accesses when the host vouches for alignment with
+ALIGNED) and one masked tail block. Norms are written as one partial per chunk and summed per
+tensor by `reduce_partials_kernel` in a fixed order: deterministic, no atomics.
+
+MASTER: the update reads and writes an fp32 master copy (operand 4 of the table) and writes the
+parameter as the rounded master; on a FRESH step the master is set from the parameter, never read.
+STOCHASTIC: bf16 results are rounded stochastically with the hash of scalars.hash32, keyed by
+(seed, tensor index, element index), so the torch and CUDA backends round identically.
 """
 
 import triton
@@ -36,8 +42,31 @@ def _store(ptr, idx, value, mask, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _to_param(x, DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
-    if SOFT_BF16 and DTYPE == tl.bfloat16:
+def _hash32(x):
+    # lowbias32, on uint32 (multiplications wrap mod 2**32): scalars.hash32 in Python.
+    x ^= x >> 16
+    x *= 0x7FEB352D
+    x ^= x >> 15
+    x *= 0x846CA68B
+    x ^= x >> 16
+    return x
+
+
+@triton.jit
+def _tensor_key(seed, t):
+    return _hash32(seed.to(tl.uint32) + t.to(tl.uint32) * 0x9E3779B9)
+
+
+@triton.jit
+def _to_param(x, idx, key, DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr, SOFT_BF16: tl.constexpr):
+    if STOCHASTIC and DTYPE == tl.bfloat16:
+        # Adding 16 random low bits before truncating rounds up with probability equal to the
+        # distance from the lower bf16 neighbour: unbiased.
+        noise = _hash32(idx.to(tl.uint32) ^ key) & 0xFFFF
+        bits = (x.to(tl.uint32, bitcast=True) + noise) & 0xFFFF0000
+        rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return tl.where(x != x, x.to(DTYPE), rounded)
+    elif SOFT_BF16 and DTYPE == tl.bfloat16:
         # Triton's interpreter truncates fp32 -> bf16; round to nearest even by hand there so the
         # interpreter checks the same numbers the GPU computes.
         bits = x.to(tl.uint32, bitcast=True)
@@ -60,22 +89,28 @@ def _chunk_bounds(chunk_tensor_ptr, chunk_start_ptr, numel_ptr, CHUNK: tl.conste
 
 
 @triton.jit
-def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, idx, n, beta1, beta2, eps, step_size, bc2_sqrt, decay,
-                 PARAM_DTYPE: tl.constexpr, FRESH: tl.constexpr, SOFT_BF16: tl.constexpr, MASKED: tl.constexpr):
+def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, idx, n, key, one_minus_beta1, beta2, one_minus_beta2, eps,
+                 step_size, bc2_sqrt, decay, PARAM_DTYPE: tl.constexpr, FRESH: tl.constexpr, MASTER: tl.constexpr,
+                 STOCHASTIC: tl.constexpr, SOFT_BF16: tl.constexpr, MASKED: tl.constexpr):
     mask = idx < n
     g = _load(g_ptr, idx, mask, MASKED).to(tl.float32)
     if FRESH:
-        m = (1.0 - beta1) * g
-        v = (1.0 - beta2) * g * g
+        m = one_minus_beta1 * g
+        v = one_minus_beta2 * g * g
     else:
         m = _load(m_ptr, idx, mask, MASKED)
         v = _load(v_ptr, idx, mask, MASKED)
-        m = m + (1.0 - beta1) * (g - m)
-        v = beta2 * v + (1.0 - beta2) * g * g
-    p = _load(p_ptr, idx, mask, MASKED).to(tl.float32)
+        m = m + one_minus_beta1 * (g - m)
+        v = beta2 * v + one_minus_beta2 * g * g
+    if MASTER and not FRESH:
+        p = _load(w_ptr, idx, mask, MASKED)
+    else:
+        p = _load(p_ptr, idx, mask, MASKED).to(tl.float32)
     denom = tl.sqrt(v) / bc2_sqrt + eps
     p = p * decay - step_size * (m / denom)
-    _store(p_ptr, idx, _to_param(p, PARAM_DTYPE, SOFT_BF16), mask, MASKED)
+    if MASTER:
+        _store(w_ptr, idx, p, mask, MASKED)
+    _store(p_ptr, idx, _to_param(p, idx, key, PARAM_DTYPE, STOCHASTIC, SOFT_BF16), mask, MASKED)
     _store(m_ptr, idx, m, mask, MASKED)
     _store(v_ptr, idx, v, mask, MASKED)
     return g * g
@@ -85,16 +120,20 @@ def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, idx, n, beta1, beta2, eps, step_siz
 def adamw_kernel(
     chunk_tensor_ptr, chunk_start_ptr, numel_ptr, addr_ptr, n_tensors,
     partials_ptr, scalars_ptr,
-    beta1, beta2, eps, step_size, bc2_sqrt, decay,
+    one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt, decay, seed,
     PARAM_DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
     FRESH: tl.constexpr, NORMS: tl.constexpr, SCALARS_ON_DEVICE: tl.constexpr, ALIGNED: tl.constexpr,
-    SOFT_BF16: tl.constexpr,
+    MASTER: tl.constexpr, STOCHASTIC: tl.constexpr, SOFT_BF16: tl.constexpr,
 ):
     pid, t, start, n, length, full = _chunk_bounds(chunk_tensor_ptr, chunk_start_ptr, numel_ptr, CHUNK, BLOCK)
     p_ptr = _typed(tl.load(addr_ptr + t), PARAM_DTYPE, ALIGNED)
     g_ptr = _typed(tl.load(addr_ptr + n_tensors + t), PARAM_DTYPE, ALIGNED)
     m_ptr = _typed(tl.load(addr_ptr + 2 * n_tensors + t), tl.float32, ALIGNED)
     v_ptr = _typed(tl.load(addr_ptr + 3 * n_tensors + t), tl.float32, ALIGNED)
+    w_ptr = m_ptr
+    if MASTER:
+        w_ptr = _typed(tl.load(addr_ptr + 4 * n_tensors + t), tl.float32, ALIGNED)
+    key = _tensor_key(seed, t)
     if SCALARS_ON_DEVICE:
         step_size = tl.load(scalars_ptr)
         bc2_sqrt = tl.load(scalars_ptr + 1)
@@ -102,47 +141,62 @@ def adamw_kernel(
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for off in range(0, full, BLOCK):
         idx = tl.multiple_of(start + off, BLOCK) + tl.arange(0, BLOCK)
-        acc += _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, idx, n, beta1, beta2, eps, step_size, bc2_sqrt, decay,
-                            PARAM_DTYPE, FRESH, SOFT_BF16, False)
+        acc += _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, idx, n, key, one_minus_beta1, beta2,
+                            one_minus_beta2, eps, step_size, bc2_sqrt, decay,
+                            PARAM_DTYPE, FRESH, MASTER, STOCHASTIC, SOFT_BF16, False)
     if full < length:
         idx = start + full + tl.arange(0, BLOCK)
-        acc += _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, idx, n, beta1, beta2, eps, step_size, bc2_sqrt, decay,
-                            PARAM_DTYPE, FRESH, SOFT_BF16, True)
+        acc += _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, idx, n, key, one_minus_beta1, beta2,
+                            one_minus_beta2, eps, step_size, bc2_sqrt, decay,
+                            PARAM_DTYPE, FRESH, MASTER, STOCHASTIC, SOFT_BF16, True)
     if NORMS:
         tl.store(partials_ptr + pid, tl.sum(acc, axis=0))
 
 
 @triton.jit
-def _flush_block(p_ptr, m_ptr, v_ptr, idx, n, eps, step_size, bc2_sqrt,
-                 PARAM_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr, MASKED: tl.constexpr):
+def _flush_block(p_ptr, m_ptr, v_ptr, w_ptr, idx, n, key, eps, step_size, bc2_sqrt,
+                 PARAM_DTYPE: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr,
+                 SOFT_BF16: tl.constexpr, MASKED: tl.constexpr):
     mask = idx < n
     m = _load(m_ptr, idx, mask, MASKED)
     v = _load(v_ptr, idx, mask, MASKED)
-    p = _load(p_ptr, idx, mask, MASKED).to(tl.float32)
+    if MASTER:
+        p = _load(w_ptr, idx, mask, MASKED)
+    else:
+        p = _load(p_ptr, idx, mask, MASKED).to(tl.float32)
     p = p - step_size * (m / (tl.sqrt(v) / bc2_sqrt + eps))
-    _store(p_ptr, idx, _to_param(p, PARAM_DTYPE, SOFT_BF16), mask, MASKED)
+    if MASTER:
+        _store(w_ptr, idx, p, mask, MASKED)
+    _store(p_ptr, idx, _to_param(p, idx, key, PARAM_DTYPE, STOCHASTIC, SOFT_BF16), mask, MASKED)
 
 
 @triton.jit
 def flush_kernel(
     chunk_tensor_ptr, chunk_start_ptr, numel_ptr, addr_ptr, n_tensors,
-    scalars_ptr, eps, step_size, bc2_sqrt,
+    scalars_ptr, eps, step_size, bc2_sqrt, seed,
     PARAM_DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-    SCALARS_ON_DEVICE: tl.constexpr, ALIGNED: tl.constexpr, SOFT_BF16: tl.constexpr,
+    SCALARS_ON_DEVICE: tl.constexpr, ALIGNED: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
 ):
     pid, t, start, n, length, full = _chunk_bounds(chunk_tensor_ptr, chunk_start_ptr, numel_ptr, CHUNK, BLOCK)
     p_ptr = _typed(tl.load(addr_ptr + t), PARAM_DTYPE, ALIGNED)
     m_ptr = _typed(tl.load(addr_ptr + n_tensors + t), tl.float32, ALIGNED)
     v_ptr = _typed(tl.load(addr_ptr + 2 * n_tensors + t), tl.float32, ALIGNED)
+    w_ptr = m_ptr
+    if MASTER:
+        w_ptr = _typed(tl.load(addr_ptr + 3 * n_tensors + t), tl.float32, ALIGNED)
+    key = _tensor_key(seed, t)
     if SCALARS_ON_DEVICE:
         step_size = tl.load(scalars_ptr)
         bc2_sqrt = tl.load(scalars_ptr + 1)
     for off in range(0, full, BLOCK):
         idx = tl.multiple_of(start + off, BLOCK) + tl.arange(0, BLOCK)
-        _flush_block(p_ptr, m_ptr, v_ptr, idx, n, eps, step_size, bc2_sqrt, PARAM_DTYPE, SOFT_BF16, False)
+        _flush_block(p_ptr, m_ptr, v_ptr, w_ptr, idx, n, key, eps, step_size, bc2_sqrt, PARAM_DTYPE, MASTER,
+                     STOCHASTIC, SOFT_BF16, False)
     if full < length:
         idx = start + full + tl.arange(0, BLOCK)
-        _flush_block(p_ptr, m_ptr, v_ptr, idx, n, eps, step_size, bc2_sqrt, PARAM_DTYPE, SOFT_BF16, True)
+        _flush_block(p_ptr, m_ptr, v_ptr, w_ptr, idx, n, key, eps, step_size, bc2_sqrt, PARAM_DTYPE, MASTER,
+                     STOCHASTIC, SOFT_BF16, True)
 
 
 @triton.jit

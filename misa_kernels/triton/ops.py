@@ -37,17 +37,22 @@ def _reduce(partials: Tensor, table: tables.ChunkTable, out: Tensor) -> None:
 
 
 def _nonempty(*lists: List[Tensor]):
+    # Empty tensors take no chunk. Every backend numbers the remaining tensors the same way (their
+    # index among the non-empty ones keys stochastic rounding).
     keep = [i for i, t in enumerate(lists[0]) if t.numel() > 0]
     return keep, [[ts[i] for i in keep] for ts in lists]
 
 
-def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms: Optional[Tensor], *, lr, beta1,
-                beta2, eps, weight_decay, step, fresh) -> None:
-    keep, (params, grads, exp_avgs, exp_avg_sqs) = _nonempty(params, grads, exp_avgs, exp_avg_sqs)
+def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms: Optional[Tensor], master_params, *, lr,
+                beta1, beta2, eps, weight_decay, step, fresh, stochastic, seed) -> None:
+    master = bool(master_params)
+    lists = [params, grads, exp_avgs, exp_avg_sqs] + ([master_params] if master else [])
+    keep, lists = _nonempty(*lists)
     if not keep:
         return
+    params = lists[0]
     chunk = _chunk()
-    table = tables.build([params, grads, exp_avgs, exp_avg_sqs], chunk)
+    table = tables.build(lists, chunk)
     sc = kernel_scalars(lr, step, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
     norms = grad_sq_norms is not None
     partials = torch.empty(table.n_chunks if norms else 1, dtype=torch.float32, device=params[0].device)
@@ -55,10 +60,11 @@ def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms: Optional[Te
     adamw_kernel[(table.n_chunks,)](
         table.chunk_tensor, table.chunk_start, table.numels, table.addresses, table.n_tensors,
         partials, scalars_dev,
-        sc.beta1, sc.beta2, sc.eps, sc.step_size, sc.bias_correction2_sqrt, sc.decay,
+        sc.one_minus_beta1, sc.beta2, sc.one_minus_beta2, sc.eps, sc.step_size, sc.bias_correction2_sqrt, sc.decay,
+        int(seed),
         PARAM_DTYPE=_TL_DTYPES[params[0].dtype], CHUNK=chunk, BLOCK=_block(chunk),
         FRESH=bool(fresh), NORMS=norms, SCALARS_ON_DEVICE=sc.device is not None,
-        ALIGNED=table.aligned16, SOFT_BF16=_SOFT_BF16,
+        ALIGNED=table.aligned16, MASTER=master, STOCHASTIC=bool(stochastic), SOFT_BF16=_SOFT_BF16,
     )
     if norms:
         if len(keep) == len(grad_sq_norms):
@@ -90,17 +96,21 @@ def grad_sq_norms(tensors) -> Tensor:
     return out
 
 
-def momentum_flush_(params, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, step) -> None:
-    keep, (params, exp_avgs, exp_avg_sqs) = _nonempty(params, exp_avgs, exp_avg_sqs)
+def momentum_flush_(params, exp_avgs, exp_avg_sqs, master_params, *, lr, beta1, beta2, eps, step, stochastic,
+                    seed) -> None:
+    master = bool(master_params)
+    keep, lists = _nonempty(*([params, exp_avgs, exp_avg_sqs] + ([master_params] if master else [])))
     if not keep:
         return
+    params = lists[0]
     chunk = _chunk()
-    table = tables.build([params, exp_avgs, exp_avg_sqs], chunk)
+    table = tables.build(lists, chunk)
     sc = kernel_scalars(lr, step, beta1=beta1, beta2=beta2, eps=eps, flush=True)
     scalars_dev = sc.device if sc.device is not None else table.numels
     flush_kernel[(table.n_chunks,)](
         table.chunk_tensor, table.chunk_start, table.numels, table.addresses, table.n_tensors,
-        scalars_dev, sc.eps, sc.step_size, sc.bias_correction2_sqrt,
+        scalars_dev, sc.eps, sc.step_size, sc.bias_correction2_sqrt, int(seed),
         PARAM_DTYPE=_TL_DTYPES[params[0].dtype], CHUNK=chunk, BLOCK=_block(chunk),
-        SCALARS_ON_DEVICE=sc.device is not None, ALIGNED=table.aligned16, SOFT_BF16=_SOFT_BF16,
+        SCALARS_ON_DEVICE=sc.device is not None, ALIGNED=table.aligned16, MASTER=master,
+        STOCHASTIC=bool(stochastic), SOFT_BF16=_SOFT_BF16,
     )

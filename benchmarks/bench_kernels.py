@@ -2,8 +2,12 @@
 
 Our cuda and triton backends against the pure-torch path, torch.optim.AdamW(fused=True) followed by
 torch._foreach_norm (the usual way to get norms), and, where installed, bitsandbytes' 32-bit AdamW and
-torchao's AdamW. Every row prints time, bytes moved, GB/s and % of the copy bandwidth measured in the
-same run, and is saved to benchmarks/results/<device>-<date>.json with a plot beside it.
+torchao's AdamW; bf16 rows also time our fp32-master-weight step. Every row prints time, the bytes that
+implementation's own step moves (its state dtype: torch's fused AdamW keeps bf16 states for bf16
+parameters, ours fp32), GB/s and % of the copy bandwidth measured in the same run, and is saved to
+benchmarks/results/<device>-<date>.json with a plot beside it. The same-work comparisons: fp32
+parameters against torch's fused AdamW; bf16 parameters with fp32 states against the torch path
+(torch's fused AdamW cannot keep fp32 states for bf16 parameters).
 
     python benchmarks/bench_kernels.py            # on a GPU
     python benchmarks/bench_kernels.py --quick    # seconds, on a CPU: checks the script, claims nothing
@@ -57,8 +61,43 @@ def cases(quick: bool) -> List[Dict]:
     return out
 
 
-def adamw_bytes(numel: int, psize: int, fresh: bool) -> int:
-    return numel * (2 * psize + psize + (8 if fresh else 16))  # p r/w, g r, m and v (written; read unless fresh)
+STATE_DTYPE = {"cuda": "fp32", "triton": "fp32", "torch_reference": "fp32", "torch_fused_adamw": "param",
+               "bnb_adamw32bit": "fp32", "torchao_adamw": "param"}
+SEPARATE_NORM_PASS = {"torch_reference", "torch_fused_adamw", "bnb_adamw32bit", "torchao_adamw"}
+PSIZE = {"bf16": 2, "fp32": 4}
+
+
+def adamw_bytes_per_element(impl: str, param_dtype: str, fresh: bool, master: bool = False) -> int:
+    """The bytes each implementation's own step must move per element (its floor): every
+    implementation is counted with the state dtype it keeps and the passes it makes.
+
+    ours: p r/w, g r, m and v written (and read unless fresh); with a master: master r/w (on a fresh
+    step p is read and the master only written), p written. Peers add their separate norm pass (a
+    read of g); torch's fused AdamW keeps states in the parameter dtype, and a fresh step for it means
+    just-created states, which it zero-fills before reading them."""
+    psize = PSIZE[param_dtype]
+    ssize = psize if STATE_DTYPE[impl] == "param" else 4
+    if master:
+        param = (psize + 4 + psize) if fresh else (8 + psize)
+    else:
+        param = 2 * psize
+    states = 2 * ssize * (1 if fresh and impl in ("cuda", "triton", "torch_reference") else 2)
+    if fresh and impl not in ("cuda", "triton", "torch_reference"):
+        states += 2 * ssize  # zero-filling the new states
+    return param + psize + states + (psize if impl in SEPARATE_NORM_PASS else 0)
+
+
+def row_bytes(row: Dict) -> int:
+    """Bytes of a saved kernel row, recomputed from what it ran (results files keep older counts)."""
+    if row["bench"] == "adamw_step":
+        return row["numel"] * adamw_bytes_per_element(row["impl"], row["param_dtype"], row["fresh"],
+                                                       row.get("master", False))
+    if row["bench"] == "grad_sq_norms":
+        return row["numel"] * PSIZE[row["param_dtype"]]
+    if row["bench"] == "momentum_flush":
+        psize = PSIZE[row["param_dtype"]]
+        return row["numel"] * ((8 + psize) if row.get("master") else 2 * psize) + row["numel"] * 8
+    return row["bytes"]
 
 
 def make_sets(shapes, dtype, device, n_sets):
@@ -92,17 +131,18 @@ def impls(device: torch.device, quick: bool) -> List[str]:
     return names
 
 
-def adamw_runner(impl: str, sets, fresh: bool):
+def adamw_runner(impl: str, sets, fresh: bool, master: bool = False):
     """Returns fn(i) doing one step (with squared grad norms) on buffer set i % len(sets)."""
     hyper = dict(lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
     if impl in ("cuda", "triton", "torch_reference"):
         backend = "torch" if impl == "torch_reference" else impl
+        masters = [[t.float() for t in s[0]] for s in sets] if master else None
 
         def run(i):
             p, g, m, v = sets[i % len(sets)]
             norms = torch.zeros(len(p), device=p[0].device)
             mk.adamw_step_(p, g, m, v, **hyper, step=1 if fresh else 10, fresh=fresh, grad_sq_norms=norms,
-                           backend=backend)
+                           master_params=masters[i % len(sets)] if master else None, backend=backend)
         return run
     # Peers: torch.optim-style optimizers over the same tensors, norms by torch._foreach_norm. A fresh
     # step for them means states that were just allocated (their first step zero-fills them).
@@ -150,18 +190,24 @@ def bench(args) -> Path:
                 print(f"skip {case['name']} {dname}: does not fit in memory")
                 continue
             sets = make_sets(case["shapes"], dtype, device, n_sets)
-            for impl in impls(device, args.quick):
+            variants = [(impl, False) for impl in impls(device, args.quick)]
+            if dname == "bf16":  # fp32 master weights: ours only (torch's fused AdamW has no masters)
+                variants += [(impl, True) for impl in impls(device, args.quick) if impl in ("cuda", "triton",
+                                                                                           "torch_reference")]
+            for impl, master in variants:
                 for fresh in (False, True):
                     if time.monotonic() > deadline:
                         print("time budget reached: remaining rows skipped")
                         break
                     try:
-                        t = common.time_ms(adamw_runner(impl, sets, fresh), device, args.reps, args.warmup)
+                        t = common.time_ms(adamw_runner(impl, sets, fresh, master), device, args.reps, args.warmup)
                     except Exception as exc:  # a peer that cannot take this case (e.g. dtype)
                         print(f"{impl} {case['name']} {dname}: {type(exc).__name__}: {exc}")
                         continue
-                    nbytes = adamw_bytes(numel, psize, fresh)
-                    rows.append(row("adamw_step", impl, dname, case, numel, fresh, t, nbytes, bw))
+                    nbytes = numel * adamw_bytes_per_element(impl, dname, fresh, master)
+                    r = row("adamw_step", impl, dname, case, numel, fresh, t, nbytes, bw)
+                    r.update(master=master, state_dtype=dname if STATE_DTYPE[impl] == "param" else "fp32")
+                    rows.append(r)
             for impl in [b for b in ("cuda", "triton") if b in impls(device, args.quick)] + ["torch_reference",
                                                                                              "torch_foreach_norm"]:
                 grads = [s[1] for s in sets]
@@ -185,7 +231,8 @@ def bench(args) -> Path:
                 torch.cuda.empty_cache()
     path = common.save(device, args.out, rows, {"copy_bandwidth_gbps": bw, "quick": args.quick})
     for r in rows:
-        print(f"{r['bench']:15s} {r['impl']:18s} {r['param_dtype']:4s} {r['case']:22s} fresh={r['fresh']!s:5s} "
+        print(f"{r['bench']:15s} {r['impl']:18s} {r['param_dtype']:4s}{'+w' if r.get('master') else '  '} "
+              f"{r['case']:22s} fresh={r['fresh']!s:5s} "
               f"{r['ms_p50']:9.3f} ms  {r['gbps']:8.1f} GB/s  {r['pct_copy_bw']:5.1f}% of copy")
     plot(rows, path.with_suffix(".kernels.png"), common.device_name(device))
     print(f"copy bandwidth {bw:.1f} GB/s")

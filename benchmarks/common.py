@@ -54,8 +54,20 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def quantiles(times: List[float]) -> Dict[str, float]:
+    if not times:
+        return {"ms_p20": float("nan"), "ms_p50": float("nan"), "ms_p80": float("nan")}
+    q = torch.tensor(times, dtype=torch.float64).quantile(torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64))
+    return {"ms_p20": float(q[0]), "ms_p50": float(q[1]), "ms_p80": float(q[2])}
+
+
 def time_ms(fn: Callable[[int], None], device: torch.device, reps: int, warmup: int) -> Dict[str, float]:
     """Runs fn(i) warmup + reps times; returns p20/p50/p80 of the timed runs in milliseconds."""
+    return quantiles(time_each_ms(fn, device, reps, warmup))
+
+
+def time_each_ms(fn: Callable[[int], None], device: torch.device, reps: int, warmup: int) -> List[float]:
+    """Runs fn(i) warmup + reps times; returns the time of each timed run in milliseconds."""
     for i in range(warmup):
         fn(i)
     synchronize(device)
@@ -72,8 +84,7 @@ def time_ms(fn: Callable[[int], None], device: torch.device, reps: int, warmup: 
             t0 = time.perf_counter()
             fn(warmup + i)
             times.append((time.perf_counter() - t0) * 1e3)
-    q = torch.tensor(times, dtype=torch.float64).quantile(torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64))
-    return {"ms_p20": float(q[0]), "ms_p50": float(q[1]), "ms_p80": float(q[2])}
+    return times
 
 
 def copy_bandwidth_gbps(device: torch.device, numel: int, reps: int = 20) -> float:

@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 REQUIRED_TOP = ("device", "torch", "commit", "date", "rows")
@@ -72,25 +73,105 @@ def verdict(rows) -> str:
     return " ".join(out)
 
 
-def kernels_section() -> str:
-    gpu_files = []
+def _gpu_file(bench: str):
+    """The newest non-quick GPU results file holding rows of `bench`."""
+    found = None
     for f in sorted(RESULTS.glob("*.json")):
         data = json.loads(f.read_text())
         if not data.get("quick") and not str(data.get("device", "cpu")).startswith("cpu") and any(
-                r.get("bench") == "adamw_step" for r in data.get("rows", [])):
-            gpu_files.append((f, data))
-    if not gpu_files:
+                str(r.get("bench")).startswith(bench) for r in data.get("rows", [])):
+            found = (f, data)
+    return found
+
+
+def _header(f: Path, data) -> str:
+    return (f"`{f.relative_to(ROOT)}`: {data['device']}, torch {data['torch']}, triton {data.get('triton')}, "
+            f"commit {data['commit'][:10]}, {data['date']}")
+
+
+KERNEL_CASES = ("uniform-64M", "llama3-8b-delta3%", "many-small")
+
+
+def kernels_section() -> str:
+    """adamw_step and grad_sq_norms on a few telling cases. Bytes and bandwidth are recomputed from
+    what each row ran (bench_kernels.row_bytes), so every implementation is charged its own traffic
+    (state dtype, separate norm pass) whatever count the file was written with."""
+    import bench_kernels
+
+    found = _gpu_file("adamw_step")
+    if found is None:
         return ("_No GPU kernel results are recorded yet: run `bash benchmarks/gpu_check.sh` on a GPU and commit "
                 "the JSON it writes._")
-    f, data = gpu_files[-1]
-    lines = [f"`{f.relative_to(ROOT)}`: {data['device']}, torch {data['torch']}, triton {data.get('triton')}, "
-             f"commit {data['commit'][:10]}, {data['date']}; "
-             f"copy bandwidth {data['copy_bandwidth_gbps']:.0f} GB/s.", "",
-             "| case | dtype | fresh | impl | ms (p50) | GB/s | % of copy bw |", "|---|---|---|---|---|---|---|"]
+    f, data = found
+    bw = data["copy_bandwidth_gbps"]
+    lines = [f"{_header(f, data)}; copy bandwidth {bw:.0f} GB/s. Each row's bytes are that implementation's "
+             "own (its state dtype; peers' separate norm pass included); same work: fp32 rows against "
+             "`torch_fused_adamw`, bf16 rows with fp32 states against `torch_reference`.", "",
+             "| op | case | params | states | fresh | impl | ms (p50) | B/elem | GB/s | % of copy bw |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
+        if r["bench"] not in ("adamw_step", "grad_sq_norms") or r["case"] not in KERNEL_CASES:
+            continue
+        nbytes = bench_kernels.row_bytes(r)
+        gbps = nbytes / (r["ms_p50"] * 1e-3) / 1e9
         if r["bench"] == "adamw_step":
-            lines.append(f"| {r['case']} | {r['param_dtype']} | {r['fresh']} | {r['impl']} | {r['ms_p50']:.3f} | "
-                         f"{r['gbps']:.0f} | {r['pct_copy_bw']:.1f} |")
+            states = r["param_dtype"] if bench_kernels.STATE_DTYPE[r["impl"]] == "param" else "fp32"
+            states += " + fp32 master" if r.get("master") else ""
+        else:
+            states = "-"
+        lines.append(f"| {r['bench']} | {r['case']} | {r['param_dtype']} | {states} | {r['fresh']} | {r['impl']} | "
+                     f"{r['ms_p50']:.3f} | {nbytes / r['numel']:.0f} | {gbps:.0f} | {100 * gbps / bw:.1f} |")
+    return "\n".join(lines)
+
+
+def train_step_section() -> str:
+    """Training-step time and memory. Memory is shown only for rows measured with the build in the
+    training dtype and the peak counter reset after it (`memory_method`); older rows counted the
+    fp32 construction and are withheld."""
+    found = _gpu_file("train_step")
+    if found is None:
+        return "_No GPU training-step results are recorded yet._"
+    f, data = found
+    rows = [r for r in data["rows"] if str(r.get("bench")).startswith("train_step")]
+    measured = any("memory_method" in r for r in rows)
+    lines = [f"{_header(f, data)}; batch 1, bf16 weights."
+             + ("" if measured else " Peak memory is withheld: this file's runs counted the model's fp32 "
+                "construction (all 8B rows read the same 30.96 GB); a new GPU run measures it correctly."), "",
+             "| model | seq | ckpt | cap GB | impl | steady ms (p50) | switch ms (p50) | tokens/s | peak GB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("oom"):
+            lines.append(f"| {r['model']} | {r['seq_len']} | {r['grad_checkpointing']} | {r.get('memory_cap_gb') or ''}"
+                         f" | {r['impl']} | out of memory | | | |")
+            continue
+        peak = f"{r['peak_allocated_gb']:.1f}" if "memory_method" in r and "peak_allocated_gb" in r else "withheld"
+        switch = r.get("switch_ms_p50")
+        lines.append(f"| {r['model']} | {r['seq_len']} | {r['grad_checkpointing']} | {r.get('memory_cap_gb') or ''} | "
+                     f"{r['impl']} | {r['ms_p50']:.1f} | {'' if switch is None else f'{switch:.1f}'} | "
+                     f"{r['tokens_per_s']:.0f} | {peak} |")
+    return "\n".join(lines)
+
+
+def master_section() -> str:
+    found = None
+    for f in sorted(RESULTS.glob("*.json")):
+        data = json.loads(f.read_text())
+        if any(r.get("bench") == "master_weights" for r in data.get("rows", [])):
+            found = (f, data)
+    if found is None:
+        return "_Not measured yet: run `python benchmarks/bench_master_weights.py`._"
+    f, data = found
+    setup = data.get("master_weights_setup", {})
+    lines = [f"`{f.relative_to(ROOT)}` ({data['device']}, torch {data['torch']}, commit {data['commit'][:10]}, "
+             f"{data['date']}): one bf16 {setup.get('size')}x{setup.get('size')} weight, {setup.get('steps')} steps "
+             "of one MISA period, against fp32 AdamW on the same gradients.", "",
+             "| lr | bf16 update | moved (x fp32's) | error (of fp32's distance) | entries unchanged | "
+             "floor: fp32 result rounded to bf16, error / unchanged | state B/elem |", "|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        if r.get("bench") == "master_weights":
+            lines.append(f"| {r['lr']:.0e} | {r['impl']} | {r['moved_vs_fp32']:.2f} | {r['error_vs_fp32']:.1%} | "
+                         f"{r['unchanged']:.1%} | {r.get('fp32_rounded_error', float('nan')):.1%} / "
+                         f"{r['fp32_rounded_unchanged']:.1%} | {r['state_bytes_per_element']} |")
     return "\n".join(lines)
 
 
@@ -117,10 +198,13 @@ def ddp_section() -> str:
 
 def render(readme: Path) -> None:
     text = readme.read_text()
-    for name, body in (("compare", compare_section()), ("kernels", kernels_section()), ("ddp", ddp_section())):
+    sections = (("compare", compare_section), ("kernels", kernels_section), ("train_step", train_step_section),
+                ("master", master_section), ("ddp", ddp_section))
+    for name, make in sections:
         begin, end = f"<!-- results:{name}:begin -->", f"<!-- results:{name}:end -->"
         if begin not in text:
             continue
+        body = make()
         head, rest = text.split(begin)
         _, tail = rest.split(end)
         text = f"{head}{begin}\n{body}\n{end}{tail}"

@@ -77,3 +77,13 @@ def test_ops_trace_under_fake_tensors():
         xs = [torch.empty(3), torch.empty(4)]
         out = torch.ops.misa.grad_sq_norms(xs, "torch")
         assert out.shape == (2,) and out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("spelling", ["cpu", "cpu:0"])
+def test_test_device_is_spelled_as_its_tensors_report_it(monkeypatch, spelling):
+    """torch.device("cuda") != torch.device("cuda:0") (and "cpu:0" != "cpu"): the device the tests compare
+    against must be the one tensors report, or every device assertion fails on a GPU."""
+    monkeypatch.setenv("MISA_TEST_DEVICE", spelling)
+    device = test_device()
+    assert torch.empty(0, device=device).device == device
+    assert mk.grad_sq_norms([torch.randn(3, device=device)]).device == device

@@ -41,7 +41,8 @@ def run(method: str, lr: float, device, size: int, steps: int, seed: int) -> Dic
     w0 = weight.clone()
     reference = torch.nn.Parameter(w0.float().clone())
     adamw = torch.optim.AdamW([reference], lr=lr, weight_decay=0.0)
-    opt = misa.MISA(model, lr=lr, delta=1.0, interval=steps + 1, check_finite=False, **METHODS[method])
+    opt = misa.MISA(model, lr=lr, delta=1.0, interval=steps + 1, variant="paper", check_finite=False,
+                    **METHODS[method])
     gen = torch.Generator().manual_seed(seed + 1)
     direction = torch.randn(size, size, generator=gen)
     for _ in range(steps):

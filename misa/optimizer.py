@@ -22,7 +22,8 @@ from misa_kernels.arena import ALIGN_ELEMENTS
 from misa_kernels.scalars import tensor_key
 
 from .partition import Partition, partition
-from .sampler import ORDERS, VARIANTS, ImportanceSampler, entropy
+from .sampler import ORDERS, ImportanceSampler, entropy
+from .variants import Variant, resolve
 
 _MODULES_GROUP = "modules"
 _ALWAYS_GROUP = "always"
@@ -65,18 +66,22 @@ class MISA(torch.optim.Optimizer):
         granularity: "module" (each weight matrix) or "layer" (each transformer block).
         order: "misa" (importance sampling), "uniform" (LISA-style), "ascending" | "descending" |
             "random" (BAdam's switch modes).
-        variant: "paper" (default) or "official" (the authors' code; differences in the README).
-        include_embedding, include_lm_head: make them modules ("paper") or train them at every step
-            ("official").
-        sample_last: the oldest-sampled modules forced into each sample (default 0; 2 for "official").
-        warmup_interval: length of the loops that force never-sampled modules in (default interval;
-            1 for "official").
+        variant: a preset of the switches below (misa/variants.py): "default" (what trained best in our
+            measurements), "paper" (Algorithm 1 as printed) or "official" (the authors' code), or a
+            misa.Variant. Each switch argument left None takes the preset's value.
+        include_embedding, include_lm_head: make them modules, or train them at every step when the
+            variant's embedding_and_head_every_step is set ("official").
+        sample_last: the oldest-sampled modules forced into each sample (anti-starvation).
+        warmup_interval: length of the loops that force never-sampled modules in (None: interval).
         seed: seeds the sampler's own generator (saved in state_dict).
         backend: misa_kernels backend, "auto" | "torch" | "triton" | "cuda".
         beta: EMA factor of the importance estimate (0.8).
         min_flush_steps: loops shorter than this are not flushed (a flush after one step would apply
             beta1/(1-beta1) = 9 more steps of a single noisy gradient).
-        flush: apply the end-of-loop momentum flush (default: True for "paper", False for "official").
+        flush: apply the end-of-loop momentum flush.
+        keep_states: a module sampled again in the next loop keeps its Adam state and step count.
+        norm_power: 2, the importance tracks squared gradient norms; 1, norms (the authors' code).
+        logit_cap: logits are min(logit_cap, eta * energy); math.inf for no cap.
         train_1d: train 1-D parameters of their own (norms) at every step instead of freezing them.
         always_train: extra parameters, or param-group dicts, trained at every step.
         check_finite: check each step's gradient norms first and skip the step (warning, state
@@ -104,7 +109,7 @@ class MISA(torch.optim.Optimizer):
         interval: int = 50,
         granularity: str = "module",
         order: str = "misa",
-        variant: str = "paper",
+        variant="default",
         include_embedding: bool = False,
         include_lm_head: bool = False,
         sample_last: Optional[int] = None,
@@ -115,6 +120,9 @@ class MISA(torch.optim.Optimizer):
         beta: float = 0.8,
         min_flush_steps: int = 5,
         flush: Optional[bool] = None,
+        keep_states: Optional[bool] = None,
+        norm_power: Optional[int] = None,
+        logit_cap: Optional[float] = None,
         train_1d: bool = False,
         always_train: Optional[Iterable] = None,
         check_finite: bool = True,
@@ -132,29 +140,33 @@ class MISA(torch.optim.Optimizer):
         self.seed = int(seed)
         if order not in ORDERS:
             raise ValueError(f"order: expected one of {', '.join(map(repr, ORDERS))}, got {order!r}")
-        if variant not in VARIANTS:
-            raise ValueError(f"variant: expected 'paper' or 'official', got {variant!r}")
         if backend not in ("auto", "torch", "triton", "cuda"):
             raise ValueError(f"backend: expected one of 'auto', 'torch', 'triton', 'cuda', got {backend!r}")
-        official = variant == "official"
-        self.variant, self.order, self.granularity = variant, order, granularity
+        self.v: Variant = resolve(variant, flush=flush, keep_states=keep_states, norm_power=norm_power,
+                                  logit_cap=None if logit_cap is None or math.isinf(logit_cap) else logit_cap,
+                                  warmup_interval=warmup_interval, sample_last=sample_last)
+        if logit_cap is not None and math.isinf(logit_cap) and self.v.logit_cap is not None:
+            from dataclasses import replace
+
+            self.v = replace(self.v, name=self.v.name + "+logit_cap=inf", logit_cap=None)
+        self.variant, self.order, self.granularity = self.v.name, order, granularity
         self.delta, self.eta, self.interval = float(delta), float(eta), interval
-        self.warmup_interval = warmup_interval if warmup_interval is not None else (1 if official else interval)
+        self.warmup_interval = self.v.warmup_interval or interval
         self.min_flush_steps = min_flush_steps
-        self.flush = (not official) if flush is None else bool(flush)
+        self.flush = self.v.flush
         self.backend = backend
         self.check_finite = check_finite
         self.partition: Partition = partition(
             model_or_named_params, granularity=granularity, include_embedding=include_embedding,
-            include_lm_head=include_lm_head, embedding_and_head_every_step=official, train_1d=train_1d)
+            include_lm_head=include_lm_head, embedding_and_head_every_step=self.v.embedding_and_head_every_step,
+            train_1d=train_1d, module_biases=self.v.module_biases)
         modules = self.partition.modules
         self.module_names: List[str] = [m.name for m in modules]
         sizes = [m.numel for m in modules]
         self.budget = self.delta * self.partition.total_params
         self._check_budget(sizes)
         self.sampler = ImportanceSampler(
-            sizes, self.budget, eta=eta, beta=beta, order=order, variant=variant,
-            sample_last=(2 if official else 0) if sample_last is None else sample_last, seed=seed)
+            sizes, self.budget, eta=eta, beta=beta, order=order, variant=self.v, seed=seed)
 
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         groups = [{"params": [p for m in modules for _, p in m.params], "name": _MODULES_GROUP}]
@@ -318,8 +330,7 @@ class MISA(torch.optim.Optimizer):
             self._check_active_set(new)
         old, new_set = set(self._active), set(new)
         if keep_states is None:
-            # The authors' code keeps the Adam state of a module sampled again in the next loop.
-            keep_states = old & new_set if self.variant == "official" else set()
+            keep_states = old & new_set if self.v.keep_states else set()
         for b in old:
             for p in self._module_params(b):
                 if b not in keep_states:
@@ -426,18 +437,31 @@ class MISA(torch.optim.Optimizer):
         if self._reduce_sq_norms is not None and not reduced:
             self._reduce_sq_norms(step_sq)
         per_module = step_sq[self._seg_index].sum(dim=1)
-        # paper: S accumulates squared norms; official: the norm itself, as the authors' code does.
-        self._S += per_module.sqrt() if self.variant == "official" else per_module
+        self._S += per_module.sqrt() if self.v.norm_power == 1 else per_module
+        self._advance()
+        return loss
+
+    def _advance(self) -> None:
         self._t += 1
         self._step_count += 1
-        if self._t >= self._period_len:
+        if self.v.schedule == "global_step":
+            # The authors' schedule: after every step while a module was never selected, then at multiples of T.
+            done = self._step_count % self.interval == 0 or self.sampler.never_selected()
+        else:
+            done = self._t >= self._period_len
+        if done:
             self._end_period()
-        return loss
 
     def _skip(self, entries, per_entry: Tensor) -> None:
         bad = [self._param_names.get(entries[k][1], "?") for k in
                torch.nonzero(~torch.isfinite(per_entry)).flatten().tolist()]
         self.skipped_steps += 1
+        if self.v.count_nonfinite_steps:
+            # The authors' code: the step counts, a non-finite tensor's norm counts as 1.0, no update.
+            finite = torch.where(torch.isfinite(per_entry), per_entry, torch.ones_like(per_entry))
+            per_module = self._to_slots(entries, finite)[self._seg_index].sum(dim=1)
+            self._S += per_module.sqrt() if self.v.norm_power == 1 else per_module
+            self._advance()
         warnings.warn(f"MISA: non-finite gradient in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
                       f"step {self._step_count} skipped, parameters and optimizer state untouched",
                       RuntimeWarning, stacklevel=3)
@@ -481,7 +505,7 @@ class MISA(torch.optim.Optimizer):
         length = self._t
         if self.flush and length >= self.min_flush_steps:
             self._flush()
-        stats = (self._S / length).tolist()
+        stats = (self._S / (self.interval if self.v.divide_by_interval else length)).tolist()
         self.sampler.update(self._active, stats)
         self._switch(self.sampler.sample())
 

@@ -89,7 +89,10 @@ def partition(
     include_lm_head: bool = False,
     embedding_and_head_every_step: bool = False,
     train_1d: bool = False,
+    module_biases: bool = True,
 ) -> Partition:
+    """module_biases=False: a module is its >=2-D weight alone and biases are 1-D parameters of their own
+    (frozen, or trained every step with train_1d), as in the authors' code."""
     if granularity not in ("module", "layer"):
         raise ValueError(f"granularity: expected 'module' or 'layer', got {granularity!r}")
     items, model = named_parameters(model_or_named_params)
@@ -115,7 +118,7 @@ def partition(
         block = _block_of(name) if has_blocks else None
         if block is not None and granularity == "layer":
             key, kind = block, "block"
-        elif owner in weight_owners:
+        elif owner in weight_owners and (module_biases or p.dim() >= 2):
             key, kind = owner, ("block" if block is not None else kind_of(owner))
         else:  # a 1-D parameter of its own: norms, scales
             (always if train_1d else frozen).append((name, p))

@@ -7,17 +7,19 @@ randomness comes from the sampler's own seeded generator, saved in `state_dict`.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from .variants import Variant, resolve
+
 ORDERS = ("misa", "uniform", "ascending", "descending", "random")
-VARIANTS = ("paper", "official")
-# The authors' code caps each logit at 5 (variant "official").
-OFFICIAL_LOGIT_CAP = 5.0
 
 
 class ImportanceSampler:
+    """`variant` supplies the switches that shape the estimate and the draw (norm_power, logit_cap,
+    compounding_correction, skip_zero_statistic, sample_last); `sample_last` overrides the variant's."""
+
     def __init__(
         self,
         sizes: Sequence[int],
@@ -26,14 +28,15 @@ class ImportanceSampler:
         eta: float = 1.0,
         beta: float = 0.8,
         order: str = "misa",
-        variant: str = "paper",
-        sample_last: int = 0,
+        variant="paper",
+        sample_last: Optional[int] = None,
         seed: int = 0,
     ):
         if order not in ORDERS:
             raise ValueError(f"order: expected one of {', '.join(map(repr, ORDERS))}, got {order!r}")
-        if variant not in VARIANTS:
-            raise ValueError(f"variant: expected 'paper' or 'official', got {variant!r}")
+        self.v: Variant = resolve(variant)
+        if sample_last is None:
+            sample_last = self.v.sample_last
         if not eta >= 0:
             raise ValueError(f"eta: expected eta >= 0, got {eta}")
         if not 0 <= beta < 1:
@@ -42,11 +45,12 @@ class ImportanceSampler:
             raise ValueError(f"sample_last: expected a non-negative int, got {sample_last!r}")
         self.sizes = [int(s) for s in sizes]
         self.budget = float(budget)
-        self.eta, self.beta, self.order, self.variant, self.sample_last = eta, beta, order, variant, sample_last
+        self.eta, self.beta, self.order, self.sample_last = eta, beta, order, sample_last
+        self.variant = self.v.name
         n = len(self.sizes)
         self.G = torch.zeros(n, dtype=torch.float64)  # importance estimate per module
-        self.k = torch.zeros(n, dtype=torch.int64)  # times sampled
-        self.last = torch.full((n,), -1, dtype=torch.int64)  # outer loop last sampled in
+        self.k = torch.zeros(n, dtype=torch.int64)  # times the estimate was updated
+        self.last = torch.full((n,), -1, dtype=torch.int64)  # outer loop last selected in (-1: never)
         self.loops = 0  # outer loops completed
         self.generator = torch.Generator().manual_seed(int(seed))
         self._cycle: List[int] = []  # remaining modules of the current pass (cyclic orders)
@@ -54,8 +58,8 @@ class ImportanceSampler:
 
     # ---- the estimate and the distribution ----
     def importance(self) -> torch.Tensor:
-        """Ĝ: the bias-corrected estimate (paper), or G as the authors' code keeps it (official)."""
-        if self.variant == "official":
+        """Ĝ: the bias-corrected estimate, or G itself when the correction compounds in place."""
+        if self.v.compounding_correction:
             return self.G.clone()
         corrected = self.G / (1 - self.beta ** self.k.double())
         return torch.where(self.k > 0, corrected, torch.zeros_like(self.G))
@@ -64,11 +68,14 @@ class ImportanceSampler:
         n = len(self.sizes)
         if self.order != "misa":
             return torch.full((n,), 1.0 / n, dtype=torch.float64)
-        if self.variant == "official":
-            logits = torch.clamp(self.eta * self.G.square(), max=OFFICIAL_LOGIT_CAP)
-        else:
-            logits = self.eta * self.importance()
+        energy = self.importance() if self.v.norm_power == 2 else self.importance().square()
+        logits = self.eta * energy
+        if self.v.logit_cap is not None:
+            logits = torch.clamp(logits, max=self.v.logit_cap)
         return torch.softmax(logits, dim=0)
+
+    def never_selected(self) -> bool:
+        return bool((self.last < 0).any())
 
     # ---- sampling ----
     def sample(self) -> List[int]:
@@ -80,7 +87,7 @@ class ImportanceSampler:
         pool = sorted(range(len(self.sizes)), key=lambda b: (int(self.last[b]), b))  # oldest first
         forced: List[int] = []
         if self.order == "misa":
-            forced = [b for b in pool if self.k[b] == 0]
+            forced = [b for b in pool if self.last[b] < 0]
         forced += [b for b in pool[: self.sample_last] if b not in forced]
         self.in_warmup = False
         for b in forced:
@@ -88,7 +95,7 @@ class ImportanceSampler:
                 chosen.append(b)
                 taken.add(b)
                 used += self.sizes[b]
-                self.in_warmup = self.in_warmup or bool(self.k[b] == 0 and self.order == "misa")
+                self.in_warmup = self.in_warmup or bool(self.last[b] < 0 and self.order == "misa")
         rest = [b for b in pool if b not in taken]
         # Drawing one by one without replacement with probability ∝ P is the same distribution as
         # sorting by log P + Gumbel noise (the Gumbel-top-k trick): one draw of noise per switch.
@@ -100,6 +107,11 @@ class ImportanceSampler:
             if used + self.sizes[b] <= self.budget:
                 chosen.append(b)
                 used += self.sizes[b]
+        return self._selected(chosen)
+
+    def _selected(self, chosen: List[int]) -> List[int]:
+        for b in chosen:
+            self.last[b] = self.loops
         return sorted(chosen)
 
     def _sample_cyclic(self) -> List[int]:
@@ -118,7 +130,7 @@ class ImportanceSampler:
                 break
             chosen.append(self._cycle.pop(0))
             used += self.sizes[b]
-        return sorted(chosen)
+        return self._selected(chosen)
 
     def _new_pass(self) -> List[int]:
         n = len(self.sizes)
@@ -130,19 +142,20 @@ class ImportanceSampler:
 
     # ---- the estimate's update, once per outer loop ----
     def update(self, active: Sequence[int], s: Sequence[float]) -> None:
-        """`s[i]` is module active[i]'s gradient statistic over the loop, already divided by its length:
-        the mean squared norm (paper) or the mean norm (official)."""
+        """`s[i]` is module active[i]'s gradient statistic over the loop, already divided by the loop's
+        length (or by T): its mean squared norm (norm_power 2) or mean norm (norm_power 1)."""
         for b, value in zip(active, s):
             value = float(value)
             if not math.isfinite(value):
                 continue  # a non-finite statistic never enters the estimate
+            if value == 0.0 and self.v.skip_zero_statistic:
+                continue
             self.k[b] += 1
-            if self.variant == "official":
+            if self.v.compounding_correction:
                 # The authors' code writes the bias correction back into G, so it compounds.
                 self.G[b] = ((1 - self.beta) * value + self.beta * self.G[b]) / (1 - self.beta ** int(self.k[b]))
             else:
                 self.G[b] = self.beta * self.G[b] + (1 - self.beta) * value
-            self.last[b] = self.loops
         self.loops += 1
 
     def smallest_module(self) -> int:
@@ -172,4 +185,4 @@ def entropy(p: torch.Tensor) -> float:
     return float(-(p * p.log()).sum())
 
 
-__all__ = ["ImportanceSampler", "ORDERS", "VARIANTS", "entropy"]
+__all__ = ["ImportanceSampler", "ORDERS", "entropy"]

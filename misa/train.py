@@ -21,10 +21,15 @@ import torch
 
 from . import provenance
 from .data import DataError, TokenDataset, describe, load_corpus, tokenize
+from .baselines import LISA, BAdam
 from .model import SIZES, LlamaConfig, LlamaForCausalLM
 from .optimizer import MISA
+from .variants import PRESETS
 
 OPTIMIZERS = ("misa", "lisa", "badam", "adamw")
+# --compare entries: an optimizer, or misa with a preset and switches: misa-paper, misa-official+flush=true
+SWITCHES = {"flush": "bool", "keep_states": "bool", "norm_power": "int", "logit_cap": "float",
+            "warmup_interval": "int"}
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -46,7 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, default=100.0, help="sampling temperature")
     p.add_argument("--interval", type=int, default=20, help="optimizer steps per outer loop (T)")
     p.add_argument("--granularity", default="module", choices=("module", "layer"))
-    p.add_argument("--variant", default="paper", choices=("paper", "official"))
+    p.add_argument("--variant", default="default", choices=tuple(PRESETS),
+                   help="MISA preset: default (best in our measurements), paper (Algorithm 1), official (authors' code)")
+    p.add_argument("--flush", default=None, action=argparse.BooleanOptionalAction,
+                   help="end-of-period momentum flush (default: the preset's)")
+    p.add_argument("--keep-states", default=None, action=argparse.BooleanOptionalAction,
+                   help="re-selected modules keep their Adam states (default: the preset's)")
+    p.add_argument("--norm-power", type=int, default=None, choices=(1, 2),
+                   help="importance from squared norms (2) or norms (1) (default: the preset's)")
+    p.add_argument("--logit-cap", type=float, default=None, help="cap on the logits; inf: none (default: the preset's)")
+    p.add_argument("--lisa-layers", type=int, default=None,
+                   help="layers LISA trains at once (default: as many as fit in --delta, at least 1)")
+    p.add_argument("--badam-order", default="descending", choices=("descending", "ascending", "random"))
     p.add_argument("--embeddings", default="every-step", choices=("every-step", "module", "frozen"),
                    help="the embedding and LM head: trained at every step (as the authors' code does; a model "
                         "trained from scratch needs them early), sampled as modules, or frozen (fine-tuning)")
@@ -67,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "cuda"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--eval-batches", type=int, default=8, help="batches of each periodic evaluation")
+    p.add_argument("--final-eval-batches", type=int, default=64,
+                   help="batches of the final evaluation (fixed held-out windows; its standard error is reported)")
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: only at the end)")
     p.add_argument("--out", default=None, help="output folder (default: runs/<optimizer>-<time>)")
     p.add_argument("--resume", default=None, metavar="DIR", help="resume exactly from DIR/checkpoint.pt")
@@ -77,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ----------------------------------------------------------------------------------------- validation
 def validate(args) -> None:
-    for name in ("max_steps", "seq_len", "batch_size", "interval", "eval_every", "eval_batches", "seeds"):
+    for name in ("max_steps", "seq_len", "batch_size", "interval", "eval_every", "eval_batches", "final_eval_batches",
+                 "seeds"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)}")
     if not 0 < args.delta <= 1:
@@ -88,10 +107,12 @@ def validate(args) -> None:
         raise UsageError(f"--lr: expected lr > 0, got {args.lr}")
     if args.compare:
         names = [n.strip() for n in args.compare.split(",") if n.strip()]
-        unknown = [n for n in names if n not in OPTIMIZERS]
-        if unknown or not names:
-            raise UsageError(f"--compare: unknown optimizer {', '.join(unknown) or '(none)'}; "
-                             f"choose from {', '.join(OPTIMIZERS)}")
+        if not names:
+            raise UsageError(f"--compare: no optimizer given; choose from {', '.join(OPTIMIZERS)}")
+        if len(set(names)) != len(names):
+            raise UsageError(f"--compare: {args.compare!r} names an optimizer twice; use --seeds for repeats")
+        for n in names:
+            parse_method(n)
         if args.resume:
             raise UsageError("--compare and --resume do not go together")
     if args.resume and not (Path(args.resume) / CHECKPOINT).is_file():
@@ -137,19 +158,56 @@ def build_model(args, device):
     return LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
 
 
-def build_optimizer(name: str, model, args):
+def parse_method(entry: str):
+    """'misa-official+flush=true' -> ('misa', {'variant': 'official', 'flush': True})."""
+    head, *switches = entry.split("+")
+    name, _, preset = head.partition("-")
+    if name not in OPTIMIZERS or (preset and (name != "misa" or preset not in PRESETS)):
+        raise UsageError(f"--compare: unknown optimizer {entry!r}; choose from {', '.join(OPTIMIZERS)}, "
+                         f"misa-<{'|'.join(PRESETS)}>, with +switch=value ({', '.join(SWITCHES)})")
+    options = {"variant": preset} if preset else {}
+    for item in switches:
+        key, _, value = item.partition("=")
+        kind = SWITCHES.get(key)
+        if kind is None or not value or name != "misa":
+            raise UsageError(f"--compare: {item!r} in {entry!r}: expected misa...+switch=value with a switch from "
+                             f"{', '.join(SWITCHES)}")
+        try:
+            if kind == "bool":
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(value)
+                options[key] = value.lower() in ("true", "1")
+            else:
+                options[key] = int(value) if kind == "int" else float(value)
+        except ValueError:
+            raise UsageError(f"--compare: {item!r}: expected a {kind}") from None
+    return name, options
+
+
+def build_optimizer(entry: str, model, args):
+    name, options = parse_method(entry)
     if name == "adamw":
         fused = next(model.parameters()).is_cuda
         return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=fused)
-    order = {"misa": "misa", "lisa": "uniform", "badam": "ascending"}[name]
+    common = dict(lr=args.lr, weight_decay=args.weight_decay, seed=args.seed, backend=args.backend)
+    every_step = args.embeddings == "every-step"
+    if name == "lisa":
+        # LISA trains the embedding, head and final norm at every step by design.
+        layers = args.lisa_layers or max(1, int(args.delta * sum(p.numel() for p in model.parameters())
+                                                // max(sum(p.numel() for p in layer.parameters())
+                                                       for layer in model.model.layers)))
+        return LISA(model, n_layers=min(layers, len(model.model.layers)), interval=args.interval, **common)
+    if name == "badam":
+        return BAdam(model, interval=args.interval, switch_mode=args.badam_order, train_outside_layers=every_step,
+                     **common)
     as_modules = args.embeddings == "module"
-    always = None
-    if args.embeddings == "every-step":
-        always = [p for n, p in model.named_parameters() if "embed" in n or "lm_head" in n]
-    return MISA(model, lr=args.lr, weight_decay=args.weight_decay, delta=args.delta, eta=args.eta,
-                interval=args.interval, granularity=args.granularity, order=order, variant=args.variant,
-                include_embedding=as_modules, include_lm_head=as_modules, always_train=always, seed=args.seed,
-                backend=args.backend)
+    always = [p for n, p in model.named_parameters() if "embed" in n or "lm_head" in n] if every_step else None
+    switches = dict(variant=args.variant, flush=args.flush, keep_states=args.keep_states,
+                    norm_power=args.norm_power, logit_cap=args.logit_cap)
+    switches.update(options)
+    return MISA(model, delta=args.delta, eta=args.eta, interval=args.interval, granularity=args.granularity,
+                include_embedding=as_modules, include_lm_head=as_modules, always_train=always, **switches,
+                **common)
 
 
 def lr_lambda(warmup: int):
@@ -158,12 +216,22 @@ def lr_lambda(warmup: int):
 
 # ----------------------------------------------------------------------------------------- running
 @torch.no_grad()
-def evaluate(model, data: TokenDataset, args) -> float:
+def evaluate(model, data: TokenDataset, args, batches: Optional[int] = None) -> float:
+    return evaluate_with_error(model, data, args, batches)[0]
+
+
+@torch.no_grad()
+def evaluate_with_error(model, data: TokenDataset, args, batches: Optional[int] = None):
+    """Mean validation loss over a fixed set of held-out windows, and its standard error over batches
+    (the evaluation noise, to hold against the gaps between methods)."""
     was_training = model.training
     model.eval()
-    losses = [float(model.loss(b)) for b in data.val_batches(args.batch_size, args.eval_batches)]
+    losses = torch.tensor([float(model.loss(b)) for b in data.val_batches(args.batch_size,
+                                                                           batches or args.eval_batches)],
+                          dtype=torch.float64)
     model.train(was_training)
-    return sum(losses) / len(losses)
+    sem = float(losses.std() / len(losses) ** 0.5) if len(losses) > 1 else float("nan")
+    return float(losses.mean()), sem
 
 
 def peak_memory_mb(device) -> Dict[str, float]:
@@ -212,9 +280,14 @@ def run(args, optimizer_name: str, out: Path, data: TokenDataset, device, progre
         history["step"].append(step + 1)
         history["train_loss"].append(loss_value)
         done = step + 1
-        if done % args.eval_every == 0 or done == args.max_steps:
+        if done % args.eval_every == 0 and done != args.max_steps:
             history["val_step"].append(done)
             history["val_loss"].append(evaluate(model, data, args))
+        elif done == args.max_steps:  # the final evaluation: the whole fixed held-out set
+            final, final_sem = evaluate_with_error(model, data, args, args.final_eval_batches)
+            history["val_step"].append(done)
+            history["val_loss"].append(final)
+            history["final_val_sem"] = final_sem
         elapsed = time.perf_counter() - t0
         status = {"loss": f"{loss_value:.3f}", "tok/s": f"{trained_steps * tokens_per_step / elapsed:.0f}"}
         if device.type == "cuda":
@@ -242,6 +315,7 @@ def run(args, optimizer_name: str, out: Path, data: TokenDataset, device, progre
         "optimizer": optimizer_name, "seed": args.seed, "steps": args.max_steps,
         "final_train_loss": history["train_loss"][-1] if history["train_loss"] else None,
         "final_val_loss": val_loss, "final_val_perplexity": math.exp(min(val_loss, 50)),
+        "final_val_sem": history.get("final_val_sem"),
         "tokens_per_s": trained_steps * tokens_per_step / elapsed if elapsed > 0 else None,
         "params": sum(p.numel() for p in model.parameters()),
         "device": str(device), **peak_memory_mb(device),
@@ -311,19 +385,22 @@ def compare(args, data, device, out: Path) -> Dict:
                      "val_loss_std": float(vals.std()) if len(runs) > 1 else 0.0,
                      "val_loss_min": float(vals.min()), "val_loss_max": float(vals.max()),
                      "val_ppl_mean": float(vals.exp().mean()),
+                     "eval_sem_mean": float(torch.tensor([r["summary"].get("final_val_sem") or float("nan")
+                                                          for r in runs]).mean()),
                      "tokens_per_s": sum(r["summary"]["tokens_per_s"] for r in runs) / len(runs)})
-    meta = {"command": " ".join(sys.argv), "device": str(device), "torch": torch.__version__,
-            "commit": provenance.commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    meta = {"command": provenance.command("misa.train", sys.argv[1:]), "device": str(device),
+            "torch": torch.__version__, "commit": provenance.commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "variant_default": repr(PRESETS["default"]), "final_eval_batches": args.final_eval_batches,
             "model_size": args.model_size, "steps": args.max_steps,
             "delta": args.delta, "eta": args.eta, "interval": args.interval, "granularity": args.granularity,
             "lr": args.lr, "seq_len": args.seq_len, "batch_size": args.batch_size, "data": describe(args.data)}
     (out / "compare.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    lines = ["| optimizer | seeds | final val loss (mean ± std) | min | max | val ppl | tokens/s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| optimizer | seeds | final val loss (mean ± std) | min | max | eval s.e. | val ppl | tokens/s |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: r["val_loss_mean"]):
         lines.append(f"| {r['optimizer']} | {r['seeds']} | {r['val_loss_mean']:.4f} ± {r['val_loss_std']:.4f} | "
-                     f"{r['val_loss_min']:.4f} | {r['val_loss_max']:.4f} | {r['val_ppl_mean']:.3f} | "
-                     f"{r['tokens_per_s']:.0f} |")
+                     f"{r['val_loss_min']:.4f} | {r['val_loss_max']:.4f} | {r['eval_sem_mean']:.4f} | "
+                     f"{r['val_ppl_mean']:.3f} | {r['tokens_per_s']:.0f} |")
     settings = ", ".join(f"{k}={v}" for k, v in meta.items() if k != "command")
     (out / "compare.md").write_text(f"Written by `{meta['command']}`\n\n{settings}\n\n" + "\n".join(lines) + "\n")
     plot({n: [r["history"] for r in runs] for n, runs in results.items()}, out / "compare.png",

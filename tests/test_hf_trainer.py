@@ -118,6 +118,7 @@ def test_trainer_on_a_bf16_model_keeps_fp32_masters(tmp_path):
     assert isinstance(opt, misa.MISA) and opt.state
     for p, st in opt.state.items():
         assert st["master"].dtype == torch.float32
-        assert torch.equal(st["master"].to(torch.bfloat16), p.detach())
+        if st["step"] > 0:  # (a module selected at the last switch has not stepped yet)
+            assert torch.equal(st["master"].to(torch.bfloat16), p.detach())
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
     assert changed  # at lr 1e-4 a bf16 model without masters would barely move

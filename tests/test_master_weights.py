@@ -23,7 +23,8 @@ def bf16_run(backend, device, *, size=256, steps=STEPS, lr=LR, **misa_kwargs):
     reference = torch.nn.Parameter(w0.float().clone())
     adamw = torch.optim.AdamW([reference], lr=lr, weight_decay=0.0, foreach=False)
     # interval > steps: the 50 steps are one period, with no end-of-period flush in the comparison
-    opt = misa.MISA(model, lr=lr, delta=1.0, interval=steps + 1, backend=backend, check_finite=False, **misa_kwargs)
+    opt = misa.MISA(model, lr=lr, delta=1.0, interval=steps + 1, variant="paper", backend=backend, check_finite=False,
+                    **misa_kwargs)
     gen = torch.Generator().manual_seed(1)
     # Fine-tuning gradients keep a direction across steps: a fixed component plus fresh noise.
     direction = torch.randn(size, size, generator=gen)

@@ -77,7 +77,7 @@ def module_param_names(opt):
 def test_matches_float64_reference(interval, warmup):
     model = tiny_lm(seed=1)
     opt = misa.MISA(model, lr=LR, weight_decay=WD, delta=0.12, eta=2.0, interval=interval,
-                    warmup_interval=warmup, seed=3, backend="torch")
+                    warmup_interval=warmup, seed=3, backend="torch", variant="paper")
     ref = Float64Reference(model, eta=2.0)
     names = module_param_names(opt)
     gen = torch.Generator().manual_seed(0)
@@ -188,7 +188,7 @@ def test_mixed_devices_are_refused():
 
 def test_nonfinite_gradient_skips_step_and_leaves_state():
     model = tiny_lm()
-    opt = misa.MISA(model, lr=1e-2, delta=0.2, interval=5, backend="torch")
+    opt = misa.MISA(model, lr=1e-2, delta=0.2, interval=5, backend="torch", variant="paper")
     gen = torch.Generator().manual_seed(0)
     synthetic_grads(model, gen)
     opt.step()
@@ -227,7 +227,7 @@ def test_works_with_lr_scheduler_and_closure():
 
 def test_clip_grad_norm_matches_torch_and_feeds_the_step():
     model = tiny_lm()
-    opt = misa.MISA(model, lr=1e-2, delta=0.2, interval=10, backend="torch", check_finite=False)
+    opt = misa.MISA(model, lr=1e-2, delta=0.2, interval=10, backend="torch", check_finite=False, variant="paper")
     gen = torch.Generator().manual_seed(0)
     synthetic_grads(model, gen)
     grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]

@@ -83,9 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "cuda"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--eval-batches", type=int, default=8, help="batches of each periodic evaluation")
-    p.add_argument("--final-eval-batches", type=int, default=64,
-                   help="batches of the final evaluation (fixed held-out windows; its standard error is reported)")
+    p.add_argument("--eval-batches", type=int, default=64,
+                   help="batches of every evaluation: the same fixed held-out windows each time; the standard "
+                        "error over batches is reported as the evaluation noise")
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: only at the end)")
     p.add_argument("--out", default=None, help="output folder (default: runs/<optimizer>-<time>)")
     p.add_argument("--resume", default=None, metavar="DIR", help="resume exactly from DIR/checkpoint.pt")
@@ -95,8 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ----------------------------------------------------------------------------------------- validation
 def validate(args) -> None:
-    for name in ("max_steps", "seq_len", "batch_size", "interval", "eval_every", "eval_batches", "final_eval_batches",
-                 "seeds"):
+    for name in ("max_steps", "seq_len", "batch_size", "interval", "eval_every", "eval_batches", "seeds"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)}")
     if not 0 < args.delta <= 1:
@@ -280,14 +279,11 @@ def run(args, optimizer_name: str, out: Path, data: TokenDataset, device, progre
         history["step"].append(step + 1)
         history["train_loss"].append(loss_value)
         done = step + 1
-        if done % args.eval_every == 0 and done != args.max_steps:
+        if done % args.eval_every == 0 or done == args.max_steps:  # always after the last step too
+            val, sem = evaluate_with_error(model, data, args)
             history["val_step"].append(done)
-            history["val_loss"].append(evaluate(model, data, args))
-        elif done == args.max_steps:  # the final evaluation: the whole fixed held-out set
-            final, final_sem = evaluate_with_error(model, data, args, args.final_eval_batches)
-            history["val_step"].append(done)
-            history["val_loss"].append(final)
-            history["final_val_sem"] = final_sem
+            history["val_loss"].append(val)
+            history["final_val_sem"] = sem
         elapsed = time.perf_counter() - t0
         status = {"loss": f"{loss_value:.3f}", "tok/s": f"{trained_steps * tokens_per_step / elapsed:.0f}"}
         if device.type == "cuda":
@@ -390,7 +386,7 @@ def compare(args, data, device, out: Path) -> Dict:
                      "tokens_per_s": sum(r["summary"]["tokens_per_s"] for r in runs) / len(runs)})
     meta = {"command": provenance.command("misa.train", sys.argv[1:]), "device": str(device),
             "torch": torch.__version__, "commit": provenance.commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "variant_default": repr(PRESETS["default"]), "final_eval_batches": args.final_eval_batches,
+            "variant_default": repr(PRESETS["default"]), "eval_batches": args.eval_batches,
             "model_size": args.model_size, "steps": args.max_steps,
             "delta": args.delta, "eta": args.eta, "interval": args.interval, "granularity": args.granularity,
             "lr": args.lr, "seq_len": args.seq_len, "batch_size": args.batch_size, "data": describe(args.data)}

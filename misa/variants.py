@@ -52,7 +52,7 @@ class Variant:
         unknown = set(overrides) - known
         if unknown:
             raise ValueError(f"unknown variant switch(es): {', '.join(sorted(unknown))}")
-        changed = {k: v for k, v in overrides.items() if v is not None}
+        changed = {k: v for k, v in overrides.items() if v is not None and getattr(self, k) != v}
         if not changed:
             return self
         return replace(self, name=f"{self.name}+" + ",".join(f"{k}={v}" for k, v in sorted(changed.items())),

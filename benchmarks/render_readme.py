@@ -29,7 +29,7 @@ def check(path: Path) -> list:
 
 
 def compare_section() -> str:
-    files = sorted(RESULTS.glob("compare-*/compare.json"))
+    files = sorted(RESULTS.glob("*/compare.json"))
     if not files:
         return "_No comparison run is recorded yet._"
     parts = []
@@ -43,11 +43,15 @@ def compare_section() -> str:
                  f"T={meta['interval']}, "
                  f"lr={meta['lr']}, seq {meta['seq_len']} x batch {meta['batch_size']}; written by "
                  f"`{meta['command']}`; plot `{rel}/compare.png`.", "",
-                 "| optimizer | seeds | final val loss, mean ± std | min | max | val perplexity |",
-                 "|---|---|---|---|---|---|"]
+                 "| optimizer | seeds | final val loss, mean ± std | min | max | eval s.e. | val perplexity |",
+                 "|---|---|---|---|---|---|---|"]
         for r in sorted(data["rows"], key=lambda r: r["val_loss_mean"]):
+            sem = r.get("eval_sem_mean", float("nan"))
             lines.append(f"| {r['optimizer']} | {r['seeds']} | {r['val_loss_mean']:.4f} ± {r['val_loss_std']:.4f} | "
-                         f"{r['val_loss_min']:.4f} | {r['val_loss_max']:.4f} | {r['val_ppl_mean']:.2f} |")
+                         f"{r['val_loss_min']:.4f} | {r['val_loss_max']:.4f} | {sem:.4f} | {r['val_ppl_mean']:.2f} |")
+        if "variant_default" in meta:
+            lines += ["", f"`misa` is `variant=\"default\"` as it stood for this run: `{meta['variant_default']}`; "
+                          "`misa-<preset>+switch=value` rows override the named preset."]
         lines += ["", verdict(data["rows"])]
         parts.append("\n".join(lines))
     return "\n\n".join(parts)

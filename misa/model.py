@@ -24,6 +24,16 @@ class LlamaConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
 
+    def __post_init__(self):
+        # Checked here so that a bad --config is a message before training, not a crash at step 1.
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "max_seq_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 2:
+            raise ValueError(f"hidden_size {self.hidden_size} must split into num_heads {self.num_heads} heads of an "
+                             "even size (rotary positions rotate pairs)")
+
     def to_dict(self):
         return asdict(self)
 

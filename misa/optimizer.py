@@ -8,8 +8,10 @@ states out of a fixed StateArena. Frozen modules have requires_grad=False, no gr
 
 from __future__ import annotations
 
+import gc
 import math
 import warnings
+import weakref
 from collections import defaultdict
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -46,8 +48,8 @@ def _check_config(lr, betas, eps, weight_decay, delta, eta, interval, warmup_int
         raise ValueError(f"weight_decay: expected weight_decay >= 0, got {weight_decay}")
     if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta <= 1:
         raise ValueError(f"delta: expected a fraction of all parameters in (0, 1], got {delta!r}")
-    if not (isinstance(eta, (int, float)) and eta >= 0 and math.isfinite(eta)):
-        raise ValueError(f"eta: expected a finite eta >= 0, got {eta!r}")
+    if eta != "auto" and not (isinstance(eta, (int, float)) and eta >= 0 and math.isfinite(eta)):
+        raise ValueError(f"eta: expected a finite eta >= 0 or 'auto', got {eta!r}")
     for name, value in (("interval", interval), ("warmup_interval", warmup_interval),
                         ("min_flush_steps", min_flush_steps)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -61,7 +63,11 @@ class MISA(torch.optim.Optimizer):
         model_or_named_params: an nn.Module, or `model.named_parameters()`.
         lr, betas, eps, weight_decay: AdamW's (decoupled weight decay, as torch.optim.AdamW).
         delta: trainable-parameter budget, a fraction of all model parameters (embeddings included).
-        eta: sampling temperature: p = softmax(eta * importance).
+        eta: sampling temperature: p = softmax(eta * energy), the energy being the importance of squared
+            norms (or the square of a norm importance). "auto" (default) uses eta = 1 / (mean energy of
+            the modules sampled so far), so the same value means the same thing on every model: a module
+            with the mean energy is e times as likely as one with none. A number is the paper's eta on the
+            raw energies (whose scale depends on the model, the loss and the learning rate).
         interval: optimizer steps per outer loop (T).
         granularity: "module" (each weight matrix) or "layer" (each transformer block).
         order: "misa" (importance sampling), "uniform" (LISA-style), "ascending" | "descending" |
@@ -105,7 +111,7 @@ class MISA(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         delta: float = 0.03,
-        eta: float = 1.0,
+        eta="auto",
         interval: int = 50,
         granularity: str = "module",
         order: str = "misa",
@@ -150,7 +156,7 @@ class MISA(torch.optim.Optimizer):
 
             self.v = replace(self.v, name=self.v.name + "+logit_cap=inf", logit_cap=None)
         self.variant, self.order, self.granularity = self.v.name, order, granularity
-        self.delta, self.eta, self.interval = float(delta), float(eta), interval
+        self.delta, self.eta, self.interval = float(delta), (eta if eta == "auto" else float(eta)), interval
         self.warmup_interval = self.v.warmup_interval or interval
         self.min_flush_steps = min_flush_steps
         self.flush = self.v.flush
@@ -206,6 +212,8 @@ class MISA(torch.optim.Optimizer):
         self._reduce_sq_norms: Optional[Callable[[Tensor], None]] = None
         self._check_active_set: Optional[Callable[[List[int]], None]] = None
 
+        self._claim(every_param + [p for _, p in self.partition.frozen])
+        self._warn_frozen()
         for _, p in self.partition.frozen:
             p.requires_grad_(False)
             p.grad = None
@@ -216,8 +224,44 @@ class MISA(torch.optim.Optimizer):
         for _, p in self._always:
             p.requires_grad_(True)
         self._switch(self.sampler.sample())
+        self._constructed = True
 
     # ---------------------------------------------------------------- construction helpers
+    def _claim(self, params) -> None:
+        # MISA owns requires_grad of its parameters; a second live MISA on them would silently undo the
+        # first one's freezing at each switch.
+        me = weakref.ref(self)
+        def live_owner(p):
+            owner = getattr(p, "_misa_owner", None)
+            return owner() if owner is not None else None
+
+        if any(live_owner(p) not in (None, self) for p in params):
+            gc.collect()  # an optimizer the caller dropped may only await the cycle collector
+        for p in params:
+            other = live_owner(p)
+            if other is not None and other is not self:
+                raise ValueError("model_or_named_params: these parameters already belong to another live MISA "
+                                 f"optimizer ({other!r}); two would fight over requires_grad. Delete the first one, "
+                                 "or give each optimizer its own parameters")
+        for p in params:
+            p._misa_owner = me
+
+    def _warn_frozen(self) -> None:
+        frozen = self.partition.frozen
+        if not frozen:
+            return
+        n = sum(p.numel() for _, p in frozen)
+        names = ", ".join(name for name, _ in frozen[:4]) + (", ..." if len(frozen) > 4 else "")
+        warnings.warn(f"MISA: {len(frozen)} parameter tensors ({n:,} parameters, {n / self.partition.total_params:.2%} "
+                      f"of the model: {names}) belong to no module and stay frozen for the whole run; train them at "
+                      "every step with always_train=[...] (train_1d=True for norms), or make the embedding and "
+                      "head modules with include_embedding/include_lm_head", UserWarning, stacklevel=3)
+
+    def add_param_group(self, param_group) -> None:
+        if getattr(self, "_constructed", False):
+            raise NotImplementedError("MISA.add_param_group: MISA decides which parameters train; pass extra "
+                                      "parameters (or param-group dicts) as always_train=... when constructing it")
+        super().add_param_group(param_group)
     def _check_budget(self, sizes: Sequence[int]) -> None:
         total = self.partition.total_params
         smallest = min(range(len(sizes)), key=lambda b: sizes[b])
@@ -619,9 +663,11 @@ class MISA(torch.optim.Optimizer):
         self.switch_log = list(misa["switch_log"])
 
     def __repr__(self) -> str:
-        return (f"MISA(modules={len(self.module_names)}, delta={self.delta:g}, eta={self.eta:g}, "
+        frozen = sum(p.numel() for _, p in self.partition.frozen)
+        return (f"MISA(modules={len(self.module_names)}, delta={self.delta:g}, eta={self.eta}, "
                 f"interval={self.interval}, order={self.order!r}, variant={self.variant!r}, "
-                f"active={len(self._active)}, trainable={self.trainable_fraction:.2%})")
+                f"active={len(self._active)}, trainable={self.trainable_fraction:.2%}, "
+                f"never trained={frozen / self.partition.total_params:.2%})")
 
 
 class BlockCoordinateDescentOptimizer(MISA):

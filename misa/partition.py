@@ -61,6 +61,10 @@ def named_parameters(model_or_named_params) -> Tuple[NamedParams, Optional[nn.Mo
                 seen.add(id(item[1]))
                 items.append(item)
     if not items:
+        if model is None:
+            raise ValueError("model_or_named_params: the iterable of (name, parameter) pairs was empty; a generator "
+                             "such as model.named_parameters() can be consumed only once: pass the model, or "
+                             "list(model.named_parameters())")
         raise ValueError("model_or_named_params: the model has no parameters: nothing to partition")
     return items, model
 

@@ -28,10 +28,9 @@ def command(module: str, argv: Sequence[str]) -> str:
     out = []
     for arg in argv:
         if os.path.isabs(arg):
-            try:
-                arg = os.path.relpath(arg, cwd)
-            except ValueError:
-                pass
+            path = Path(arg)
+            # inside the working folder: relative; elsewhere: only its name (another machine's layout)
+            arg = os.path.relpath(path, cwd) if cwd in path.parents else f".../{path.name}"
         out.append(arg)
     return " ".join(["python", "-m", module, *out])
 

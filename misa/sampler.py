@@ -37,8 +37,8 @@ class ImportanceSampler:
         self.v: Variant = resolve(variant)
         if sample_last is None:
             sample_last = self.v.sample_last
-        if not eta >= 0:
-            raise ValueError(f"eta: expected eta >= 0, got {eta}")
+        if eta != "auto" and not eta >= 0:
+            raise ValueError(f"eta: expected eta >= 0 or 'auto', got {eta}")
         if not 0 <= beta < 1:
             raise ValueError(f"beta: expected 0 <= beta < 1, got {beta}")
         if not (isinstance(sample_last, int) and sample_last >= 0):
@@ -69,10 +69,18 @@ class ImportanceSampler:
         if self.order != "misa":
             return torch.full((n,), 1.0 / n, dtype=torch.float64)
         energy = self.importance() if self.v.norm_power == 2 else self.importance().square()
-        logits = self.eta * energy
+        logits = self.effective_eta(energy) * energy
         if self.v.logit_cap is not None:
             logits = torch.clamp(logits, max=self.v.logit_cap)
         return torch.softmax(logits, dim=0)
+
+    def effective_eta(self, energy: torch.Tensor) -> float:
+        """eta, or for eta="auto" 1 / (mean energy of the modules with an estimate): scale-free logits."""
+        if self.eta != "auto":
+            return self.eta
+        known = energy[self.k > 0]
+        mean = float(known.mean()) if known.numel() else 0.0
+        return 1.0 / mean if mean > 0 and math.isfinite(mean) else 0.0
 
     def never_selected(self) -> bool:
         return bool((self.last < 0).any())

@@ -19,6 +19,9 @@ from typing import Dict, List, Optional
 
 import torch
 
+from misa_kernels import BackendUnavailable
+from misa_kernels.backends import resolve as resolve_backend
+
 from . import provenance
 from .data import DataError, TokenDataset, describe, load_corpus, tokenize
 from .baselines import LISA, BAdam
@@ -29,7 +32,7 @@ from .variants import PRESETS
 OPTIMIZERS = ("misa", "lisa", "badam", "adamw")
 # --compare entries: an optimizer, or misa with a preset and switches: misa-paper, misa-official+flush=true
 SWITCHES = {"flush": "bool", "keep_states": "bool", "norm_power": "int", "logit_cap": "float",
-            "warmup_interval": "int"}
+            "warmup_interval": "int", "eta": "eta"}
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -37,20 +40,40 @@ class UsageError(ValueError):
     pass
 
 
+def _eta(text: str):
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    # Shows every real default, and no "(default: None)" where the help already says what None means.
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="misa-train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_HelpFormatter)
     p.add_argument("--optimizer", default="misa", choices=OPTIMIZERS,
-                   help="misa; lisa = uniform module sampling; badam = ascending cyclic; adamw = full AdamW")
+                   help="misa; lisa (LMFlow's layer sampling); badam (block coordinate, one layer at a time); "
+                        "adamw (full AdamW)")
     p.add_argument("--compare", default=None, metavar="LIST",
                    help="comma-separated optimizers to run with the same seeds and data, drawn on one plot")
     p.add_argument("--seeds", type=int, default=1, help="with --compare: seeds per optimizer (seed, seed+1, ...)")
     p.add_argument("--delta", type=float, default=0.25, help="trainable-parameter budget (fraction of all params)")
     # Squared gradient norms of these small models are ~1e-5..1e-1 per module: eta=100 makes the
     # softmax over them informative (eta=1 would be nearly uniform). The authors pre-train with 500.
-    p.add_argument("--eta", type=float, default=100.0, help="sampling temperature")
+    p.add_argument("--eta", type=_eta, default=100.0,
+                   help="sampling temperature on the raw gradient energies, or 'auto' (scaled by their mean)")
     p.add_argument("--interval", type=int, default=20, help="optimizer steps per outer loop (T)")
-    p.add_argument("--granularity", default="module", choices=("module", "layer"))
+    p.add_argument("--granularity", default="module", choices=("module", "layer"),
+                   help="MISA's unit: each weight matrix, or each transformer layer")
     p.add_argument("--variant", default="default", choices=tuple(PRESETS),
                    help="MISA preset: default (best in our measurements), paper (Algorithm 1), official (authors' code)")
     p.add_argument("--flush", default=None, action=argparse.BooleanOptionalAction,
@@ -62,27 +85,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logit-cap", type=float, default=None, help="cap on the logits; inf: none (default: the preset's)")
     p.add_argument("--lisa-layers", type=int, default=None,
                    help="layers LISA trains at once (default: as many as fit in --delta, at least 1)")
-    p.add_argument("--badam-order", default="descending", choices=("descending", "ascending", "random"))
+    p.add_argument("--badam-order", default="descending", choices=("descending", "ascending", "random"),
+                   help="BAdam's switch mode")
     p.add_argument("--embeddings", default="every-step", choices=("every-step", "module", "frozen"),
                    help="the embedding and LM head: trained at every step (as the authors' code does; a model "
                         "trained from scratch needs them early), sampled as modules, or frozen (fine-tuning)")
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay")
     p.add_argument("--warmup-steps", type=int, default=10, help="linear learning-rate warm-up")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
-    p.add_argument("--max-steps", type=int, default=300)
-    p.add_argument("--model-size", default="small", choices=sorted(SIZES))
+    p.add_argument("--max-steps", type=int, default=300, help="optimizer steps in all (a resumed run continues to it)")
+    p.add_argument("--model-size", default="small", choices=sorted(SIZES), help="built-in LLaMA-style model")
     p.add_argument("--config", default=None, help="JSON file with LlamaConfig fields (overrides --model-size)")
     p.add_argument("--model", default=None,
                    help="a local Hugging Face causal-LM folder to train instead (needs transformers)")
     p.add_argument("--data", default=None, help="a text file or folder (default: Python's stdlib sources)")
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per training sequence")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per optimizer step")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...; when omitted: cuda if available, else cpu")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="parameter dtype")
-    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "cuda"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "cuda"),
+                   help="misa_kernels backend (auto: cuda > triton > torch on a GPU, torch on the CPU)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the model, the data order and the sampler")
+    p.add_argument("--eval-every", type=int, default=50, help="evaluate every N steps (and after the last one)")
     p.add_argument("--eval-batches", type=int, default=64,
                    help="batches of every evaluation: the same fixed held-out windows each time; the standard "
                         "error over batches is reported as the evaluation noise")
@@ -100,11 +125,18 @@ def validate(args) -> None:
             raise UsageError(f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)}")
     if not 0 < args.delta <= 1:
         raise UsageError(f"--delta: expected a fraction in (0, 1], got {args.delta}")
-    if args.eta < 0:
-        raise UsageError(f"--eta: expected eta >= 0, got {args.eta}")
-    if args.lr <= 0:
-        raise UsageError(f"--lr: expected lr > 0, got {args.lr}")
-    if args.compare:
+    if args.eta != "auto" and not (math.isfinite(args.eta) and args.eta >= 0):
+        raise UsageError(f"--eta: expected a finite eta >= 0 or 'auto', got {args.eta}")
+    for name in ("lr", "weight_decay", "max_grad_norm"):
+        value = getattr(args, name)
+        if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
+            raise UsageError(f"--{name.replace('_', '-')}: expected a finite number "
+                             f"{'> 0' if name == 'lr' else '>= 0'}, got {value}")
+    if args.seeds != 1 and args.compare is None:
+        raise UsageError("--seeds: runs several seeds only with --compare (e.g. --compare misa,lisa --seeds 3)")
+    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out: {args.out} is an existing file; name a folder")
+    if args.compare is not None:
         names = [n.strip() for n in args.compare.split(",") if n.strip()]
         if not names:
             raise UsageError(f"--compare: no optimizer given; choose from {', '.join(OPTIMIZERS)}")
@@ -116,6 +148,17 @@ def validate(args) -> None:
             raise UsageError("--compare and --resume do not go together")
     if args.resume and not (Path(args.resume) / CHECKPOINT).is_file():
         raise UsageError(f"--resume: {Path(args.resume) / CHECKPOINT} does not exist")
+    if args.config is not None and Path(args.config).is_file():
+        try:
+            fields = json.loads(Path(args.config).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UsageError(f"--config: {args.config} is not valid JSON ({exc})") from None
+        if not isinstance(fields, dict):
+            raise UsageError(f"--config: {args.config} must hold a JSON object of LlamaConfig fields")
+        unknown = set(fields) - set(LlamaConfig().to_dict())
+        if unknown:
+            raise UsageError(f"--config: unknown field(s) {', '.join(sorted(unknown))}; LlamaConfig has "
+                             f"{', '.join(LlamaConfig().to_dict())}")
     for name in ("config", "model"):
         path = getattr(args, name)
         if path is not None and not Path(path).exists():
@@ -134,14 +177,24 @@ def pick_device(args) -> torch.device:
 
 
 # ----------------------------------------------------------------------------------------- building
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise UsageError("--model needs transformers: pip install misa-kernels[hf]") from None
+    return transformers
+
+
 def build_model(args, device):
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     if args.model:
-        try:
-            from transformers import AutoModelForCausalLM
-        except ImportError as exc:
-            raise UsageError("--model needs transformers: pip install misa-kernels[hf]") from exc
-        model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=dtype, local_files_only=True)
+        transformers = _transformers()
+        if torch.device(device).type == "meta":  # validation: the architecture, without the weights
+            config = transformers.AutoConfig.from_pretrained(args.model, local_files_only=True)
+            with torch.device("meta"):
+                model = transformers.AutoModelForCausalLM.from_config(config)
+            return model
+        model = transformers.AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=dtype, local_files_only=True)
 
         def loss_fn(batch):
             logits = model(input_ids=batch[:, :-1]).logits
@@ -149,12 +202,38 @@ def build_model(args, device):
 
         model.loss = loss_fn
         return model.to(device)
-    cfg = LlamaConfig(**SIZES[args.model_size].to_dict())
-    if args.config:
-        cfg = LlamaConfig(**{**cfg.to_dict(), **json.loads(Path(args.config).read_text())})
-    cfg.max_seq_len = max(cfg.max_seq_len, args.seq_len)
+    cfg = model_config(args)
     torch.manual_seed(args.seed)
     return LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
+
+
+def model_config(args) -> LlamaConfig:
+    fields = SIZES[args.model_size].to_dict()
+    if args.config:
+        fields.update(json.loads(Path(args.config).read_text()))
+    fields["max_seq_len"] = max(fields["max_seq_len"], args.seq_len)
+    try:
+        return LlamaConfig(**fields)
+    except ValueError as exc:
+        raise UsageError(f"--config: {exc}") from None
+
+
+def step_memory_bytes(cfg: LlamaConfig, args) -> Dict[str, float]:
+    """A generous estimate of one training step's memory: weights, gradients and AdamW states of every
+    parameter (the full-AdamW bound), activations kept for the backward pass, and the attention matrices
+    (the math attention kernels on the CPU materialise them: seq_len**2 per head, per layer)."""
+    d, f, L, h = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.num_heads
+    params = cfg.vocab_size * d * 2 + L * (4 * d * d + 3 * d * f + 2 * d) + d
+    b, t = args.batch_size, args.seq_len
+    size = 2 if args.dtype == "bf16" else 4
+    return {"states": params * (size * 2 + 8), "activations": b * t * L * (10 * d + 3 * f) * size + b * t * 256 * 12,
+            "attention": 2 * L * b * h * t * t * size}
+
+
+def available_memory_bytes(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def parse_method(entry: str):
@@ -176,6 +255,8 @@ def parse_method(entry: str):
                 if value.lower() not in ("true", "false", "1", "0"):
                     raise ValueError(value)
                 options[key] = value.lower() in ("true", "1")
+            elif kind == "eta":
+                options[key] = value if value == "auto" else float(value)
             else:
                 options[key] = int(value) if kind == "int" else float(value)
         except ValueError:
@@ -204,7 +285,8 @@ def build_optimizer(entry: str, model, args):
     switches = dict(variant=args.variant, flush=args.flush, keep_states=args.keep_states,
                     norm_power=args.norm_power, logit_cap=args.logit_cap)
     switches.update(options)
-    return MISA(model, delta=args.delta, eta=args.eta, interval=args.interval, granularity=args.granularity,
+    eta = switches.pop("eta", args.eta)
+    return MISA(model, delta=args.delta, eta=eta, interval=args.interval, granularity=args.granularity,
                 include_embedding=as_modules, include_lm_head=as_modules, always_train=always, **switches,
                 **common)
 
@@ -240,13 +322,14 @@ def peak_memory_mb(device) -> Dict[str, float]:
     return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def run(args, optimizer_name: str, out: Path, data: TokenDataset, device, progress: bool = True) -> Dict:
+def run(args, optimizer_name: str, out: Path, data: TokenDataset, device, progress: bool = True,
+        checkpoint: Optional[Dict] = None) -> Dict:
     model = build_model(args, device)
     opt = build_optimizer(optimizer_name, model, args)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.warmup_steps))
     start, history = 0, {"step": [], "train_loss": [], "val_step": [], "val_loss": []}
-    if args.resume:
-        ckpt = torch.load(Path(args.resume) / CHECKPOINT, map_location=device, weights_only=False)
+    if checkpoint is not None:
+        ckpt = checkpoint
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
@@ -364,14 +447,14 @@ def plot(curves: Dict[str, List[Dict]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def compare(args, data, device, out: Path) -> Dict:
+def compare(args, data, device, out: Path, argv: Optional[List[str]] = None) -> Dict:
     names = [n.strip() for n in args.compare.split(",") if n.strip()]
     results: Dict[str, List[Dict]] = {n: [] for n in names}
     base_seed = args.seed
     for name in names:
         for k in range(args.seeds):
             args.seed = base_seed + k
-            res = run(args, name, out / f"{name}-seed{args.seed}", data, device, progress=not args.no_progress)
+            res = run(args, name, out / f"{name}-seed{args.seed}", data, device, progress=show_progress(args))
             results[name].append(res)
     args.seed = base_seed
     rows = []
@@ -384,7 +467,7 @@ def compare(args, data, device, out: Path) -> Dict:
                      "eval_sem_mean": float(torch.tensor([r["summary"].get("final_val_sem") or float("nan")
                                                           for r in runs]).mean()),
                      "tokens_per_s": sum(r["summary"]["tokens_per_s"] for r in runs) / len(runs)})
-    meta = {"command": provenance.command("misa.train", sys.argv[1:]), "device": str(device),
+    meta = {"command": provenance.command("misa.train", sys.argv[1:] if argv is None else argv), "device": str(device),
             "torch": torch.__version__, "commit": provenance.commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "variant_default": repr(PRESETS["default"]), "eval_batches": args.eval_batches,
             "model_size": args.model_size, "steps": args.max_steps,
@@ -405,36 +488,120 @@ def compare(args, data, device, out: Path) -> Dict:
     return {"rows": rows, "meta": meta}
 
 
+RESUMABLE = ("max_steps", "resume", "out", "no_progress", "device", "backend", "eval_every", "save_every")
+
+
+def explicit_options(parser: argparse.ArgumentParser, argv: List[str]) -> set:
+    """The destinations of the options the user typed (as opposed to defaults)."""
+    given = set()
+    for action in parser._actions:
+        for opt in action.option_strings:
+            if any(tok == opt or tok.startswith(opt + "=") for tok in argv):
+                given.add(action.dest)
+    return given
+
+
+def load_resume(args, parser, argv):
+    """The saved run's settings and checkpoint. The checkpoint's settings win: options that would change
+    them are refused (start a new run for those), and the run must go beyond the saved step."""
+    path = Path(args.resume) / CHECKPOINT
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # truncated, empty or foreign files fail in many ways
+        raise UsageError(f"--resume: {path} is not a readable checkpoint ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else 'empty'})") from None
+    needed = {"model", "optimizer", "scheduler", "step", "history", "args"}
+    if not isinstance(ckpt, dict) or not needed <= set(ckpt):
+        raise UsageError(f"--resume: {path} is not a misa-train checkpoint (it lacks "
+                         f"{', '.join(sorted(needed - set(ckpt))) if isinstance(ckpt, dict) else 'everything'})")
+    saved = ckpt["args"]
+    changed = [k for k in sorted(explicit_options(parser, argv)) if k not in RESUMABLE
+               and getattr(args, k) != saved.get(k)]
+    if changed:
+        detail = ", ".join(f"--{k.replace('_', '-')} (saved: {saved.get(k)!r})" for k in changed)
+        raise UsageError(f"--resume: the checkpoint's settings win and cannot change mid-run: {detail}; start a new "
+                         f"run to change them (only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE)} "
+                         "may differ)")
+    if args.max_steps <= ckpt["step"]:
+        raise UsageError(f"--max-steps {args.max_steps}: {path} is at step {ckpt['step']}; a resumed run must go "
+                         "further")
+    keep = {k: getattr(args, k) for k in RESUMABLE}
+    merged = argparse.Namespace(**{**saved, **keep})
+    merged.out = merged.out or merged.resume
+    return merged, ckpt
+
+
+def show_progress(args) -> bool:
+    # A progress bar on a terminal; plain lines in a log file or a pipe.
+    return not args.no_progress and sys.stdout.isatty()
+
+
+def prepare(args, parser, argv):
+    """Everything that can fail on bad input, before anything is written: arguments, the checkpoint to
+    resume, the data, the backend, the cost of a step, and each model and optimizer (built on the meta
+    device). Returns what the run needs and the header line."""
+    validate(args)
+    checkpoint = None
+    if args.resume:
+        args, checkpoint = load_resume(args, parser, argv)
+    device = pick_device(args)
+    entries = [n.strip() for n in args.compare.split(",")] if args.compare is not None else [args.optimizer]
+    if any(not e.startswith("adamw") for e in entries):
+        resolve_backend(args.backend, device)  # raises BackendUnavailable with the reason
+    if args.model:
+        _transformers()
+    data = TokenDataset(tokenize(load_corpus(args.data), args.model), args.seq_len, device)
+    estimate = ""
+    if not args.model:
+        need = step_memory_bytes(model_config(args), args)
+        total, have = sum(need.values()), available_memory_bytes(device)
+        if total > 0.8 * have:
+            raise UsageError(f"--seq-len {args.seq_len} --batch-size {args.batch_size}: one training step would need "
+                             f"about {total / 2**30:.1f} GiB (attention {need['attention'] / 2**30:.1f} GiB), "
+                             f"more than this {device.type} device's {have / 2**30:.1f} GiB; use a shorter --seq-len "
+                             "or a smaller --batch-size")
+        estimate = f", about {total / 2**30:.2f} GiB per step"
+    model = build_model(args, "meta")
+    params = sum(p.numel() for p in model.parameters())
+    described = []
+    for entry in entries:
+        opt = build_optimizer(entry, build_model(args, "meta") if entry != entries[0] else model, args)
+        described.append(repr(opt) if isinstance(opt, MISA) else f"AdamW(lr={args.lr:g})")
+    what = args.model or (f"model {args.model_size}" + (f" + {args.config}" if args.config else ""))
+    header = (f"misa-train: {what} ({params:,} params, {args.dtype}) on {describe(args.data)} "
+              f"({len(data.train):,} training tokens), device {device}, backend {args.backend}, "
+              f"{args.max_steps} steps of {args.batch_size} x {args.seq_len} tokens, lr {args.lr:g}{estimate}; "
+              + "; ".join(f"{e}: {d}" for e, d in zip(entries, described)))
+    return args, device, data, checkpoint, header
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)  # argparse exits with code 2 on unknown options and choices
     try:
-        validate(args)
-        if args.resume:
-            saved = torch.load(Path(args.resume) / CHECKPOINT, map_location="cpu", weights_only=False)["args"]
-            keep = {k: getattr(args, k) for k in ("max_steps", "resume", "out", "no_progress", "device")}
-            args = argparse.Namespace(**{**saved, **keep})
-            args.out = args.out or args.resume
-        device = pick_device(args)
-        data = TokenDataset(tokenize(load_corpus(args.data), args.model), args.seq_len, device)
-        if args.resume is None and args.model is None:
-            build_model(args, "meta")  # fail on a bad --config before anything is written
-    except (UsageError, DataError, TypeError) as exc:
+        args, device, data, checkpoint, header = prepare(args, parser, argv)
+    except (UsageError, DataError, BackendUnavailable) as exc:
         print(f"misa-train: error: {exc}", file=sys.stderr)
         return 2
-    name = args.compare.replace(",", "-") if args.compare else args.optimizer
+    except (ValueError, TypeError) as exc:  # raised by a constructor on a bad combination of options
+        print(f"misa-train: error: {exc}", file=sys.stderr)
+        return 2
+    name = args.compare.replace(",", "-").replace("+", "_") if args.compare else args.optimizer
     out = Path(args.out or Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    print(f"{header}; writing to {out}", flush=True)
     if args.compare:
-        compare(args, data, device, out)
-        print(f"wrote {out / 'compare.md'}, {out / 'compare.png'}")
+        compare(args, data, device, out, argv)
+        print(f"wrote {out / 'compare.md'}, {out / 'compare.json'}, {out / 'compare.png'}")
         return 0
-    result = run(args, args.optimizer, out, data, device, progress=not args.no_progress)
+    result = run(args, args.optimizer, out, data, device, progress=show_progress(args), checkpoint=checkpoint)
     s = result["summary"]
     mem = ", ".join(f"{k} {v:.0f}" for k, v in s.items() if k.startswith("peak_"))
     print(f"done: {s['steps']} steps of {args.optimizer} on {describe(args.data)} ({s['params']:,} params, {device})\n"
-          f"final train loss {s['final_train_loss']:.4f}, val loss {s['final_val_loss']:.4f}, "
-          f"val perplexity {s['final_val_perplexity']:.3f}, {s['tokens_per_s']:.0f} tokens/s, {mem}\n"
-          f"wrote {out / 'summary.json'}, {out / 'loss.png'}, {out / CHECKPOINT}")
+          f"final train loss {s['final_train_loss']:.4f}, val loss {s['final_val_loss']:.4f} "
+          f"(± {s['final_val_sem']:.4f} eval s.e.), val perplexity {s['final_val_perplexity']:.3f}, "
+          f"{s['tokens_per_s']:.0f} tokens/s, {mem}\n"
+          f"wrote {out / 'summary.json'}, {out / 'history.json'}, {out / 'loss.png'}, {out / CHECKPOINT}")
     return 0
 
 

@@ -85,10 +85,14 @@ class StateArena:
         return self.view(key)
 
     def view(self, key: Hashable) -> Tensor:
+        if key not in self._blocks:
+            raise KeyError(f"StateArena.view: no block is held under {key!r}")
         offset, _, shape = self._blocks[key]
         return self.buffer[offset:offset + math.prod(shape)].view(shape)
 
     def release(self, key: Hashable) -> None:
+        if key not in self._blocks:
+            raise KeyError(f"StateArena.release: no block is held under {key!r} ({len(self._blocks)} blocks held)")
         offset, size, _ = self._blocks.pop(key)
         self.used -= size
         i = bisect.bisect_left(self._free, (offset, 0))

@@ -11,7 +11,7 @@ from misa import distributed as mdist
 
 from models import tiny_lm
 
-HYPER = dict(lr=5e-3, weight_decay=0.01, delta=0.15, interval=3, seed=5, backend="torch")
+HYPER = dict(lr=5e-3, weight_decay=0.01, delta=0.15, interval=3, seed=5, backend="torch", variant="paper")
 STEPS, SAVE_AT, GLOBAL_BATCH = 10, 4, 4
 
 

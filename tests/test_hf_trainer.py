@@ -95,8 +95,10 @@ def test_partition_of_real_architectures(arch):
     layer0 = {n for n in opt.module_names if ".0." in n}
     assert layer0 == want
     assert len(opt.module_names) == 2 * len(want)  # embeddings and head are not modules by default
+    del opt  # one MISA per model at a time
     with_embed = misa.MISA(model, delta=0.9, include_embedding=True, include_lm_head=True, backend="torch")
     assert any("embed" in n or "wte" in n for n in with_embed.module_names)
+    del with_embed
     layers = misa.MISA(model, delta=0.9, granularity="layer", backend="torch")
     assert len(layers.module_names) == 2
 

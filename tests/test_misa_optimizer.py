@@ -264,7 +264,7 @@ def test_baseline_orders(order):
 
 def test_official_variant():
     model = tiny_lm()
-    opt = misa.MISA(model, lr=1e-2, delta=0.3, interval=3, variant="official", include_embedding=True,
+    opt = misa.MISA(model, lr=1e-2, delta=0.3, interval=3, variant="official", include_embedding=True, eta=1.0,
                     backend="torch", seed=1)
     assert opt.sampler.sample_last == 2 and opt.warmup_interval == 1 and not opt.flush
     assert model.embed_tokens.weight.requires_grad and model.embed_tokens.weight in opt.state  # every step

@@ -70,10 +70,11 @@ def verdict(rows) -> str:
         other = by[name]
         diff = other["val_loss_mean"] - misa["val_loss_mean"]
         spread = max(misa["val_loss_std"], other["val_loss_std"])
+        noise = max(misa.get("eval_sem_mean", 0.0), other.get("eval_sem_mean", 0.0))
         word = "lower" if diff > 0 else "higher"
         judged = "larger than" if abs(diff) > spread else "within"
         out.append(f"MISA's mean final validation loss is {abs(diff):.4f} {word} than {name}'s, {judged} the "
-                   f"spread over seeds (largest std {spread:.4f}).")
+                   f"spread over seeds (largest std {spread:.4f}; evaluation s.e. {noise:.4f}).")
     return " ".join(out)
 
 

@@ -17,6 +17,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 import misa_kernels
 from misa_kernels import StateArena
@@ -28,6 +29,8 @@ from .sampler import ORDERS, ImportanceSampler, entropy
 from .variants import Variant, resolve
 
 _MODULES_GROUP = "modules"
+# parameter -> weak reference to the MISA that manages it; both sides weak, so neither keeps the other alive
+_OWNERS = WeakIdKeyDictionary()
 _ALWAYS_GROUP = "always"
 
 
@@ -229,22 +232,22 @@ class MISA(torch.optim.Optimizer):
     # ---------------------------------------------------------------- construction helpers
     def _claim(self, params) -> None:
         # MISA owns requires_grad of its parameters; a second live MISA on them would silently undo the
-        # first one's freezing at each switch.
-        me = weakref.ref(self)
-        def live_owner(p):
-            owner = getattr(p, "_misa_owner", None)
-            return owner() if owner is not None else None
+        # first one's freezing at each switch. (A weak map, not an attribute: models stay deep-copyable.)
+        def owner(p):
+            ref = _OWNERS.get(p)
+            return ref() if ref is not None else None
 
-        if any(live_owner(p) not in (None, self) for p in params):
+        if any(owner(p) not in (None, self) for p in params):
             gc.collect()  # an optimizer the caller dropped may only await the cycle collector
         for p in params:
-            other = live_owner(p)
+            other = owner(p)
             if other is not None and other is not self:
                 raise ValueError("model_or_named_params: these parameters already belong to another live MISA "
                                  f"optimizer ({other!r}); two would fight over requires_grad. Delete the first one, "
                                  "or give each optimizer its own parameters")
+        me = weakref.ref(self)
         for p in params:
-            p._misa_owner = me
+            _OWNERS[p] = me
 
     def _warn_frozen(self) -> None:
         frozen = self.partition.frozen

@@ -75,3 +75,14 @@ def test_arena_release_of_an_unknown_key_says_so():
     arena = StateArena(128)
     with pytest.raises(KeyError, match="no block is held under 'zzz'"):
         arena.release("zzz")
+
+
+def test_a_model_under_misa_can_still_be_deep_copied():
+    import copy
+
+    model = tiny_lm()
+    opt = misa.MISA(model, delta=0.2, backend="torch")
+    twin = copy.deepcopy(model)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+    misa.MISA(twin, delta=0.2, backend="torch")  # the copy is free for an optimizer of its own
+    del opt

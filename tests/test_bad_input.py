@@ -66,6 +66,15 @@ def bad_calls():
     def step_nan(a):
         a["step"] = float("nan")
 
+    def step_fraction(a):
+        a["step"] = 1.5
+
+    def state_is_the_param(a):
+        a["exp_avgs"][0] = a["params"][0]
+
+    def master_for_fp32(a):
+        a["master_params"] = [t.clone() for t in a["params"]]
+
     def lr_negative(a):
         a["lr"] = -1.0
 
@@ -103,6 +112,9 @@ def bad_calls():
         ("device", device, ValueError, "grads[0]"),
         ("step-0", step_zero, ValueError, "step"),
         ("step-nan", step_nan, ValueError, "step"),
+        ("step-1.5", step_fraction, ValueError, "step"),
+        ("state-is-the-param", state_is_the_param, ValueError, "exp_avgs[0]"),
+        ("master-for-fp32", master_for_fp32, TypeError, "master_params"),
         ("lr-negative", lr_negative, ValueError, "lr"),
         ("lr-2d", lr_2d, ValueError, "lr"),
         ("beta2", beta, ValueError, "beta2"),

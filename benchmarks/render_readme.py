@@ -43,12 +43,15 @@ def compare_section() -> str:
                  f"T={meta['interval']}, "
                  f"lr={meta['lr']}, seq {meta['seq_len']} x batch {meta['batch_size']}; written by "
                  f"`{meta['command']}`; plot `{rel}/compare.png`.", "",
-                 "| optimizer | seeds | final val loss, mean ± std | min | max | eval s.e. | val perplexity |",
+                 "| optimizer | seeds | final val loss, mean ± std | min | max | eval s.e. (of the difference to "
+                 f"{data['rows'][0]['optimizer']}) | val perplexity |",
                  "|---|---|---|---|---|---|---|"]
         for r in sorted(data["rows"], key=lambda r: r["val_loss_mean"]):
             sem = r.get("eval_sem_mean", float("nan"))
+            paired = r.get("eval_se_paired_vs_first", float("nan"))
             lines.append(f"| {r['optimizer']} | {r['seeds']} | {r['val_loss_mean']:.4f} ± {r['val_loss_std']:.4f} | "
-                         f"{r['val_loss_min']:.4f} | {r['val_loss_max']:.4f} | {sem:.4f} | {r['val_ppl_mean']:.2f} |")
+                         f"{r['val_loss_min']:.4f} | {r['val_loss_max']:.4f} | {sem:.4f} ({paired:.4f}) | "
+                         f"{r['val_ppl_mean']:.2f} |")
         if "variant_default" in meta:
             lines += ["", f"`misa` is `variant=\"default\"` as it stood for this run: `{meta['variant_default']}`; "
                           "`misa-<preset>+switch=value` rows override the named preset."]
@@ -70,11 +73,12 @@ def verdict(rows) -> str:
         other = by[name]
         diff = other["val_loss_mean"] - misa["val_loss_mean"]
         spread = max(misa["val_loss_std"], other["val_loss_std"])
-        noise = max(misa.get("eval_sem_mean", 0.0), other.get("eval_sem_mean", 0.0))
+        noise = other.get("eval_se_paired_vs_first", float("nan"))  # misa is the first row of a comparison
         word = "lower" if diff > 0 else "higher"
         judged = "larger than" if abs(diff) > spread else "within"
         out.append(f"MISA's mean final validation loss is {abs(diff):.4f} {word} than {name}'s, {judged} the "
-                   f"spread over seeds (largest std {spread:.4f}; evaluation s.e. {noise:.4f}).")
+                   f"spread over seeds (largest std {spread:.4f}; evaluation noise of the difference "
+                   f"{noise:.4f}).")
     return " ".join(out)
 
 

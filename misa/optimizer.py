@@ -602,10 +602,10 @@ class MISA(torch.optim.Optimizer):
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> Dict:
         sd = super().state_dict()
-        for st in sd["state"].values():
-            for key in ("exp_avg", "exp_avg_sq", "master"):
-                if key in st:
-                    st[key] = st[key].detach().clone()  # standalone copies, not views of the arena
+        # torch's state_dict hands out the live per-parameter dicts: copy them before replacing their
+        # tensors, or this optimizer's states would stop being views of the arena.
+        sd["state"] = {i: {key: (value.detach().clone() if torch.is_tensor(value) else value)
+                           for key, value in st.items()} for i, st in sd["state"].items()}
         sd["misa"] = {
             "module_names": list(self.module_names),
             "variant": self.variant,

@@ -303,8 +303,8 @@ def evaluate(model, data: TokenDataset, args, batches: Optional[int] = None) -> 
 
 @torch.no_grad()
 def evaluate_with_error(model, data: TokenDataset, args, batches: Optional[int] = None):
-    """Mean validation loss over a fixed set of held-out windows, and its standard error over batches
-    (the evaluation noise, to hold against the gaps between methods)."""
+    """Mean validation loss over a fixed set of held-out windows, its standard error over batches, and the
+    per-batch losses (the same windows every time, so methods can be compared batch by batch)."""
     was_training = model.training
     model.eval()
     losses = torch.tensor([float(model.loss(b)) for b in data.val_batches(args.batch_size,
@@ -312,7 +312,7 @@ def evaluate_with_error(model, data: TokenDataset, args, batches: Optional[int] 
                           dtype=torch.float64)
     model.train(was_training)
     sem = float(losses.std() / len(losses) ** 0.5) if len(losses) > 1 else float("nan")
-    return float(losses.mean()), sem
+    return float(losses.mean()), sem, losses.tolist()
 
 
 def peak_memory_mb(device) -> Dict[str, float]:
@@ -363,10 +363,11 @@ def run(args, optimizer_name: str, out: Path, data: TokenDataset, device, progre
         history["train_loss"].append(loss_value)
         done = step + 1
         if done % args.eval_every == 0 or done == args.max_steps:  # always after the last step too
-            val, sem = evaluate_with_error(model, data, args)
+            val, sem, per_batch = evaluate_with_error(model, data, args)
             history["val_step"].append(done)
             history["val_loss"].append(val)
             history["final_val_sem"] = sem
+            history["final_val_batch_losses"] = per_batch
         elapsed = time.perf_counter() - t0
         status = {"loss": f"{loss_value:.3f}", "tok/s": f"{trained_steps * tokens_per_step / elapsed:.0f}"}
         if device.type == "cuda":
@@ -447,6 +448,17 @@ def plot(curves: Dict[str, List[Dict]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def paired_eval_se(runs, reference_runs) -> float:
+    """The evaluation noise of a difference between two methods: every run is evaluated on the same
+    windows, so the standard error of the per-window difference of their seed-mean losses."""
+    a = torch.tensor([r["history"].get("final_val_batch_losses", []) for r in runs], dtype=torch.float64)
+    b = torch.tensor([r["history"].get("final_val_batch_losses", []) for r in reference_runs], dtype=torch.float64)
+    if a.numel() == 0 or a.shape[1:] != b.shape[1:] or a.shape[1] < 2:
+        return float("nan")
+    diff = a.mean(0) - b.mean(0)
+    return float(diff.std() / diff.numel() ** 0.5)
+
+
 def compare(args, data, device, out: Path, argv: Optional[List[str]] = None) -> Dict:
     names = [n.strip() for n in args.compare.split(",") if n.strip()]
     results: Dict[str, List[Dict]] = {n: [] for n in names}
@@ -466,6 +478,7 @@ def compare(args, data, device, out: Path, argv: Optional[List[str]] = None) -> 
                      "val_ppl_mean": float(vals.exp().mean()),
                      "eval_sem_mean": float(torch.tensor([r["summary"].get("final_val_sem") or float("nan")
                                                           for r in runs]).mean()),
+                     "eval_se_paired_vs_first": paired_eval_se(runs, results[names[0]]),
                      "tokens_per_s": sum(r["summary"]["tokens_per_s"] for r in runs) / len(runs)})
     meta = {"command": provenance.command("misa.train", sys.argv[1:] if argv is None else argv), "device": str(device),
             "torch": torch.__version__, "commit": provenance.commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -474,12 +487,12 @@ def compare(args, data, device, out: Path, argv: Optional[List[str]] = None) -> 
             "delta": args.delta, "eta": args.eta, "interval": args.interval, "granularity": args.granularity,
             "lr": args.lr, "seq_len": args.seq_len, "batch_size": args.batch_size, "data": describe(args.data)}
     (out / "compare.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    lines = ["| optimizer | seeds | final val loss (mean ± std) | min | max | eval s.e. | val ppl | tokens/s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| optimizer | seeds | final val loss (mean ± std) | min | max | eval s.e. (paired vs first) | "
+             "val ppl | tokens/s |", "|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: r["val_loss_mean"]):
         lines.append(f"| {r['optimizer']} | {r['seeds']} | {r['val_loss_mean']:.4f} ± {r['val_loss_std']:.4f} | "
-                     f"{r['val_loss_min']:.4f} | {r['val_loss_max']:.4f} | {r['eval_sem_mean']:.4f} | "
-                     f"{r['val_ppl_mean']:.3f} | {r['tokens_per_s']:.0f} |")
+                     f"{r['val_loss_min']:.4f} | {r['val_loss_max']:.4f} | {r['eval_sem_mean']:.4f} "
+                     f"({r['eval_se_paired_vs_first']:.4f}) | {r['val_ppl_mean']:.3f} | {r['tokens_per_s']:.0f} |")
     settings = ", ".join(f"{k}={v}" for k, v in meta.items() if k != "command")
     (out / "compare.md").write_text(f"Written by `{meta['command']}`\n\n{settings}\n\n" + "\n".join(lines) + "\n")
     plot({n: [r["history"] for r in runs] for n, runs in results.items()}, out / "compare.png",

@@ -106,3 +106,19 @@ def test_saved_on_gpu_loads_on_cpu():
     for p_gpu, p_cpu in zip(model.parameters(), model_cpu.parameters()):
         if p_gpu in opt.state:
             torch.testing.assert_close(opt.state[p_gpu]["exp_avg"].cpu(), opt_cpu.state[p_cpu]["exp_avg"])
+
+
+@pytest.mark.parametrize("variant", ["default", "paper", "official"])
+def test_state_dict_leaves_the_run_undisturbed(variant):
+    """Saving mid-run must not change the run: the optimizer's states stay views of its arena."""
+    model_a, opt_a = make(variant)
+    model_b, opt_b = make(variant)
+    for start in range(0, 24, 3):
+        train(model_a, opt_a, 3, start=start)
+        train(model_b, opt_b, 3, start=start)
+        opt_b.state_dict()
+    arena = opt_b.arena.buffer.untyped_storage().data_ptr()
+    for st in opt_b.state.values():
+        assert st["exp_avg"].untyped_storage().data_ptr() == arena
+    for a, b in zip(model_a.parameters(), model_b.parameters()):
+        assert torch.equal(a, b)

@@ -217,7 +217,7 @@ class MISA(torch.optim.Optimizer):
 
         self._claim(every_param + [p for _, p in self.partition.frozen])
         self._warn_frozen()
-        for _, p in self.partition.frozen:
+        for _, p in self._never_trained():
             p.requires_grad_(False)
             p.grad = None
         for m in modules:
@@ -249,8 +249,12 @@ class MISA(torch.optim.Optimizer):
         for p in params:
             _OWNERS[p] = me
 
+    def _never_trained(self):
+        trained = {id(p) for g in self.param_groups for p in g["params"]}
+        return [(n, p) for n, p in self.partition.frozen if id(p) not in trained]
+
     def _warn_frozen(self) -> None:
-        frozen = self.partition.frozen
+        frozen = self._never_trained()
         if not frozen:
             return
         n = sum(p.numel() for _, p in frozen)
@@ -666,7 +670,7 @@ class MISA(torch.optim.Optimizer):
         self.switch_log = list(misa["switch_log"])
 
     def __repr__(self) -> str:
-        frozen = sum(p.numel() for _, p in self.partition.frozen)
+        frozen = sum(p.numel() for _, p in self._never_trained())
         return (f"MISA(modules={len(self.module_names)}, delta={self.delta:g}, eta={self.eta}, "
                 f"interval={self.interval}, order={self.order!r}, variant={self.variant!r}, "
                 f"active={len(self._active)}, trainable={self.trainable_fraction:.2%}, "

@@ -161,36 +161,37 @@ def train_step_section() -> str:
     return "\n".join(lines)
 
 
-def master_section() -> str:
+def _latest_with(bench: str):
+    """(file, data, rows) of the newest results file with rows of `bench`, on any device."""
     found = None
     for f in sorted(RESULTS.glob("*.json")):
         data = json.loads(f.read_text())
-        if any(r.get("bench") == "master_weights" for r in data.get("rows", [])):
-            found = (f, data)
+        rows = [r for r in data.get("rows", []) if r.get("bench") == bench]
+        if rows:
+            found = (f, data, rows)
+    return found
+
+
+def master_section() -> str:
+    found = _latest_with("master_weights")
     if found is None:
         return "_Not measured yet: run `python benchmarks/bench_master_weights.py`._"
-    f, data = found
+    f, data, rows = found
     setup = data.get("master_weights_setup", {})
     lines = [f"`{f.relative_to(ROOT)}` ({data['device']}, torch {data['torch']}, commit {data['commit'][:10]}, "
              f"{data['date']}): one bf16 {setup.get('size')}x{setup.get('size')} weight, {setup.get('steps')} steps "
              "of one MISA period, against fp32 AdamW on the same gradients.", "",
              "| lr | bf16 update | moved (x fp32's) | error (of fp32's distance) | entries unchanged | "
              "floor: fp32 result rounded to bf16, error / unchanged | state B/elem |", "|---|---|---|---|---|---|---|"]
-    for r in data["rows"]:
-        if r.get("bench") == "master_weights":
-            lines.append(f"| {r['lr']:.0e} | {r['impl']} | {r['moved_vs_fp32']:.2f} | {r['error_vs_fp32']:.1%} | "
-                         f"{r['unchanged']:.1%} | {r.get('fp32_rounded_error', float('nan')):.1%} / "
-                         f"{r['fp32_rounded_unchanged']:.1%} | {r['state_bytes_per_element']} |")
+    for r in rows:
+        lines.append(f"| {r['lr']:.0e} | {r['impl']} | {r['moved_vs_fp32']:.2f} | {r['error_vs_fp32']:.1%} | "
+                     f"{r['unchanged']:.1%} | {r.get('fp32_rounded_error', float('nan')):.1%} / "
+                     f"{r['fp32_rounded_unchanged']:.1%} | {r['state_bytes_per_element']} |")
     return "\n".join(lines)
 
 
 def ddp_section() -> str:
-    found = None
-    for f in sorted(RESULTS.glob("*.json")):
-        data = json.loads(f.read_text())
-        rows = [r for r in data.get("rows", []) if r.get("bench") == "ddp_step"]
-        if rows:
-            found = (f, data, rows)
+    found = _latest_with("ddp_step")
     if found is None:
         return "_No DDP measurement is recorded yet: run `python benchmarks/bench_ddp_rebuild.py`._"
     f, data, rows = found

@@ -23,8 +23,8 @@ from misa_kernels import BackendUnavailable
 from misa_kernels.backends import resolve as resolve_backend
 
 from . import provenance
-from .data import DataError, TokenDataset, describe, load_corpus, tokenize
 from .baselines import LISA, BAdam
+from .data import DataError, TokenDataset, describe, load_corpus, tokenize
 from .model import SIZES, LlamaConfig, LlamaForCausalLM
 from .optimizer import MISA
 from .variants import PRESETS
@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--granularity", default="module", choices=("module", "layer"),
                    help="MISA's unit: each weight matrix, or each transformer layer")
     p.add_argument("--variant", default="default", choices=tuple(PRESETS),
-                   help="MISA preset: default (best in our measurements), paper (Algorithm 1), official (authors' code)")
+                   help="MISA preset: default (best in our measurements), paper (Algorithm 1), official "
+                        "(authors' code)")
     p.add_argument("--flush", default=None, action=argparse.BooleanOptionalAction,
                    help="end-of-period momentum flush (default: the preset's)")
     p.add_argument("--keep-states", default=None, action=argparse.BooleanOptionalAction,

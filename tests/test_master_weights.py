@@ -39,6 +39,12 @@ def bf16_run(backend, device, *, size=256, steps=STEPS, lr=LR, **misa_kwargs):
     return w0, model[0].weight.detach(), reference.detach(), opt
 
 
+def random_grads(model, gen):
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+
+
 def quality(w0, w, ref):
     moved = (ref - w0.float()).norm()
     return {"error": float((w.float() - ref).norm() / moved), "unchanged": float((w == w0).float().mean()),
@@ -77,9 +83,7 @@ def test_masters_live_in_the_arena_and_go_with_the_module():
     arena_storage = opt.arena.buffer.untyped_storage().data_ptr()
     gen = torch.Generator().manual_seed(0)
     for _ in range(7):
-        for p in model.parameters():
-            if p.requires_grad:
-                p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+        random_grads(model, gen)
         opt.step()
         opt.zero_grad()
         for p, st in opt.state.items():
@@ -117,9 +121,7 @@ def test_triton_and_torch_agree_on_a_bf16_model_with_masters():
         opt = misa.MISA(model, lr=1e-2, delta=0.2, interval=3, backend=backend, seed=2)
         gen = torch.Generator().manual_seed(0)
         for _ in range(7):
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+            random_grads(model, gen)
             opt.step()
             opt.zero_grad()
         results[backend] = [p.detach().clone() for p in model.parameters()]

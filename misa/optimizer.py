@@ -269,6 +269,7 @@ class MISA(torch.optim.Optimizer):
             raise NotImplementedError("MISA.add_param_group: MISA decides which parameters train; pass extra "
                                       "parameters (or param-group dicts) as always_train=... when constructing it")
         super().add_param_group(param_group)
+
     def _check_budget(self, sizes: Sequence[int]) -> None:
         total = self.partition.total_params
         smallest = min(range(len(sizes)), key=lambda b: sizes[b])
@@ -507,15 +508,15 @@ class MISA(torch.optim.Optimizer):
         bad = [self._param_names.get(entries[k][1], "?") for k in
                torch.nonzero(~torch.isfinite(per_entry)).flatten().tolist()]
         self.skipped_steps += 1
+        warnings.warn(f"MISA: non-finite gradient in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
+                      f"step {self._step_count} skipped, parameters and optimizer state untouched",
+                      RuntimeWarning, stacklevel=3)
         if self.v.count_nonfinite_steps:
             # The authors' code: the step counts, a non-finite tensor's norm counts as 1.0, no update.
             finite = torch.where(torch.isfinite(per_entry), per_entry, torch.ones_like(per_entry))
             per_module = self._to_slots(entries, finite)[self._seg_index].sum(dim=1)
             self._S += per_module.sqrt() if self.v.norm_power == 1 else per_module
             self._advance()
-        warnings.warn(f"MISA: non-finite gradient in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
-                      f"step {self._step_count} skipped, parameters and optimizer state untouched",
-                      RuntimeWarning, stacklevel=3)
 
     def _fused_steps(self, entries, step_sq: Optional[Tensor]) -> None:
         """One fused kernel call per (group, dtype, step count, module-or-not)."""

@@ -91,12 +91,13 @@ def test_partition_of_real_architectures(arch):
         model = tiny_llama()
         want = {f"model.layers.0.{n}" for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                                                  "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
-    opt = misa.MISA(model, delta=0.5, backend="torch")
+    opt = misa.MISA(model, delta=0.5, backend="torch", variant="paper")  # biases travel with their matrix
     layer0 = {n for n in opt.module_names if ".0." in n}
     assert layer0 == want
     assert len(opt.module_names) == 2 * len(want)  # embeddings and head are not modules by default
     del opt  # one MISA per model at a time
-    with_embed = misa.MISA(model, delta=0.9, include_embedding=True, include_lm_head=True, backend="torch")
+    with_embed = misa.MISA(model, delta=0.9, include_embedding=True, include_lm_head=True, backend="torch",
+                           variant="paper")
     assert any("embed" in n or "wte" in n for n in with_embed.module_names)
     del with_embed
     layers = misa.MISA(model, delta=0.9, granularity="layer", backend="torch")

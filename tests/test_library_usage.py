@@ -29,7 +29,7 @@ def test_eta_auto_is_scale_free():
     """The same eta gives the same probabilities whatever the scale of the gradients."""
     probs = []
     for scale in (1e-4, 1.0, 1e3):
-        opt = misa.MISA(tiny_lm(), delta=0.2, backend="torch")
+        opt = misa.MISA(tiny_lm(), delta=0.2, backend="torch", variant="paper")  # energy = G
         assert opt.eta == "auto"
         s = opt.sampler
         s.k[:] = 1

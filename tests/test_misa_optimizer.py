@@ -141,10 +141,11 @@ def test_norms_and_embedding_are_frozen_by_default_and_optional():
     opt = misa.MISA(model, delta=0.2, backend="torch")
     assert "embed_tokens" not in opt.module_names and "lm_head" not in opt.module_names
     assert not model.norm.weight.requires_grad and not model.embed_tokens.weight.requires_grad
-    opt2 = misa.MISA(tiny_lm(), delta=0.5, include_embedding=True, include_lm_head=True, backend="torch")
+    opt2 = misa.MISA(tiny_lm(), delta=0.5, include_embedding=True, include_lm_head=True, backend="torch",
+                     variant="paper")
     assert "embed_tokens" in opt2.module_names and "lm_head" in opt2.module_names
     model3 = tiny_lm()
-    opt3 = misa.MISA(model3, delta=0.2, train_1d=True, backend="torch")
+    opt3 = misa.MISA(model3, delta=0.2, train_1d=True, backend="torch", variant="paper")
     assert model3.norm.weight.requires_grad and model3.layers[0].input_layernorm.bias.requires_grad
     assert model3.norm.weight in opt3.state
     # the bias of down_proj travels with its module

@@ -1,5 +1,6 @@
 """Worker processes for tests/test_distributed.py (importable by torch.multiprocessing's spawn)."""
 
+import gc
 import os
 
 import torch
@@ -105,6 +106,9 @@ def worker(rank, world, init_file, out_dir, kind):
     _train(kind, rank, world, model, opt, wrapped, SAVE_AT, STEPS, resumed)
     report["resumed_params"] = _full(model)
     report["resumed_active"] = opt.active_modules
+    # DDP's reducer must go before the process group does (gloo aborts the process otherwise)
+    del model, opt, wrapped
+    gc.collect()
     # C: a rank with another seed must be caught at the first switch
     model = tiny_lm(seed=0)
     opt = misa.MISA(model, **{**HYPER, "seed": HYPER["seed"] + rank, "order": "uniform"})
@@ -114,4 +118,7 @@ def worker(rank, world, init_file, out_dir, kind):
     except mdist.ActiveSetMismatch as exc:
         report["mismatch_error"] = str(exc)
     torch.save(report, os.path.join(out_dir, f"report{rank}.pt"))
+    del model, opt
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()

@@ -102,7 +102,7 @@ void adamw_step_(const std::vector<at::Tensor>& params, const std::vector<at::Te
                  const c10::optional<at::Tensor>& grad_sq_norms, const std::vector<at::Tensor>& master_params,
                  const c10::optional<at::Tensor>& device_scalars, double one_minus_beta1, double beta2,
                  double one_minus_beta2, double eps, double step_size, double bc2_sqrt, double decay, bool fresh,
-                 bool stochastic, int64_t seed) {
+                 bool stochastic, int64_t seed, const c10::optional<at::Tensor>& skip) {
   if (params.empty()) return;
   const at::Device dev = params[0].device();
   check_params(params, dev);
@@ -124,7 +124,13 @@ void adamw_step_(const std::vector<at::Tensor>& params, const std::vector<at::Te
   }
   auto p = pointers(params), g = pointers(grads), m = pointers(exp_avgs), v = pointers(exp_avg_sqs);
   std::vector<void*> w;
-  const auto rounding = make_rounding(master_params, params, w, stochastic, seed);
+  auto rounding = make_rounding(master_params, params, w, stochastic, seed);
+  if (skip.has_value()) {
+    CHECK_DEVICE(*skip, dev);
+    CHECK_DTYPE(*skip, at::kFloat);
+    CHECK_NUMEL(*skip, 1);
+    rounding.skip = skip->data_ptr<float>();
+  }
   const auto sc = make_scalars(device_scalars, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt,
                                decay, dev);
   C10_CUDA_CHECK(misa::adamw_step(n, p.data(), const_cast<const void* const*>(g.data()),

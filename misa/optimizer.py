@@ -199,6 +199,13 @@ class MISA(torch.optim.Optimizer):
         self._param_names.update({p: n for n, p in self.partition.always})
         self._always = [(gi, p) for gi, g in enumerate(self.param_groups) if gi > 0 for p in g["params"]]
         self.arena = StateArena(self._arena_capacity(modules), device=self.device)
+        # Non-finite steps are decided and skipped on the device (no host sync): a running count of
+        # skipped steps, its value when the current active set was drawn (a state's true step count is
+        # its attempted steps minus the skips since), and the skips of the current period.
+        self._skips = torch.zeros((), dtype=torch.float32, device=self.device)
+        self._skips_at_switch = self._skips.clone()
+        self._period_skips = torch.zeros((), dtype=torch.float32, device=self.device)
+        self._device_steps = check_finite
         for _, p in self._always:
             self._acquire(p)
 
@@ -208,7 +215,6 @@ class MISA(torch.optim.Optimizer):
         self._step_count = 0
         self._S = torch.zeros(0, device=self.device)
         self._cached_norms: Optional[Tuple[int, Tensor]] = None
-        self.skipped_steps = 0
         self.switch_log: List[Dict] = []
         self._switch_hooks: List[Callable[["MISA"], None]] = []
         # Distributed hooks (misa.distributed): sum per-tensor squared norms over shards, check agreement.
@@ -357,7 +363,8 @@ class MISA(torch.optim.Optimizer):
         shape = _local(p).shape
         for key in self._state_keys(p):
             self.arena.acquire((key, i), shape)
-        self.state[p] = {"step": 0}
+        # "step" counts the steps attempted since activation; "skips0" is the skip count then
+        self.state[p] = {"step": 0, "skips0": self._skips_at_switch}
         self._refresh_views([p])
 
     def _refresh_views(self, params) -> None:
@@ -391,6 +398,7 @@ class MISA(torch.optim.Optimizer):
                     p.requires_grad_(False)
                     p.grad = None
         generation = self.arena.generation
+        self._skips_at_switch = self._skips.clone()
         for b in new:
             for p in self._module_params(b):
                 p.requires_grad_(True)
@@ -401,6 +409,7 @@ class MISA(torch.optim.Optimizer):
         self._active = new
         self._build_slots()
         self._S = torch.zeros(len(new), dtype=torch.float32, device=self.device)
+        self._period_skips = torch.zeros((), dtype=torch.float32, device=self.device)
         self._t = 0
         self._period_len = self.warmup_interval if self.sampler.in_warmup else self.interval
         if log:
@@ -470,28 +479,49 @@ class MISA(torch.optim.Optimizer):
         entries = self._grads()
         if not entries:
             return loss
-        step_sq = None
-        reduced = False  # norms left by clip_grad_norm_ are already summed over shards
+        found = None  # 0-d device flag: 1.0 when this step's gradients hold NaN/inf
         cached = self._cached_norms
         self._cached_norms = None
         if cached is not None and cached[0] == self._step_count:
-            step_sq, reduced = cached[1], True
+            step_sq, total = cached[1], cached[2]  # from clip_grad_norm_, already summed over shards
         elif self.check_finite:
             step_sq, per_entry = self._norms_by_slot(entries)
-            if not bool(torch.isfinite(per_entry.sum())):
-                self._skip(entries, per_entry)
-                return loss
+            step_sq, total = self._reduced(step_sq, per_entry)
+        else:
+            step_sq, total = None, None
+        if self.check_finite:
+            self._device_steps = True
+            found = (~torch.isfinite(total)).to(torch.float32)
         if step_sq is None:
             step_sq = torch.zeros(len(self._slots) + 1, dtype=torch.float32, device=self.device)
-            self._fused_steps(entries, step_sq)
+            self._fused_steps(entries, step_sq, found)
+            if self._reduce_sq_norms is not None:
+                self._reduce_sq_norms(step_sq)
         else:
-            self._fused_steps(entries, None)
-        if self._reduce_sq_norms is not None and not reduced:
-            self._reduce_sq_norms(step_sq)
+            self._fused_steps(entries, None, found)
+        if found is not None and self.v.count_nonfinite_steps:
+            # The authors' code: a non-finite tensor's norm counts as 1.0 and the step counts.
+            step_sq = torch.where(torch.isfinite(step_sq), step_sq, torch.ones_like(step_sq))
         per_module = step_sq[self._seg_index].sum(dim=1)
-        self._S += per_module.sqrt() if self.v.norm_power == 1 else per_module
+        stat = per_module.sqrt() if self.v.norm_power == 1 else per_module
+        if found is not None and not self.v.count_nonfinite_steps:
+            stat = stat * (1.0 - found)  # a skipped step adds nothing to the statistic
+        self._S += stat
+        if found is not None:
+            self._skips += found
+            self._period_skips += found
         self._advance()
         return loss
+
+    def _reduced(self, step_sq: Tensor, per_entry: Tensor) -> Tuple[Tensor, Tensor]:
+        """Per-slot squared norms and the total over every gradient, summed over shards (FSDP2) so that
+        every rank takes the same skip decision."""
+        total = per_entry.sum()
+        if self._reduce_sq_norms is None:
+            return step_sq, total
+        sq = torch.cat([step_sq, (total - step_sq.sum()).reshape(1)])
+        self._reduce_sq_norms(sq)
+        return sq[:-1], sq.sum()
 
     def _advance(self) -> None:
         self._t += 1
@@ -504,26 +534,20 @@ class MISA(torch.optim.Optimizer):
         if done:
             self._end_period()
 
-    def _skip(self, entries, per_entry: Tensor) -> None:
-        bad = [self._param_names.get(entries[k][1], "?") for k in
-               torch.nonzero(~torch.isfinite(per_entry)).flatten().tolist()]
-        self.skipped_steps += 1
-        warnings.warn(f"MISA: non-finite gradient in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
-                      f"step {self._step_count} skipped, parameters and optimizer state untouched",
-                      RuntimeWarning, stacklevel=3)
-        if self.v.count_nonfinite_steps:
-            # The authors' code: the step counts, a non-finite tensor's norm counts as 1.0, no update.
-            finite = torch.where(torch.isfinite(per_entry), per_entry, torch.ones_like(per_entry))
-            per_module = self._to_slots(entries, finite)[self._seg_index].sum(dim=1)
-            self._S += per_module.sqrt() if self.v.norm_power == 1 else per_module
-            self._advance()
+    def _true_step(self, st: Dict):
+        """A state's step count for the bias corrections: a number, or (once steps may be skipped on the
+        device) a 0-d device tensor, the attempted steps minus the skips since activation."""
+        if not self._device_steps:
+            return st["step"]
+        return (self._skips_at_switch.new_tensor(float(st["step"])) - (self._skips - st["skips0"]))
 
-    def _fused_steps(self, entries, step_sq: Optional[Tensor]) -> None:
-        """One fused kernel call per (group, dtype, step count, module-or-not)."""
+    def _fused_steps(self, entries, step_sq: Optional[Tensor], found: Optional[Tensor] = None) -> None:
+        """One fused kernel call per (group, dtype, step count, activation, module-or-not)."""
         calls = defaultdict(list)
         for gi, p, g, slot in entries:
-            calls[(gi, _local(p).dtype, self.state[p]["step"], slot is not None)].append((p, g, slot))
-        for call, ((gi, _, step, is_module), items) in enumerate(calls.items()):
+            st = self.state[p]
+            calls[(gi, _local(p).dtype, st["step"], id(st["skips0"]), slot is not None)].append((p, g, slot))
+        for call, ((gi, _, step, _, is_module), items) in enumerate(calls.items()):
             group = self.param_groups[gi]
             beta1, beta2 = group["betas"]
             params = [_local(p) for p, _, _ in items]
@@ -536,10 +560,11 @@ class MISA(torch.optim.Optimizer):
                 else:
                     norms = torch.zeros(len(slots), dtype=torch.float32, device=self.device)
                     scatter = torch.tensor(slots, device=self.device)
+            true_step = self._true_step(states[0])
             misa_kernels.adamw_step_(
                 params, [g for _, g, _ in items], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                 lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                step=step + 1, fresh=step == 0, grad_sq_norms=norms, backend=self.backend,
+                step=true_step + 1, fresh=step == 0, grad_sq_norms=norms, skip=found, backend=self.backend,
                 **self._rounding_args(states, call))
             if scatter is not None:
                 step_sq.index_copy_(0, scatter, norms)
@@ -555,9 +580,14 @@ class MISA(torch.optim.Optimizer):
 
     def _end_period(self) -> None:
         length = self._t
-        if self.flush and length >= self.min_flush_steps:
+        skipped = int(self._period_skips)  # the period's end reads the statistics anyway
+        if skipped:
+            warnings.warn(f"MISA: {skipped} of the last {length} steps had non-finite gradients and were skipped "
+                          "(parameters and optimizer state untouched)", RuntimeWarning, stacklevel=3)
+        if self.flush and length - skipped >= self.min_flush_steps:
             self._flush()
-        stats = (self._S / (self.interval if self.v.divide_by_interval else length)).tolist()
+        counted = length if self.v.count_nonfinite_steps else max(length - skipped, 1)
+        stats = (self._S / (self.interval if self.v.divide_by_interval else counted)).tolist()
         self.sampler.update(self._active, stats)
         self._switch(self.sampler.sample())
 
@@ -566,16 +596,25 @@ class MISA(torch.optim.Optimizer):
         for b in self._active:
             for p in self._module_params(b):
                 st = self.state.get(p)
-                if st is not None and st["step"] > 0:
-                    calls[(_local(p).dtype, st["step"])].append(p)
+                if st is not None and self._steps_taken(st) > 0:
+                    calls[(_local(p).dtype, st["step"], id(st["skips0"]))].append(p)
         group = self.param_groups[0]
         beta1, beta2 = group["betas"]
-        for call, ((_, step), params) in enumerate(calls.items()):
+        for call, params in enumerate(calls.values()):
             states = [self.state[p] for p in params]
             misa_kernels.momentum_flush_(
                 [_local(p) for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], step=step, backend=self.backend,
-                **self._rounding_args(states, 512 + call))
+                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], step=self._true_step(states[0]),
+                backend=self.backend, **self._rounding_args(states, 512 + call))
+
+    def _steps_taken(self, st: Dict) -> int:
+        """A state's true step count as a number (reads the device: for period ends and checkpoints)."""
+        return st["step"] - int(self._skips - st["skips0"]) if self._device_steps else st["step"]
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for non-finite gradients so far (reads the device)."""
+        return int(self._skips)
 
     # ---------------------------------------------------------------- gradient clipping
     @torch.no_grad()
@@ -589,19 +628,12 @@ class MISA(torch.optim.Optimizer):
         if not entries:
             return torch.zeros((), device=self.device)
         step_sq, per_entry = self._norms_by_slot(entries)
-        total_sq = per_entry.sum()
-        if self._reduce_sq_norms is not None:
-            # Sharded (FSDP2) grads: the global norm sums every rank's shards.
-            sq = torch.cat([step_sq, total_sq.reshape(1) - step_sq.sum().reshape(1)])
-            self._reduce_sq_norms(sq)
-            step_sq, total_sq = sq[:-1], sq[:-1].sum() + sq[-1]
+        step_sq, total_sq = self._reduced(step_sq, per_entry)  # sharded (FSDP2): over every rank's shards
         total = total_sq.sqrt()
-        if not bool(torch.isfinite(total)):
-            # Leave the grads alone; step() will see the non-finite norm and skip.
-            return total
+        # No host check of the norm: a non-finite norm makes coef non-finite, and step() skips on the device.
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         torch._foreach_mul_([g for _, _, g, _ in entries], coef)
-        self._cached_norms = (self._step_count, step_sq * coef * coef)
+        self._cached_norms = (self._step_count, step_sq * coef * coef, total_sq * coef * coef)
         return total
 
     # ---------------------------------------------------------------- checkpoints
@@ -609,8 +641,10 @@ class MISA(torch.optim.Optimizer):
         sd = super().state_dict()
         # torch's state_dict hands out the live per-parameter dicts: copy them before replacing their
         # tensors, or this optimizer's states would stop being views of the arena.
-        sd["state"] = {i: {key: (value.detach().clone() if torch.is_tensor(value) else value)
-                           for key, value in st.items()} for i, st in sd["state"].items()}
+        live = {i: self.param_by_index(int(i)) for i in sd["state"]}
+        sd["state"] = {i: {**{key: value.detach().clone() for key, value in st.items()
+                              if torch.is_tensor(value) and key != "skips0"},
+                           "step": self._steps_taken(self.state[live[i]])} for i, st in sd["state"].items()}
         sd["misa"] = {
             "module_names": list(self.module_names),
             "variant": self.variant,
@@ -621,6 +655,7 @@ class MISA(torch.optim.Optimizer):
             "step_count": self._step_count,
             "S": self._S.detach().cpu().clone(),
             "skipped_steps": self.skipped_steps,
+            "period_skips": int(self._period_skips),
             "switch_log": list(self.switch_log),
         }
         return sd
@@ -667,7 +702,13 @@ class MISA(torch.optim.Optimizer):
         self._period_len = int(misa["period_len"])
         self._step_count = int(misa["step_count"])
         self._S = misa["S"].to(device=self.device, dtype=torch.float32).clone()
-        self.skipped_steps = int(misa["skipped_steps"])
+        self._skips = torch.full((), float(misa["skipped_steps"]), dtype=torch.float32, device=self.device)
+        self._period_skips = torch.full((), float(misa.get("period_skips", 0)), dtype=torch.float32,
+                                        device=self.device)
+        self._device_steps = self._device_steps or self.check_finite
+        self._skips_at_switch = self._skips.clone()
+        for st in self.state.values():  # saved steps are true steps: no skips since "activation"
+            st["skips0"] = self._skips_at_switch
         self.switch_log = list(misa["switch_log"])
 
     def __repr__(self) -> str:

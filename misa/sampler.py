@@ -51,6 +51,7 @@ class ImportanceSampler:
         self.G = torch.zeros(n, dtype=torch.float64)  # importance estimate per module
         self.k = torch.zeros(n, dtype=torch.int64)  # times the estimate was updated
         self.last = torch.full((n,), -1, dtype=torch.int64)  # outer loop last selected in (-1: never)
+        self._unselected = n
         self.loops = 0  # outer loops completed
         self.generator = torch.Generator().manual_seed(int(seed))
         self._cycle: List[int] = []  # remaining modules of the current pass (cyclic orders)
@@ -83,7 +84,8 @@ class ImportanceSampler:
         return 1.0 / mean if mean > 0 and math.isfinite(mean) else 0.0
 
     def never_selected(self) -> bool:
-        return bool((self.last < 0).any())
+        # A Python count, not a tensor reduction: the optimizer asks at every step and must not sync.
+        return self._unselected > 0
 
     # ---- sampling ----
     def sample(self) -> List[int]:
@@ -119,6 +121,8 @@ class ImportanceSampler:
 
     def _selected(self, chosen: List[int]) -> List[int]:
         for b in chosen:
+            if self.last[b] < 0:
+                self._unselected -= 1
             self.last[b] = self.loops
         return sorted(chosen)
 
@@ -182,6 +186,7 @@ class ImportanceSampler:
         self.G = state["G"].to(torch.float64).cpu().clone()
         self.k = state["k"].to(torch.int64).cpu().clone()
         self.last = state["last"].to(torch.int64).cpu().clone()
+        self._unselected = int((self.last < 0).sum())
         self.loops = int(state["loops"])
         self.generator.set_state(state["rng"].cpu())
         self._cycle = list(state["cycle"])

@@ -138,6 +138,16 @@ def check_grad_sq_norms(out: Optional[Tensor], n: int, device: torch.device) -> 
         raise ValueError(f"grad_sq_norms: expected a tensor on {device}, got one on {out.device}")
 
 
+def check_skip(skip: Optional[Tensor], device: torch.device) -> None:
+    if skip is None:
+        return
+    if not isinstance(skip, Tensor) or skip.dim() != 0 or skip.dtype != torch.float32:
+        raise TypeError(f"skip: expected None or a 0-d float32 tensor, got {type(skip).__name__} "
+                        f"{getattr(skip, 'dtype', '')} {tuple(getattr(skip, 'shape', ()))}")
+    if skip.device != device:
+        raise ValueError(f"skip: expected a tensor on {device}, got one on {skip.device}")
+
+
 def check_scalar_or_0d(name: str, value, device: torch.device, minimum: Optional[float] = None,
                        integer: bool = False) -> None:
     if isinstance(value, Tensor):

@@ -54,10 +54,10 @@ def _scalar_args(sc):
 
 
 def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms: Optional[Tensor], master_params, *, lr,
-                beta1, beta2, eps, weight_decay, step, fresh, stochastic, seed) -> None:
+                beta1, beta2, eps, weight_decay, step, fresh, stochastic, seed, skip=None) -> None:
     sc = kernel_scalars(lr, step, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
     extension().adamw_step_(params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms, list(master_params),
-                            *_scalar_args(sc), bool(fresh), bool(stochastic), int(seed))
+                            *_scalar_args(sc), bool(fresh), bool(stochastic), int(seed), skip)
 
 
 def grad_sq_norms(tensors) -> Tensor:

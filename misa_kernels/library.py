@@ -36,19 +36,20 @@ def adamw_step_op(
     fresh: bool,
     stochastic: bool,
     seed: int,
+    skip: Optional[Tensor],
     backend: str,
 ) -> None:
     backends.implementation(backend).adamw_step_(
         params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms, master_params,
         lr=_number_or_tensor(lr, lr_tensor), beta1=beta1, beta2=beta2, eps=eps,
         weight_decay=weight_decay, step=_number_or_tensor(step, step_tensor), fresh=fresh,
-        stochastic=stochastic, seed=seed,
+        stochastic=stochastic, seed=seed, skip=skip,
     )
 
 
 @adamw_step_op.register_fake
 def _(params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms, master_params, lr, lr_tensor, step, step_tensor,
-      beta1, beta2, eps, weight_decay, fresh, stochastic, seed, backend) -> None:
+      beta1, beta2, eps, weight_decay, fresh, stochastic, seed, skip, backend) -> None:
     return None
 
 

@@ -38,6 +38,7 @@ def adamw_step_(
     master_params: Optional[Sequence[Tensor]] = None,
     rounding: str = "nearest",
     seed: int = 0,
+    skip: Optional[Tensor] = None,
     backend: str = "auto",
 ) -> None:
     """One AdamW step over every tensor, in place, exactly as `torch.optim.AdamW` (fp32 math).
@@ -49,6 +50,12 @@ def adamw_step_(
     writes the parameter as the rounded master, in the same pass; with `fresh=True` the master is first
     set from the parameter (not read). `rounding="stochastic"` (bf16 only) rounds the fp32 result into
     the parameter without bias, reproducibly from `seed` (vary it per step).
+
+    `skip` (a 0-d fp32 device tensor, read by the kernel, never by the host): when nonzero the step
+    writes nothing (grad_sq_norms included), except that a fresh step defines its states as zero (and
+    the masters as the weights), so that the next step, called with fresh=False and the same `step`,
+    starts from them exactly as from a fresh step. This lets a caller skip a step on a device-side
+    decision (non-finite gradients) without waiting for the device.
     """
     params = checks.as_tensor_list("params", params)
     grads = checks.as_tensor_list("grads", grads)
@@ -67,6 +74,7 @@ def adamw_step_(
                           master_params=masters)
     stochastic = checks.check_rounding(rounding, params[0].dtype, seed)
     checks.check_grad_sq_norms(grad_sq_norms, n, device)
+    checks.check_skip(skip, device)
     checks.check_scalar_or_0d("lr", lr, device, minimum=0.0)
     checks.check_scalar_or_0d("step", step, device, minimum=1, integer=True)
     checks.check_hyper(beta1, beta2, eps, weight_decay)
@@ -75,7 +83,7 @@ def adamw_step_(
     step_value, step_tensor = _split(step)
     torch.ops.misa.adamw_step_(params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms, masters, lr_value, lr_tensor,
                                step_value, step_tensor, beta1, beta2, eps, weight_decay, bool(fresh), stochastic,
-                               int(seed), chosen)
+                               int(seed), skip, chosen)
     backends.record(chosen)
 
 

@@ -17,7 +17,10 @@ _MASK32 = 0xFFFFFFFF
 
 
 def _bias_corrections(beta1, beta2, step):
-    # `step` may be a Python number or a 0-d tensor; both follow the same formulas.
+    # `step` may be a Python number or a 0-d tensor; both follow the same formulas, in float64 as the
+    # kernels' host-side folding does (scalars.py).
+    if isinstance(step, Tensor):
+        step = step.double()
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
     bc2_sqrt = bias_correction2.sqrt() if isinstance(bias_correction2, Tensor) else bias_correction2**0.5
@@ -120,7 +123,13 @@ def adamw_step_(
     fresh: bool,
     stochastic: bool = False,
     seed: int = 0,
+    skip: Optional[Tensor] = None,
 ) -> None:
+    if skip is not None:
+        _skippable_step(params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms, master_params, skip, lr=lr,
+                        beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step, fresh=fresh,
+                        stochastic=stochastic, seed=seed)
+        return
     bias_correction1, bc2_sqrt = _bias_corrections(beta1, beta2, step)
     step_size = lr / bias_correction1
     exp_avgs, exp_avg_sqs = _shaped_like(exp_avgs, params), _shaped_like(exp_avg_sqs, params)
@@ -146,6 +155,28 @@ def adamw_step_(
     torch._foreach_mul_(p, 1 - lr * weight_decay)
     _apply_update(p, exp_avgs, _denominator(exp_avg_sqs, bc2_sqrt, eps), step_size)
     _write_back(params, p, stochastic, seed)
+
+
+def _skippable_step(params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms, master_params, skip: Tensor, *, fresh,
+                    **hyper) -> None:
+    """The step, then every written tensor selected back on the device where `skip` is set (no host
+    sync): a skipped step leaves everything as it was, except that a fresh one leaves zero states and
+    masters equal to the weights."""
+    keep = skip == 0
+    before = {
+        "params": [p.clone() for p in params],
+        "exp_avgs": [torch.zeros_like(m) if fresh else m.clone() for m in exp_avgs],
+        "exp_avg_sqs": [torch.zeros_like(v) if fresh else v.clone() for v in exp_avg_sqs],
+        "master_params": [p.float().reshape(w.shape) if fresh else w.clone() for p, w in zip(params, master_params)],
+    }
+    norms_before = grad_sq_norms.clone() if grad_sq_norms is not None else None
+    adamw_step_(params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms, master_params, fresh=fresh, **hyper)
+    for name, tensors in (("params", params), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs),
+                          ("master_params", master_params)):
+        for t, old in zip(tensors, before[name]):
+            t.copy_(torch.where(keep, t, old))
+    if grad_sq_norms is not None:
+        grad_sq_norms.copy_(torch.where(keep, grad_sq_norms, norms_before))
 
 
 def grad_sq_norms(tensors: List[Tensor]) -> Tensor:

@@ -310,7 +310,7 @@ def test_cuda_binding_receives_the_host_folded_scalars(monkeypatch):
     assert a[6] is None  # no device scalars for a number lr
     assert a[7:14] == (want.one_minus_beta1, want.beta2, want.one_minus_beta2, want.eps, want.step_size,
                        want.bias_correction2_sqrt, want.decay)
-    assert a[14:] == (False, True, 7)
+    assert a[14:] == (False, True, 7, None)
     flush = kernel_scalars(1e-3, 3, beta1=0.9, beta2=0.999, eps=1e-8, flush=True)
     assert f[5:12] == (flush.one_minus_beta1, flush.beta2, flush.one_minus_beta2, flush.eps, flush.step_size,
                        flush.bias_correction2_sqrt, flush.decay)
@@ -413,3 +413,43 @@ def test_stochastic_rounding_refuses_fp16_and_bad_seeds(backend):
         mk.adamw_step_(p, g, m, v, lr=1e-3, step=1, rounding="stochastic", seed=-1, backend=backend)
     with pytest.raises(ValueError, match="rounding"):
         mk.adamw_step_(p, g, m, v, lr=1e-3, step=1, rounding="down", backend=backend)
+
+
+# ---------------------------------------------------------------- a skip decided on the device
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16-master"])
+@pytest.mark.parametrize("fresh", [False, True], ids=["steady", "fresh"])
+@pytest.mark.parametrize("flag", [0.0, 1.0], ids=["run", "skip"])
+def test_skip_flag_read_by_the_kernel(backend, dtype, fresh, flag):
+    """skip=1: nothing changes (norms included), except that a fresh step leaves zero states and masters
+    equal to the weights; skip=0: exactly the step without a flag."""
+    device = test_device()
+    require(backend, device)
+    master = dtype != torch.float32
+    shapes = SHAPES["mixed"]
+    want = run_case("torch", device, shapes, dtype, fresh=fresh, step=1 if fresh else 4, with_norms=True,
+                    master=master)
+    params, grads, exp_avgs, exp_avg_sqs = want["inputs"]
+    p, m, v = clone(params), clone(exp_avgs), clone(exp_avg_sqs)
+    w = make_masters(params, 0) if master else None
+    w0 = clone(w) if master else None
+    norms = torch.ones(len(shapes), device=device)
+    mk.adamw_step_(p, grads, m, v, **HYPER, step=1 if fresh else 4, fresh=fresh, grad_sq_norms=norms,
+                   master_params=w, skip=torch.tensor(flag, device=device), backend=backend)
+    if flag == 0.0:
+        assert rel_err(p, want["p"]) <= 1e-6 and rel_err(m, want["m"]) <= 1e-6 and rel_err(v, want["v"]) <= 1e-6
+        from oracle import grad_sq_norms as oracle_norms
+
+        assert rel_err([norms.double().cpu() - 1], [oracle_norms(grads)]) <= 1e-5
+        return
+    assert all(torch.equal(a, b) for a, b in zip(p, params))
+    assert torch.equal(norms, torch.ones_like(norms))
+    if fresh:
+        assert all(not t.any() for t in m + v)
+        if master:
+            assert all(torch.equal(t.reshape(q.shape), q.float()) for t, q in zip(w, params))
+    else:
+        assert all(torch.equal(a, b) for a, b in zip(m, exp_avgs))
+        assert all(torch.equal(a, b) for a, b in zip(v, exp_avg_sqs))
+        if master:
+            assert all(torch.equal(a, b) for a, b in zip(w, w0))

@@ -187,25 +187,82 @@ def test_mixed_devices_are_refused():
         misa.MISA(model, delta=0.2, include_lm_head=True)
 
 
-def test_nonfinite_gradient_skips_step_and_leaves_state():
+def _grads_from(model, seed, nan=False):
+    gen = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.randn(p.shape, generator=gen)
+    if nan:
+        next(p for p in model.parameters() if p.requires_grad).grad.view(-1)[0] = float("nan")
+
+
+@pytest.mark.parametrize("bad_step", [0, 2], ids=["fresh-step", "steady-step"])
+@pytest.mark.parametrize("backend", [pytest.param("torch", id="torch"),
+                                     pytest.param("triton", id="triton", marks=pytest.mark.interpreter)])
+def test_nonfinite_gradient_skips_step_and_leaves_state(bad_step, backend):
+    """A step with NaN gradients is skipped on the device: parameters and every state stay as they were,
+    and the run continues exactly as if that step had not happened (also when it was a module's fresh
+    first step); the period counts it and says so when it ends."""
+    import misa_kernels
+
+    if backend not in misa_kernels.available_backends("cpu"):
+        pytest.skip(f"{backend} cannot run on the CPU here")
+    runs = {}
+    for with_bad in (True, False):
+        model = tiny_lm(d=8, ff=8, layers=2)
+        opt = misa.MISA(model, lr=1e-2, delta=0.2, interval=7, backend=backend, variant="paper", flush=False)
+        for k in range(5):
+            if with_bad and k == bad_step:
+                before = {n: p.detach().clone() for n, p in model.named_parameters()}
+                states = {p: {key: v.clone() for key, v in st.items() if key in ("exp_avg", "exp_avg_sq")}
+                          for p, st in opt.state.items() if st["step"] > 0}
+                _grads_from(model, 100, nan=True)
+                opt.step()
+                opt.zero_grad()
+                assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+                for p, st in states.items():
+                    assert torch.equal(opt.state[p]["exp_avg"], st["exp_avg"])
+                    assert torch.equal(opt.state[p]["exp_avg_sq"], st["exp_avg_sq"])
+                assert opt.skipped_steps == 1
+            _grads_from(model, k)
+            opt.step()
+            opt.zero_grad()
+        runs[with_bad] = (model, opt)
+    (bad_model, bad_opt), (good_model, good_opt) = runs[True], runs[False]
+    for a, b in zip(bad_model.parameters(), good_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert [st["step"] for st in bad_opt.state_dict()["state"].values()] == \
+        [st["step"] for st in good_opt.state_dict()["state"].values()]
+    with pytest.warns(RuntimeWarning, match="non-finite gradients and were skipped"):
+        _grads_from(bad_model, 9)
+        bad_opt.step()  # the seventh step of the period (one of them skipped) ends it
+
+
+def test_step_never_waits_for_the_device(monkeypatch):
+    """In its default configuration, a step that does not end an outer loop converts no tensor to a host
+    value (the CPU stand-in for a device synchronisation: .item(), bool(), float(), .tolist(), ...)."""
     model = tiny_lm()
-    opt = misa.MISA(model, lr=1e-2, delta=0.2, interval=5, backend="torch", variant="paper")
-    gen = torch.Generator().manual_seed(0)
-    synthetic_grads(model, gen)
-    opt.step()
-    params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    states = {p: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()} for p, s in opt.state.items()}
-    synthetic_grads(model, gen)
-    first_active = next(p for p in model.parameters() if p.requires_grad and p.grad is not None)
-    first_active.grad[0] = float("nan")
-    with pytest.warns(RuntimeWarning, match="non-finite gradient"):
+    opt = misa.MISA(model, lr=1e-3, delta=0.2, interval=50, backend="torch")
+    ids = torch.randint(0, 32, (4, 9), generator=torch.Generator().manual_seed(0))
+    for _ in range(30):  # past the warm-up, whose every step ends a loop
+        model.loss(ids).backward()
+        opt.clip_grad_norm_(1.0)
         opt.step()
-    assert opt.skipped_steps == 1 and opt.steps_in_period == 1
-    for n, p in model.named_parameters():
-        assert torch.equal(p, params[n])
-    for p, s in opt.state.items():
-        assert s["step"] == states[p]["step"]
-        assert torch.equal(s["exp_avg"], states[p]["exp_avg"]) and torch.equal(s["exp_avg_sq"], states[p]["exp_avg_sq"])
+        opt.zero_grad()
+    assert not opt.sampler.never_selected() and opt._step_count % 50 != 0
+    syncs = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _name=name, **k: (
+            syncs.append(_name), _real(self, *a, **k))[1])
+    for _ in range(5):
+        model.loss(ids).backward()
+        opt.clip_grad_norm_(1.0)
+        opt.step()
+        opt.zero_grad()
+    monkeypatch.undo()
+    assert syncs == []
+    assert opt.switch_log[-1]["step"] < opt._step_count - 5  # no switch happened in the counted steps
 
 
 def test_works_with_lr_scheduler_and_closure():

@@ -15,7 +15,7 @@ def test_opcheck_adamw_step(backend):
     require(backend, device)
     p, g, m, v = make_inputs([(5, 3), (17,)], torch.float32, device, seed=0)
     norms = torch.zeros(2, device=device)
-    args = (p, g, m, v, norms, [], 1e-3, None, 3.0, None, 0.9, 0.999, 1e-8, 0.01, False, False, 0, backend)
+    args = (p, g, m, v, norms, [], 1e-3, None, 3.0, None, 0.9, 0.999, 1e-8, 0.01, False, False, 0, None, backend)
     torch.library.opcheck(torch.ops.misa.adamw_step_.default, args)
 
 
@@ -25,7 +25,8 @@ def test_opcheck_master_weights_and_stochastic_rounding(backend):
     require(backend, device)
     p, g, m, v = make_inputs([(5, 3), (17,)], torch.bfloat16, device, seed=2)
     w = [t.float() for t in p]
-    args = (p, g, m, v, None, w, 1e-3, None, 3.0, None, 0.9, 0.999, 1e-8, 0.01, False, True, 5, backend)
+    args = (p, g, m, v, None, w, 1e-3, None, 3.0, None, 0.9, 0.999, 1e-8, 0.01, False, True, 5,
+            torch.ones((), device=device), backend)
     torch.library.opcheck(torch.ops.misa.adamw_step_.default, args)
     torch.library.opcheck(torch.ops.misa.momentum_flush_.default,
                           (p, m, [t.abs() for t in v], w, 1e-3, None, 4.0, None, 0.9, 0.999, 1e-8, True, 5, backend))

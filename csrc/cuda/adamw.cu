@@ -36,7 +36,7 @@ __device__ __forceinline__ void adamw_element(float& p, float g, float& m, float
 // Operands: 0 param, 1 grad, 2 exp_avg, 3 exp_avg_sq, 4 master (kMaster only).
 template <typename P, int N, bool kFresh, bool kNorms, bool kMaster, bool kStochastic, int Depth>
 __global__ void __launch_bounds__(kThreads) adamw_kernel(TensorTable<Depth> table, AdamScalars sc, uint32_t seed,
-                                                         float* workspace) {
+                                                         const float* skip, float* workspace) {
   const int slot = table.block_tensor[blockIdx.x];
   const int64_t chunk = table.block_chunk[blockIdx.x];
   const int64_t begin = chunk * kChunk;
@@ -47,6 +47,19 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(TensorTable<Depth> tabl
   float* v = static_cast<float*>(table.addresses[3][slot]) + begin;
   float* w = kMaster ? static_cast<float*>(table.addresses[Depth - 1][slot]) + begin : nullptr;
   const uint32_t key = tensor_key(seed, static_cast<uint32_t>(table.index[slot]));
+  if (skip != nullptr && *skip != 0.f) {
+    // A skipped step writes nothing, except that a fresh one defines zero states (and the master as the
+    // weight), so that the next step starts from them as from a fresh step. Uniform per block.
+    if (kFresh) {
+      for (int64_t i = threadIdx.x; i < len; i += blockDim.x) {
+        m[i] = 0.f;
+        v[i] = 0.f;
+        if (kMaster) w[i] = to_float(p[i]);
+      }
+    }
+    if (kNorms && threadIdx.x == 0) workspace[table.partial_base[slot] + chunk] = 0.f;
+    return;
+  }
   const Folded f = fold(sc);
   float acc = 0.f;
   int64_t vec_end = 0;
@@ -142,24 +155,24 @@ __global__ void __launch_bounds__(kThreads) flush_kernel(TensorTable<Depth> tabl
 
 template <typename P, bool kFresh, bool kNorms, bool kMaster, bool kStochastic>
 void launch_adamw(int n, void* const* const* lists, const int64_t* numels, const AdamScalars& sc, uint32_t seed,
-                  float* workspace, cudaStream_t stream) {
+                  const float* skip, float* workspace, cudaStream_t stream) {
   // 16-byte vectors of the parameter type (8 bf16/fp16 or 4 fp32 elements).
   constexpr int N = 16 / sizeof(P);
   constexpr int Depth = kMaster ? 5 : 4;
   multi_tensor_apply<Depth>(n, lists, numels, [&](const TensorTable<Depth>& table, int blocks) {
     adamw_kernel<P, N, kFresh, kNorms, kMaster, kStochastic, Depth>
-        <<<blocks, kThreads, 0, stream>>>(table, sc, seed, workspace);
+        <<<blocks, kThreads, 0, stream>>>(table, sc, seed, skip, workspace);
   });
 }
 
 template <typename P, bool kMaster, bool kStochastic>
 void launch_adamw_flags(int n, void* const* const* lists, const int64_t* numels, const AdamScalars& sc, bool fresh,
-                        uint32_t seed, float* workspace, cudaStream_t stream) {
+                        uint32_t seed, const float* skip, float* workspace, cudaStream_t stream) {
   const bool norms = workspace != nullptr;
-  if (fresh && norms) launch_adamw<P, true, true, kMaster, kStochastic>(n, lists, numels, sc, seed, workspace, stream);
-  else if (fresh) launch_adamw<P, true, false, kMaster, kStochastic>(n, lists, numels, sc, seed, workspace, stream);
-  else if (norms) launch_adamw<P, false, true, kMaster, kStochastic>(n, lists, numels, sc, seed, workspace, stream);
-  else launch_adamw<P, false, false, kMaster, kStochastic>(n, lists, numels, sc, seed, workspace, stream);
+  if (fresh && norms) launch_adamw<P, true, true, kMaster, kStochastic>(n, lists, numels, sc, seed, skip, workspace, stream);
+  else if (fresh) launch_adamw<P, true, false, kMaster, kStochastic>(n, lists, numels, sc, seed, skip, workspace, stream);
+  else if (norms) launch_adamw<P, false, true, kMaster, kStochastic>(n, lists, numels, sc, seed, skip, workspace, stream);
+  else launch_adamw<P, false, false, kMaster, kStochastic>(n, lists, numels, sc, seed, skip, workspace, stream);
 }
 
 template <typename P, bool kMaster, bool kStochastic>
@@ -177,16 +190,17 @@ template <typename P>
 void dispatch_adamw(int n, void* const* const* lists, const int64_t* numels, const AdamScalars& sc, bool fresh,
                     const Rounding& r, float* workspace, cudaStream_t stream) {
   const bool master = r.master != nullptr;
+  const float* k = r.skip;
   if constexpr (std::is_same_v<P, float>) {
-    launch_adamw_flags<P, false, false>(n, lists, numels, sc, fresh, r.seed, workspace, stream);
+    launch_adamw_flags<P, false, false>(n, lists, numels, sc, fresh, r.seed, k, workspace, stream);
   } else if constexpr (std::is_same_v<P, __nv_bfloat16>) {
-    if (master && r.stochastic) launch_adamw_flags<P, true, true>(n, lists, numels, sc, fresh, r.seed, workspace, stream);
-    else if (master) launch_adamw_flags<P, true, false>(n, lists, numels, sc, fresh, r.seed, workspace, stream);
-    else if (r.stochastic) launch_adamw_flags<P, false, true>(n, lists, numels, sc, fresh, r.seed, workspace, stream);
-    else launch_adamw_flags<P, false, false>(n, lists, numels, sc, fresh, r.seed, workspace, stream);
+    if (master && r.stochastic) launch_adamw_flags<P, true, true>(n, lists, numels, sc, fresh, r.seed, k, workspace, stream);
+    else if (master) launch_adamw_flags<P, true, false>(n, lists, numels, sc, fresh, r.seed, k, workspace, stream);
+    else if (r.stochastic) launch_adamw_flags<P, false, true>(n, lists, numels, sc, fresh, r.seed, k, workspace, stream);
+    else launch_adamw_flags<P, false, false>(n, lists, numels, sc, fresh, r.seed, k, workspace, stream);
   } else {
-    if (master) launch_adamw_flags<P, true, false>(n, lists, numels, sc, fresh, r.seed, workspace, stream);
-    else launch_adamw_flags<P, false, false>(n, lists, numels, sc, fresh, r.seed, workspace, stream);
+    if (master) launch_adamw_flags<P, true, false>(n, lists, numels, sc, fresh, r.seed, k, workspace, stream);
+    else launch_adamw_flags<P, false, false>(n, lists, numels, sc, fresh, r.seed, k, workspace, stream);
   }
 }
 

@@ -32,6 +32,9 @@ struct Rounding {
   float* const* master;  // null: no masters
   bool stochastic;
   uint32_t seed;
+  // A 0-d device flag read by the kernel (null: never skip). Nonzero: the step writes nothing, except
+  // that a fresh step defines zero states (and masters as the weights); partial norms are zero.
+  const float* skip = nullptr;
 };
 
 // Number of fp32 partial sums the norm-producing launches need as workspace.

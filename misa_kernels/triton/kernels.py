@@ -90,8 +90,9 @@ def _chunk_bounds(chunk_tensor_ptr, chunk_start_ptr, numel_ptr, CHUNK: tl.conste
 
 @triton.jit
 def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, idx, n, key, one_minus_beta1, beta2, one_minus_beta2, eps,
-                 step_size, bc2_sqrt, decay, PARAM_DTYPE: tl.constexpr, FRESH: tl.constexpr, MASTER: tl.constexpr,
-                 STOCHASTIC: tl.constexpr, SOFT_BF16: tl.constexpr, MASKED: tl.constexpr):
+                 step_size, bc2_sqrt, decay, skip, PARAM_DTYPE: tl.constexpr, FRESH: tl.constexpr,
+                 MASTER: tl.constexpr, STOCHASTIC: tl.constexpr, SOFT_BF16: tl.constexpr, SKIP: tl.constexpr,
+                 MASKED: tl.constexpr):
     mask = idx < n
     g = _load(g_ptr, idx, mask, MASKED).to(tl.float32)
     if FRESH:
@@ -103,27 +104,43 @@ def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, idx, n, key, one_minus_beta1
         m = m + one_minus_beta1 * (g - m)
         v = beta2 * v + one_minus_beta2 * g * g
     if MASTER and not FRESH:
-        p = _load(w_ptr, idx, mask, MASKED)
+        p_in = _load(w_ptr, idx, mask, MASKED)
     else:
-        p = _load(p_ptr, idx, mask, MASKED).to(tl.float32)
+        p_in = _load(p_ptr, idx, mask, MASKED).to(tl.float32)
     denom = tl.sqrt(v) / bc2_sqrt + eps
-    p = p * decay - step_size * (m / denom)
-    if MASTER:
-        _store(w_ptr, idx, p, mask, MASKED)
-    _store(p_ptr, idx, _to_param(p, idx, key, PARAM_DTYPE, STOCHASTIC, SOFT_BF16), mask, MASKED)
-    _store(m_ptr, idx, m, mask, MASKED)
-    _store(v_ptr, idx, v, mask, MASKED)
+    p = p_in * decay - step_size * (m / denom)
+    if SKIP:
+        # A skipped step writes nothing, except that a fresh one defines its states as zero (and the
+        # master as the weight), so that the next step starts from them as from a fresh step.
+        keep = mask & ((idx * 0).to(tl.float32) + skip == 0)  # the flag, broadcast over the block
+        _store(p_ptr, idx, _to_param(p, idx, key, PARAM_DTYPE, STOCHASTIC, SOFT_BF16), keep, True)
+        if FRESH:
+            if MASTER:
+                _store(w_ptr, idx, tl.where(skip != 0, p_in, p), mask, MASKED)
+            _store(m_ptr, idx, tl.where(skip != 0, 0.0, m), mask, MASKED)
+            _store(v_ptr, idx, tl.where(skip != 0, 0.0, v), mask, MASKED)
+        else:
+            if MASTER:
+                _store(w_ptr, idx, p, keep, True)
+            _store(m_ptr, idx, m, keep, True)
+            _store(v_ptr, idx, v, keep, True)
+    else:
+        if MASTER:
+            _store(w_ptr, idx, p, mask, MASKED)
+        _store(p_ptr, idx, _to_param(p, idx, key, PARAM_DTYPE, STOCHASTIC, SOFT_BF16), mask, MASKED)
+        _store(m_ptr, idx, m, mask, MASKED)
+        _store(v_ptr, idx, v, mask, MASKED)
     return g * g
 
 
 @triton.jit
 def adamw_kernel(
     chunk_tensor_ptr, chunk_start_ptr, numel_ptr, addr_ptr, n_tensors,
-    partials_ptr, scalars_ptr,
+    partials_ptr, scalars_ptr, skip_ptr,
     one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt, decay, seed,
     PARAM_DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
     FRESH: tl.constexpr, NORMS: tl.constexpr, SCALARS_ON_DEVICE: tl.constexpr, ALIGNED: tl.constexpr,
-    MASTER: tl.constexpr, STOCHASTIC: tl.constexpr, SOFT_BF16: tl.constexpr,
+    MASTER: tl.constexpr, STOCHASTIC: tl.constexpr, SOFT_BF16: tl.constexpr, SKIP: tl.constexpr,
 ):
     pid, t, start, n, length, full = _chunk_bounds(chunk_tensor_ptr, chunk_start_ptr, numel_ptr, CHUNK, BLOCK)
     p_ptr = _typed(tl.load(addr_ptr + t), PARAM_DTYPE, ALIGNED)
@@ -138,19 +155,25 @@ def adamw_kernel(
         step_size = tl.load(scalars_ptr)
         bc2_sqrt = tl.load(scalars_ptr + 1)
         decay = tl.load(scalars_ptr + 2)
+    skip = 0.0
+    if SKIP:
+        skip = tl.load(skip_ptr)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for off in range(0, full, BLOCK):
         idx = tl.multiple_of(start + off, BLOCK) + tl.arange(0, BLOCK)
         acc += _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, idx, n, key, one_minus_beta1, beta2,
-                            one_minus_beta2, eps, step_size, bc2_sqrt, decay,
-                            PARAM_DTYPE, FRESH, MASTER, STOCHASTIC, SOFT_BF16, False)
+                            one_minus_beta2, eps, step_size, bc2_sqrt, decay, skip,
+                            PARAM_DTYPE, FRESH, MASTER, STOCHASTIC, SOFT_BF16, SKIP, False)
     if full < length:
         idx = start + full + tl.arange(0, BLOCK)
         acc += _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, idx, n, key, one_minus_beta1, beta2,
-                            one_minus_beta2, eps, step_size, bc2_sqrt, decay,
-                            PARAM_DTYPE, FRESH, MASTER, STOCHASTIC, SOFT_BF16, True)
+                            one_minus_beta2, eps, step_size, bc2_sqrt, decay, skip,
+                            PARAM_DTYPE, FRESH, MASTER, STOCHASTIC, SOFT_BF16, SKIP, True)
     if NORMS:
-        tl.store(partials_ptr + pid, tl.sum(acc, axis=0))
+        total = tl.sum(acc, axis=0)
+        if SKIP:
+            total = tl.where(skip != 0, 0.0, total)  # a skipped step adds nothing to the norms either
+        tl.store(partials_ptr + pid, total)
 
 
 @triton.jit

@@ -44,7 +44,7 @@ def _nonempty(*lists: List[Tensor]):
 
 
 def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms: Optional[Tensor], master_params, *, lr,
-                beta1, beta2, eps, weight_decay, step, fresh, stochastic, seed) -> None:
+                beta1, beta2, eps, weight_decay, step, fresh, stochastic, seed, skip=None) -> None:
     master = bool(master_params)
     lists = [params, grads, exp_avgs, exp_avg_sqs] + ([master_params] if master else [])
     keep, lists = _nonempty(*lists)
@@ -59,12 +59,13 @@ def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms: Optional[Te
     scalars_dev = sc.device if sc.device is not None else partials
     adamw_kernel[(table.n_chunks,)](
         table.chunk_tensor, table.chunk_start, table.numels, table.addresses, table.n_tensors,
-        partials, scalars_dev,
+        partials, scalars_dev, skip if skip is not None else partials,
         sc.one_minus_beta1, sc.beta2, sc.one_minus_beta2, sc.eps, sc.step_size, sc.bias_correction2_sqrt, sc.decay,
         int(seed),
         PARAM_DTYPE=_TL_DTYPES[params[0].dtype], CHUNK=chunk, BLOCK=_block(chunk),
         FRESH=bool(fresh), NORMS=norms, SCALARS_ON_DEVICE=sc.device is not None,
         ALIGNED=table.aligned16, MASTER=master, STOCHASTIC=bool(stochastic), SOFT_BF16=_SOFT_BF16,
+        SKIP=skip is not None,
     )
     if norms:
         if len(keep) == len(grad_sq_norms):

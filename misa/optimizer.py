@@ -93,9 +93,11 @@ class MISA(torch.optim.Optimizer):
         logit_cap: logits are min(logit_cap, eta * energy); math.inf for no cap.
         train_1d: train 1-D parameters of their own (norms) at every step instead of freezing them.
         always_train: extra parameters, or param-group dicts, trained at every step.
-        check_finite: check each step's gradient norms first and skip the step (warning, state
-            untouched) if any is NaN/inf. This costs one read of the gradients and one host sync;
-            with check_finite=False the norms come out of the single fused AdamW pass.
+        check_finite: compute each step's gradient norms first and skip the step (parameters and
+            optimizer state untouched) if any is NaN/inf. The decision stays on the device: the fused
+            kernel reads a skip flag and the bias corrections use device-side step counts, so step()
+            never waits for the GPU; the skipped step counts in its outer loop, which warns when it
+            ends. Costs one read of the gradients; check_finite=False gives the single fused pass.
         master_weights: keep an fp32 master copy of every active bf16/fp16 parameter in the state
             arena (created from the weight when the module is activated, updated in fp32, written back
             rounded after every step, dropped when the module is frozen, saved in state_dict). Default:

@@ -425,6 +425,7 @@ class MISA(torch.optim.Optimizer):
             hook(self)
 
     def _build_slots(self) -> None:
+        self._index_cache: Dict[Tuple[int, ...], Tensor] = {}
         # One slot per active module tensor, modules in order; a padded gather matrix sums them per module.
         self._slots: Dict[Tensor, int] = {}
         rows = []
@@ -461,15 +462,24 @@ class MISA(torch.optim.Optimizer):
             by_dtype[g.dtype].append(k)
         for ks in by_dtype.values():
             norms = misa_kernels.grad_sq_norms([entries[k][2] for k in ks], backend=self.backend)
-            per_entry[torch.tensor(ks, device=self.device)] = norms
+            per_entry[self._index_tensor(ks)] = norms
         return self._to_slots(entries, per_entry), per_entry
+
+    def _index_tensor(self, indices: List[int]) -> Tensor:
+        """A device tensor of these indices, made once per active set: a copy from host memory at every
+        step would make the step wait for the GPU."""
+        key = tuple(indices)
+        cached = self._index_cache.get(key)
+        if cached is None:
+            cached = self._index_cache[key] = torch.tensor(indices, dtype=torch.int64, device=self.device)
+        return cached
 
     def _to_slots(self, entries, per_entry: Tensor) -> Tensor:
         step_sq = torch.zeros(len(self._slots) + 1, dtype=torch.float32, device=self.device)
         ks = [k for k, e in enumerate(entries) if e[3] is not None]
         if ks:
-            idx = torch.tensor([entries[k][3] for k in ks], device=self.device)
-            step_sq.index_copy_(0, idx, per_entry[torch.tensor(ks, device=self.device)])
+            idx = self._index_tensor([entries[k][3] for k in ks])
+            step_sq.index_copy_(0, idx, per_entry[self._index_tensor(ks)])
         return step_sq
 
     @torch.no_grad()
@@ -541,7 +551,8 @@ class MISA(torch.optim.Optimizer):
         device) a 0-d device tensor, the attempted steps minus the skips since activation."""
         if not self._device_steps:
             return st["step"]
-        return (self._skips_at_switch.new_tensor(float(st["step"])) - (self._skips - st["skips0"]))
+        # torch.full launches a fill; building the tensor from host data would copy and wait on a GPU
+        return torch.full((), float(st["step"]), device=self.device) - (self._skips - st["skips0"])
 
     def _fused_steps(self, entries, step_sq: Optional[Tensor], found: Optional[Tensor] = None) -> None:
         """One fused kernel call per (group, dtype, step count, activation, module-or-not)."""
@@ -561,7 +572,7 @@ class MISA(torch.optim.Optimizer):
                     norms = step_sq[slots[0]:slots[0] + len(slots)]  # a contiguous view: accumulate in place
                 else:
                     norms = torch.zeros(len(slots), dtype=torch.float32, device=self.device)
-                    scatter = torch.tensor(slots, device=self.device)
+                    scatter = self._index_tensor(slots)
             true_step = self._true_step(states[0])
             misa_kernels.adamw_step_(
                 params, [g for _, g, _ in items], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],

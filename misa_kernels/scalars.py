@@ -64,13 +64,15 @@ def kernel_scalars(
         return KernelScalars(**betas, step_size=fp32(step_size), bias_correction2_sqrt=fp32(bc2_sqrt),
                              decay=fp32(decay))
     device = lr.device if isinstance(lr, torch.Tensor) else step.device
-    lr_t = torch.as_tensor(lr, dtype=torch.float64, device=device)
-    step_t = torch.as_tensor(step, dtype=torch.float64, device=device)
-    step_size, bc2_sqrt, decay = _fold(lr_t, step_t, beta1, beta2, weight_decay, flush)
-    if not isinstance(bc2_sqrt, torch.Tensor):
-        bc2_sqrt = torch.tensor(bc2_sqrt, dtype=torch.float64, device=device)
-    if not isinstance(decay, torch.Tensor):
-        decay = torch.tensor(decay, dtype=torch.float64, device=device)
+
+    def on_device(x):
+        # torch.full launches a fill; a tensor built from host data would be a copy that waits on a GPU
+        if isinstance(x, torch.Tensor):
+            return x.to(torch.float64)
+        return torch.full((), float(x), dtype=torch.float64, device=device)
+
+    step_size, bc2_sqrt, decay = _fold(on_device(lr), on_device(step), beta1, beta2, weight_decay, flush)
+    bc2_sqrt, decay = on_device(bc2_sqrt), on_device(decay)
     packed = torch.stack([step_size, bc2_sqrt, decay]).to(torch.float32)
     return KernelScalars(**betas, device=packed)
 

@@ -251,10 +251,14 @@ def test_step_never_waits_for_the_device(monkeypatch):
         opt.zero_grad()
     assert not opt.sampler.never_selected() and opt._step_count % 50 != 0
     syncs = []
-    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "new_tensor"):
         real = getattr(torch.Tensor, name)
         monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _name=name, **k: (
             syncs.append(_name), _real(self, *a, **k))[1])
+    for name in ("tensor", "as_tensor"):  # from host data: on a GPU, a blocking copy that waits for the stream
+        real = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, _real=real, _name=name, **k: (
+            syncs.append(f"torch.{_name}"), _real(*a, **k))[1])
     for _ in range(5):
         model.loss(ids).backward()
         opt.clip_grad_norm_(1.0)

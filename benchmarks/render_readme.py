@@ -206,10 +206,41 @@ def ddp_section() -> str:
     return "\n".join(lines)
 
 
+def host_section() -> str:
+    """Host time per call, from every results file that has it (a GPU's real launches, a CPU's stubbed
+    ones), newest per device."""
+    latest = {}
+    for f in sorted(RESULTS.glob("*.json")):
+        data = json.loads(f.read_text())
+        rows = [r for r in data.get("rows", []) if r.get("bench") == "host_time"]
+        if rows:
+            latest[data["device"]] = (f, data, rows)
+    if not latest:
+        return "_Not measured yet: run `python benchmarks/bench_host.py`._"
+    parts = []
+    for f, data, rows in latest.values():
+        stubbed = any(r["launch"] == "stubbed" for r in rows)
+        note = (" Our rows stop before the launch (no GPU there: the extension call and the Triton launcher "
+                "are no-ops); torch's rows run its CPU kernel on one-element tensors." if stubbed else "")
+        name = f.relative_to(ROOT) if f.is_relative_to(ROOT) else f.name
+        parts += [f"`{name}` ({data['device']}, torch {data['torch']}, commit {data['commit'][:10]}, "
+                  f"{data['date']}): microseconds per call, bf16 parameters, fp32 states and masters, norms "
+                  f"asked.{note}", "",
+                  "| impl | " + " | ".join(f"{n} tensors" for n in sorted({r['n_tensors'] for r in rows})) + " |",
+                  "|---|" + "---|" * len({r['n_tensors'] for r in rows})]
+        for impl in dict.fromkeys(r["impl"] for r in rows):
+            cells = {r["n_tensors"]: r["us_per_call"] for r in rows if r["impl"] == impl}
+            launch = next(r["launch"] for r in rows if r["impl"] == impl)
+            parts.append(f"| {impl}{' (launch stubbed)' if launch == 'stubbed' else ''} | "
+                         + " | ".join(f"{cells[n]:.0f}" for n in sorted(cells)) + " |")
+        parts.append("")
+    return "\n".join(parts).rstrip()
+
+
 def render(readme: Path) -> None:
     text = readme.read_text()
     sections = (("compare", compare_section), ("kernels", kernels_section), ("train_step", train_step_section),
-                ("master", master_section), ("ddp", ddp_section))
+                ("master", master_section), ("ddp", ddp_section), ("host", host_section))
     for name, make in sections:
         begin, end = f"<!-- results:{name}:begin -->", f"<!-- results:{name}:end -->"
         if begin not in text:

@@ -26,6 +26,19 @@ def test_bench_kernels_quick(tmp_path):
     assert data["copy_bandwidth_gbps"] > 0 and data["commit"]
 
 
+def test_bench_host_quick(tmp_path, monkeypatch):
+    import bench_host
+    import render_readme
+
+    data = json.loads(bench_host.main(["--cases", "8", "--calls", "64", "--out", str(tmp_path)]).read_text())
+    impls = {r["impl"]: r for r in data["rows"]}
+    assert {"cuda", "triton", "torch_fused_adamw"} <= set(impls)
+    assert all(r["us_per_call"] > 0 for r in data["rows"])
+    assert impls["cuda"]["launch"] == ("real" if torch.cuda.is_available() else "stubbed")
+    monkeypatch.setattr(render_readme, "RESULTS", tmp_path)
+    assert "| cuda" in render_readme.host_section()
+
+
 def test_bench_arena_quick(tmp_path):
     import bench_arena
 

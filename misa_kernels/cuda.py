@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import tables
 from .scalars import kernel_scalars
 
 _ext = None
@@ -47,25 +48,54 @@ def extension():
     return ext
 
 
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # csrc/cuda/kernels.h DType
+
+
 def _scalar_args(sc):
     # Exactly the host-folded values (scalars.py): the kernels do no arithmetic on hyperparameters.
     return (sc.device, sc.one_minus_beta1, sc.beta2, sc.one_minus_beta2, sc.eps, sc.step_size,
             sc.bias_correction2_sqrt, sc.decay)
 
 
+def _table_args(table: tables.ChunkTable, dtype: torch.dtype):
+    return (table.flat, table.n_chunks, table.n_tensors, table.chunk, _DTYPE_CODES[dtype])
+
+
 def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms: Optional[Tensor], master_params, *, lr,
                 beta1, beta2, eps, weight_decay, step, fresh, stochastic, seed, skip=None) -> None:
+    master = bool(master_params)
+    keep, lists = tables.nonempty(*([params, grads, exp_avgs, exp_avg_sqs] + ([master_params] if master else [])))
+    if not keep:
+        return
+    table = tables.build(lists)
     sc = kernel_scalars(lr, step, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
-    extension().adamw_step_(params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms, list(master_params),
-                            *_scalar_args(sc), bool(fresh), bool(stochastic), int(seed), skip)
+    out = tables.norms_of_kept(grad_sq_norms, keep)
+    partials = None if out is None else torch.empty(table.n_chunks, dtype=torch.float32, device=out.device)
+    extension().adamw_step_(*_table_args(table, lists[0][0].dtype), out, partials, *_scalar_args(sc), bool(fresh),
+                            master, bool(stochastic), int(seed), skip)
+    tables.scatter_norms(grad_sq_norms, out, keep)
 
 
 def grad_sq_norms(tensors) -> Tensor:
-    return extension().grad_sq_norms(tensors)
+    result = torch.zeros(len(tensors), dtype=torch.float32, device=tensors[0].device)
+    keep, (kept,) = tables.nonempty(tensors)
+    if not keep:
+        return result
+    table = tables.build([kept])
+    out = tables.norms_of_kept(result, keep)
+    partials = torch.empty(table.n_chunks, dtype=torch.float32, device=result.device)
+    extension().grad_sq_norms(*_table_args(table, kept[0].dtype), out, partials)
+    tables.scatter_norms(result, out, keep)
+    return result
 
 
 def momentum_flush_(params, exp_avgs, exp_avg_sqs, master_params, *, lr, beta1, beta2, eps, step, stochastic,
                     seed) -> None:
+    master = bool(master_params)
+    keep, lists = tables.nonempty(*([params, exp_avgs, exp_avg_sqs] + ([master_params] if master else [])))
+    if not keep:
+        return
+    table = tables.build(lists)
     sc = kernel_scalars(lr, step, beta1=beta1, beta2=beta2, eps=eps, flush=True)
-    extension().momentum_flush_(params, exp_avgs, exp_avg_sqs, list(master_params), *_scalar_args(sc),
+    extension().momentum_flush_(*_table_args(table, lists[0][0].dtype), *_scalar_args(sc), master,
                                 bool(stochastic), int(seed))

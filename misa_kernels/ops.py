@@ -1,6 +1,12 @@
-"""The public ops. Each one checks its arguments, asks `backends.resolve` which backend runs, and
-calls the op declared in `library.py`; the backend module (`reference`, `triton`, `cuda`) does the
-work. Public function -> check + resolve -> torch.ops.misa.* -> backend kernel."""
+"""The public ops. Each one checks its arguments, asks `backends.resolve` which backend runs, and hands
+the call to the backend module (`reference`, `triton`, `cuda`) that does the work:
+public function -> checks + resolve -> backend launcher -> kernel.
+
+Under torch.compile, export, fake tensors or any tensor subclass, the call goes through the op
+declared in `library.py` (torch.ops.misa.*) instead, so that tracing sees one op with its schema. A
+plain eager call skips the dispatcher's Python layers (they cost more host time than the launch: the
+H100 profile) and bumps the version counters of what it wrote itself, as the op would.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +20,15 @@ from . import (
     checks,
     library,  # noqa: F401  (registers torch.ops.misa.*)
 )
+
+
+def _eager(plain: bool) -> bool:
+    return plain and not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+
+
+def _wrote(*lists) -> None:
+    # What the op's ADInplaceOrView layer does for a mutated argument: autograd then sees the change.
+    torch.autograd.graph.increment_version([t for ts in lists if ts is not None for t in ts])
 
 
 def _split(value):
@@ -57,51 +72,44 @@ def adamw_step_(
     starts from them exactly as from a fresh step. This lets a caller skip a step on a device-side
     decision (non-finite gradients) without waiting for the device.
     """
-    params = checks.as_tensor_list("params", params)
-    grads = checks.as_tensor_list("grads", grads)
-    exp_avgs = checks.as_tensor_list("exp_avgs", exp_avgs)
-    exp_avg_sqs = checks.as_tensor_list("exp_avg_sqs", exp_avg_sqs)
-    n = checks.check_same_length(params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
-    if n == 0:
+    lists, device, plain = checks.adamw_operands(params, grads, exp_avgs, exp_avg_sqs, master_params,
+                                                 remember=not torch.compiler.is_compiling())
+    params, grads, exp_avgs, exp_avg_sqs, masters = lists
+    if not params:
         return
-    device = params[0].device
-    checks.check_device(device, params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
-    checks.check_params_and_grads(params, grads)
-    checks.check_states(params, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
-    masters = checks.check_master_params(params, master_params)
-    checks.check_device(device, master_params=masters)
-    checks.check_distinct(params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
-                          master_params=masters)
     stochastic = checks.check_rounding(rounding, params[0].dtype, seed)
-    checks.check_grad_sq_norms(grad_sq_norms, n, device)
+    checks.check_grad_sq_norms(grad_sq_norms, len(params), device)
     checks.check_skip(skip, device)
     checks.check_scalar_or_0d("lr", lr, device, minimum=0.0)
     checks.check_scalar_or_0d("step", step, device, minimum=1, integer=True)
     checks.check_hyper(beta1, beta2, eps, weight_decay)
     chosen = backends.resolve(backend, device)
-    lr_value, lr_tensor = _split(lr)
-    step_value, step_tensor = _split(step)
-    torch.ops.misa.adamw_step_(params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms, masters, lr_value, lr_tensor,
-                               step_value, step_tensor, beta1, beta2, eps, weight_decay, bool(fresh), stochastic,
-                               int(seed), skip, chosen)
+    if _eager(plain):
+        with torch.no_grad():  # an update, as in torch.optim's step: the op is below autograd too
+            backends.implementation(chosen).adamw_step_(
+                params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms, masters, lr=lr, beta1=beta1, beta2=beta2,
+                eps=eps, weight_decay=weight_decay, step=step, fresh=bool(fresh), stochastic=stochastic,
+                seed=int(seed), skip=skip)
+        _wrote(params, exp_avgs, exp_avg_sqs, masters, [grad_sq_norms] if grad_sq_norms is not None else None)
+    else:
+        lr_value, lr_tensor = _split(lr)
+        step_value, step_tensor = _split(step)
+        torch.ops.misa.adamw_step_(params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms, masters, lr_value, lr_tensor,
+                                   step_value, step_tensor, beta1, beta2, eps, weight_decay, bool(fresh), stochastic,
+                                   int(seed), skip, chosen)
     backends.record(chosen)
 
 
 def grad_sq_norms(tensors: Sequence[Tensor], backend: str = "auto") -> Tensor:
     """sum(x*x) of every tensor, in fp32, as one fp32 tensor (one launch on the fused backends)."""
-    tensors = checks.as_tensor_list("tensors", tensors)
+    tensors, device, plain = checks.norm_operands(tensors)
     if not tensors:
         return torch.zeros(0, dtype=torch.float32)
-    device = tensors[0].device
-    checks.check_device(device, tensors=tensors)
-    for i, t in enumerate(tensors):
-        if t.dtype not in checks.PARAM_DTYPES:
-            raise TypeError(f"tensors[{i}]: dtype {t.dtype} is not supported; expected float32, bfloat16 or float16")
-        if t.dtype != tensors[0].dtype:
-            raise TypeError(f"tensors[{i}]: all tensors of one call must share a dtype; got "
-                            f"{tensors[0].dtype} and {t.dtype}")
     chosen = backends.resolve(backend, device)
-    out = torch.ops.misa.grad_sq_norms(tensors, chosen)
+    if _eager(plain):
+        out = backends.implementation(chosen).grad_sq_norms(tensors)
+    else:
+        out = torch.ops.misa.grad_sq_norms(tensors, chosen)
     backends.record(chosen)
     return out
 
@@ -124,28 +132,27 @@ def momentum_flush_(
     """The end-of-period step of MISA: p -= lr * beta1/(1-beta1) * m_hat / (sqrt(v_hat) + eps).
     States are read, never written; with `master_params` the masters are updated and the parameters
     written as the rounded masters (`rounding` as in `adamw_step_`)."""
-    params = checks.as_tensor_list("params", params)
-    exp_avgs = checks.as_tensor_list("exp_avgs", exp_avgs)
-    exp_avg_sqs = checks.as_tensor_list("exp_avg_sqs", exp_avg_sqs)
-    n = checks.check_same_length(params=params, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
-    if n == 0:
+    lists, device, plain = checks.flush_operands(params, exp_avgs, exp_avg_sqs, master_params,
+                                                 remember=not torch.compiler.is_compiling())
+    params, exp_avgs, exp_avg_sqs, masters = lists
+    if not params:
         return
-    device = params[0].device
-    checks.check_device(device, params=params, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
-    checks.check_params_and_grads(params, params)
-    checks.check_states(params, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
-    masters = checks.check_master_params(params, master_params)
-    checks.check_device(device, master_params=masters)
-    checks.check_distinct(params=params, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, master_params=masters)
     stochastic = checks.check_rounding(rounding, params[0].dtype, seed)
     checks.check_scalar_or_0d("lr", lr, device, minimum=0.0)
     checks.check_scalar_or_0d("step", step, device, minimum=1, integer=True)
     checks.check_hyper(beta1, beta2, eps)
     chosen = backends.resolve(backend, device)
-    lr_value, lr_tensor = _split(lr)
-    step_value, step_tensor = _split(step)
-    torch.ops.misa.momentum_flush_(params, exp_avgs, exp_avg_sqs, masters, lr_value, lr_tensor, step_value,
-                                   step_tensor, beta1, beta2, eps, stochastic, int(seed), chosen)
+    if _eager(plain):
+        with torch.no_grad():
+            backends.implementation(chosen).momentum_flush_(params, exp_avgs, exp_avg_sqs, masters, lr=lr,
+                                                            beta1=beta1, beta2=beta2, eps=eps, step=step,
+                                                            stochastic=stochastic, seed=int(seed))
+        _wrote(params, masters)
+    else:
+        lr_value, lr_tensor = _split(lr)
+        step_value, step_tensor = _split(step)
+        torch.ops.misa.momentum_flush_(params, exp_avgs, exp_avg_sqs, masters, lr_value, lr_tensor, step_value,
+                                       step_tensor, beta1, beta2, eps, stochastic, int(seed), chosen)
     backends.record(chosen)
 
 

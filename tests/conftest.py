@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-# The chunk the Triton backend uses is shrunk under the interpreter so that "larger than one chunk"
+# The chunk (tables.py) is shrunk under the interpreter so that "larger than one chunk"
 # stays a few thousand elements (the interpreter is slow).
 INTERPRETER_CHUNK = "1024"
 
@@ -18,7 +18,7 @@ def pytest_configure(config):
     if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        os.environ.setdefault("MISA_TRITON_CHUNK", INTERPRETER_CHUNK)
+        os.environ.setdefault("MISA_CHUNK", INTERPRETER_CHUNK)
     os.environ.pop("MISA_KERNELS_BACKEND", None)
 
 

@@ -8,6 +8,7 @@ import torch
 
 import misa_kernels as mk
 from misa_kernels.checks import canonical_device
+from misa_kernels import tables
 from misa_kernels.scalars import fp32, kernel_scalars
 
 from conftest import test_device
@@ -15,7 +16,8 @@ from oracle import adamw_step as oracle_adamw
 from oracle import rel_err
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# "many" is more tensors than one CUDA launch holds (36 with four operands).
+# "many": 150 tensors, more than a parameter-space table could hold (the CUDA backend once split such lists
+# over launches; now one launch reads a device-side table of any length).
 SHAPES = {
     "1": [(1,)],
     "127": [(127,)],
@@ -306,14 +308,18 @@ def test_cuda_binding_receives_the_host_folded_scalars(monkeypatch):
     cuda.momentum_flush_(p, m, v, w, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, step=3, stochastic=False, seed=0)
     (_, a), (_, f) = calls
     want = kernel_scalars(1e-3, 3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
-    assert a[5] is w or a[5] == w
-    assert a[6] is None  # no device scalars for a number lr
-    assert a[7:14] == (want.one_minus_beta1, want.beta2, want.one_minus_beta2, want.eps, want.step_size,
+    table = a[0]  # the chunk table the kernels read on the device: p, g, m, v, master addresses
+    assert a[1:5] == (1, 1, tables.chunk_size(), 1)  # one chunk, one tensor, bf16 = dtype code 1
+    assert table[-5:].tolist() == [t.data_ptr() for t in (p[0], g[0], m[0], v[0], w[0])]
+    assert a[5] is None and a[6] is None  # no norms asked, so no partials
+    assert a[7] is None  # no device scalars for a number lr
+    assert a[8:15] == (want.one_minus_beta1, want.beta2, want.one_minus_beta2, want.eps, want.step_size,
                        want.bias_correction2_sqrt, want.decay)
-    assert a[14:] == (False, True, 7, None)
+    assert a[15:] == (False, True, True, 7, None)  # fresh, master, stochastic, seed, skip
     flush = kernel_scalars(1e-3, 3, beta1=0.9, beta2=0.999, eps=1e-8, flush=True)
-    assert f[5:12] == (flush.one_minus_beta1, flush.beta2, flush.one_minus_beta2, flush.eps, flush.step_size,
+    assert f[6:13] == (flush.one_minus_beta1, flush.beta2, flush.one_minus_beta2, flush.eps, flush.step_size,
                        flush.bias_correction2_sqrt, flush.decay)
+    assert f[13:] == (True, False, 0)
     source = (Path(__file__).resolve().parents[1] / "csrc" / "cuda" / "adamw.cu").read_text()
     assert "1.f - sc." not in source and "sc.one_minus_beta2" in source
 

@@ -1,4 +1,5 @@
-// Fused AdamW (+ squared grad norms in the same pass) and the MISA momentum flush, multi-tensor.
+// Fused AdamW (+ squared grad norms in the same pass) and the MISA momentum flush, multi-tensor: one
+// launch per call, a block per chunk of the device-side chunk table (multi_tensor.cuh).
 // fp32 math in single precision throughout (no double promotion); every hyperparameter arrives folded
 // (no 1 - beta inside a kernel); 16-byte vector loads when every operand of a chunk is aligned, with a
 // scalar tail. kMaster: an fp32 master copy is the value updated and the parameter its rounding.
@@ -34,19 +35,17 @@ __device__ __forceinline__ void adamw_element(float& p, float g, float& m, float
 }
 
 // Operands: 0 param, 1 grad, 2 exp_avg, 3 exp_avg_sq, 4 master (kMaster only).
-template <typename P, int N, bool kFresh, bool kNorms, bool kMaster, bool kStochastic, int Depth>
-__global__ void __launch_bounds__(kThreads) adamw_kernel(TensorTable<Depth> table, AdamScalars sc, uint32_t seed,
-                                                         const float* skip, float* workspace) {
-  const int slot = table.block_tensor[blockIdx.x];
-  const int64_t chunk = table.block_chunk[blockIdx.x];
-  const int64_t begin = chunk * kChunk;
-  const int64_t len = chunk_length(table.numel[slot], begin);
-  P* p = static_cast<P*>(table.addresses[0][slot]) + begin;
-  const P* g = static_cast<const P*>(table.addresses[1][slot]) + begin;
-  float* m = static_cast<float*>(table.addresses[2][slot]) + begin;
-  float* v = static_cast<float*>(table.addresses[3][slot]) + begin;
-  float* w = kMaster ? static_cast<float*>(table.addresses[Depth - 1][slot]) + begin : nullptr;
-  const uint32_t key = tensor_key(seed, static_cast<uint32_t>(table.index[slot]));
+template <typename P, int N, bool kFresh, bool kNorms, bool kMaster, bool kStochastic>
+__global__ void __launch_bounds__(kThreads) adamw_kernel(ChunkTable table, AdamScalars sc, uint32_t seed,
+                                                         const float* skip, float* partials) {
+  const Chunk c = chunk_of(table, blockIdx.x);
+  const int64_t begin = c.begin, len = c.len;
+  P* p = operand<P>(table, 0, c);
+  const P* g = operand<const P>(table, 1, c);
+  float* m = operand<float>(table, 2, c);
+  float* v = operand<float>(table, 3, c);
+  float* w = kMaster ? operand<float>(table, 4, c) : nullptr;
+  const uint32_t key = tensor_key(seed, static_cast<uint32_t>(c.tensor));
   if (skip != nullptr && *skip != 0.f) {
     // A skipped step writes nothing, except that a fresh one defines zero states (and the master as the
     // weight), so that the next step starts from them as from a fresh step. Uniform per block.
@@ -57,7 +56,7 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(TensorTable<Depth> tabl
         if (kMaster) w[i] = to_float(p[i]);
       }
     }
-    if (kNorms && threadIdx.x == 0) workspace[table.partial_base[slot] + chunk] = 0.f;
+    if (kNorms && threadIdx.x == 0) partials[blockIdx.x] = 0.f;
     return;
   }
   const Folded f = fold(sc);
@@ -107,21 +106,20 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(TensorTable<Depth> tabl
   }
   if (kNorms) {
     acc = block_sum(acc);
-    if (threadIdx.x == 0) workspace[table.partial_base[slot] + chunk] = acc;
+    if (threadIdx.x == 0) partials[blockIdx.x] = acc;
   }
 }
 
 // Operands: 0 param, 1 exp_avg, 2 exp_avg_sq, 3 master (kMaster only).
-template <typename P, int N, bool kMaster, bool kStochastic, int Depth>
-__global__ void __launch_bounds__(kThreads) flush_kernel(TensorTable<Depth> table, AdamScalars sc, uint32_t seed) {
-  const int slot = table.block_tensor[blockIdx.x];
-  const int64_t begin = int64_t(table.block_chunk[blockIdx.x]) * kChunk;
-  const int64_t len = chunk_length(table.numel[slot], begin);
-  P* p = static_cast<P*>(table.addresses[0][slot]) + begin;
-  const float* m = static_cast<const float*>(table.addresses[1][slot]) + begin;
-  const float* v = static_cast<const float*>(table.addresses[2][slot]) + begin;
-  float* w = kMaster ? static_cast<float*>(table.addresses[Depth - 1][slot]) + begin : nullptr;
-  const uint32_t key = tensor_key(seed, static_cast<uint32_t>(table.index[slot]));
+template <typename P, int N, bool kMaster, bool kStochastic>
+__global__ void __launch_bounds__(kThreads) flush_kernel(ChunkTable table, AdamScalars sc, uint32_t seed) {
+  const Chunk c = chunk_of(table, blockIdx.x);
+  const int64_t begin = c.begin, len = c.len;
+  P* p = operand<P>(table, 0, c);
+  const float* m = operand<const float>(table, 1, c);
+  const float* v = operand<const float>(table, 2, c);
+  float* w = kMaster ? operand<float>(table, 3, c) : nullptr;
+  const uint32_t key = tensor_key(seed, static_cast<uint32_t>(c.tensor));
   const Folded f = fold(sc);
   int64_t vec_end = 0;
   if (is_aligned<P, N>(p) && is_aligned<float, N>(m) && is_aligned<float, N>(v) &&
@@ -153,105 +151,88 @@ __global__ void __launch_bounds__(kThreads) flush_kernel(TensorTable<Depth> tabl
   }
 }
 
+// One launch: a block per chunk of the table.
 template <typename P, bool kFresh, bool kNorms, bool kMaster, bool kStochastic>
-void launch_adamw(int n, void* const* const* lists, const int64_t* numels, const AdamScalars& sc, uint32_t seed,
-                  const float* skip, float* workspace, cudaStream_t stream) {
+void launch_adamw(const ChunkTable& t, const AdamScalars& sc, uint32_t seed, const float* skip, float* partials,
+                  cudaStream_t stream) {
   // 16-byte vectors of the parameter type (8 bf16/fp16 or 4 fp32 elements).
   constexpr int N = 16 / sizeof(P);
-  constexpr int Depth = kMaster ? 5 : 4;
-  multi_tensor_apply<Depth>(n, lists, numels, [&](const TensorTable<Depth>& table, int blocks) {
-    adamw_kernel<P, N, kFresh, kNorms, kMaster, kStochastic, Depth>
-        <<<blocks, kThreads, 0, stream>>>(table, sc, seed, skip, workspace);
-  });
+  adamw_kernel<P, N, kFresh, kNorms, kMaster, kStochastic>
+      <<<static_cast<unsigned>(t.n_chunks), kThreads, 0, stream>>>(t, sc, seed, skip, partials);
 }
 
 template <typename P, bool kMaster, bool kStochastic>
-void launch_adamw_flags(int n, void* const* const* lists, const int64_t* numels, const AdamScalars& sc, bool fresh,
-                        uint32_t seed, const float* skip, float* workspace, cudaStream_t stream) {
-  const bool norms = workspace != nullptr;
-  if (fresh && norms) launch_adamw<P, true, true, kMaster, kStochastic>(n, lists, numels, sc, seed, skip, workspace, stream);
-  else if (fresh) launch_adamw<P, true, false, kMaster, kStochastic>(n, lists, numels, sc, seed, skip, workspace, stream);
-  else if (norms) launch_adamw<P, false, true, kMaster, kStochastic>(n, lists, numels, sc, seed, skip, workspace, stream);
-  else launch_adamw<P, false, false, kMaster, kStochastic>(n, lists, numels, sc, seed, skip, workspace, stream);
+void launch_adamw_flags(const ChunkTable& t, const AdamScalars& sc, bool fresh, uint32_t seed, const float* skip,
+                        float* partials, cudaStream_t stream) {
+  const bool norms = partials != nullptr;
+  if (fresh && norms) launch_adamw<P, true, true, kMaster, kStochastic>(t, sc, seed, skip, partials, stream);
+  else if (fresh) launch_adamw<P, true, false, kMaster, kStochastic>(t, sc, seed, skip, partials, stream);
+  else if (norms) launch_adamw<P, false, true, kMaster, kStochastic>(t, sc, seed, skip, partials, stream);
+  else launch_adamw<P, false, false, kMaster, kStochastic>(t, sc, seed, skip, partials, stream);
 }
 
 template <typename P, bool kMaster, bool kStochastic>
-void launch_flush(int n, void* const* const* lists, const int64_t* numels, const AdamScalars& sc, uint32_t seed,
-                  cudaStream_t stream) {
+void launch_flush(const ChunkTable& t, const AdamScalars& sc, uint32_t seed, cudaStream_t stream) {
   constexpr int N = 16 / sizeof(P);
-  constexpr int Depth = kMaster ? 4 : 3;
-  multi_tensor_apply<Depth>(n, lists, numels, [&](const TensorTable<Depth>& table, int blocks) {
-    flush_kernel<P, N, kMaster, kStochastic, Depth><<<blocks, kThreads, 0, stream>>>(table, sc, seed);
-  });
+  flush_kernel<P, N, kMaster, kStochastic><<<static_cast<unsigned>(t.n_chunks), kThreads, 0, stream>>>(t, sc, seed);
 }
 
 // Low-precision parameters pick master/stochastic variants; fp32 parameters never need either.
 template <typename P>
-void dispatch_adamw(int n, void* const* const* lists, const int64_t* numels, const AdamScalars& sc, bool fresh,
-                    const Rounding& r, float* workspace, cudaStream_t stream) {
-  const bool master = r.master != nullptr;
+void dispatch_adamw(const ChunkTable& t, const AdamScalars& sc, bool fresh, const Rounding& r, float* partials,
+                    cudaStream_t stream) {
   const float* k = r.skip;
   if constexpr (std::is_same_v<P, float>) {
-    launch_adamw_flags<P, false, false>(n, lists, numels, sc, fresh, r.seed, k, workspace, stream);
+    launch_adamw_flags<P, false, false>(t, sc, fresh, r.seed, k, partials, stream);
   } else if constexpr (std::is_same_v<P, __nv_bfloat16>) {
-    if (master && r.stochastic) launch_adamw_flags<P, true, true>(n, lists, numels, sc, fresh, r.seed, k, workspace, stream);
-    else if (master) launch_adamw_flags<P, true, false>(n, lists, numels, sc, fresh, r.seed, k, workspace, stream);
-    else if (r.stochastic) launch_adamw_flags<P, false, true>(n, lists, numels, sc, fresh, r.seed, k, workspace, stream);
-    else launch_adamw_flags<P, false, false>(n, lists, numels, sc, fresh, r.seed, k, workspace, stream);
+    if (r.master && r.stochastic) launch_adamw_flags<P, true, true>(t, sc, fresh, r.seed, k, partials, stream);
+    else if (r.master) launch_adamw_flags<P, true, false>(t, sc, fresh, r.seed, k, partials, stream);
+    else if (r.stochastic) launch_adamw_flags<P, false, true>(t, sc, fresh, r.seed, k, partials, stream);
+    else launch_adamw_flags<P, false, false>(t, sc, fresh, r.seed, k, partials, stream);
   } else {
-    if (master) launch_adamw_flags<P, true, false>(n, lists, numels, sc, fresh, r.seed, k, workspace, stream);
-    else launch_adamw_flags<P, false, false>(n, lists, numels, sc, fresh, r.seed, k, workspace, stream);
+    if (r.master) launch_adamw_flags<P, true, false>(t, sc, fresh, r.seed, k, partials, stream);
+    else launch_adamw_flags<P, false, false>(t, sc, fresh, r.seed, k, partials, stream);
   }
 }
 
 template <typename P>
-void dispatch_flush(int n, void* const* const* lists, const int64_t* numels, const AdamScalars& sc,
-                    const Rounding& r, cudaStream_t stream) {
-  const bool master = r.master != nullptr;
+void dispatch_flush(const ChunkTable& t, const AdamScalars& sc, const Rounding& r, cudaStream_t stream) {
   if constexpr (std::is_same_v<P, float>) {
-    launch_flush<P, false, false>(n, lists, numels, sc, r.seed, stream);
+    launch_flush<P, false, false>(t, sc, r.seed, stream);
   } else if constexpr (std::is_same_v<P, __nv_bfloat16>) {
-    if (master && r.stochastic) launch_flush<P, true, true>(n, lists, numels, sc, r.seed, stream);
-    else if (master) launch_flush<P, true, false>(n, lists, numels, sc, r.seed, stream);
-    else if (r.stochastic) launch_flush<P, false, true>(n, lists, numels, sc, r.seed, stream);
-    else launch_flush<P, false, false>(n, lists, numels, sc, r.seed, stream);
+    if (r.master && r.stochastic) launch_flush<P, true, true>(t, sc, r.seed, stream);
+    else if (r.master) launch_flush<P, true, false>(t, sc, r.seed, stream);
+    else if (r.stochastic) launch_flush<P, false, true>(t, sc, r.seed, stream);
+    else launch_flush<P, false, false>(t, sc, r.seed, stream);
   } else {
-    if (master) launch_flush<P, true, false>(n, lists, numels, sc, r.seed, stream);
-    else launch_flush<P, false, false>(n, lists, numels, sc, r.seed, stream);
+    if (r.master) launch_flush<P, true, false>(t, sc, r.seed, stream);
+    else launch_flush<P, false, false>(t, sc, r.seed, stream);
   }
 }
 
 }  // namespace
 
-cudaError_t adamw_step(int n_tensors, void* const* params, const void* const* grads, float* const* exp_avgs,
-                       float* const* exp_avg_sqs, const int64_t* numels, DType dtype, AdamScalars scalars, bool fresh,
-                       Rounding rounding, float* grad_sq_norms, float* workspace, cudaStream_t stream) {
-  void* const* lists[5] = {params, const_cast<void* const*>(grads), reinterpret_cast<void* const*>(exp_avgs),
-                           reinterpret_cast<void* const*>(exp_avg_sqs),
-                           reinterpret_cast<void* const*>(rounding.master)};
-  float* ws = grad_sq_norms != nullptr ? workspace : nullptr;
+cudaError_t adamw_step(const ChunkTable& table, DType dtype, AdamScalars scalars, bool fresh, Rounding rounding,
+                       float* grad_sq_norms, float* partials, cudaStream_t stream) {
+  if (table.n_chunks == 0) return cudaSuccess;
+  float* parts = grad_sq_norms != nullptr ? partials : nullptr;
   switch (dtype) {
-    case DType::kFloat32: dispatch_adamw<float>(n_tensors, lists, numels, scalars, fresh, rounding, ws, stream); break;
-    case DType::kBFloat16:
-      dispatch_adamw<__nv_bfloat16>(n_tensors, lists, numels, scalars, fresh, rounding, ws, stream);
-      break;
-    case DType::kFloat16: dispatch_adamw<__half>(n_tensors, lists, numels, scalars, fresh, rounding, ws, stream); break;
+    case DType::kFloat32: dispatch_adamw<float>(table, scalars, fresh, rounding, parts, stream); break;
+    case DType::kBFloat16: dispatch_adamw<__nv_bfloat16>(table, scalars, fresh, rounding, parts, stream); break;
+    case DType::kFloat16: dispatch_adamw<__half>(table, scalars, fresh, rounding, parts, stream); break;
   }
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || grad_sq_norms == nullptr) return err;
-  return reduce_partials(n_tensors, numels, workspace, grad_sq_norms, stream);
+  return reduce_partials(table, partials, grad_sq_norms, stream);
 }
 
-cudaError_t momentum_flush(int n_tensors, void* const* params, const float* const* exp_avgs,
-                           const float* const* exp_avg_sqs, const int64_t* numels, DType dtype, AdamScalars scalars,
-                           Rounding rounding, cudaStream_t stream) {
-  void* const* lists[4] = {params, reinterpret_cast<void* const*>(const_cast<float* const*>(exp_avgs)),
-                           reinterpret_cast<void* const*>(const_cast<float* const*>(exp_avg_sqs)),
-                           reinterpret_cast<void* const*>(rounding.master)};
+cudaError_t momentum_flush(const ChunkTable& table, DType dtype, AdamScalars scalars, Rounding rounding,
+                           cudaStream_t stream) {
+  if (table.n_chunks == 0) return cudaSuccess;
   switch (dtype) {
-    case DType::kFloat32: dispatch_flush<float>(n_tensors, lists, numels, scalars, rounding, stream); break;
-    case DType::kBFloat16: dispatch_flush<__nv_bfloat16>(n_tensors, lists, numels, scalars, rounding, stream); break;
-    case DType::kFloat16: dispatch_flush<__half>(n_tensors, lists, numels, scalars, rounding, stream); break;
+    case DType::kFloat32: dispatch_flush<float>(table, scalars, rounding, stream); break;
+    case DType::kBFloat16: dispatch_flush<__nv_bfloat16>(table, scalars, rounding, stream); break;
+    case DType::kFloat16: dispatch_flush<__half>(table, scalars, rounding, stream); break;
   }
   return cudaGetLastError();
 }

@@ -1,5 +1,6 @@
-// Host entry points of the CUDA kernels; each returns the launch status for the caller to check. Raw pointers and plain structs only: no torch headers, so
-// the .cu files compile with nvcc alone, in seconds. csrc/misa_ops.cpp checks arguments and calls these.
+// Host entry points of the CUDA kernels; each returns the launch status for the caller to check. Raw pointers and
+// plain structs only: no torch headers, so the .cu files compile with nvcc alone, in seconds. csrc/misa_ops.cpp
+// checks arguments and calls these.
 #pragma once
 
 #include <cstdint>
@@ -8,6 +9,16 @@
 namespace misa {
 
 enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+// The chunk table of one call (misa_kernels/tables.py), resident on the device: which tensor and offset
+// each chunk covers, each tensor's size, and each operand's address. Launches take it by pointer, so a
+// launch covers any number of tensors.
+struct ChunkTable {
+  const int64_t* data;
+  int64_t n_chunks;
+  int64_t n_tensors;
+  int64_t chunk;  // elements per chunk
+};
 
 // Hyperparameters folded on the host in float64 (misa_kernels/scalars.py): a kernel only multiplies
 // and adds them, never forms 1 - beta or beta^step itself. When `device` is not null the kernel reads
@@ -24,12 +35,12 @@ struct AdamScalars {
   const float* device;
 };
 
-// How the fp32 result is written into a bf16/fp16 parameter. `master`: fp32 master copies (one per
-// parameter) are read and written, and the parameter is their rounded value; on a fresh step the
+// How the fp32 result is written into a bf16/fp16 parameter. `master`: fp32 master copies (the table's
+// last operand) are read and written, and the parameter is their rounded value; on a fresh step the
 // master is set from the parameter. `stochastic` (bf16 only): unbiased rounding keyed by
 // hash32(seed + tensor_index * golden) ^ element index, the same hash as misa_kernels/scalars.py.
 struct Rounding {
-  float* const* master;  // null: no masters
+  bool master;
   bool stochastic;
   uint32_t seed;
   // A 0-d device flag read by the kernel (null: never skip). Nonzero: the step writes nothing, except
@@ -37,23 +48,19 @@ struct Rounding {
   const float* skip = nullptr;
 };
 
-// Number of fp32 partial sums the norm-producing launches need as workspace.
-int64_t norm_workspace_size(int n_tensors, const int64_t* numels);
+// AdamW over the table's tensors (operands: param, grad, exp_avg, exp_avg_sq[, master]); if
+// grad_sq_norms is not null, grad_sq_norms[t] += sum(grad_t^2), reduced deterministically through
+// `partials` (one float per chunk). Two launches at most, whatever the number of tensors.
+cudaError_t adamw_step(const ChunkTable& table, DType dtype, AdamScalars scalars, bool fresh, Rounding rounding,
+                       float* grad_sq_norms, float* partials, cudaStream_t stream);
 
-// AdamW over n tensors; if grad_sq_norms is not null, grad_sq_norms[i] += sum(grad_i^2), reduced
-// deterministically through `workspace` (norm_workspace_size floats).
-cudaError_t adamw_step(int n_tensors, void* const* params, const void* const* grads, float* const* exp_avgs,
-                float* const* exp_avg_sqs, const int64_t* numels, DType dtype, AdamScalars scalars, bool fresh,
-                Rounding rounding, float* grad_sq_norms, float* workspace, cudaStream_t stream);
+// out[t] += sum(x_t^2) over the table's tensors (operand: x); `out` must be zeroed by the caller for a
+// plain norm.
+cudaError_t grad_sq_norms(const ChunkTable& table, DType dtype, float* out, float* partials, cudaStream_t stream);
 
-// out[i] += sum(x_i^2); `out` must be zeroed by the caller for a plain norm.
-cudaError_t grad_sq_norms(int n_tensors, const void* const* tensors, const int64_t* numels, DType dtype, float* out,
-                   float* workspace, cudaStream_t stream);
-
-// p -= step_size * m / (sqrt(v) / bias_correction2_sqrt + eps); states are read only (masters, when
-// given, are updated and the parameters written from them).
-cudaError_t momentum_flush(int n_tensors, void* const* params, const float* const* exp_avgs,
-                    const float* const* exp_avg_sqs, const int64_t* numels, DType dtype, AdamScalars scalars,
-                    Rounding rounding, cudaStream_t stream);
+// p -= step_size * m / (sqrt(v) / bias_correction2_sqrt + eps) (operands: param, exp_avg, exp_avg_sq[,
+// master]); states are read only (masters, when given, are updated and the parameters written from them).
+cudaError_t momentum_flush(const ChunkTable& table, DType dtype, AdamScalars scalars, Rounding rounding,
+                           cudaStream_t stream);
 
 }  // namespace misa

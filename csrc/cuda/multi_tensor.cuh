@@ -1,9 +1,10 @@
-// Multi-tensor apply: one launch covers the chunks of many tensors (the pattern of apex's
-// multi_tensor_apply.cuh and torch's MultiTensorApply.cuh, written for raw pointers).
+// Multi-tensor launches: one launch covers every chunk of every tensor of a call. The chunk table is
+// built and cached on the host by misa_kernels/tables.py and lives in device memory, so a launch holds
+// any number of tensors and its grid is all chunks at once (no parameter-space table, no launch per
+// 320 blocks, no partial tail wave per launch). Block b handles chunk b.
 //
-// Tensor addresses and a block -> (tensor, chunk) map travel in the kernel's parameter space (<= 4 KB),
-// so a launch holds at most kMaxTensors tensors and kMaxBlocks blocks; longer lists take several
-// launches, a tensor split across two launches being carried into slot 0 of the next table.
+// Table layout (int64, one buffer): chunk_tensor[n_chunks] | chunk_start[n_chunks] | numel[n_tensors] |
+// chunk_begin[n_tensors + 1] | address[n_operands][n_tensors].
 #pragma once
 
 #include <cstdint>
@@ -16,76 +17,36 @@
 
 namespace misa {
 
-constexpr int64_t kChunk = 65536;  // elements per block; a multiple of every vector width below
 constexpr int kThreads = 512;
-constexpr int kMaxBlocks = 320;
 
-// Fewer slots for deeper lists keep the table under the 4 KB parameter limit.
-template <int Depth> struct MaxTensors;
-template <> struct MaxTensors<1> { static constexpr int value = 110; };
-template <> struct MaxTensors<3> { static constexpr int value = 48; };
-template <> struct MaxTensors<4> { static constexpr int value = 36; };
-template <> struct MaxTensors<5> { static constexpr int value = 30; };
-
-template <int Depth>
-struct TensorTable {
-  static constexpr int kMaxTensors = MaxTensors<Depth>::value;
-  void* addresses[Depth][kMaxTensors];
-  int64_t numel[kMaxTensors];
-  int64_t partial_base[kMaxTensors];  // index of the tensor's first chunk in the norm workspace
-  int32_t index[kMaxTensors];         // the tensor's position among the call's non-empty tensors
-  uint16_t block_tensor[kMaxBlocks];
-  int32_t block_chunk[kMaxBlocks];
+struct Chunk {
+  int64_t tensor;  // index among the call's (non-empty) tensors
+  int64_t begin;   // first element
+  int64_t len;     // elements in this chunk
 };
 
-inline int64_t chunks_of(int64_t numel) { return (numel + kChunk - 1) / kChunk; }
-
-__device__ __forceinline__ int64_t chunk_length(int64_t numel, int64_t begin) {
-  return numel - begin < kChunk ? numel - begin : kChunk;
+__host__ __device__ __forceinline__ Chunk chunk_of(const ChunkTable& t, int64_t id) {
+  const int64_t tensor = t.data[id];
+  const int64_t begin = t.data[t.n_chunks + id];
+  const int64_t numel = t.data[2 * t.n_chunks + tensor];
+  return {tensor, begin, numel - begin < t.chunk ? numel - begin : t.chunk};
 }
 
-// Calls launch(table, n_blocks) as often as needed to cover every chunk of every non-empty tensor.
-// lists[d][i] is operand d of tensor i.
-template <int Depth, typename Launch>
-void multi_tensor_apply(int n_tensors, void* const* const* lists, const int64_t* numels, Launch launch) {
-  TensorTable<Depth> table;
-  int last = -1;
-  for (int i = 0; i < n_tensors; ++i)
-    if (numels[i] > 0) last = i;
-  int loc_tensor = 0, loc_block = 0, nonempty = 0;
-  int64_t partial_base = 0;
-  for (int i = 0; i <= last; ++i) {
-    if (numels[i] == 0) continue;
-    for (int d = 0; d < Depth; ++d) table.addresses[d][loc_tensor] = lists[d][i];
-    table.numel[loc_tensor] = numels[i];
-    table.partial_base[loc_tensor] = partial_base;
-    table.index[loc_tensor] = nonempty++;
-    ++loc_tensor;
-    const int64_t chunks = chunks_of(numels[i]);
-    for (int64_t c = 0; c < chunks; ++c) {
-      table.block_tensor[loc_block] = static_cast<uint16_t>(loc_tensor - 1);
-      table.block_chunk[loc_block] = static_cast<int32_t>(c);
-      ++loc_block;
-      const bool tensor_done = c == chunks - 1;
-      const bool tensors_full = loc_tensor == TensorTable<Depth>::kMaxTensors && tensor_done;
-      const bool blocks_full = loc_block == kMaxBlocks;
-      const bool everything = i == last && tensor_done;
-      if (tensors_full || blocks_full || everything) {
-        launch(table, loc_block);
-        loc_block = 0;
-        if (tensor_done) {
-          loc_tensor = 0;
-        } else {  // the current tensor continues in the next launch, from slot 0
-          for (int d = 0; d < Depth; ++d) table.addresses[d][0] = table.addresses[d][loc_tensor - 1];
-          table.numel[0] = table.numel[loc_tensor - 1];
-          table.partial_base[0] = table.partial_base[loc_tensor - 1];
-          table.index[0] = table.index[loc_tensor - 1];
-          loc_tensor = 1;
-        }
-      }
-    }
-    partial_base += chunks;
-  }
+__host__ __device__ __forceinline__ const int64_t* chunk_begins(const ChunkTable& t) {
+  return t.data + 2 * t.n_chunks + t.n_tensors;
+}
+
+// Operand `which` (0 = param, ...) of the chunk's tensor, offset to the chunk's first element.
+template <typename T>
+__host__ __device__ __forceinline__ T* operand(const ChunkTable& t, int which, const Chunk& c) {
+  const int64_t* addresses = t.data + 2 * t.n_chunks + 2 * t.n_tensors + 1;
+  T* p = reinterpret_cast<T*>(addresses[which * t.n_tensors + c.tensor]) + c.begin;
+#ifdef __CUDA_ARCH__
+  // An address read from memory is generic to the compiler; saying it is global memory gets
+  // ld.global/st.global (no address-space check per access), as for a pointer passed as a parameter.
+  __builtin_assume(__isGlobal(p));
+#endif
+  return p;
 }
 
 // ---- element access: fp32 math whatever the storage type ----
@@ -158,8 +119,7 @@ __device__ __forceinline__ float block_sum(float x) {
   return x;  // valid in thread 0
 }
 
-// Sums each tensor's per-chunk partials in chunk order and adds the result to out[i].
-cudaError_t reduce_partials(int n_tensors, const int64_t* numels, const float* workspace, float* out,
-                            cudaStream_t stream);
+// out[t] += the sum of tensor t's per-chunk partials, in chunk order (one launch, a block per tensor).
+cudaError_t reduce_partials(const ChunkTable& table, const float* partials, float* out, cudaStream_t stream);
 
 }  // namespace misa

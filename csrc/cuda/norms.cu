@@ -1,38 +1,29 @@
-// Squared L2 norms of many tensors in one multi-tensor launch, reduced deterministically:
-// one fp32 partial per chunk, then a per-tensor sum over its partials in chunk order.
-#include <algorithm>
-
+// Squared L2 norms of many tensors in one launch (a block per chunk of the device-side chunk table),
+// reduced deterministically: one fp32 partial per chunk, then one launch that sums each tensor's
+// partials in chunk order.
 #include "multi_tensor.cuh"
 
 namespace misa {
 namespace {
 
 constexpr int kReduceThreads = 256;
-constexpr int kReducePerLaunch = 128;
 
-struct ReduceTable {
-  int64_t base[kReducePerLaunch];
-  int32_t count[kReducePerLaunch];
-  int32_t out_index[kReducePerLaunch];
-};
-
-__global__ void __launch_bounds__(kReduceThreads) reduce_partials_kernel(ReduceTable table, const float* workspace,
+__global__ void __launch_bounds__(kReduceThreads) reduce_partials_kernel(ChunkTable table, const float* partials,
                                                                          float* out) {
-  const int j = blockIdx.x;
-  const float* partials = workspace + table.base[j];
+  const int64_t t = blockIdx.x;
+  const int64_t* begins = chunk_begins(table);
+  const int64_t first = begins[t], last = begins[t + 1];
   float acc = 0.f;
-  for (int k = threadIdx.x; k < table.count[j]; k += blockDim.x) acc += partials[k];
+  for (int64_t k = first + threadIdx.x; k < last; k += blockDim.x) acc += partials[k];
   acc = block_sum(acc);
-  if (threadIdx.x == 0) out[table.out_index[j]] += acc;
+  if (threadIdx.x == 0) out[t] += acc;
 }
 
 template <typename T, int N>
-__global__ void __launch_bounds__(kThreads) sq_norm_kernel(TensorTable<1> table, float* workspace) {
-  const int slot = table.block_tensor[blockIdx.x];
-  const int64_t chunk = table.block_chunk[blockIdx.x];
-  const int64_t begin = chunk * kChunk;
-  const int64_t len = chunk_length(table.numel[slot], begin);
-  const T* x = static_cast<const T*>(table.addresses[0][slot]) + begin;
+__global__ void __launch_bounds__(kThreads) sq_norm_kernel(ChunkTable table, float* partials) {
+  const Chunk c = chunk_of(table, blockIdx.x);
+  const int64_t len = c.len;
+  const T* x = operand<const T>(table, 0, c);
   float acc = 0.f;
   int64_t vec_end = 0;
   if (is_aligned<T, N>(x)) {
@@ -51,59 +42,33 @@ __global__ void __launch_bounds__(kThreads) sq_norm_kernel(TensorTable<1> table,
     acc += f * f;
   }
   acc = block_sum(acc);
-  if (threadIdx.x == 0) workspace[table.partial_base[slot] + chunk] = acc;
+  if (threadIdx.x == 0) partials[blockIdx.x] = acc;
 }
 
 template <typename T>
-void launch_sq_norms(int n, const void* const* tensors, const int64_t* numels, float* workspace,
-                     cudaStream_t stream) {
+void launch_sq_norms(const ChunkTable& t, float* partials, cudaStream_t stream) {
   constexpr int N = 16 / sizeof(T);
-  void* const* lists[1] = {const_cast<void* const*>(tensors)};
-  multi_tensor_apply<1>(n, lists, numels, [&](const TensorTable<1>& table, int blocks) {
-    sq_norm_kernel<T, N><<<blocks, kThreads, 0, stream>>>(table, workspace);
-  });
+  sq_norm_kernel<T, N><<<static_cast<unsigned>(t.n_chunks), kThreads, 0, stream>>>(t, partials);
 }
 
 }  // namespace
 
-int64_t norm_workspace_size(int n_tensors, const int64_t* numels) {
-  int64_t total = 0;
-  for (int i = 0; i < n_tensors; ++i) total += chunks_of(numels[i]);
-  return std::max<int64_t>(total, 1);
-}
-
-cudaError_t reduce_partials(int n_tensors, const int64_t* numels, const float* workspace, float* out,
-                            cudaStream_t stream) {
-  ReduceTable table;
-  int loc = 0;
-  int64_t base = 0;
-  for (int i = 0; i < n_tensors; ++i) {
-    const int64_t chunks = chunks_of(numels[i]);
-    if (chunks > 0) {
-      table.base[loc] = base;
-      table.count[loc] = static_cast<int32_t>(chunks);
-      table.out_index[loc] = i;
-      ++loc;
-    }
-    base += chunks;
-    if (loc == kReducePerLaunch || (i == n_tensors - 1 && loc > 0)) {
-      reduce_partials_kernel<<<loc, kReduceThreads, 0, stream>>>(table, workspace, out);
-      loc = 0;
-    }
-  }
+cudaError_t reduce_partials(const ChunkTable& table, const float* partials, float* out, cudaStream_t stream) {
+  if (table.n_tensors == 0) return cudaSuccess;
+  reduce_partials_kernel<<<static_cast<unsigned>(table.n_tensors), kReduceThreads, 0, stream>>>(table, partials, out);
   return cudaGetLastError();
 }
 
-cudaError_t grad_sq_norms(int n_tensors, const void* const* tensors, const int64_t* numels, DType dtype, float* out,
-                          float* workspace, cudaStream_t stream) {
+cudaError_t grad_sq_norms(const ChunkTable& table, DType dtype, float* out, float* partials, cudaStream_t stream) {
+  if (table.n_chunks == 0) return cudaSuccess;
   switch (dtype) {
-    case DType::kFloat32: launch_sq_norms<float>(n_tensors, tensors, numels, workspace, stream); break;
-    case DType::kBFloat16: launch_sq_norms<__nv_bfloat16>(n_tensors, tensors, numels, workspace, stream); break;
-    case DType::kFloat16: launch_sq_norms<__half>(n_tensors, tensors, numels, workspace, stream); break;
+    case DType::kFloat32: launch_sq_norms<float>(table, partials, stream); break;
+    case DType::kBFloat16: launch_sq_norms<__nv_bfloat16>(table, partials, stream); break;
+    case DType::kFloat16: launch_sq_norms<__half>(table, partials, stream); break;
   }
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  return reduce_partials(n_tensors, numels, workspace, out, stream);
+  return reduce_partials(table, partials, out, stream);
 }
 
 }  // namespace misa

@@ -90,9 +90,8 @@ def _chunk_bounds(chunk_tensor_ptr, chunk_start_ptr, numel_ptr, CHUNK: tl.conste
 
 @triton.jit
 def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, idx, n, key, one_minus_beta1, beta2, one_minus_beta2, eps,
-                 step_size, bc2_sqrt, decay, skip, PARAM_DTYPE: tl.constexpr, FRESH: tl.constexpr,
-                 MASTER: tl.constexpr, STOCHASTIC: tl.constexpr, SOFT_BF16: tl.constexpr, SKIP: tl.constexpr,
-                 MASKED: tl.constexpr):
+                 step_size, bc2_sqrt, decay, PARAM_DTYPE: tl.constexpr, FRESH: tl.constexpr, MASTER: tl.constexpr,
+                 STOCHASTIC: tl.constexpr, SOFT_BF16: tl.constexpr, MASKED: tl.constexpr):
     mask = idx < n
     g = _load(g_ptr, idx, mask, MASKED).to(tl.float32)
     if FRESH:
@@ -104,33 +103,29 @@ def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, idx, n, key, one_minus_beta1
         m = m + one_minus_beta1 * (g - m)
         v = beta2 * v + one_minus_beta2 * g * g
     if MASTER and not FRESH:
-        p_in = _load(w_ptr, idx, mask, MASKED)
+        p = _load(w_ptr, idx, mask, MASKED)
     else:
-        p_in = _load(p_ptr, idx, mask, MASKED).to(tl.float32)
+        p = _load(p_ptr, idx, mask, MASKED).to(tl.float32)
     denom = tl.sqrt(v) / bc2_sqrt + eps
-    p = p_in * decay - step_size * (m / denom)
-    if SKIP:
-        # A skipped step writes nothing, except that a fresh one defines its states as zero (and the
-        # master as the weight), so that the next step starts from them as from a fresh step.
-        keep = mask & ((idx * 0).to(tl.float32) + skip == 0)  # the flag, broadcast over the block
-        _store(p_ptr, idx, _to_param(p, idx, key, PARAM_DTYPE, STOCHASTIC, SOFT_BF16), keep, True)
-        if FRESH:
-            if MASTER:
-                _store(w_ptr, idx, tl.where(skip != 0, p_in, p), mask, MASKED)
-            _store(m_ptr, idx, tl.where(skip != 0, 0.0, m), mask, MASKED)
-            _store(v_ptr, idx, tl.where(skip != 0, 0.0, v), mask, MASKED)
-        else:
-            if MASTER:
-                _store(w_ptr, idx, p, keep, True)
-            _store(m_ptr, idx, m, keep, True)
-            _store(v_ptr, idx, v, keep, True)
-    else:
-        if MASTER:
-            _store(w_ptr, idx, p, mask, MASKED)
-        _store(p_ptr, idx, _to_param(p, idx, key, PARAM_DTYPE, STOCHASTIC, SOFT_BF16), mask, MASKED)
-        _store(m_ptr, idx, m, mask, MASKED)
-        _store(v_ptr, idx, v, mask, MASKED)
+    p = p * decay - step_size * (m / denom)
+    if MASTER:
+        _store(w_ptr, idx, p, mask, MASKED)
+    _store(p_ptr, idx, _to_param(p, idx, key, PARAM_DTYPE, STOCHASTIC, SOFT_BF16), mask, MASKED)
+    _store(m_ptr, idx, m, mask, MASKED)
+    _store(v_ptr, idx, v, mask, MASKED)
     return g * g
+
+
+@triton.jit
+def _skipped_fresh_block(p_ptr, m_ptr, v_ptr, w_ptr, idx, n, MASTER: tl.constexpr, MASKED: tl.constexpr):
+    # A skipped fresh step defines its states as zero (and the master as the weight), so that the next
+    # step starts from them as from a fresh step.
+    mask = idx < n
+    zero = tl.zeros(idx.shape, dtype=tl.float32)
+    if MASTER:
+        _store(w_ptr, idx, _load(p_ptr, idx, mask, MASKED).to(tl.float32), mask, MASKED)
+    _store(m_ptr, idx, zero, mask, MASKED)
+    _store(v_ptr, idx, zero, mask, MASKED)
 
 
 @triton.jit
@@ -158,22 +153,32 @@ def adamw_kernel(
     skip = 0.0
     if SKIP:
         skip = tl.load(skip_ptr)
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for off in range(0, full, BLOCK):
-        idx = tl.multiple_of(start + off, BLOCK) + tl.arange(0, BLOCK)
-        acc += _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, idx, n, key, one_minus_beta1, beta2,
-                            one_minus_beta2, eps, step_size, bc2_sqrt, decay, skip,
-                            PARAM_DTYPE, FRESH, MASTER, STOCHASTIC, SOFT_BF16, SKIP, False)
-    if full < length:
-        idx = start + full + tl.arange(0, BLOCK)
-        acc += _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, idx, n, key, one_minus_beta1, beta2,
-                            one_minus_beta2, eps, step_size, bc2_sqrt, decay, skip,
-                            PARAM_DTYPE, FRESH, MASTER, STOCHASTIC, SOFT_BF16, SKIP, True)
-    if NORMS:
-        total = tl.sum(acc, axis=0)
-        if SKIP:
-            total = tl.where(skip != 0, 0.0, total)  # a skipped step adds nothing to the norms either
-        tl.store(partials_ptr + pid, total)
+    # The skip flag decides for the whole program (a branch, not a per-element store mask), so the
+    # update keeps its unmasked, vectorized loads and stores.
+    if skip == 0.0:
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for off in range(0, full, BLOCK):
+            idx = tl.multiple_of(start + off, BLOCK) + tl.arange(0, BLOCK)
+            acc += _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, idx, n, key, one_minus_beta1, beta2,
+                                one_minus_beta2, eps, step_size, bc2_sqrt, decay,
+                                PARAM_DTYPE, FRESH, MASTER, STOCHASTIC, SOFT_BF16, False)
+        if full < length:
+            idx = start + full + tl.arange(0, BLOCK)
+            acc += _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, idx, n, key, one_minus_beta1, beta2,
+                                one_minus_beta2, eps, step_size, bc2_sqrt, decay,
+                                PARAM_DTYPE, FRESH, MASTER, STOCHASTIC, SOFT_BF16, True)
+        if NORMS:
+            tl.store(partials_ptr + pid, tl.sum(acc, axis=0))
+    else:
+        if FRESH:
+            for off in range(0, full, BLOCK):
+                idx = tl.multiple_of(start + off, BLOCK) + tl.arange(0, BLOCK)
+                _skipped_fresh_block(p_ptr, m_ptr, v_ptr, w_ptr, idx, n, MASTER, False)
+            if full < length:
+                idx = start + full + tl.arange(0, BLOCK)
+                _skipped_fresh_block(p_ptr, m_ptr, v_ptr, w_ptr, idx, n, MASTER, True)
+        if NORMS:
+            tl.store(partials_ptr + pid, 0.0)  # a skipped step adds nothing to the norms either
 
 
 @triton.jit

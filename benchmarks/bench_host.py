@@ -1,0 +1,167 @@
+"""Host time per op call: what the CPU spends in one `adamw_step_` before the GPU has work, against
+torch.optim.AdamW(fused=True) (+ torch._foreach_norm, the norms MISA needs) on the same tensors.
+
+Tensors are tiny (the device work is a few microseconds), so a call's wall time is its host time: the
+loop runs without a sync and the time per call is taken over many calls, with one sync at the end. The
+8 / 64 / 2048-tensor cases are the issue's (bf16 parameters, fp32 states and masters, norms asked,
+steady step: what MISA.step issues).
+
+On a machine without a GPU, `--stub-launch` measures the same Python path with the final launch
+replaced by a no-op (the CUDA extension call, the Triton launcher): checks, the validation cache,
+backend choice, chunk-table lookup, scalar folding. The rows say so (`launch: "stubbed"`); torch's
+fused AdamW there runs its CPU kernel on one-element tensors, its own host path plus a tiny kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+import types
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+import misa_kernels as mk
+from misa_kernels import backends
+
+try:
+    from . import common
+except ImportError:
+    import common
+
+CASES = (8, 64, 2048)
+
+
+def _inputs(n: int, numel: int, device, dtype=torch.bfloat16):
+    gen = torch.Generator(device="cpu").manual_seed(n)
+    p = [torch.randn(numel, generator=gen).to(device=device, dtype=dtype) for _ in range(n)]
+    g = [torch.randn(numel, generator=gen).to(device=device, dtype=dtype) for _ in range(n)]
+    m = [torch.zeros(numel, device=device) for _ in range(n)]
+    v = [torch.zeros(numel, device=device) for _ in range(n)]
+    w = [t.float() for t in p]
+    return p, g, m, v, w
+
+
+def per_call_us(fn, device, calls: int, repeats: int = 5) -> float:
+    """Median over `repeats` of (wall time of `calls` back-to-back calls) / calls, in microseconds."""
+    fn()
+    fn()
+    common.synchronize(device)
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        samples.append((time.perf_counter() - t0) / calls * 1e6)
+        common.synchronize(device)
+    return sorted(samples)[len(samples) // 2]
+
+
+class _StubbedLaunch:
+    """Replaces the last step of each fused backend (the extension call, the Triton launcher) by a no-op,
+    so that a CPU measures the Python path a GPU call takes up to its launch."""
+
+    def __enter__(self):
+        from misa_kernels import cuda
+        from misa_kernels.triton import ops as triton_ops
+
+        noop = lambda *a, **k: None  # noqa: E731
+        self.saved = [(cuda, "extension", cuda.extension), (backends, "resolve", backends.resolve)]
+        norms = lambda first, *a, **k: torch.zeros(len(first))  # noqa: E731  (older bindings returned the norms)
+        cuda.extension = lambda: types.SimpleNamespace(adamw_step_=noop, grad_sq_norms=norms, momentum_flush_=noop)
+        for name in ("adamw_kernel", "flush_kernel", "reduce_partials_kernel", "sq_norm_partials_kernel"):
+            self.saved.append((triton_ops, name, getattr(triton_ops, name)))
+            setattr(triton_ops, name, _Launcher())
+        backends.resolve = lambda requested, device: requested  # the backend asked for, on any device
+        return self
+
+    def __exit__(self, *exc):
+        for obj, name, value in self.saved:
+            setattr(obj, name, value)
+
+
+class _Launcher:
+    def __getitem__(self, grid):
+        return lambda *a, **k: None
+
+
+def bench(args) -> Path:
+    device = common.pick_device(args.device)
+    stub = args.stub_launch or device.type != "cuda"
+    impls = ["cuda", "triton"] if stub else [b for b in ("cuda", "triton") if b in mk.available_backends(device)]
+    rows: List[Dict] = []
+    numel = 1 if device.type == "cpu" else args.numel
+    for n in args.cases:
+        calls = max(3, args.calls // n)
+        p, g, m, v, w = _inputs(n, numel, device)
+        norms = torch.zeros(n, device=device)
+        for impl in impls:
+            def fn(impl=impl):
+                mk.adamw_step_(p, g, m, v, lr=1e-5, step=5, grad_sq_norms=norms, master_params=w, backend=impl)
+            if stub:
+                with _StubbedLaunch():
+                    us = per_call_us(fn, device, calls)
+            else:
+                us = per_call_us(fn, device, calls)
+            rows.append(dict(bench="host_time", impl=impl, n_tensors=n, numel_each=numel, us_per_call=us,
+                             launch="stubbed" if stub else "real", what="adamw_step_ bf16 + fp32 masters + norms"))
+        params = [torch.nn.Parameter(t.clone()) for t in p]
+        for q, gg in zip(params, g):
+            q.grad = gg.clone()
+        opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
+        grads = [q.grad for q in params]
+        rows.append(dict(bench="host_time", impl="torch_fused_adamw", n_tensors=n, numel_each=numel,
+                         us_per_call=per_call_us(opt.step, device, calls), launch="real",
+                         what="torch.optim.AdamW(fused=True).step, bf16 states"))
+        rows.append(dict(bench="host_time", impl="torch_fused_adamw+foreach_norm", n_tensors=n, numel_each=numel,
+                         us_per_call=per_call_us(lambda: (opt.step(), torch._foreach_norm(grads)), device, calls),
+                         launch="real", what="the same + torch._foreach_norm(grads)"))
+    if args.misa:
+        rows += misa_rows(device, stub)
+    path = common.save(device, args.out, rows)
+    for r in rows:
+        print(f"{r['impl']:32s} {r['n_tensors']:5d} tensors  {r['us_per_call']:9.1f} us/call  launch={r['launch']}")
+    return path
+
+
+def misa_rows(device, stub: bool) -> List[Dict]:
+    """MISA.step's host time on a many-layer model with tiny matrices (so that the device work is
+    negligible), bf16 with masters, default configuration, steady steps (no switch in the timed ones)."""
+    import misa
+    from misa.model import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=32, num_heads=2)
+    model = LlamaForCausalLM(config).to(device=device, dtype=torch.bfloat16)
+    out = []
+    for backend in ["cuda", "triton"] if stub else mk.available_backends(device):
+        with (_StubbedLaunch() if stub else contextlib.nullcontext()):
+            opt = misa.MISA(model, lr=1e-5, delta=0.3, interval=10**6, backend=backend, always_train=[])
+            for p in model.parameters():
+                p.grad = torch.randn_like(p) * 1e-2
+            us = per_call_us(opt.step, device, calls=200)
+        active = sum(1 for p in model.parameters() if p.requires_grad)
+        out.append(dict(bench="host_time", impl=f"MISA.step[{backend}]", n_tensors=active, numel_each=None,
+                        us_per_call=us, launch="stubbed" if stub else "real",
+                        what="MISA.step, steady, default configuration, 32-layer toy model, bf16 with masters"))
+        del opt
+    return out
+
+
+def main(argv=None) -> Path:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default=None)
+    p.add_argument("--numel", type=int, default=256, help="elements per tensor on a GPU (tiny: host-bound)")
+    p.add_argument("--calls", type=int, default=8192, help="calls per timing sample, divided by the tensor count")
+    p.add_argument("--cases", type=lambda t: [int(x) for x in t.split(",")], default=list(CASES),
+                   help="tensor counts, comma-separated")
+    p.add_argument("--stub-launch", action="store_true", help="no-op launches (default on a CPU)")
+    p.add_argument("--no-misa", dest="misa", action="store_false", help="skip the MISA.step rows")
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    return bench(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""Launch configs for the Triton kernels (elements per block step, warps per program), chosen per device.
+
+The kernels are memory-bound; what a config changes is the registers each thread holds (the H100 run
+measured 106 per thread for BLOCK=1024 on 4 warps, 25% occupancy) and so how many loads an SM keeps in
+flight. The best config depends on the GPU, so the first launch of a kernel on a device times each
+candidate on scratch tensors (never the caller's: the kernels update in place), keeps the fastest, and
+remembers it in memory and in a small JSON file keyed by device name, Triton version and the kernels'
+source. The choice depends on the kernel, the parameter dtype and whether masters are used, not on the
+other mode flags (one tuning per kind of call, a few seconds once per machine).
+
+MISA_TRITON_CONFIG="BLOCK,num_warps" forces one config; MISA_TRITON_AUTOTUNE=0 keeps the default. No
+tuning happens under Triton's interpreter or during CUDA-graph capture.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+
+Config = Tuple[int, int]  # (BLOCK, num_warps)
+
+DEFAULT: Config = (1024, 8)
+CANDIDATES: Tuple[Config, ...] = ((1024, 4), (1024, 8), (2048, 8), (512, 4), (2048, 16))
+CONFIG_ENV = "MISA_TRITON_CONFIG"
+AUTOTUNE_ENV = "MISA_TRITON_AUTOTUNE"
+CACHE_ENV = "MISA_KERNELS_CACHE_DIR"
+SCRATCH_TENSORS, SCRATCH_NUMEL = 8, 1 << 21  # 16M elements: long enough that launch overhead is noise
+_chosen: Dict[tuple, Config] = {}
+
+# Makes the scratch operands of one kind of call, and launches the kernel on a table of them.
+Launch = Callable[[object, int, int], None]
+
+
+def _forced() -> Optional[Config]:
+    text = os.environ.get(CONFIG_ENV)
+    if not text:
+        return None
+    try:
+        block, warps = (int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"{CONFIG_ENV}: expected 'BLOCK,num_warps' (e.g. '1024,8'), got {text!r}") from None
+    if block < 16 or block & (block - 1) or warps not in (1, 2, 4, 8, 16, 32):
+        raise ValueError(f"{CONFIG_ENV}: BLOCK must be a power of two >= 16 and num_warps one of 1..32 "
+                         f"(powers of two), got {text!r}")
+    return block, warps
+
+
+def _fit(config: Config, chunk: int) -> Config:
+    # A chunk's start must be a multiple of the block (the kernels promise it to the compiler).
+    return min(config[0], chunk), config[1]
+
+
+def _cache_file() -> Path:
+    root = os.environ.get(CACHE_ENV) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "misa_kernels")
+    return Path(root) / "triton_configs.json"
+
+
+def _source_tag() -> str:
+    import triton
+
+    from . import kernels
+
+    text = Path(kernels.__file__).read_bytes() + triton.__version__.encode()
+    return hashlib.sha1(text).hexdigest()[:12]
+
+
+def _file_key(key: tuple) -> str:
+    kernel, device_name, dtype, master = key
+    return f"{_source_tag()}|{device_name}|{kernel}|{dtype}|master={master}"
+
+
+def _load(key: tuple) -> Optional[Config]:
+    try:
+        entry = json.loads(_cache_file().read_text()).get(_file_key(key))
+        return (int(entry[0]), int(entry[1])) if entry else None
+    except (OSError, ValueError, TypeError, IndexError):
+        return None
+
+
+def _save(key: tuple, config: Config, timings: Dict[str, float]) -> None:
+    path = _cache_file()
+    try:
+        data = json.loads(path.read_text()) if path.exists() else {}
+        data[_file_key(key)] = [config[0], config[1], timings]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        tmp.replace(path)
+    except (OSError, ValueError):
+        pass  # a read-only home only costs a re-tune in the next process
+
+
+def config(kernel: str, device: torch.device, dtype: torch.dtype, chunk: int, mode: dict,
+           scratch_dtypes: Sequence[torch.dtype] = (), launch: Optional[Launch] = None) -> Config:
+    """(BLOCK, num_warps) for `kernel` on `device`; tunes on first use when `launch` is given."""
+    forced = _forced()
+    if forced is not None:
+        return _fit(forced, chunk)
+    if device.type != "cuda" or os.environ.get(AUTOTUNE_ENV, "1") == "0" or launch is None:
+        return _fit(DEFAULT, chunk)
+    key = (kernel, torch.cuda.get_device_name(device), str(dtype).replace("torch.", ""), bool(mode.get("MASTER")))
+    found = _chosen.get(key)
+    if found is None:
+        if torch.cuda.is_current_stream_capturing():
+            return _fit(DEFAULT, chunk)
+        found = _load(key)
+        if found is None:
+            found, timings = measure(device, scratch_dtypes, chunk, launch)
+            _save(key, found, timings)
+        _chosen[key] = found
+    return _fit(found, chunk)
+
+
+def measure(device: torch.device, dtypes: Sequence[torch.dtype], chunk: int, launch: Launch,
+            candidates: Sequence[Config] = CANDIDATES, reps: int = 10,
+            timer: Optional[Callable[[Callable[[], None], int], float]] = None) -> Tuple[Config, Dict[str, float]]:
+    """Times each candidate on scratch tensors (one list per dtype in `dtypes`) and returns the fastest
+    with every timing (ms per launch). A candidate that fails to compile or launch is skipped."""
+    from .. import tables
+
+    timer = timer or _cuda_time
+    gen = torch.Generator(device=device).manual_seed(0)
+    try:
+        lists = [[torch.rand(SCRATCH_NUMEL, generator=gen, device=device).to(dt) for _ in range(SCRATCH_TENSORS)]
+                 for dt in dtypes]
+    except torch.OutOfMemoryError:
+        return DEFAULT, {}
+    table = tables.build(lists, chunk)
+    timings: Dict[str, float] = {}
+    for block, warps in candidates:
+        if block > chunk:
+            continue
+        try:
+            timings[f"{block},{warps}"] = timer(lambda: launch(table, block, warps), reps)
+        except Exception:  # a config this GPU or Triton cannot run is simply not a candidate
+            continue
+    if not timings:
+        return DEFAULT, timings
+    best = min(timings, key=timings.get)
+    block, warps = (int(x) for x in best.split(","))
+    return (block, warps), timings
+
+
+def _cuda_time(fn: Callable[[], None], reps: int) -> float:
+    fn()  # compiles
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps

@@ -459,3 +459,28 @@ def test_skip_flag_read_by_the_kernel(backend, dtype, fresh, flag):
         assert all(torch.equal(a, b) for a, b in zip(v, exp_avg_sqs))
         if master:
             assert all(torch.equal(a, b) for a, b in zip(w, w0))
+
+
+def test_cuda_python_side_matches_the_compiled_binding(monkeypatch):
+    """What misa_kernels/cuda.py passes reaches the real extension's argument checks (pybind accepts the
+    arity and types of every call); with CPU tensors the extension refuses the table by name. Without
+    this, a signature drift between cuda.py and misa_ops.cpp would only show on a GPU."""
+    from misa_kernels import cuda
+
+    if cuda._load() is None:
+        pytest.skip(f"extension not built here: {cuda.load_error()}")
+    p, g, m, v = make_inputs([(4,), (130,)], torch.bfloat16, torch.device("cpu"), seed=0)
+    w = [t.float() for t in p]
+    calls = [
+        lambda: cuda.adamw_step_(p, g, m, v, torch.zeros(2), w, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+                                 weight_decay=0.1, step=3, fresh=False, stochastic=True, seed=7,
+                                 skip=torch.zeros(())),
+        lambda: cuda.adamw_step_(p, g, m, v, None, [], lr=torch.tensor(1e-3), beta1=0.9, beta2=0.999, eps=1e-8,
+                                 weight_decay=0.0, step=torch.tensor(3.0), fresh=True, stochastic=False, seed=0),
+        lambda: cuda.grad_sq_norms(g),
+        lambda: cuda.momentum_flush_(p, m, v, w, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, step=3,
+                                     stochastic=False, seed=0),
+    ]
+    for call in calls:
+        with pytest.raises(RuntimeError, match="table must be a CUDA tensor"):
+            call()

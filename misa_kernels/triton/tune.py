@@ -104,16 +104,17 @@ def config(kernel: str, device: torch.device, dtype: torch.dtype, chunk: int, mo
         return _fit(forced, chunk)
     if device.type != "cuda" or os.environ.get(AUTOTUNE_ENV, "1") == "0" or launch is None:
         return _fit(DEFAULT, chunk)
-    key = (kernel, torch.cuda.get_device_name(device), str(dtype).replace("torch.", ""), bool(mode.get("MASTER")))
-    found = _chosen.get(key)
+    fast = (kernel, device.index, dtype, bool(mode.get("MASTER")))
+    found = _chosen.get(fast)
     if found is None:
         if torch.cuda.is_current_stream_capturing():
             return _fit(DEFAULT, chunk)
+        key = (kernel, torch.cuda.get_device_name(device), str(dtype).replace("torch.", ""), fast[3])
         found = _load(key)
         if found is None:
             found, timings = measure(device, scratch_dtypes, chunk, launch)
             _save(key, found, timings)
-        _chosen[key] = found
+        _chosen[fast] = found
     return _fit(found, chunk)
 
 

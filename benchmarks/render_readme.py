@@ -207,32 +207,48 @@ def ddp_section() -> str:
 
 
 def host_section() -> str:
-    """Host time per call, from every results file that has it (a GPU's real launches, a CPU's stubbed
-    ones), newest per device."""
-    latest = {}
-    for f in sorted(RESULTS.glob("*.json")):
+    """Host time per call, newest file per device (a GPU's real launches, a CPU's stubbed ones), with the
+    rows of any `host-*-before-<commit>/` file for that device beside them."""
+    latest, before = {}, {}
+    for f in sorted(RESULTS.glob("*.json")) + sorted(RESULTS.glob("host-*-before-*/*.json")):
         data = json.loads(f.read_text())
         rows = [r for r in data.get("rows", []) if r.get("bench") == "host_time"]
         if rows:
-            latest[data["device"]] = (f, data, rows)
+            (before if f.parent != RESULTS else latest)[data["device"]] = (f, data, rows)
     if not latest:
         return "_Not measured yet: run `python benchmarks/bench_host.py`._"
     parts = []
-    for f, data, rows in latest.values():
+    for device, (f, data, rows) in latest.items():
         stubbed = any(r["launch"] == "stubbed" for r in rows)
         note = (" Our rows stop before the launch (no GPU there: the extension call and the Triton launcher "
                 "are no-ops); torch's rows run its CPU kernel on one-element tensors." if stubbed else "")
         name = f.relative_to(ROOT) if f.is_relative_to(ROOT) else f.name
+        ops = [r for r in rows if not r["impl"].startswith("MISA")]
+        sizes = sorted({r["n_tensors"] for r in ops})
         parts += [f"`{name}` ({data['device']}, torch {data['torch']}, commit {data['commit'][:10]}, "
-                  f"{data['date']}): microseconds per call, bf16 parameters, fp32 states and masters, norms "
-                  f"asked.{note}", "",
-                  "| impl | " + " | ".join(f"{n} tensors" for n in sorted({r['n_tensors'] for r in rows})) + " |",
-                  "|---|" + "---|" * len({r['n_tensors'] for r in rows})]
-        for impl in dict.fromkeys(r["impl"] for r in rows):
-            cells = {r["n_tensors"]: r["us_per_call"] for r in rows if r["impl"] == impl}
-            launch = next(r["launch"] for r in rows if r["impl"] == impl)
-            parts.append(f"| {impl}{' (launch stubbed)' if launch == 'stubbed' else ''} | "
-                         + " | ".join(f"{cells[n]:.0f}" for n in sorted(cells)) + " |")
+                  f"{data['date']}): microseconds per `adamw_step_` call, bf16 parameters, fp32 states and masters, "
+                  f"norms asked.{note}", "",
+                  "| impl | " + " | ".join(f"{n} tensors" for n in sizes) + " |", "|---|" + "---|" * len(sizes)]
+        labelled = [(r, "") for r in ops]
+        if device in before:
+            commit = before[device][1]["commit"][:7]
+            labelled += [(r, f" at {commit} (before)") for r in before[device][2]
+                         if r["impl"] in ("cuda", "triton")]
+        for impl, label in dict.fromkeys((r["impl"], lab) for r, lab in labelled):
+            cells = {r["n_tensors"]: r for r, lab in labelled if r["impl"] == impl and lab == label}
+            stub = " (launch stubbed)" if next(iter(cells.values()))["launch"] == "stubbed" else ""
+            parts.append(f"| {impl}{stub}{label} | "
+                         + " | ".join(f"{cells[n]['us_per_call']:.0f}" if n in cells else "" for n in sizes) + " |")
+        steps = [r for r in rows if r["impl"].startswith("MISA")]
+        if steps:
+            parts += ["", "`MISA.step()` (default configuration, steady steps, bf16 with masters, "
+                      f"{steps[0]['n_tensors']} trainable tensors): "
+                      + ", ".join(f"{r['impl']} {r['us_per_call']:.0f} us" for r in steps)]
+            if device in before:
+                old = [r for r in before[device][2] if r["impl"].startswith("MISA")]
+                parts[-1] += (f" (at {before[device][1]['commit'][:7]}, before: "
+                              + ", ".join(f"{r['impl']} {r['us_per_call']:.0f} us" for r in old) + ")")
+            parts[-1] += "."
         parts.append("")
     return "\n".join(parts).rstrip()
 

@@ -64,6 +64,8 @@ def kernel_scalars(
         return KernelScalars(**betas, step_size=fp32(step_size), bias_correction2_sqrt=fp32(bc2_sqrt),
                              decay=fp32(decay))
     device = lr.device if isinstance(lr, torch.Tensor) else step.device
+    if not isinstance(lr, torch.Tensor):
+        return KernelScalars(**betas, device=_fold_device_step(float(lr), step, beta1, beta2, weight_decay, flush))
 
     def on_device(x):
         # torch.full launches a fill; a tensor built from host data would be a copy that waits on a GPU
@@ -75,6 +77,30 @@ def kernel_scalars(
     bc2_sqrt, decay = on_device(bc2_sqrt), on_device(decay)
     packed = torch.stack([step_size, bc2_sqrt, decay]).to(torch.float32)
     return KernelScalars(**betas, device=packed)
+
+
+_FOLD_CONSTANTS: dict = {}
+
+
+def _fold_device_step(lr: float, step: torch.Tensor, beta1: float, beta2: float, weight_decay: float,
+                      flush: bool) -> torch.Tensor:
+    """[step_size, bias_correction2_sqrt, decay] for a number lr and a device step (MISA's step once
+    skips are counted on the device), in float64, in 6 small launches rather than one per operation:
+
+        [lr, 1, 1 - lr*wd] * (1 - [beta1, beta2, 0] ** step) ** [-1, 0.5, 0]
+
+    (0**step = 0 for step >= 1, so the last entry is the decay itself). The constant vectors are made
+    once per (device, betas, weight decay); the lr enters as a launch argument, never through a copy."""
+    key = (step.device, beta1, beta2, weight_decay, flush)
+    consts = _FOLD_CONSTANTS.get(key)
+    if consts is None:
+        scale = beta1 / (1.0 - beta1) if flush else 1.0  # the flush's lr multiplier (no decay there)
+        rows = [[beta1, beta2, 0.0], [-1.0, 0.5, 0.0], [0.0, 1.0, 1.0],
+                [scale, 0.0, 0.0 if flush else -weight_decay]]
+        consts = _FOLD_CONSTANTS[key] = torch.tensor(rows, dtype=torch.float64).to(step.device)
+    bases, powers, base_a, per_lr = consts
+    corrections = (1.0 - bases ** step.to(torch.float64)) ** powers
+    return corrections.mul_(torch.add(base_a, per_lr, alpha=lr)).to(torch.float32)
 
 
 # ---- stochastic rounding: one counter-based hash, the same in torch, Triton and CUDA C++ ----

@@ -287,6 +287,30 @@ def test_kernel_scalars_are_fp32_values_folded_in_float64():
     assert sc.step_size == fp32(1e-3 / (1 - 0.9**3)) and sc.decay == fp32(1 - 1e-4)
 
 
+@pytest.mark.parametrize("lr,step,beta1,beta2,wd,flush", [
+    (1e-3, 3, 0.9, 0.999, 0.1, False), (3e-5, 1000, 0.9, 0.9999, 0.0, False), (1e-3, 7, 0.9, 0.999, 0.0, True),
+    (1e-4, 1, 0.0, 0.99, 0.01, False), (2e-4, 123456, 0.95, 0.99999, 0.05, False), (5e-6, 2, 0.8, 0.95, 0.3, True)])
+def test_device_step_folds_to_the_host_values_in_few_launches(lr, step, beta1, beta2, wd, flush):
+    """MISA hands a device step (skips are counted on the device): the folded scalars must be the host
+    path's, to the bit, and cost a handful of small launches per call, not one per operation."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.ops += func.overloadpacket.__name__ not in ("unbind", "select")  # views launch nothing
+            return func(*args, **(kwargs or {}))
+
+    host = kernel_scalars(lr, step, beta1=beta1, beta2=beta2, eps=1e-8, weight_decay=wd, flush=flush)
+    step_t = torch.full((), float(step), device=test_device())
+    kernel_scalars(lr, step_t, beta1=beta1, beta2=beta2, eps=1e-8, weight_decay=wd, flush=flush)  # constants made
+    with Count():
+        dev = kernel_scalars(lr, step_t, beta1=beta1, beta2=beta2, eps=1e-8, weight_decay=wd, flush=flush)
+    assert dev.device.tolist() == [host.step_size, host.bias_correction2_sqrt, host.decay]
+    assert Count.ops <= 7
+
+
 def test_cuda_binding_receives_the_host_folded_scalars(monkeypatch):
     """The CUDA backend cannot run here; check what its Python side hands the extension."""
     from misa_kernels import cuda

@@ -41,3 +41,10 @@ def test_default_config_keeps_half_an_sm_busy(instructions):
     thread: 65536 per SM over 1024 threads) in every mode, whatever the tuning later picks."""
     regs = instructions["registers"]
     assert regs and all(n <= 64 for n in regs.values()), regs
+
+
+def test_every_tuning_candidate_compiles(instructions):
+    from misa_kernels.triton import tune
+
+    assert set(instructions["candidates"]) == {f"{b},{w}" for b, w in tune.CANDIDATES}
+    assert all(0 < n <= 255 for n in instructions["candidates"].values()), instructions["candidates"]

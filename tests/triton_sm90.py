@@ -95,6 +95,10 @@ def main():
         "norms-bf16": registers(kernels.sq_norm_partials_kernel, dict(DTYPE=tl.bfloat16, CHUNK=65536, BLOCK=block,
                                                                       ALIGNED=True), warps),
     }
+    # Every config the tuner may pick compiles (MISA's call: bf16, masters, norms, skip flag).
+    out["candidates"] = {f"{b},{w}": registers(kernels.adamw_kernel, dict(adamw, BLOCK=b, PARAM_DTYPE=tl.bfloat16,
+                                                                          MASTER=True), w)
+                         for b, w in tune.CANDIDATES}
     json.dump(out, sys.stdout)
 
 

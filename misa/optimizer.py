@@ -513,7 +513,7 @@ class MISA(torch.optim.Optimizer):
             self._fused_steps(entries, None, found)
         if found is not None and self.v.count_nonfinite_steps:
             # The authors' code: a non-finite tensor's norm counts as 1.0 and the step counts.
-            step_sq = torch.where(torch.isfinite(step_sq), step_sq, torch.ones_like(step_sq))
+            step_sq = torch.nan_to_num(step_sq, nan=1.0, posinf=1.0, neginf=1.0)  # one launch, not three
         per_module = step_sq[self._seg_index].sum(dim=1)
         stat = per_module.sqrt() if self.v.norm_power == 1 else per_module
         if found is not None and not self.v.count_nonfinite_steps:
@@ -551,8 +551,8 @@ class MISA(torch.optim.Optimizer):
         device) a 0-d device tensor, the attempted steps minus the skips since activation."""
         if not self._device_steps:
             return st["step"]
-        # torch.full launches a fill; building the tensor from host data would copy and wait on a GPU
-        return torch.full((), float(st["step"]), device=self.device) - (self._skips - st["skips0"])
+        # number - tensor launches one kernel; a tensor built from host data would copy and wait on a GPU
+        return float(st["step"]) - (self._skips - st["skips0"])
 
     def _fused_steps(self, entries, step_sq: Optional[Tensor], found: Optional[Tensor] = None) -> None:
         """One fused kernel call per (group, dtype, step count, activation, module-or-not)."""

@@ -20,6 +20,9 @@ def pytest_configure(config):
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         os.environ.setdefault("MISA_CHUNK", INTERPRETER_CHUNK)
     os.environ.pop("MISA_KERNELS_BACKEND", None)
+    # Tests run the default Triton launch config, so that a GPU run does not spend a minute tuning every
+    # kernel mode; test_triton_tune.py runs the tuning itself and every candidate config.
+    os.environ.setdefault("MISA_TRITON_AUTOTUNE", "0")
 
 
 def pytest_collection_modifyitems(config, items):

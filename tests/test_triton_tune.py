@@ -91,3 +91,50 @@ def test_every_candidate_block_computes_the_same_update(monkeypatch, config):
     masters = [w.reshape(p.shape) for w, p in zip(case["w"], case["p"])]
     assert rel_err(masters, case["want_p"]) <= 1e-6
     assert rel_err([case["norms"]], [case["want_n"]]) <= 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [f"{b},{w}" for b, w in
+                                    __import__("misa_kernels.triton.tune", fromlist=["CANDIDATES"]).CANDIDATES])
+def test_every_candidate_config_is_right_on_the_gpu(monkeypatch, config):
+    from oracle import rel_err
+    from test_adamw_step import SHAPES, require, run_case
+
+    device = test_device()
+    require("triton", device)
+    monkeypatch.setenv("MISA_TRITON_CONFIG", config)
+    for shapes in (SHAPES["mixed"], SHAPES["many"]):
+        case = run_case("triton", device, shapes, torch.bfloat16, fresh=False, step=4, with_norms=True,
+                        master=True)
+        masters = [w.reshape(p.shape) for w, p in zip(case["w"], case["p"])]
+        assert rel_err(masters, case["want_p"]) <= 1e-6
+        assert rel_err([case["norms"]], [case["want_n"]]) <= 1e-5
+
+
+@pytest.mark.gpu
+def test_tuning_runs_on_the_gpu_and_is_remembered(monkeypatch, tmp_path):
+    """The real tuning: it times the candidates on scratch tensors (the caller's are untouched), picks
+    one, writes the cache file, and a fresh process state reads the choice back instead of re-tuning."""
+    import json
+
+    from oracle import rel_err
+    from test_adamw_step import SHAPES, require, run_case
+
+    from misa_kernels.triton import tune
+
+    device = test_device()
+    require("triton", device)
+    monkeypatch.setenv(tune.AUTOTUNE_ENV, "1")
+    monkeypatch.delenv(tune.CONFIG_ENV, raising=False)
+    monkeypatch.setenv(tune.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(tune, "_chosen", {})
+    case = run_case("triton", device, SHAPES["mixed"], torch.bfloat16, fresh=False, step=4, with_norms=True,
+                    master=True)
+    masters = [w.reshape(p.shape) for w, p in zip(case["w"], case["p"])]
+    assert rel_err(masters, case["want_p"]) <= 1e-6  # the tuned call computed the step once, right
+    saved = json.loads((tmp_path / "triton_configs.json").read_text())
+    adamw = [v for k, v in saved.items() if "|adamw|bfloat16|master=True" in k]
+    assert len(adamw) == 1 and tuple(adamw[0][:2]) in tune.CANDIDATES and adamw[0][2]
+    monkeypatch.setattr(tune, "_chosen", {})
+    monkeypatch.setattr(tune, "measure", lambda *a, **k: pytest.fail("re-tuned instead of reading the file"))
+    run_case("triton", device, SHAPES["mixed"], torch.bfloat16, fresh=False, step=4, with_norms=True, master=True)

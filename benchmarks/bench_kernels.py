@@ -229,7 +229,8 @@ def bench(args) -> Path:
             del sets
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    path = common.save(device, args.out, rows, {"copy_bandwidth_gbps": bw, "quick": args.quick})
+    path = common.save(device, args.out, rows, {"copy_bandwidth_gbps": bw, "quick": args.quick,
+                                                "triton_configs": triton_configs()})
     for r in rows:
         print(f"{r['bench']:15s} {r['impl']:18s} {r['param_dtype']:4s}{'+w' if r.get('master') else '  '} "
               f"{r['case']:22s} fresh={r['fresh']!s:5s} "
@@ -237,6 +238,19 @@ def bench(args) -> Path:
     plot(rows, path.with_suffix(".kernels.png"), common.device_name(device))
     print(f"copy bandwidth {bw:.1f} GB/s")
     return path
+
+
+def triton_configs() -> Dict[str, object]:
+    """The Triton launch configs this run used (tuned per kernel, dtype and masters; triton/tune.py), with
+    the candidates' timings where this process tuned them, so that every Triton row says what ran."""
+    try:
+        from misa_kernels.triton import tune
+    except Exception:  # no triton here
+        return {}
+    saved = tune.saved_timings(torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+    return {f"{kernel}|{dtype}|master={master}": {"config": list(config), "timings_ms": saved.get(kernel, {})
+                                                  .get((str(dtype).replace("torch.", ""), master))}
+            for (kernel, _, dtype, master), config in tune.chosen().items()}
 
 
 def row(bench_name, impl, dname, case, numel, fresh, t, nbytes, bw) -> Dict:

@@ -70,6 +70,8 @@ def test_choices_are_remembered_on_disk(monkeypatch, tmp_path):
     assert tune._load(key) is None
     tune._save(key, (2048, 8), {"2048,8": 0.5})
     assert tune._load(key) == (2048, 8)
+    assert tune.saved_timings("NVIDIA H100 80GB HBM3") == {"adamw": {("bfloat16", True): {"2048,8": 0.5}}}
+    assert tune.saved_timings("another GPU") == {}
     assert tune._load(("adamw", "NVIDIA H100 80GB HBM3", "bfloat16", False)) is None
     (tmp_path / "triton_configs.json").write_text("not json")
     assert tune._load(key) is None  # a damaged file costs a re-tune, not an error

@@ -118,6 +118,28 @@ def config(kernel: str, device: torch.device, dtype: torch.dtype, chunk: int, mo
     return _fit(found, chunk)
 
 
+def chosen() -> Dict[tuple, Config]:
+    """The configs chosen so far in this process: {(kernel, device index, dtype, master): (BLOCK, warps)}."""
+    return dict(_chosen)
+
+
+def saved_timings(device_name: Optional[str] = None) -> Dict[str, Dict[tuple, Dict[str, float]]]:
+    """The candidates' timings recorded in the cache file for this source and Triton version (and device,
+    if named): {kernel: {(dtype, master): {config: ms}}}."""
+    try:
+        data = json.loads(_cache_file().read_text())
+    except (OSError, ValueError):
+        return {}
+    out: Dict[str, Dict[tuple, Dict[str, float]]] = {}
+    for key, entry in data.items():
+        parts = key.split("|")
+        if len(parts) == 5 and isinstance(entry, list) and len(entry) == 3 and parts[0] == _source_tag() and (
+                device_name is None or parts[1] == device_name):
+            _, _, kernel, dtype, master = parts
+            out.setdefault(kernel, {})[(dtype, master == "master=True")] = entry[2]
+    return out
+
+
 def measure(device: torch.device, dtypes: Sequence[torch.dtype], chunk: int, launch: Launch,
             candidates: Sequence[Config] = CANDIDATES, reps: int = 10,
             timer: Optional[Callable[[Callable[[], None], int], float]] = None) -> Tuple[Config, Dict[str, float]]:

@@ -63,11 +63,11 @@ def _table_args(table: tables.ChunkTable, dtype: torch.dtype):
 
 def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms: Optional[Tensor], master_params, *, lr,
                 beta1, beta2, eps, weight_decay, step, fresh, stochastic, seed, skip=None) -> None:
-    master = bool(master_params)
-    keep, lists = tables.nonempty(*([params, grads, exp_avgs, exp_avg_sqs] + ([master_params] if master else [])))
-    if not keep:
+    prepared = tables.prepare([params, grads, exp_avgs, exp_avg_sqs], master_params)
+    if prepared is None:
         return
-    table = tables.build(lists)
+    keep, lists, table = prepared
+    master = bool(master_params)
     sc = kernel_scalars(lr, step, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
     out = tables.norms_of_kept(grad_sq_norms, keep)
     partials = None if out is None else torch.empty(table.n_chunks, dtype=torch.float32, device=out.device)
@@ -78,10 +78,10 @@ def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms: Optional[Te
 
 def grad_sq_norms(tensors) -> Tensor:
     result = torch.zeros(len(tensors), dtype=torch.float32, device=tensors[0].device)
-    keep, (kept,) = tables.nonempty(tensors)
-    if not keep:
+    prepared = tables.prepare([tensors])
+    if prepared is None:
         return result
-    table = tables.build([kept])
+    keep, (kept,), table = prepared
     out = tables.norms_of_kept(result, keep)
     partials = torch.empty(table.n_chunks, dtype=torch.float32, device=result.device)
     extension().grad_sq_norms(*_table_args(table, kept[0].dtype), out, partials)
@@ -91,11 +91,11 @@ def grad_sq_norms(tensors) -> Tensor:
 
 def momentum_flush_(params, exp_avgs, exp_avg_sqs, master_params, *, lr, beta1, beta2, eps, step, stochastic,
                     seed) -> None:
-    master = bool(master_params)
-    keep, lists = tables.nonempty(*([params, exp_avgs, exp_avg_sqs] + ([master_params] if master else [])))
-    if not keep:
+    prepared = tables.prepare([params, exp_avgs, exp_avg_sqs], master_params)
+    if prepared is None:
         return
-    table = tables.build(lists)
+    _, lists, table = prepared
+    master = bool(master_params)
     sc = kernel_scalars(lr, step, beta1=beta1, beta2=beta2, eps=eps, flush=True)
     extension().momentum_flush_(*_table_args(table, lists[0][0].dtype), *_scalar_args(sc), master,
                                 bool(stochastic), int(seed))

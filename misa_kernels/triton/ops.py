@@ -25,12 +25,11 @@ def _reduce(partials: Tensor, table: tables.ChunkTable, out: Tensor) -> None:
 
 def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms: Optional[Tensor], master_params, *, lr,
                 beta1, beta2, eps, weight_decay, step, fresh, stochastic, seed, skip=None) -> None:
-    master = bool(master_params)
-    keep, lists = tables.nonempty(*([params, grads, exp_avgs, exp_avg_sqs] + ([master_params] if master else [])))
-    if not keep:
+    prepared = tables.prepare([params, grads, exp_avgs, exp_avg_sqs], master_params)
+    if prepared is None:
         return
-    params = lists[0]
-    table = tables.build(lists)
+    keep, (params, *_), table = prepared
+    master = bool(master_params)
     sc = kernel_scalars(lr, step, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
     out = tables.norms_of_kept(grad_sq_norms, keep)
     partials = torch.empty(table.n_chunks if out is not None else 1, dtype=torch.float32, device=params[0].device)
@@ -59,10 +58,10 @@ def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms: Optional[Te
 
 def grad_sq_norms(tensors) -> Tensor:
     result = torch.zeros(len(tensors), dtype=torch.float32, device=tensors[0].device)
-    keep, (kept,) = tables.nonempty(tensors)
-    if not keep:
+    prepared = tables.prepare([tensors])
+    if prepared is None:
         return result
-    table = tables.build([kept])
+    keep, (kept,), table = prepared
     partials = torch.empty(table.n_chunks, dtype=torch.float32, device=result.device)
     mode = dict(DTYPE=_TL_DTYPES[kept[0].dtype], ALIGNED=table.aligned16)
 
@@ -83,12 +82,11 @@ def grad_sq_norms(tensors) -> Tensor:
 
 def momentum_flush_(params, exp_avgs, exp_avg_sqs, master_params, *, lr, beta1, beta2, eps, step, stochastic,
                     seed) -> None:
-    master = bool(master_params)
-    keep, lists = tables.nonempty(*([params, exp_avgs, exp_avg_sqs] + ([master_params] if master else [])))
-    if not keep:
+    prepared = tables.prepare([params, exp_avgs, exp_avg_sqs], master_params)
+    if prepared is None:
         return
-    params = lists[0]
-    table = tables.build(lists)
+    _, (params, *_), table = prepared
+    master = bool(master_params)
     sc = kernel_scalars(lr, step, beta1=beta1, beta2=beta2, eps=eps, flush=True)
     scalars_dev = sc.device if sc.device is not None else table.numels
     mode = dict(PARAM_DTYPE=_TL_DTYPES[params[0].dtype], SCALARS_ON_DEVICE=sc.device is not None,

@@ -98,7 +98,7 @@ def bench(args) -> Path:
         p, g, m, v, w = _inputs(n, numel, device)
         norms = torch.zeros(n, device=device)
         for impl in impls:
-            def fn(impl=impl):
+            def fn(impl=impl, p=p, g=g, m=m, v=v, w=w, norms=norms):
                 mk.adamw_step_(p, g, m, v, lr=1e-5, step=5, grad_sq_norms=norms, master_params=w, backend=impl)
             if stub:
                 with _StubbedLaunch():
@@ -116,7 +116,8 @@ def bench(args) -> Path:
                          us_per_call=per_call_us(opt.step, device, calls), launch="real",
                          what="torch.optim.AdamW(fused=True).step, bf16 states"))
         rows.append(dict(bench="host_time", impl="torch_fused_adamw+foreach_norm", n_tensors=n, numel_each=numel,
-                         us_per_call=per_call_us(lambda: (opt.step(), torch._foreach_norm(grads)), device, calls),
+                         us_per_call=per_call_us(lambda opt=opt, grads=grads: (opt.step(), torch._foreach_norm(grads)),
+                                                 device, calls),
                          launch="real", what="the same + torch._foreach_norm(grads)"))
     if args.misa:
         rows += misa_rows(device, stub)

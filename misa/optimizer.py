@@ -456,10 +456,13 @@ class MISA(torch.optim.Optimizer):
 
     def _norms_by_slot(self, entries) -> Tuple[Tensor, Tensor]:
         """Squared norms of every grad: per module slot (plus a zero pad slot), and per entry."""
-        per_entry = torch.zeros(len(entries), dtype=torch.float32, device=self.device)
         by_dtype = defaultdict(list)
         for k, (_, _, g, _) in enumerate(entries):
             by_dtype[g.dtype].append(k)
+        if len(by_dtype) == 1:  # one dtype (the usual case): the norms are already in entry order
+            per_entry = misa_kernels.grad_sq_norms([e[2] for e in entries], backend=self.backend)
+            return self._to_slots(entries, per_entry), per_entry
+        per_entry = torch.zeros(len(entries), dtype=torch.float32, device=self.device)
         for ks in by_dtype.values():
             norms = misa_kernels.grad_sq_norms([entries[k][2] for k in ks], backend=self.backend)
             per_entry[self._index_tensor(ks)] = norms
@@ -503,7 +506,8 @@ class MISA(torch.optim.Optimizer):
             step_sq, total = None, None
         if self.check_finite:
             self._device_steps = True
-            found = (~torch.isfinite(total)).to(torch.float32)
+            # total - total is 0 for a finite total and NaN otherwise: three launches (isfinite is four alone)
+            found = (total - total).ne(0).to(torch.float32)
         if step_sq is None:
             step_sq = torch.zeros(len(self._slots) + 1, dtype=torch.float32, device=self.device)
             self._fused_steps(entries, step_sq, found)
@@ -546,13 +550,13 @@ class MISA(torch.optim.Optimizer):
         if done:
             self._end_period()
 
-    def _true_step(self, st: Dict):
-        """A state's step count for the bias corrections: a number, or (once steps may be skipped on the
-        device) a 0-d device tensor, the attempted steps minus the skips since activation."""
+    def _true_step(self, st: Dict, ahead: int = 0):
+        """A state's step count (plus `ahead`) for the bias corrections: a number, or (once steps may be
+        skipped on the device) a 0-d device tensor, the attempted steps minus the skips since activation."""
         if not self._device_steps:
-            return st["step"]
+            return st["step"] + ahead
         # number - tensor launches one kernel; a tensor built from host data would copy and wait on a GPU
-        return float(st["step"]) - (self._skips - st["skips0"])
+        return float(st["step"] + ahead) - (self._skips - st["skips0"])
 
     def _fused_steps(self, entries, step_sq: Optional[Tensor], found: Optional[Tensor] = None) -> None:
         """One fused kernel call per (group, dtype, step count, activation, module-or-not)."""
@@ -573,11 +577,11 @@ class MISA(torch.optim.Optimizer):
                 else:
                     norms = torch.zeros(len(slots), dtype=torch.float32, device=self.device)
                     scatter = self._index_tensor(slots)
-            true_step = self._true_step(states[0])
             misa_kernels.adamw_step_(
                 params, [g for _, g, _ in items], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                 lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                step=true_step + 1, fresh=step == 0, grad_sq_norms=norms, skip=found, backend=self.backend,
+                step=self._true_step(states[0], ahead=1), fresh=step == 0, grad_sq_norms=norms, skip=found,
+                backend=self.backend,
                 **self._rounding_args(states, call))
             if scatter is not None:
                 step_sq.index_copy_(0, scatter, norms)

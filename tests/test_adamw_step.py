@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import misa_kernels as mk
-from misa_kernels.checks import canonical_device
 from misa_kernels import tables
+from misa_kernels.checks import canonical_device
 from misa_kernels.scalars import fp32, kernel_scalars
 
 from conftest import test_device

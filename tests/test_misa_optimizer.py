@@ -269,6 +269,34 @@ def test_step_never_waits_for_the_device(monkeypatch):
     assert opt.switch_log[-1]["step"] < opt._step_count - 5  # no switch happened in the counted steps
 
 
+def test_a_steady_step_issues_few_small_operations():
+    """Each small tensor operation of MISA.step is a kernel launch on a GPU (a few microseconds of host
+    and device time each). A steady default step, counted at the dispatcher (the fused ops count once),
+    stays at about two dozen: norms, the skip flag, statistics, step counts and the fused calls."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ not in ("unbind", "select", "view", "detach", "alias"):
+                Count.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    model = tiny_lm()
+    opt = misa.MISA(model, lr=1e-3, delta=0.2, interval=50, backend="torch")
+    ids = torch.randint(0, 32, (4, 9), generator=torch.Generator().manual_seed(0))
+    for _ in range(30):
+        model.loss(ids).backward()
+        opt.step()
+        opt.zero_grad()
+    model.loss(ids).backward()
+    with Count():
+        opt.step()
+    assert opt.switch_log[-1]["step"] < opt._step_count - 1  # a steady step, not a switch
+    assert len(Count.ops) <= 24, Count.ops
+
+
 def test_works_with_lr_scheduler_and_closure():
     model = tiny_lm()
     opt = misa.MISA(model, lr=1e-2, delta=0.2, interval=2, backend="torch")

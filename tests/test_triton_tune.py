@@ -119,10 +119,10 @@ def test_tuning_runs_on_the_gpu_and_is_remembered(monkeypatch, tmp_path):
     one, writes the cache file, and a fresh process state reads the choice back instead of re-tuning."""
     import json
 
+    from misa_kernels.triton import tune
+
     from oracle import rel_err
     from test_adamw_step import SHAPES, require, run_case
-
-    from misa_kernels.triton import tune
 
     device = test_device()
     require("triton", device)

@@ -160,7 +160,7 @@ def measure(device: torch.device, dtypes: Sequence[torch.dtype], chunk: int, lau
         if block > chunk:
             continue
         try:
-            timings[f"{block},{warps}"] = timer(lambda: launch(table, block, warps), reps)
+            timings[f"{block},{warps}"] = timer(lambda b=block, w=warps: launch(table, b, w), reps)
         except Exception:  # a config this GPU or Triton cannot run is simply not a candidate
             continue
     if not timings:

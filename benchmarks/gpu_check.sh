@@ -2,7 +2,7 @@
 # One command on a GPU machine: build the CUDA backend from this tree, run the gpu tests, then the
 # benchmarks; results JSON, plots and a log land in one folder ($OUT if set, else benchmarks/results/<stamp>).
 # STAGES picks what runs (default: all, about 15 minutes). A 10-minute slot takes two calls, e.g.
-#   STAGES=tests,kernels bash benchmarks/gpu_check.sh ; STAGES=host,arena,master,train,cap bash benchmarks/gpu_check.sh
+#   STAGES=tests,kernels,host bash benchmarks/gpu_check.sh ; STAGES=arena,master,train,cap bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DEST="${OUT:-benchmarks/results/gpu-$(date +%Y%m%d-%H%M%S)}"
@@ -22,7 +22,7 @@ want() { [[ "$STAGES" == *",$1,"* ]]; }
     timeout 300 python -m pytest -q -m "not distributed" tests -p no:cacheprovider --junitxml="$DEST/gpu-tests.xml"
   fi
   if want kernels; then echo "== kernels"; timeout 200 python benchmarks/bench_kernels.py --out "$DEST" --budget-s 170; fi
-  if want host; then echo "== host time"; timeout 120 python benchmarks/bench_host.py --out "$DEST"; fi
+  if want host; then echo "== host time"; timeout 90 python benchmarks/bench_host.py --out "$DEST"; fi
   if want arena; then echo "== arena"; timeout 60 python benchmarks/bench_arena.py --out "$DEST"; fi
   if want master; then echo "== master weights"; timeout 60 python benchmarks/bench_master_weights.py --out "$DEST"; fi
   if want train; then

@@ -40,6 +40,17 @@ def stdlib_corpus(limit: int = DEFAULT_CORPUS_BYTES) -> bytes:
     return _read_files(files, limit)
 
 
+def docs_corpus() -> bytes:
+    """English prose that ships with Python and lies outside the main job's corpus: the documentation
+    topics `help()` shows (pydoc_data, about half a megabyte of the language reference). The default
+    fine-tuning domain (`python -m misa.finetune`): prose, where the base model learnt code."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        return b""
+    return "\n\n".join(topics[k] for k in sorted(topics)).encode("utf-8")
+
+
 def load_corpus(data: Optional[str], limit: int = DEFAULT_CORPUS_BYTES) -> bytes:
     if data is None:
         corpus = stdlib_corpus(limit)
@@ -70,13 +81,21 @@ def tokenize(corpus: bytes, model_path: Optional[str] = None) -> torch.Tensor:
 
 
 class TokenDataset:
-    def __init__(self, tokens: torch.Tensor, seq_len: int, device="cpu"):
+    """Training text and held-out windows. With `test_fraction`, a test split is cut from the end as well
+    (fine-tuning chooses its learning rate on the validation split and reports the test split); without
+    it the splits are exactly the main job's."""
+
+    def __init__(self, tokens: torch.Tensor, seq_len: int, device="cpu", test_fraction: float = 0.0):
+        n_test = max(int(len(tokens) * test_fraction), seq_len + 1) if test_fraction > 0 else 0
+        self.test = tokens[len(tokens) - n_test:] if n_test else tokens[:0]
+        tokens = tokens[:len(tokens) - n_test]
         n_val = max(int(len(tokens) * VAL_FRACTION), seq_len + 1)
         self.train = tokens[:-n_val]
         self.val = tokens[-n_val:]
         self.seq_len = seq_len
         self.device = torch.device(device)
-        for name, split in (("training", self.train), ("validation", self.val)):
+        splits = (("training", self.train), ("validation", self.val)) + ((("test", self.test),) if n_test else ())
+        for name, split in splits:
             if len(split) < seq_len + 1:
                 raise DataError(f"--seq-len {seq_len} is longer than the {name} text ({len(split)} tokens); "
                                 "use a shorter --seq-len or more --data")
@@ -88,12 +107,13 @@ class TokenDataset:
         rows = torch.stack([tokens[s:s + self.seq_len + 1] for s in starts.tolist()])
         return rows.to(self.device, non_blocking=True)
 
-    def val_batches(self, batch_size: int, max_batches: int):
-        """Fixed, non-overlapping windows of the validation text."""
-        windows = (len(self.val) - 1) // self.seq_len
+    def val_batches(self, batch_size: int, max_batches: int, split: str = "val"):
+        """Fixed, non-overlapping windows of the validation (or test) text."""
+        text = self.test if split == "test" else self.val
+        windows = (len(text) - 1) // self.seq_len
         starts = [i * self.seq_len for i in range(min(windows, batch_size * max_batches))]
         for i in range(0, len(starts), batch_size):
-            rows = torch.stack([self.val[s:s + self.seq_len + 1] for s in starts[i:i + batch_size]])
+            rows = torch.stack([text[s:s + self.seq_len + 1] for s in starts[i:i + batch_size]])
             yield rows.to(self.device)
 
 

@@ -325,9 +325,18 @@ class MISA(torch.optim.Optimizer):
         always_part = StateArena.required_numel([_local(p).numel() for _, p in self._always])
         every = [p for m in modules for _, p in m.params] + [p for _, p in self._always]
         per_element = 3 if any(self._has_master(p) for p in every) else 2  # m, v (and the fp32 master)
+        self._arena_buffers = per_element
         return per_element * (module_part + always_part)
 
     # ---------------------------------------------------------------- observable state
+    def memory_bytes(self) -> Dict[str, int]:
+        """Bytes this optimizer holds: {"states": Adam's m and v, "masters": fp32 master copies}. Both live
+        in the arena, allocated at construction for the largest active set the budget allows, so this is
+        the arena's size (split by its buffers per element), whatever the current set uses."""
+        total = self.arena.stats()["bytes"]
+        masters = total // self._arena_buffers if self._arena_buffers == 3 else 0
+        return {"states": total - masters, "masters": masters}
+
     @property
     def active_modules(self) -> List[str]:
         return [self.module_names[b] for b in self._active]

@@ -288,7 +288,8 @@ def build_optimizer(entry: str, model, args):
     switches.update(options)
     eta = switches.pop("eta", args.eta)
     return MISA(model, delta=args.delta, eta=eta, interval=args.interval, granularity=args.granularity,
-                include_embedding=as_modules, include_lm_head=as_modules, always_train=always, **switches,
+                include_embedding=as_modules, include_lm_head=as_modules, always_train=always,
+                train_1d=getattr(args, "train_norms", False), **switches,
                 **common)
 
 
@@ -303,13 +304,13 @@ def evaluate(model, data: TokenDataset, args, batches: Optional[int] = None) -> 
 
 
 @torch.no_grad()
-def evaluate_with_error(model, data: TokenDataset, args, batches: Optional[int] = None):
-    """Mean validation loss over a fixed set of held-out windows, its standard error over batches, and the
-    per-batch losses (the same windows every time, so methods can be compared batch by batch)."""
+def evaluate_with_error(model, data: TokenDataset, args, batches: Optional[int] = None, split: str = "val"):
+    """Mean validation (or test) loss over a fixed set of held-out windows, its standard error over batches,
+    and the per-batch losses (the same windows every time, so methods can be compared batch by batch)."""
     was_training = model.training
     model.eval()
     losses = torch.tensor([float(model.loss(b)) for b in data.val_batches(args.batch_size,
-                                                                           batches or args.eval_batches)],
+                                                                           batches or args.eval_batches, split)],
                           dtype=torch.float64)
     model.train(was_training)
     sem = float(losses.std() / len(losses) ** 0.5) if len(losses) > 1 else float("nan")
@@ -324,9 +325,11 @@ def peak_memory_mb(device) -> Dict[str, float]:
 
 
 def run(args, optimizer_name: str, out: Path, data: TokenDataset, device, progress: bool = True,
-        checkpoint: Optional[Dict] = None) -> Dict:
-    model = build_model(args, device)
-    opt = build_optimizer(optimizer_name, model, args)
+        checkpoint: Optional[Dict] = None, model=None, opt=None, meter=None) -> Dict:
+    """Trains one run and writes its outputs to `out`. A caller may hand in the model and optimizer
+    (fine-tuning builds them from a base) and a `misa.memory.MemoryMeter` that reads every step."""
+    model = build_model(args, device) if model is None else model
+    opt = build_optimizer(optimizer_name, model, args) if opt is None else opt
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.warmup_steps))
     start, history = 0, {"step": [], "train_loss": [], "val_step": [], "val_loss": []}
     if checkpoint is not None:
@@ -355,7 +358,11 @@ def run(args, optimizer_name: str, out: Path, data: TokenDataset, device, progre
                 opt.clip_grad_norm_(args.max_grad_norm)
             else:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        if meter is not None:
+            meter.before_step()
         opt.step()
+        if meter is not None:
+            meter.after_step(opt)
         sched.step()
         opt.zero_grad(set_to_none=True)
         trained_steps += 1

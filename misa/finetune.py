@@ -1,0 +1,614 @@
+"""`python -m misa.finetune`: fine-tune a pretrained base on a new domain with MISA, LISA, BAdam, full
+AdamW, LoRA and DoRA, each at its own best learning rate, and report quality, forgetting and memory.
+
+1. The base: pretrained once with AdamW on the main job's corpus (Python's standard-library sources) and
+   cached on disk under a key of everything that determines it (config, steps, learning rate, seed,
+   data, code, torch, device), so the next run starts at once; or --base DIR (ours), or --model (HF).
+2. The new domain: Python's documentation topics, English prose shipped with Python (or --data). The
+   base's loss on it and on its own domain are printed: the shift must be real.
+3. Each method runs its learning-rate grid at the first seed; the rate with the lowest loss on the new
+   domain's validation split is chosen (the test split is not even evaluated then), and --seeds seeds
+   run at it. The table reports the test split, the old domain's loss (forgetting) and the memory
+   each method held at its peak (misa.memory: exact bytes; the measured peak too on a GPU).
+4. --equal-memory adds MISA at LoRA's accounted memory (its delta set to fit), and LISA with as many
+   layers as fit in it (or says that not one does).
+Exit code 2 means bad input; nothing is written then.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from misa_kernels import BackendUnavailable
+from misa_kernels.backends import resolve as resolve_backend
+
+from . import provenance, train
+from .data import DataError, TokenDataset, docs_corpus, load_corpus, tokenize
+from .integrations.lora import PEFT_MISSING, PeftMissing, attach_lora, peft_available
+from .memory import MemoryMeter
+from .model import SIZES
+
+METHODS = ("misa", "lisa", "badam", "adamw", "lora", "dora")
+# Rates a small grid spans for each method (adapters take larger rates than full weights).
+DEFAULT_GRIDS = {"misa": (3e-4, 1e-3, 3e-3), "lisa": (3e-4, 1e-3, 3e-3), "badam": (3e-4, 1e-3, 3e-3),
+                 "adamw": (1e-4, 3e-4, 1e-3), "lora": (1e-3, 3e-3, 1e-2), "dora": (1e-3, 3e-3, 1e-2)}
+# Switches a method entry may carry beyond train.SWITCHES (misa+delta=0.1+interval=50+embeddings=frozen).
+EXTRA_SWITCHES = {"delta": float, "interval": int, "embeddings": str, "train_norms": bool, "lisa_layers": int,
+                  "warmup_steps": int}
+EQUAL = "@lora-memory"
+BASE_FILE = "base.pt"
+BASE_VERSION = 1  # bump when the pretraining recipe below changes
+TEST_FRACTION = 0.1
+UsageError = train.UsageError
+
+
+# ----------------------------------------------------------------------------------------- arguments
+def _bool(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(text)
+    return text.lower() in ("true", "1")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m misa.finetune", description=__doc__.split("\n\n")[0],
+                                formatter_class=train._HelpFormatter)
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="comma-separated: misa, lisa, badam, adamw, lora, dora; misa may carry a preset and switches "
+                        "(misa-official, misa+delta=0.1+interval=50+embeddings=every-step+train_norms=true)")
+    p.add_argument("--lr-grid", default=None, metavar="GRID",
+                   help="learning rates to try: '1e-4,3e-4' for every method, or per method "
+                        "'misa=3e-4,1e-3;lora=1e-3,3e-3' (others keep their default grid, "
+                        + "; ".join(f"{m} {','.join(f'{r:g}' for r in g)}" for m, g in DEFAULT_GRIDS.items()) + ")")
+    p.add_argument("--seeds", type=int, default=3, help="seeds at the chosen rate (the grid runs the first)")
+    p.add_argument("--equal-memory", action="store_true",
+                   help="add MISA with delta set to LoRA's accounted memory (and LISA with the layers that fit)")
+    p.add_argument("--lora-r", type=int, default=8, help="LoRA/DoRA rank, on all seven projections")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA/DoRA alpha (default: 2 x rank)")
+    p.add_argument("--delta", type=float, default=0.25, help="MISA's budget (fraction of all parameters)")
+    p.add_argument("--eta", type=train._eta, default=100.0, help="MISA's sampling temperature, or 'auto'")
+    p.add_argument("--interval", type=int, default=20, help="optimizer steps per outer loop (MISA, LISA, BAdam)")
+    p.add_argument("--variant", default="default", help="MISA preset: default, paper, official")
+    p.add_argument("--embeddings", default="frozen", choices=("every-step", "module", "frozen"),
+                   help="embedding and LM head during fine-tuning: frozen (as LoRA leaves them), trained at every "
+                        "step, or sampled as MISA modules")
+    p.add_argument("--train-norms", action="store_true", help="MISA trains the norms at every step")
+    p.add_argument("--lisa-layers", type=int, default=None,
+                   help="layers LISA trains at once (default: as many as fit in --delta, at least 1)")
+    p.add_argument("--max-steps", type=int, default=200, help="fine-tuning steps of every run")
+    p.add_argument("--warmup-steps", type=int, default=10, help="linear learning-rate warm-up")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
+    p.add_argument("--model-size", default="small", choices=sorted(SIZES), help="built-in LLaMA-style model")
+    p.add_argument("--config", default=None, help="JSON file with LlamaConfig fields (overrides --model-size)")
+    p.add_argument("--model", default=None, help="a local Hugging Face causal-LM folder: the base itself")
+    p.add_argument("--base", default=None, metavar="DIR",
+                   help="pretrained weights for the built-in model: a folder with base.pt (this command's) or "
+                        "checkpoint.pt (misa.train's) (default: pretrain once and cache)")
+    p.add_argument("--base-steps", type=int, default=1000, help="AdamW steps of the cached base's pretraining")
+    p.add_argument("--base-lr", type=float, default=3e-3, help="learning rate of the cached base's pretraining")
+    p.add_argument("--cache-dir", default=None,
+                   help="where pretrained bases are cached (default: $MISA_CACHE_DIR, else ~/.cache/misa)")
+    p.add_argument("--data", default=None,
+                   help="fine-tuning text, a file or folder (default: Python's documentation topics, English prose)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per optimizer step")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...; when omitted: cuda if available, else cpu")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"),
+                   help="weights during fine-tuning (bf16: MISA/LISA/BAdam keep fp32 masters, LoRA fp32 adapters)")
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "cuda"),
+                   help="misa_kernels backend")
+    p.add_argument("--seed", type=int, default=0, help="first seed (model-independent: data order, sampler)")
+    p.add_argument("--eval-every", type=int, default=100, help="evaluate the new domain every N steps")
+    p.add_argument("--eval-batches", type=int, default=32, help="batches of every evaluation (fixed windows)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/finetune-<time>)")
+    p.add_argument("--no-progress", action="store_true", help="plain log lines")
+    return p
+
+
+def parse_grid(text: Optional[str], methods: Sequence[str]) -> Dict[str, Tuple[float, ...]]:
+    """{method entry: rates}. Every rate must be a finite number > 0."""
+    grids = {m: DEFAULT_GRIDS[method_name(m)] for m in methods}
+    if text is None:
+        return grids
+
+    def rates(part: str, where: str) -> Tuple[float, ...]:
+        out = []
+        for item in part.split(","):
+            try:
+                value = float(item)
+            except ValueError:
+                raise UsageError(f"--lr-grid: {item!r} in {where!r} is not a number") from None
+            if not (math.isfinite(value) and value > 0):
+                raise UsageError(f"--lr-grid: every rate must be a finite number > 0, got {item!r} in {where!r}")
+            out.append(value)
+        if not out:
+            raise UsageError(f"--lr-grid: no rate in {where!r}")
+        return tuple(out)
+
+    if "=" not in text:
+        every = rates(text, text)
+        return {m: every for m in methods}
+    for part in filter(None, (x.strip() for x in text.split(";"))):
+        name, _, values = part.partition("=")
+        targets = [m for m in methods if m == name.strip() or method_name(m) == name.strip()]
+        if not targets:
+            raise UsageError(f"--lr-grid: {name.strip()!r} is not one of --methods ({', '.join(methods)})")
+        for m in targets:
+            grids[m] = rates(values, part)
+    return grids
+
+
+def method_name(entry: str) -> str:
+    return entry.split("+")[0].split("-")[0].split("@")[0]
+
+
+def parse_entry(entry: str) -> Tuple[str, str, Dict]:
+    """'misa+delta=0.1+flush=true' -> ('misa', 'misa+flush=true', {'delta': 0.1}): the method, the entry
+    train.build_optimizer takes (its own switches), and the settings this command overrides."""
+    name = method_name(entry)
+    if name not in METHODS or (name != "misa" and entry.split("+")[0].replace(EQUAL, "") != name):
+        raise UsageError(f"--methods: unknown method {entry!r}; choose from {', '.join(METHODS)} "
+                         "(misa may carry a preset and +switch=value)")
+    head, *switches = entry.split("+")
+    kept, overrides = [head], {}
+    for item in switches:
+        key, _, value = item.partition("=")
+        if key in EXTRA_SWITCHES:
+            try:
+                overrides[key] = _bool(value) if EXTRA_SWITCHES[key] is bool else EXTRA_SWITCHES[key](value)
+            except ValueError:
+                kind = EXTRA_SWITCHES[key].__name__
+                raise UsageError(f"--methods: {item!r} in {entry!r}: expected a {kind}") from None
+            if key == "embeddings" and value not in ("every-step", "module", "frozen"):
+                raise UsageError(f"--methods: {item!r}: embeddings is every-step, module or frozen")
+        else:
+            kept.append(item)
+    inner = "+".join(kept)
+    if name in ("misa", "lisa", "badam", "adamw"):
+        train.parse_method(inner.replace(EQUAL, ""))  # raises UsageError naming the switch
+    elif len(kept) > 1 or overrides:
+        raise UsageError(f"--methods: {entry!r}: {name} takes no switches (use --lora-r, --lora-alpha)")
+    return name, inner, overrides
+
+
+def validate(args) -> None:
+    for name in ("max_steps", "seq_len", "batch_size", "interval", "eval_every", "eval_batches", "seeds",
+                 "lora_r", "base_steps"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)}")
+    if not 0 < args.delta <= 1:
+        raise UsageError(f"--delta: expected a fraction in (0, 1], got {args.delta}")
+    for name in ("base_lr", "weight_decay", "max_grad_norm"):
+        value = getattr(args, name)
+        if not math.isfinite(value) or value < 0 or (name == "base_lr" and value == 0):
+            raise UsageError(f"--{name.replace('_', '-')}: expected a finite number "
+                             f"{'> 0' if name == 'base_lr' else '>= 0'}, got {value}")
+    if args.lora_alpha is not None and not (math.isfinite(args.lora_alpha) and args.lora_alpha > 0):
+        raise UsageError(f"--lora-alpha: expected a finite number > 0, got {args.lora_alpha}")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise UsageError(f"--methods: no method given; choose from {', '.join(METHODS)}")
+    if len(set(methods)) != len(methods):
+        raise UsageError(f"--methods: {args.methods!r} names a method twice")
+    for m in methods:
+        parse_entry(m)
+    if any(method_name(m) in ("lora", "dora") for m in methods) or args.equal_memory:
+        if not peft_available():
+            raise UsageError(f"--methods {args.methods}: {PEFT_MISSING}")
+    if args.equal_memory and "lora" not in methods:
+        raise UsageError("--equal-memory: matches LoRA's memory, so --methods must include lora")
+    if args.base and args.model:
+        raise UsageError("--base and --model exclude each other: a Hugging Face model is its own base")
+    if args.base is not None and not Path(args.base).exists():
+        raise UsageError(f"--base: {args.base} does not exist")
+    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out: {args.out} is an existing file; name a folder")
+    for name in ("config", "model", "data"):
+        path = getattr(args, name)
+        if path is not None and not Path(path).exists():
+            raise UsageError(f"--{name}: {path} does not exist")
+    if args.device is not None:
+        try:
+            dev = torch.device(args.device)
+        except RuntimeError as exc:
+            raise UsageError(f"--device: {exc}") from exc
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device}: no CUDA device is available")
+
+
+def run_args(args, lr: float, seed: int, overrides: Dict, out: Path) -> SimpleNamespace:
+    """The settings train.run and train.build_optimizer read, for one fine-tuning run."""
+    fields = dict(vars(args))
+    fields.update(lr=lr, seed=seed, save_every=0, resume=None, out=str(out), granularity="module", flush=None,
+                  keep_states=None, norm_power=None, logit_cap=None, badam_order="descending", compare=None)
+    fields.update(overrides)
+    return SimpleNamespace(**fields)
+
+
+# ----------------------------------------------------------------------------------------- the base
+def cache_dir(args) -> Path:
+    return Path(args.cache_dir or os.environ.get("MISA_CACHE_DIR") or Path.home() / ".cache" / "misa")
+
+
+def _code_digest() -> str:
+    here = Path(__file__).resolve().parent
+    h = hashlib.sha256(str(BASE_VERSION).encode())
+    for name in ("model.py", "data.py"):
+        h.update((here / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def base_key(args, corpus: bytes, device: torch.device) -> Dict:
+    """Everything that determines the pretrained base: the same key, the same weights."""
+    return {"config": train.model_config(args).to_dict(), "steps": args.base_steps, "lr": args.base_lr,
+            "seed": 0, "batch_size": args.batch_size, "seq_len": args.seq_len, "warmup_steps": 10,
+            "max_grad_norm": 1.0, "data": hashlib.sha256(corpus).hexdigest()[:16], "code": _code_digest(),
+            "torch": ".".join(torch.__version__.split("+")[0].split(".")[:2]), "device": device.type}
+
+
+def key_digest(key: Dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def pretrained_base(args, old: TokenDataset, corpus: bytes, device: torch.device) -> Tuple[Path, bool]:
+    """The cached base for these settings: (its folder, whether it was already there). Made once with
+    AdamW on the main job's corpus, written atomically (a folder renamed into place)."""
+    key = base_key(args, corpus, device)
+    folder = cache_dir(args) / "bases" / key_digest(key)
+    if (folder / BASE_FILE).is_file():
+        return folder, True
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    work = folder.parent / f".{folder.name}.{os.getpid()}.tmp"
+    pre = run_args(args, args.base_lr, 0, dict(max_steps=args.base_steps, warmup_steps=10, max_grad_norm=1.0,
+                                               dtype="fp32", eval_every=args.base_steps, weight_decay=0.0,
+                                               model=None), work)
+    print(f"misa-finetune: pretraining the base once ({args.base_steps} AdamW steps on the main job's corpus); "
+          f"cached in {folder}", flush=True)
+    model = train.build_model(pre, device)
+    train.run(pre, "adamw", work, old, device, progress=train.show_progress(args), model=model)
+    torch.save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "key": key}, work / BASE_FILE)
+    (work / "base.json").write_text(json.dumps({"key": key, "digest": key_digest(key)}, indent=2))
+    for extra in ("checkpoint.pt", "loss.png"):
+        (work / extra).unlink(missing_ok=True)
+    try:
+        os.replace(work, folder)
+    except OSError:  # another process cached it meanwhile: theirs is the same weights
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    return folder, False
+
+
+def base_weights(path: Path) -> Dict[str, torch.Tensor]:
+    """The model weights in a base folder (base.pt of this command, checkpoint.pt of misa.train) or file."""
+    candidates = [path] if path.is_file() else [path / BASE_FILE, path / train.CHECKPOINT]
+    for f in candidates:
+        if f.is_file():
+            try:
+                saved = torch.load(f, map_location="cpu", weights_only=False)
+            except Exception as exc:
+                raise UsageError(f"--base: {f} is not a readable checkpoint ({type(exc).__name__})") from None
+            if isinstance(saved, dict) and isinstance(saved.get("model"), dict):
+                return saved["model"]
+            raise UsageError(f"--base: {f} holds no model weights (expected a dict with 'model')")
+    raise UsageError(f"--base: {path} holds neither {BASE_FILE} nor {train.CHECKPOINT}")
+
+
+def check_fits(weights: Dict[str, torch.Tensor], model, where: str) -> None:
+    """Refuses weights that do not fit the model, naming the first difference."""
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
+    if missing or unexpected:
+        raise UsageError(f"--base: {where} does not fit this model (missing {missing[:2]}, unexpected "
+                         f"{unexpected[:2]}); pass the --model-size/--config it was trained with")
+    for k, v in own.items():
+        if tuple(weights[k].shape) != tuple(v.shape):
+            raise UsageError(f"--base: {where} does not fit this model ({k} is {list(weights[k].shape)} there, "
+                             f"{list(v.shape)} here); pass the --model-size/--config it was trained with")
+
+
+# ----------------------------------------------------------------------------------------- methods
+def build_method(entry: str, rargs, base: Dict[str, torch.Tensor], device):
+    """(model loaded from the base, optimizer, parameters of the base model) for one method entry."""
+    name, inner, _ = parse_entry(entry)
+    model = train.build_model(rargs, device)
+    if base is not None:
+        model.load_state_dict(base)
+    base_params = list(model.parameters())
+    if name in ("lora", "dora"):
+        adapters = attach_lora(model, rargs.lora_r, rargs.lora_alpha or 2.0 * rargs.lora_r, dora=name == "dora")
+        model.to(device)
+        opt = torch.optim.AdamW(adapters, lr=rargs.lr, weight_decay=rargs.weight_decay,
+                                fused=device.type == "cuda")
+        return model, opt, base_params
+    with warnings.catch_warnings():
+        # the frozen embeddings and norms are this command's choice (its header says so), not an accident
+        warnings.filterwarnings("ignore", message="MISA: .* stay frozen", category=UserWarning)
+        opt = train.build_optimizer(inner.replace(EQUAL, ""), model, rargs)
+    return model, opt, base_params
+
+
+def misa_bound(args, delta: float, overrides: Dict, layers: Optional[int] = None) -> int:
+    """The most MISA (or LISA with `layers`) can hold at `delta`: its arena, allocated up front, plus
+    gradients for a full budget of active parameters and whatever trains at every step."""
+    rargs = run_args(args, 1e-3, 0, {**overrides, "delta": delta, "lisa_layers": layers}, Path("."))
+    model = train.build_model(rargs, "meta") if args.model else train.build_model(rargs, "cpu").to("meta")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = train.build_optimizer("lisa" if layers else "misa", model, rargs)
+    held = opt.memory_bytes()
+    size = 2 if args.dtype == "bf16" else 4
+    always = sum(p.numel() for g in opt.param_groups[1:] for p in g["params"])
+    return held["states"] + held["masters"] + int(opt.budget + always) * size
+
+
+def delta_at(args, budget_bytes: int, overrides: Dict) -> Optional[float]:
+    """The largest delta whose bound fits in `budget_bytes` (bisection), or None if no module fits."""
+    model = train.build_model(run_args(args, 1e-3, 0, overrides, Path(".")), "cpu")
+    total = sum(p.numel() for p in model.parameters())
+    sizes = [p.numel() for n, p in model.named_parameters() if p.dim() >= 2 and ".layers." in f".{n}"]
+    lo, hi = min(sizes) / total * (1 + 1e-9), 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if misa_bound(args, lo, overrides) > budget_bytes:
+            return None
+        for _ in range(30):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if misa_bound(args, mid, overrides) <= budget_bytes else (lo, mid)
+    return lo
+
+
+def lisa_layers_at(args, budget_bytes: int, overrides: Dict) -> Tuple[int, int]:
+    """(the most LISA layers whose bound fits in `budget_bytes`, or 0; the bound of one layer)."""
+    n_layers = train.model_config(args).num_layers if not args.model else None
+    one = misa_bound(args, 1.0, overrides, layers=1)
+    best = 0
+    for k in range(1, (n_layers or 1) + 1):
+        if misa_bound(args, 1.0, overrides, layers=k) <= budget_bytes:
+            best = k
+    return best, one
+
+
+# ----------------------------------------------------------------------------------------- running
+def one_run(args, entry: str, lr: float, seed: int, out: Path, new: TokenDataset, base, device,
+            overrides: Dict) -> Tuple[Dict, torch.nn.Module]:
+    """One fine-tuning run, evaluated on the new domain's validation split only: (its row, its model)."""
+    rargs = run_args(args, lr, seed, overrides, out)
+    model, opt, base_params = build_method(entry, rargs, base, device)
+    meter = MemoryMeter(model, base_params)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    result = train.run(rargs, entry, out, new, device, progress=train.show_progress(args), model=model, opt=opt,
+                       meter=meter)
+    row = {"method": entry, "lr": lr, "seed": seed, "val_loss": result["summary"]["final_val_loss"],
+           "history": result["history"], "memory": meter.peak.as_dict()}
+    if device.type == "cuda":
+        row["memory"]["gpu_peak_bytes"] = torch.cuda.max_memory_allocated(device)
+    return row, model
+
+
+def report(args, row: Dict, model, new: TokenDataset, old: TokenDataset) -> Dict:
+    """Adds the test split and the old domain to a run's row: only for runs at the chosen rate."""
+    rargs = run_args(args, row["lr"], row["seed"], {}, Path("."))
+    row["test_loss"], row["test_sem"], row["test_batch_losses"] = train.evaluate_with_error(model, new, rargs,
+                                                                                           split="test")
+    row["old_loss"] = train.evaluate(model, old, rargs)
+    print(f"[{row['method']} lr={row['lr']:g} seed={row['seed']}] val {row['val_loss']:.4f} test "
+          f"{row['test_loss']:.4f} old-domain {row['old_loss']:.4f} accounted "
+          f"{row['memory']['total_bytes'] / 2**20:.2f} MiB", flush=True)
+    return row
+
+
+def choose_rate(grid_rows: Sequence[Dict]) -> float:
+    """The rate with the lowest validation loss (a tie goes to the smaller rate). Reads validation only:
+    grid rows carry no test loss at all."""
+    return min(grid_rows, key=lambda r: (r["val_loss"], r["lr"]))["lr"]
+
+
+def run_method(args, entry: str, rates, new, old, base, device, out: Path, overrides: Dict) -> Dict:
+    """The grid at the first seed, the choice on validation, then the other seeds at the chosen rate
+    (the first seed's run at that rate is reused, and only then evaluated on the test split)."""
+    grid, models = [], {}
+    for lr in rates:
+        row, models[lr] = one_run(args, entry, lr, args.seed, out / f"{entry}-lr{lr:g}-seed{args.seed}", new,
+                                  base, device, overrides)
+        print(f"[{entry} lr={lr:g} seed={args.seed}] val {row['val_loss']:.4f} (grid)", flush=True)
+        grid.append(row)
+    chosen = choose_rate(grid)
+    first = dict(next(r for r in grid if r["lr"] == chosen))
+    finals = [report(args, first, models.pop(chosen), new, old)]
+    models.clear()
+    for k in range(1, args.seeds):
+        seed = args.seed + k
+        row, model = one_run(args, entry, chosen, seed, out / f"{entry}-lr{chosen:g}-seed{seed}", new, base,
+                             device, overrides)
+        finals.append(report(args, row, model, new, old))
+    return summarize(entry, rates, [{k: v for k, v in r.items() if k != "history"} for r in grid], chosen, finals,
+                     overrides)
+
+
+def summarize(entry, rates, grid, chosen, finals, overrides) -> Dict:
+    tests = torch.tensor([r["test_loss"] for r in finals], dtype=torch.float64)
+    olds = torch.tensor([r["old_loss"] for r in finals], dtype=torch.float64)
+    memory = max((r["memory"] for r in finals), key=lambda m: m["total_bytes"])
+    return {"method": entry, "overrides": overrides, "grid": {f"{r['lr']:g}": r["val_loss"] for r in grid},
+            "lr": chosen, "lr_at_grid_edge": len(rates) > 1 and chosen in (min(rates), max(rates)),
+            "seeds": len(finals), "test_loss_mean": float(tests.mean()),
+            "test_loss_std": float(tests.std()) if len(finals) > 1 else 0.0,
+            "test_loss_min": float(tests.min()), "test_loss_max": float(tests.max()),
+            "test_sem_mean": float(sum(r["test_sem"] for r in finals) / len(finals)),
+            "old_loss_mean": float(olds.mean()), "memory": memory,
+            "runs": [{k: v for k, v in r.items() if k != "history"} for r in finals],
+            "val_curves": [r["history"] for r in finals]}
+
+
+def paired_se(a_rows, b_rows) -> float:
+    """Evaluation noise of the difference of two methods' mean test losses (same windows for both)."""
+    a = torch.tensor([r["test_batch_losses"] for r in a_rows], dtype=torch.float64).mean(0)
+    b = torch.tensor([r["test_batch_losses"] for r in b_rows], dtype=torch.float64).mean(0)
+    diff = a - b
+    return float(diff.std() / diff.numel() ** 0.5) if diff.numel() > 1 else float("nan")
+
+
+def table(rows: List[Dict], base_losses: Dict) -> str:
+    lines = ["| method | lr (grid: val loss) | seeds | test loss, mean ± std | old-domain loss (base "
+             f"{base_losses['old']:.4f}) | trainable params | adapters + grads + states + masters (MiB) | total MiB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: r["test_loss_mean"]):
+        m = r["memory"]
+        grid = ", ".join(f"{k}: {v:.3f}" for k, v in r["grid"].items())
+        edge = " (edge)" if r["lr_at_grid_edge"] else ""
+        mib = " + ".join(f"{m[k] / 2**20:.2f}" for k in ("adapter_bytes", "grad_bytes", "state_bytes", "master_bytes"))
+        lines.append(f"| {r['method']} | {r['lr']:g}{edge} ({grid}) | {r['seeds']} | {r['test_loss_mean']:.4f} ± "
+                     f"{r['test_loss_std']:.4f} | {r['old_loss_mean']:.4f} | {m['trainable_params']:,} | {mib} | "
+                     f"{m['total_bytes'] / 2**20:.2f} |")
+    return "\n".join(lines)
+
+
+def verdict(rows: List[Dict]) -> str:
+    """MISA's rows against the others, each gap held against the seed spread (computed, never typed)."""
+    by = {r["method"]: r for r in rows}
+    out = []
+    for mine in [m for m in by if method_name(m) == "misa"]:
+        a = by[mine]
+        for other in [m for m in by if method_name(m) != "misa"]:
+            b = by[other]
+            diff = b["test_loss_mean"] - a["test_loss_mean"]
+            spread = max(a["test_loss_std"], b["test_loss_std"])
+            noise = b.get("paired_se", {}).get(mine, float("nan"))
+            memory = a["memory"]["total_bytes"] / max(b["memory"]["total_bytes"], 1)
+            out.append(f"{mine}'s mean test loss is {abs(diff):.4f} {'lower' if diff > 0 else 'higher'} than "
+                       f"{other}'s, {'larger than' if abs(diff) > spread else 'within'} the spread over seeds "
+                       f"(largest std {spread:.4f}; evaluation noise of the difference {noise:.4f}), at "
+                       f"{memory:.2f}x its accounted memory.")
+    return " ".join(out)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    try:
+        prepared = prepare(args)
+    except (UsageError, DataError, BackendUnavailable, PeftMissing, ValueError, TypeError) as exc:
+        print(f"misa-finetune: error: {exc}", file=sys.stderr)
+        return 2
+    return finetune(args, argv, *prepared)
+
+
+def prepare(args):
+    """Everything that can fail on bad input, before anything is written."""
+    validate(args)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    grids = parse_grid(args.lr_grid, methods)
+    device = train.pick_device(args)
+    if any(method_name(m) in ("misa", "lisa", "badam") for m in methods):
+        resolve_backend(args.backend, device)
+    if args.model:
+        train._transformers()
+    old_corpus = load_corpus(None)
+    new_corpus = load_corpus(args.data) if args.data else docs_corpus()
+    if not new_corpus:
+        raise DataError("the default fine-tuning text (pydoc_data, shipped with Python) is missing; pass --data")
+    old = TokenDataset(tokenize(old_corpus, args.model), args.seq_len, device)
+    new = TokenDataset(tokenize(new_corpus, args.model), args.seq_len, device, test_fraction=TEST_FRACTION)
+    base = None
+    if args.base:
+        base = base_weights(Path(args.base))
+    probe = run_args(args, 1e-3, args.seed, {}, Path("."))
+    model = train.build_model(probe, "meta") if args.model else train.build_model(probe, "cpu")
+    if base is not None:
+        check_fits(base, model, args.base)
+    for m in methods:  # every optimizer builds (bad switches, budgets that fit no module) before any run
+        _, _, overrides = parse_entry(m)
+        rargs = run_args(args, 1e-3, args.seed, overrides, Path("."))
+        if method_name(m) not in ("lora", "dora"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                train.build_optimizer(parse_entry(m)[1], train.build_model(rargs, "cpu").to("meta")
+                                      if not args.model else train.build_model(rargs, "meta"), rargs)
+    return methods, grids, device, old_corpus, old, new, base
+
+
+def finetune(args, argv, methods, grids, device, old_corpus, old, new, base) -> int:
+    out = Path(args.out or Path("runs") / f"finetune-{time.strftime('%Y%m%d-%H%M%S')}")
+    base_note = args.model or args.base
+    if base is None and not args.model:
+        folder, cached = pretrained_base(args, old, old_corpus, device)
+        base = base_weights(folder)
+        base_note = f"{folder} ({'cached' if cached else 'made now'})"
+    probe = run_args(args, 1e-3, args.seed, {}, out)
+    model = train.build_model(probe, device)
+    if base is not None:
+        model.load_state_dict(base)
+    base_losses = {"old": train.evaluate(model, old, probe), "new": train.evaluate(model, new, probe)}
+    del model
+    what = args.model or f"model {args.model_size}" + (f" + {args.config}" if args.config else "")
+    new_name = args.data or "Python's documentation topics (pydoc_data, English prose)"
+    print(f"misa-finetune: {what} ({args.dtype}) from base {base_note}; fine-tuning on {new_name}, "
+          f"{args.max_steps} steps of {args.batch_size} x {args.seq_len}, device {device}; the base's loss: "
+          f"{base_losses['old']:.4f} on its own domain (Python sources), {base_losses['new']:.4f} on the new one; "
+          f"embeddings and head {args.embeddings}, norms {'trained' if args.train_norms else 'frozen'} (MISA); "
+          f"methods {', '.join(methods)}; writing to {out}", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for entry in methods:
+        _, _, overrides = parse_entry(entry)
+        rows.append(run_method(args, entry, grids[entry], new, old, base, device, out, overrides))
+    notes = []
+    if args.equal_memory:
+        lora = next(r for r in rows if r["method"] == "lora")
+        budget = lora["memory"]["total_bytes"]
+        delta = delta_at(args, budget, {})
+        if delta is None:
+            notes.append("MISA: not even the smallest module fits in LoRA's accounted memory.")
+        else:
+            entry = "misa" + EQUAL
+            rows.append(run_method(args, entry, grids.get("misa", DEFAULT_GRIDS["misa"]), new, old, base, device, out,
+                                   {"delta": delta}))
+            notes.append(f"{entry}: delta {delta:.4f}, the largest whose bound fits in LoRA's "
+                         f"{budget / 2**20:.2f} MiB.")
+        layers, one = lisa_layers_at(args, budget, {})
+        if layers == 0:
+            notes.append(f"LISA: one layer (with the embedding and head it trains at every step) holds "
+                         f"{one / 2**20:.2f} MiB, more than LoRA's {budget / 2**20:.2f} MiB: no LISA row fits.")
+        else:
+            entry = "lisa" + EQUAL
+            rows.append(run_method(args, entry, grids.get("lisa", DEFAULT_GRIDS["lisa"]), new, old, base, device, out,
+                                   {"lisa_layers": layers}))
+            notes.append(f"{entry}: {layers} layer(s), the most whose bound fits in LoRA's {budget / 2**20:.2f} MiB.")
+    for r in rows:
+        r["paired_se"] = {o["method"]: paired_se(r["runs"], o["runs"]) for o in rows}
+    meta = {"command": provenance.command("misa.finetune", argv), "device": str(device), "torch": torch.__version__,
+            "commit": provenance.commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "model": what, "dtype": args.dtype, "base": str(base_note), "base_loss_old": base_losses["old"],
+            "base_loss_new": base_losses["new"], "new_domain": new_name, "steps": args.max_steps,
+            "seq_len": args.seq_len, "batch_size": args.batch_size, "delta": args.delta, "eta": args.eta,
+            "interval": args.interval, "embeddings": args.embeddings, "train_norms": args.train_norms,
+            "lora_r": args.lora_r, "lora_alpha": args.lora_alpha or 2.0 * args.lora_r, "notes": notes,
+            "eval_batches": args.eval_batches}
+    curves = {r["method"]: r.pop("val_curves") for r in rows}
+    (out / "finetune.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    text = table(rows, base_losses)
+    (out / "finetune.md").write_text(f"Written by `{meta['command']}`\n\n" + "\n".join(notes) + "\n\n" + text
+                                     + "\n\n" + verdict(rows) + "\n")
+    train.plot(curves, out / "finetune.png", title=f"fine-tuning {what} on {new_name}: validation loss")
+    print(text)
+    print(f"wrote {out / 'finetune.md'}, {out / 'finetune.json'}, {out / 'finetune.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -60,6 +60,31 @@ def compare_section() -> str:
     return "\n\n".join(parts)
 
 
+def finetune_section() -> str:
+    """Every committed `python -m misa.finetune` run: its table, notes and computed verdict."""
+    from misa import finetune
+
+    files = sorted(RESULTS.glob("*/finetune.json"))
+    if not files:
+        return "_No fine-tuning comparison is recorded yet._"
+    parts = []
+    for f in files:
+        data = json.loads(f.read_text())
+        meta, rows = data["meta"], data["rows"]
+        rel = f.parent.relative_to(ROOT)
+        lines = [f"**{rel.name}** ({meta['device']}, torch {meta['torch']}, commit {meta['commit'][:10]}, "
+                 f"{meta['date']}): {meta['model']} ({meta['dtype']}), base {Path(meta['base'].split(' ')[0]).name}: "
+                 f"loss {meta['base_loss_old']:.4f} on its own domain (Python sources), {meta['base_loss_new']:.4f} "
+                 f"on the new one, {meta['new_domain']}; {meta['steps']} steps of {meta['batch_size']} x "
+                 f"{meta['seq_len']}; LoRA/DoRA r={meta['lora_r']}, alpha={meta['lora_alpha']:g}; MISA delta="
+                 f"{meta['delta']}, eta={meta['eta']}, T={meta['interval']}, embeddings {meta['embeddings']}; written "
+                 f"by `{meta['command']}`; plot `{rel}/finetune.png`.", ""]
+        lines += [f"- {note}" for note in meta.get("notes", [])]
+        lines += ["", finetune.table(rows, {"old": meta["base_loss_old"]}), "", finetune.verdict(rows)]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
 def verdict(rows) -> str:
     """Whether MISA beats each baseline here, judged against the spread over seeds (computed, not typed)."""
     by = {r["optimizer"]: r for r in rows}
@@ -255,7 +280,8 @@ def host_section() -> str:
 
 def render(readme: Path) -> None:
     text = readme.read_text()
-    sections = (("compare", compare_section), ("kernels", kernels_section), ("train_step", train_step_section),
+    sections = (("compare", compare_section), ("finetune", finetune_section), ("kernels", kernels_section),
+                ("train_step", train_step_section),
                 ("master", master_section), ("ddp", ddp_section), ("host", host_section))
     for name, make in sections:
         begin, end = f"<!-- results:{name}:begin -->", f"<!-- results:{name}:end -->"

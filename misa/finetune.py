@@ -35,15 +35,17 @@ from misa_kernels import BackendUnavailable
 from misa_kernels.backends import resolve as resolve_backend
 
 from . import provenance, train
-from .data import DataError, TokenDataset, docs_corpus, load_corpus, tokenize
+from .data import DOMAINS, DataError, TokenDataset, load_corpus, tokenize
 from .integrations.lora import PEFT_MISSING, PeftMissing, attach_lora, peft_available
 from .memory import MemoryMeter
 from .model import SIZES
 
 METHODS = ("misa", "lisa", "badam", "adamw", "lora", "dora")
-# Rates a small grid spans for each method (adapters take larger rates than full weights).
-DEFAULT_GRIDS = {"misa": (3e-4, 1e-3, 3e-3), "lisa": (3e-4, 1e-3, 3e-3), "badam": (3e-4, 1e-3, 3e-3),
-                 "adamw": (1e-4, 3e-4, 1e-3), "lora": (1e-3, 3e-3, 1e-2), "dora": (1e-3, 3e-3, 1e-2)}
+# Rates a small grid spans for each method, centred on each one's best in a wide pilot over 1e-4..1e-2 (the
+# built-in small model, 200 steps on the default domain): real LLMs fine-tune at far smaller rates, so pass
+# --lr-grid for them. Adapters and the sampled methods (few weights trained for a while) take larger rates.
+DEFAULT_GRIDS = {"misa": (3e-3, 1e-2, 3e-2), "lisa": (1e-3, 3e-3, 1e-2), "badam": (1e-3, 3e-3, 1e-2),
+                 "adamw": (1e-3, 3e-3, 1e-2), "lora": (3e-3, 1e-2, 3e-2), "dora": (3e-3, 1e-2, 3e-2)}
 # Switches a method entry may carry beyond train.SWITCHES (misa+delta=0.1+interval=50+embeddings=frozen).
 EXTRA_SWITCHES = {"delta": float, "interval": int, "embeddings": str, "train_norms": bool, "lisa_layers": int,
                   "warmup_steps": int}
@@ -100,8 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-lr", type=float, default=3e-3, help="learning rate of the cached base's pretraining")
     p.add_argument("--cache-dir", default=None,
                    help="where pretrained bases are cached (default: $MISA_CACHE_DIR, else ~/.cache/misa)")
-    p.add_argument("--data", default=None,
-                   help="fine-tuning text, a file or folder (default: Python's documentation topics, English prose)")
+    p.add_argument("--domain", default="unicode-names", choices=tuple(DOMAINS),
+                   help="fine-tuning text shipped with Python: the Unicode character names (a register code does "
+                        "not hold) or the documentation topics (English prose the base already models about as "
+                        "well as code)")
+    p.add_argument("--data", default=None, help="fine-tuning text of your own, a file or folder (replaces --domain)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per optimizer step")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...; when omitted: cuda if available, else cpu")
@@ -113,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=100, help="evaluate the new domain every N steps")
     p.add_argument("--eval-batches", type=int, default=32, help="batches of every evaluation (fixed windows)")
     p.add_argument("--out", default=None, help="output folder (default: runs/finetune-<time>)")
+    p.add_argument("--keep-runs", action="store_true",
+                   help="keep every run's own outputs (checkpoint, history, plot) under OUT/runs")
     p.add_argument("--no-progress", action="store_true", help="plain log lines")
     return p
 
@@ -463,9 +470,11 @@ def paired_se(a_rows, b_rows) -> float:
 
 
 def table(rows: List[Dict], base_losses: Dict) -> str:
+    gpu = any("gpu_peak_bytes" in r["memory"] for r in rows)
     lines = ["| method | lr (grid: val loss) | seeds | test loss, mean ± std | old-domain loss (base "
-             f"{base_losses['old']:.4f}) | trainable params | adapters + grads + states + masters (MiB) | total MiB |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"{base_losses['old']:.4f}) | trainable params | adapters + grads + states + masters (MiB) | total MiB |"
+             + (" measured GPU peak MiB |" if gpu else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|" if gpu else "")]
     for r in sorted(rows, key=lambda r: r["test_loss_mean"]):
         m = r["memory"]
         grid = ", ".join(f"{k}: {v:.3f}" for k, v in r["grid"].items())
@@ -473,7 +482,8 @@ def table(rows: List[Dict], base_losses: Dict) -> str:
         mib = " + ".join(f"{m[k] / 2**20:.2f}" for k in ("adapter_bytes", "grad_bytes", "state_bytes", "master_bytes"))
         lines.append(f"| {r['method']} | {r['lr']:g}{edge} ({grid}) | {r['seeds']} | {r['test_loss_mean']:.4f} ± "
                      f"{r['test_loss_std']:.4f} | {r['old_loss_mean']:.4f} | {m['trainable_params']:,} | {mib} | "
-                     f"{m['total_bytes'] / 2**20:.2f} |")
+                     f"{m['total_bytes'] / 2**20:.2f} |"
+                     + (f" {m.get('gpu_peak_bytes', float('nan')) / 2**20:.0f} |" if gpu else ""))
     return "\n".join(lines)
 
 
@@ -519,9 +529,9 @@ def prepare(args):
     if args.model:
         train._transformers()
     old_corpus = load_corpus(None)
-    new_corpus = load_corpus(args.data) if args.data else docs_corpus()
+    new_corpus = load_corpus(args.data) if args.data else DOMAINS[args.domain]()
     if not new_corpus:
-        raise DataError("the default fine-tuning text (pydoc_data, shipped with Python) is missing; pass --data")
+        raise DataError(f"--domain {args.domain}: this Python ships no such text; pass --data")
     old = TokenDataset(tokenize(old_corpus, args.model), args.seq_len, device)
     new = TokenDataset(tokenize(new_corpus, args.model), args.seq_len, device, test_fraction=TEST_FRACTION)
     base = None
@@ -556,17 +566,23 @@ def finetune(args, argv, methods, grids, device, old_corpus, old, new, base) -> 
     base_losses = {"old": train.evaluate(model, old, probe), "new": train.evaluate(model, new, probe)}
     del model
     what = args.model or f"model {args.model_size}" + (f" + {args.config}" if args.config else "")
-    new_name = args.data or "Python's documentation topics (pydoc_data, English prose)"
+    new_name = args.data or {"unicode-names": "the Unicode character names (unicodedata "
+                                              f"{__import__('unicodedata').unidata_version})",
+                             "python-docs": "Python's documentation topics (pydoc_data, English prose)"}[args.domain]
     print(f"misa-finetune: {what} ({args.dtype}) from base {base_note}; fine-tuning on {new_name}, "
           f"{args.max_steps} steps of {args.batch_size} x {args.seq_len}, device {device}; the base's loss: "
           f"{base_losses['old']:.4f} on its own domain (Python sources), {base_losses['new']:.4f} on the new one; "
           f"embeddings and head {args.embeddings}, norms {'trained' if args.train_norms else 'frozen'} (MISA); "
           f"methods {', '.join(methods)}; writing to {out}", flush=True)
+    if base_losses["new"] <= base_losses["old"] + 0.1:
+        print(f"misa-finetune: note: the base models {new_name} about as well as its own domain or better: this "
+              "measures continued training more than adaptation to a new domain", flush=True)
     out.mkdir(parents=True, exist_ok=True)
+    runs = out / "runs"
     rows = []
     for entry in methods:
         _, _, overrides = parse_entry(entry)
-        rows.append(run_method(args, entry, grids[entry], new, old, base, device, out, overrides))
+        rows.append(run_method(args, entry, grids[entry], new, old, base, device, runs, overrides))
     notes = []
     if args.equal_memory:
         lora = next(r for r in rows if r["method"] == "lora")
@@ -576,8 +592,8 @@ def finetune(args, argv, methods, grids, device, old_corpus, old, new, base) -> 
             notes.append("MISA: not even the smallest module fits in LoRA's accounted memory.")
         else:
             entry = "misa" + EQUAL
-            rows.append(run_method(args, entry, grids.get("misa", DEFAULT_GRIDS["misa"]), new, old, base, device, out,
-                                   {"delta": delta}))
+            rows.append(run_method(args, entry, grids.get("misa", DEFAULT_GRIDS["misa"]), new, old, base, device,
+                                   runs, {"delta": delta}))
             notes.append(f"{entry}: delta {delta:.4f}, the largest whose bound fits in LoRA's "
                          f"{budget / 2**20:.2f} MiB.")
         layers, one = lisa_layers_at(args, budget, {})
@@ -586,15 +602,16 @@ def finetune(args, argv, methods, grids, device, old_corpus, old, new, base) -> 
                          f"{one / 2**20:.2f} MiB, more than LoRA's {budget / 2**20:.2f} MiB: no LISA row fits.")
         else:
             entry = "lisa" + EQUAL
-            rows.append(run_method(args, entry, grids.get("lisa", DEFAULT_GRIDS["lisa"]), new, old, base, device, out,
-                                   {"lisa_layers": layers}))
+            rows.append(run_method(args, entry, grids.get("lisa", DEFAULT_GRIDS["lisa"]), new, old, base, device,
+                                   runs, {"lisa_layers": layers}))
             notes.append(f"{entry}: {layers} layer(s), the most whose bound fits in LoRA's {budget / 2**20:.2f} MiB.")
     for r in rows:
         r["paired_se"] = {o["method"]: paired_se(r["runs"], o["runs"]) for o in rows}
     meta = {"command": provenance.command("misa.finetune", argv), "device": str(device), "torch": torch.__version__,
             "commit": provenance.commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "model": what, "dtype": args.dtype, "base": str(base_note), "base_loss_old": base_losses["old"],
-            "base_loss_new": base_losses["new"], "new_domain": new_name, "steps": args.max_steps,
+            "base_loss_new": base_losses["new"], "new_domain": new_name, "domain": args.data or args.domain,
+            "steps": args.max_steps,
             "seq_len": args.seq_len, "batch_size": args.batch_size, "delta": args.delta, "eta": args.eta,
             "interval": args.interval, "embeddings": args.embeddings, "train_norms": args.train_norms,
             "lora_r": args.lora_r, "lora_alpha": args.lora_alpha or 2.0 * args.lora_r, "notes": notes,
@@ -605,6 +622,10 @@ def finetune(args, argv, methods, grids, device, old_corpus, old, new, base) -> 
     (out / "finetune.md").write_text(f"Written by `{meta['command']}`\n\n" + "\n".join(notes) + "\n\n" + text
                                      + "\n\n" + verdict(rows) + "\n")
     train.plot(curves, out / "finetune.png", title=f"fine-tuning {what} on {new_name}: validation loss")
+    if not args.keep_runs:
+        import shutil
+
+        shutil.rmtree(runs, ignore_errors=True)
     print(text)
     print(f"wrote {out / 'finetune.md'}, {out / 'finetune.json'}, {out / 'finetune.png'}")
     return 0

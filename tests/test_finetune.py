@@ -1,0 +1,278 @@
+"""The fine-tuning comparison (`python -m misa.finetune`): the cached base, LoRA and DoRA, the memory
+ledger (exact bytes), the learning rate chosen on validation (never on test), and bad input (exit 2,
+nothing written)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from misa import finetune, train
+from misa.integrations.lora import attach_lora, peft_available
+from misa.memory import MemoryMeter
+from misa.model import SIZES, LlamaForCausalLM
+from misa.optimizer import MISA
+
+FAST = ["--model-size", "tiny", "--seq-len", "32", "--batch-size", "2", "--eval-batches", "2", "--max-steps", "3",
+        "--eval-every", "3", "--base-steps", "3", "--no-progress"]
+needs_peft = pytest.mark.skipif(not peft_available(), reason="needs peft (pip install misa-kernels[hf])")
+
+
+def snapshot(folder: Path):
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def parsed(argv):
+    args = finetune.build_parser().parse_args(argv)
+    finetune.validate(args)
+    return args
+
+
+# ----------------------------------------------------------------------------------------- the base
+def test_base_is_made_once_reused_and_keyed_by_its_settings(tmp_path):
+    args = parsed(FAST + ["--cache-dir", str(tmp_path / "cache")])
+    corpus = finetune.load_corpus(None)
+    old = finetune.TokenDataset(finetune.tokenize(corpus), args.seq_len)
+    first, cached = finetune.pretrained_base(args, old, corpus, torch.device("cpu"))
+    assert not cached and (first / finetune.BASE_FILE).is_file()
+    made = (first / finetune.BASE_FILE).stat().st_mtime_ns
+    again, cached = finetune.pretrained_base(args, old, corpus, torch.device("cpu"))
+    assert cached and again == first and (first / finetune.BASE_FILE).stat().st_mtime_ns == made
+    weights = finetune.base_weights(first)
+    fresh = LlamaForCausalLM(SIZES["tiny"]).state_dict()
+    assert weights.keys() == fresh.keys()
+    assert any(not torch.equal(weights[k], fresh[k]) for k in fresh)  # it was trained (seeded init is the same)
+
+    for change in (["--base-steps", "4"], ["--base-lr", "1e-3"], ["--model-size", "small"], ["--seq-len", "48"]):
+        other = parsed(FAST + ["--cache-dir", str(tmp_path / "cache")] + change)
+        assert finetune.key_digest(finetune.base_key(other, corpus, torch.device("cpu"))) != first.name, change
+    other_data = finetune.base_key(args, corpus + b"x", torch.device("cpu"))
+    assert finetune.key_digest(other_data) != first.name
+    bases = [p for p in (tmp_path / "cache" / "bases").iterdir()]
+    assert bases == [first]  # one folder, no leftovers of the atomic write
+
+
+def test_a_run_starts_from_the_base_and_reports_both_domains(tmp_path, capsys):
+    out = tmp_path / "ft"
+    assert finetune.main(FAST + ["--methods", "misa,adamw", "--lr-grid", "1e-3,3e-3", "--seeds", "2", "--delta",
+                                 "0.3", "--interval", "2", "--cache-dir", str(tmp_path / "c"), "--out",
+                                 str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "on its own domain" in printed and "on the new one" in printed
+    data = json.loads((out / "finetune.json").read_text())
+    meta, rows = data["meta"], {r["method"]: r for r in data["rows"]}
+    assert meta["base_loss_new"] > 0 and meta["base_loss_old"] > 0
+    for name in ("misa", "adamw"):
+        r = rows[name]
+        assert set(r["grid"]) == {"0.001", "0.003"} and r["seeds"] == 2 and len(r["runs"]) == 2
+        assert [run["seed"] for run in r["runs"]] == [0, 1] and all(run["lr"] == r["lr"] for run in r["runs"])
+        assert r["memory"]["total_bytes"] > 0 and r["old_loss_mean"] > 0
+    assert "| misa |" in (out / "finetune.md").read_text() and (out / "finetune.png").stat().st_size > 1000
+
+
+# ----------------------------------------------------------------------------------------- LoRA and DoRA
+@needs_peft
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_adapters_train_and_the_base_stays_frozen(dora):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(SIZES["tiny"])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    adapters = attach_lora(model, r=4, alpha=8, dora=dora)
+    assert adapters and all(p.requires_grad for p in adapters)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all("lora_" in n for n in trainable)
+    opt = torch.optim.AdamW(adapters, lr=1e-2)
+    batch = torch.randint(0, 256, (2, 17))
+    for _ in range(3):
+        model.loss(batch).backward()
+        opt.step()
+        opt.zero_grad()
+    after = dict(model.named_parameters())
+    for n, p in before.items():  # peft renames a wrapped weight to ...base_layer.weight
+        moved = after.get(n, after.get(n.replace(".weight", ".base_layer.weight")))
+        assert torch.equal(moved, p), n
+    assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+
+
+@needs_peft
+def test_lora_and_dora_rows_in_the_comparison(tmp_path):
+    out = tmp_path / "ft"
+    assert finetune.main(FAST + ["--methods", "lora,dora", "--lr-grid", "1e-2", "--seeds", "1", "--lora-r", "2",
+                                 "--cache-dir", str(tmp_path / "c"), "--out", str(out)]) == 0
+    rows = {r["method"]: r for r in json.loads((out / "finetune.json").read_text())["rows"]}
+    cfg = SIZES["tiny"]
+    d, f, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+    lora_params = layers * 2 * (4 * 2 * d + 3 * (d + f))  # r (in + out) per projection, r = 2
+    assert rows["lora"]["memory"]["trainable_params"] == lora_params
+    magnitudes = layers * (4 * d + 2 * f + d)  # DoRA adds one magnitude per output feature
+    assert rows["dora"]["memory"]["trainable_params"] == lora_params + magnitudes
+
+
+# ----------------------------------------------------------------------------------------- memory ledger
+def _step(model, opt, meter):
+    model.loss(torch.randint(0, 256, (2, 17))).backward()
+    meter.before_step()
+    opt.step()
+    meter.after_step(opt)
+    opt.zero_grad(set_to_none=True)
+
+
+def test_memory_of_full_adamw_is_counted_to_the_byte():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(SIZES["tiny"])
+    params = list(model.parameters())
+    n = sum(p.numel() for p in params)
+    meter = MemoryMeter(model, params)
+    _step(model, torch.optim.AdamW(params, lr=1e-3), meter)
+    peak = meter.peak
+    assert peak.trainable_params == n and peak.adapter_bytes == 0 and peak.master_bytes == 0
+    assert peak.grad_bytes == 4 * n
+    assert peak.state_bytes == 8 * n + 4 * len(params)  # m, v, and torch's fp32 step counter per tensor
+
+
+def test_memory_of_misa_is_its_arena_and_the_active_gradients():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(SIZES["tiny"]).to(torch.bfloat16)
+    params = list(model.parameters())
+    opt = MISA(model, lr=1e-3, delta=0.3, interval=2)
+    meter = MemoryMeter(model, params)
+    peaks = []
+    for _ in range(4):
+        active = [p for p in params if p.requires_grad]
+        _step(model, opt, meter)
+        peaks.append(sum(p.numel() for p in active))
+    arena = opt.arena.stats()["bytes"]
+    assert meter.peak.state_bytes + meter.peak.master_bytes == arena
+    assert meter.peak.master_bytes == arena // 3  # bf16: m, v and an fp32 master per element
+    assert meter.peak.grad_bytes == 2 * max(peaks) and meter.peak.trainable_params == max(peaks)
+    assert max(peaks) <= opt.budget
+
+
+@needs_peft
+def test_memory_of_lora_counts_adapters_their_grads_and_states():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(SIZES["tiny"])
+    base = list(model.parameters())
+    adapters = attach_lora(model, r=4, alpha=8)
+    n = sum(p.numel() for p in adapters)
+    meter = MemoryMeter(model, base)
+    _step(model, torch.optim.AdamW(adapters, lr=1e-3), meter)
+    assert meter.peak.adapter_bytes == 4 * n and meter.peak.grad_bytes == 4 * n
+    assert meter.peak.state_bytes == 8 * n + 4 * len(adapters)
+
+
+def test_equal_memory_delta_fits_the_budget():
+    args = parsed(FAST)
+    budget = finetune.misa_bound(args, 0.2, {})
+    delta = finetune.delta_at(args, budget, {})
+    assert delta == pytest.approx(0.2, rel=0.05)
+    assert finetune.misa_bound(args, delta, {}) <= budget < finetune.misa_bound(args, delta * 1.05, {})
+    assert finetune.delta_at(args, 10, {}) is None  # not even one module
+    layers, one = finetune.lisa_layers_at(args, budget, {})
+    assert (layers == 0) == (one > budget)
+
+
+# ----------------------------------------------------------------------------------------- the learning rate
+def test_the_rate_is_chosen_on_validation_and_only_then_tested(monkeypatch, tmp_path):
+    val = {1e-3: 2.0, 3e-3: 1.5, 1e-2: 1.8}
+    test_if_chosen_on_test = {1e-3: 0.1, 3e-3: 9.0, 1e-2: 9.0}  # test would pick 1e-3: it must not be read
+    calls = []
+
+    def fake_run(args, entry, lr, seed, out, new, base, device, overrides):
+        calls.append(("train", lr, seed))
+        return {"method": entry, "lr": lr, "seed": seed, "val_loss": val[lr] + seed, "history": {},
+                "memory": {"total_bytes": 1}}, ("model", lr, seed)
+
+    def fake_eval(model, data, args, batches=None, split="val"):
+        calls.append((split, model))
+        return test_if_chosen_on_test[model[1]], 0.0, [0.0, 0.0]
+
+    monkeypatch.setattr(finetune, "one_run", fake_run)
+    monkeypatch.setattr(train, "evaluate_with_error", fake_eval)
+    monkeypatch.setattr(train, "evaluate", lambda model, data, args, batches=None: 0.5)
+    args = parsed(FAST + ["--seeds", "3"])
+    row = finetune.run_method(args, "misa", (1e-3, 3e-3, 1e-2), None, None, None, None, tmp_path, {})
+    assert row["lr"] == 3e-3 and not row["lr_at_grid_edge"]
+    grid_calls = calls[:3]
+    assert grid_calls == [("train", 1e-3, 0), ("train", 3e-3, 0), ("train", 1e-2, 0)]
+    tested = [c[1] for c in calls if c[0] == "test"]
+    assert tested == [("model", 3e-3, 0), ("model", 3e-3, 1), ("model", 3e-3, 2)]  # seed 0's grid run reused
+    assert calls.index(("test", ("model", 3e-3, 0))) > 2  # after the whole grid
+    assert [r["seed"] for r in row["runs"]] == [0, 1, 2]
+    assert finetune.choose_rate([{"lr": 1e-3, "val_loss": 1.0}, {"lr": 3e-4, "val_loss": 1.0}]) == 3e-4
+
+
+def test_grids_per_method():
+    grids = finetune.parse_grid("misa=1e-4,2e-4;lora=5e-3", ["misa", "lora", "adamw"])
+    assert grids == {"misa": (1e-4, 2e-4), "lora": (5e-3,), "adamw": finetune.DEFAULT_GRIDS["adamw"]}
+    assert finetune.parse_grid("1e-3", ["misa+delta=0.1", "lisa"]) == {"misa+delta=0.1": (1e-3,), "lisa": (1e-3,)}
+    assert finetune.parse_entry("misa-official+delta=0.1+flush=true") == (
+        "misa", "misa-official+flush=true", {"delta": 0.1})
+
+
+# ----------------------------------------------------------------------------------------- bad input
+def refused(capsys, argv, text, workdir, monkeypatch=None):
+    before = snapshot(workdir)
+    try:
+        code = finetune.main(argv)
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert text in err, err
+    assert "Traceback" not in err and err.count("error:") == 1
+    assert snapshot(workdir) == before
+
+
+@pytest.mark.parametrize("extra,text", [
+    (["--lr-grid", "1e-3,0"], "--lr-grid"),
+    (["--lr-grid", "1e-3,-1e-4"], "--lr-grid"),
+    (["--lr-grid", "misa=1e-3,abc"], "--lr-grid"),
+    (["--lr-grid", "sgd=1e-3"], "--lr-grid"),
+    (["--methods", "misa,sgd"], "--methods"),
+    (["--methods", "misa,misa"], "--methods"),
+    (["--methods", "lora+delta=0.1"], "--methods"),
+    (["--methods", "misa+flush=maybe"], "flush"),
+    (["--equal-memory", "--methods", "misa"], "--equal-memory"),
+    (["--delta", "0.0001"], "delta"),
+    (["--base", "/does/not/exist"], "--base"),
+    (["--data", "/does/not/exist"], "--data"),
+], ids=["zero-rate", "negative-rate", "not-a-rate", "grid-for-unknown-method", "unknown-method", "twice",
+        "switch-on-lora", "bad-switch", "equal-memory-without-lora", "delta-below-a-module", "missing-base",
+        "missing-data"])
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, monkeypatch, extra, text):
+    monkeypatch.chdir(tmp_path)
+    refused(capsys, FAST + ["--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out")] + extra, text,
+            tmp_path)
+
+
+def test_a_base_that_does_not_fit_the_model_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "base"
+    folder.mkdir()
+    torch.save({"model": LlamaForCausalLM(SIZES["tiny"]).state_dict()}, folder / finetune.BASE_FILE)
+    refused(capsys, FAST + ["--model-size", "small", "--base", str(folder), "--out", str(tmp_path / "out")],
+            "does not fit", tmp_path)
+    (folder / finetune.BASE_FILE).write_bytes(b"not a checkpoint")
+    refused(capsys, FAST + ["--base", str(folder), "--out", str(tmp_path / "out")], "--base", tmp_path)
+
+
+def test_missing_peft_is_one_clear_message(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(finetune, "peft_available", lambda: False)
+    refused(capsys, FAST + ["--methods", "misa,lora", "--out", str(tmp_path / "out")], "pip install misa-kernels[hf]",
+            tmp_path)
+
+
+def test_a_base_of_ours_is_taken_as_it_is(tmp_path):
+    folder = tmp_path / "base"
+    folder.mkdir()
+    torch.manual_seed(3)
+    weights = LlamaForCausalLM(SIZES["tiny"]).state_dict()
+    torch.save({"model": weights, "args": {}}, folder / train.CHECKPOINT)  # misa.train's checkpoint
+    out = tmp_path / "ft"
+    assert finetune.main(FAST + ["--methods", "adamw", "--lr-grid", "1e-3", "--seeds", "1", "--base", str(folder),
+                                 "--cache-dir", str(tmp_path / "c"), "--out", str(out)]) == 0
+    assert not (tmp_path / "c").exists()  # no pretraining when a base is given
+    assert str(folder) in json.loads((out / "finetune.json").read_text())["meta"]["base"]

@@ -18,10 +18,8 @@ Exit code 2 means bad input; nothing is written then.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
-import os
 import sys
 import time
 import warnings
@@ -39,6 +37,7 @@ from .data import DOMAINS, DataError, TokenDataset, load_corpus, tokenize
 from .integrations.lora import PEFT_MISSING, PeftMissing, attach_lora, peft_available
 from .memory import MemoryMeter
 from .model import SIZES
+from .pretrained import base_weights, check_fits, pretrained_base
 
 METHODS = ("misa", "lisa", "badam", "adamw", "lora", "dora")
 # Rates a small grid spans for each method, centred on each one's best in a wide pilot over 1e-4..1e-2 (the
@@ -50,8 +49,6 @@ DEFAULT_GRIDS = {"misa": (3e-3, 1e-2, 3e-2), "lisa": (1e-3, 3e-3, 1e-2), "badam"
 EXTRA_SWITCHES = {"delta": float, "interval": int, "embeddings": str, "train_norms": bool, "lisa_layers": int,
                   "warmup_steps": int}
 EQUAL = "@lora-memory"
-BASE_FILE = "base.pt"
-BASE_VERSION = 1  # bump when the pretraining recipe below changes
 TEST_FRACTION = 0.1
 UsageError = train.UsageError
 
@@ -242,88 +239,6 @@ def run_args(args, lr: float, seed: int, overrides: Dict, out: Path) -> SimpleNa
                   keep_states=None, norm_power=None, logit_cap=None, badam_order="descending", compare=None)
     fields.update(overrides)
     return SimpleNamespace(**fields)
-
-
-# ----------------------------------------------------------------------------------------- the base
-def cache_dir(args) -> Path:
-    return Path(args.cache_dir or os.environ.get("MISA_CACHE_DIR") or Path.home() / ".cache" / "misa")
-
-
-def _code_digest() -> str:
-    here = Path(__file__).resolve().parent
-    h = hashlib.sha256(str(BASE_VERSION).encode())
-    for name in ("model.py", "data.py"):
-        h.update((here / name).read_bytes())
-    return h.hexdigest()[:16]
-
-
-def base_key(args, corpus: bytes, device: torch.device) -> Dict:
-    """Everything that determines the pretrained base: the same key, the same weights."""
-    return {"config": train.model_config(args).to_dict(), "steps": args.base_steps, "lr": args.base_lr,
-            "seed": 0, "batch_size": args.batch_size, "seq_len": args.seq_len, "warmup_steps": 10,
-            "max_grad_norm": 1.0, "data": hashlib.sha256(corpus).hexdigest()[:16], "code": _code_digest(),
-            "torch": ".".join(torch.__version__.split("+")[0].split(".")[:2]), "device": device.type}
-
-
-def key_digest(key: Dict) -> str:
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def pretrained_base(args, old: TokenDataset, corpus: bytes, device: torch.device) -> Tuple[Path, bool]:
-    """The cached base for these settings: (its folder, whether it was already there). Made once with
-    AdamW on the main job's corpus, written atomically (a folder renamed into place)."""
-    key = base_key(args, corpus, device)
-    folder = cache_dir(args) / "bases" / key_digest(key)
-    if (folder / BASE_FILE).is_file():
-        return folder, True
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    work = folder.parent / f".{folder.name}.{os.getpid()}.tmp"
-    pre = run_args(args, args.base_lr, 0, dict(max_steps=args.base_steps, warmup_steps=10, max_grad_norm=1.0,
-                                               dtype="fp32", eval_every=args.base_steps, weight_decay=0.0,
-                                               model=None), work)
-    print(f"misa-finetune: pretraining the base once ({args.base_steps} AdamW steps on the main job's corpus); "
-          f"cached in {folder}", flush=True)
-    model = train.build_model(pre, device)
-    train.run(pre, "adamw", work, old, device, progress=train.show_progress(args), model=model)
-    torch.save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "key": key}, work / BASE_FILE)
-    (work / "base.json").write_text(json.dumps({"key": key, "digest": key_digest(key)}, indent=2))
-    for extra in ("checkpoint.pt", "loss.png"):
-        (work / extra).unlink(missing_ok=True)
-    try:
-        os.replace(work, folder)
-    except OSError:  # another process cached it meanwhile: theirs is the same weights
-        import shutil
-
-        shutil.rmtree(work, ignore_errors=True)
-    return folder, False
-
-
-def base_weights(path: Path) -> Dict[str, torch.Tensor]:
-    """The model weights in a base folder (base.pt of this command, checkpoint.pt of misa.train) or file."""
-    candidates = [path] if path.is_file() else [path / BASE_FILE, path / train.CHECKPOINT]
-    for f in candidates:
-        if f.is_file():
-            try:
-                saved = torch.load(f, map_location="cpu", weights_only=False)
-            except Exception as exc:
-                raise UsageError(f"--base: {f} is not a readable checkpoint ({type(exc).__name__})") from None
-            if isinstance(saved, dict) and isinstance(saved.get("model"), dict):
-                return saved["model"]
-            raise UsageError(f"--base: {f} holds no model weights (expected a dict with 'model')")
-    raise UsageError(f"--base: {path} holds neither {BASE_FILE} nor {train.CHECKPOINT}")
-
-
-def check_fits(weights: Dict[str, torch.Tensor], model, where: str) -> None:
-    """Refuses weights that do not fit the model, naming the first difference."""
-    own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
-    if missing or unexpected:
-        raise UsageError(f"--base: {where} does not fit this model (missing {missing[:2]}, unexpected "
-                         f"{unexpected[:2]}); pass the --model-size/--config it was trained with")
-    for k, v in own.items():
-        if tuple(weights[k].shape) != tuple(v.shape):
-            raise UsageError(f"--base: {where} does not fit this model ({k} is {list(weights[k].shape)} there, "
-                             f"{list(v.shape)} here); pass the --model-size/--config it was trained with")
 
 
 # ----------------------------------------------------------------------------------------- methods

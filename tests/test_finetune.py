@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from misa import finetune, train
+from misa import finetune, pretrained, train
 from misa.integrations.lora import attach_lora, peft_available
 from misa.memory import MemoryMeter
 from misa.model import SIZES, LlamaForCausalLM
@@ -34,21 +34,21 @@ def test_base_is_made_once_reused_and_keyed_by_its_settings(tmp_path):
     args = parsed(FAST + ["--cache-dir", str(tmp_path / "cache")])
     corpus = finetune.load_corpus(None)
     old = finetune.TokenDataset(finetune.tokenize(corpus), args.seq_len)
-    first, cached = finetune.pretrained_base(args, old, corpus, torch.device("cpu"))
-    assert not cached and (first / finetune.BASE_FILE).is_file()
-    made = (first / finetune.BASE_FILE).stat().st_mtime_ns
-    again, cached = finetune.pretrained_base(args, old, corpus, torch.device("cpu"))
-    assert cached and again == first and (first / finetune.BASE_FILE).stat().st_mtime_ns == made
-    weights = finetune.base_weights(first)
+    first, cached = pretrained.pretrained_base(args, old, corpus, torch.device("cpu"))
+    assert not cached and (first / pretrained.BASE_FILE).is_file()
+    made = (first / pretrained.BASE_FILE).stat().st_mtime_ns
+    again, cached = pretrained.pretrained_base(args, old, corpus, torch.device("cpu"))
+    assert cached and again == first and (first / pretrained.BASE_FILE).stat().st_mtime_ns == made
+    weights = pretrained.base_weights(first)
     fresh = LlamaForCausalLM(SIZES["tiny"]).state_dict()
     assert weights.keys() == fresh.keys()
     assert any(not torch.equal(weights[k], fresh[k]) for k in fresh)  # it was trained (seeded init is the same)
 
     for change in (["--base-steps", "4"], ["--base-lr", "1e-3"], ["--model-size", "small"], ["--seq-len", "48"]):
         other = parsed(FAST + ["--cache-dir", str(tmp_path / "cache")] + change)
-        assert finetune.key_digest(finetune.base_key(other, corpus, torch.device("cpu"))) != first.name, change
-    other_data = finetune.base_key(args, corpus + b"x", torch.device("cpu"))
-    assert finetune.key_digest(other_data) != first.name
+        assert pretrained.key_digest(pretrained.base_key(other, corpus, torch.device("cpu"))) != first.name, change
+    other_data = pretrained.base_key(args, corpus + b"x", torch.device("cpu"))
+    assert pretrained.key_digest(other_data) != first.name
     bases = [p for p in (tmp_path / "cache" / "bases").iterdir()]
     assert bases == [first]  # one folder, no leftovers of the atomic write
 
@@ -251,10 +251,10 @@ def test_a_base_that_does_not_fit_the_model_is_refused(tmp_path, capsys, monkeyp
     monkeypatch.chdir(tmp_path)
     folder = tmp_path / "base"
     folder.mkdir()
-    torch.save({"model": LlamaForCausalLM(SIZES["tiny"]).state_dict()}, folder / finetune.BASE_FILE)
+    torch.save({"model": LlamaForCausalLM(SIZES["tiny"]).state_dict()}, folder / pretrained.BASE_FILE)
     refused(capsys, FAST + ["--model-size", "small", "--base", str(folder), "--out", str(tmp_path / "out")],
             "does not fit", tmp_path)
-    (folder / finetune.BASE_FILE).write_bytes(b"not a checkpoint")
+    (folder / pretrained.BASE_FILE).write_bytes(b"not a checkpoint")
     refused(capsys, FAST + ["--base", str(folder), "--out", str(tmp_path / "out")], "--base", tmp_path)
 
 

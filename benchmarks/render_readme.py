@@ -80,7 +80,8 @@ def finetune_section() -> str:
                  f"{meta['delta']}, eta={meta['eta']}, T={meta['interval']}, embeddings {meta['embeddings']}; written "
                  f"by `{meta['command']}`; plot `{rel}/finetune.png`.", ""]
         lines += [f"- {note}" for note in meta.get("notes", [])]
-        lines += ["", finetune.table(rows, {"old": meta["base_loss_old"]}), "", finetune.verdict(rows)]
+        lines += ["", finetune.table(rows, {"old": meta["base_loss_old"]}), "", finetune.verdict(rows), "",
+                  "**When to choose what, from this run:** " + finetune.advice(rows, meta["base_loss_old"])]
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
 

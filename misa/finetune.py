@@ -188,17 +188,14 @@ def parse_entry(entry: str) -> Tuple[str, str, Dict]:
 
 
 def validate(args) -> None:
-    for name in ("max_steps", "seq_len", "batch_size", "interval", "eval_every", "eval_batches", "seeds",
-                 "lora_r", "base_steps"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)}")
+    train.validate_common(args, counts=("max_steps", "seq_len", "batch_size", "interval", "eval_every",
+                                        "eval_batches", "seeds", "lora_r", "base_steps"),
+                          positive=("base_lr",), nonnegative=("weight_decay", "max_grad_norm"),
+                          paths=("config", "model", "data", "base"))
     if not 0 < args.delta <= 1:
         raise UsageError(f"--delta: expected a fraction in (0, 1], got {args.delta}")
-    for name in ("base_lr", "weight_decay", "max_grad_norm"):
-        value = getattr(args, name)
-        if not math.isfinite(value) or value < 0 or (name == "base_lr" and value == 0):
-            raise UsageError(f"--{name.replace('_', '-')}: expected a finite number "
-                             f"{'> 0' if name == 'base_lr' else '>= 0'}, got {value}")
+    if args.eta != "auto" and not (math.isfinite(args.eta) and args.eta >= 0):
+        raise UsageError(f"--eta: expected a finite eta >= 0 or 'auto', got {args.eta}")
     if args.lora_alpha is not None and not (math.isfinite(args.lora_alpha) and args.lora_alpha > 0):
         raise UsageError(f"--lora-alpha: expected a finite number > 0, got {args.lora_alpha}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -215,21 +212,6 @@ def validate(args) -> None:
         raise UsageError("--equal-memory: matches LoRA's memory, so --methods must include lora")
     if args.base and args.model:
         raise UsageError("--base and --model exclude each other: a Hugging Face model is its own base")
-    if args.base is not None and not Path(args.base).exists():
-        raise UsageError(f"--base: {args.base} does not exist")
-    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
-        raise UsageError(f"--out: {args.out} is an existing file; name a folder")
-    for name in ("config", "model", "data"):
-        path = getattr(args, name)
-        if path is not None and not Path(path).exists():
-            raise UsageError(f"--{name}: {path} does not exist")
-    if args.device is not None:
-        try:
-            dev = torch.device(args.device)
-        except RuntimeError as exc:
-            raise UsageError(f"--device: {exc}") from exc
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise UsageError(f"--device {args.device}: no CUDA device is available")
 
 
 def run_args(args, lr: float, seed: int, overrides: Dict, out: Path) -> SimpleNamespace:
@@ -421,6 +403,51 @@ def verdict(rows: List[Dict]) -> str:
     return " ".join(out)
 
 
+def _gap(a: Dict, b: Dict) -> Tuple[float, float]:
+    """(b's mean test loss minus a's, the larger of their seed spreads)."""
+    return b["test_loss_mean"] - a["test_loss_mean"], max(a["test_loss_std"], b["test_loss_std"])
+
+
+def advice(rows: List[Dict], base_old: float) -> str:
+    """When to choose MISA, LoRA or LISA, read off these rows (computed, never typed)."""
+    by = {r["method"]: r for r in rows}
+    out = []
+
+    def mib(r):
+        return r["memory"]["total_bytes"] / 2**20
+
+    equal = by.get("misa" + EQUAL)
+    if equal is not None and "lora" in by:
+        d, spread = _gap(equal, by["lora"])
+        if abs(d) <= spread:
+            out.append(f"At LoRA's memory ({mib(by['lora']):.2f} MiB accounted) MISA and LoRA train alike here (test "
+                       f"losses {abs(d):.4f} apart, within the seed spread {spread:.4f}): choose on other grounds.")
+        else:
+            better, worse = ("MISA", "LoRA") if d > 0 else ("LoRA", "MISA")
+            out.append(f"At LoRA's memory ({mib(by['lora']):.2f} MiB accounted) {better} trains better than {worse} "
+                       f"(test loss {abs(d):.4f} lower, more than the seed spread {spread:.4f}): choose {better} "
+                       "when memory is what limits you.")
+    sampled = [r for r in rows if method_name(r["method"]) in ("misa", "lisa", "badam", "lora", "dora")]
+    if sampled:
+        best = min(sampled, key=lambda r: r["test_loss_mean"])
+        line = (f"Of the memory-saving methods, {best['method']} reaches the lowest test loss "
+                f"({best['test_loss_mean']:.4f}, {mib(best):.2f} MiB accounted")
+        if "adamw" in by:
+            line += (f"; full fine-tuning {by['adamw']['test_loss_mean']:.4f} at {mib(by['adamw']):.2f} MiB")
+        out.append(line + ").")
+    if "misa" in by and "lisa" in by:
+        d, spread = _gap(by["misa"], by["lisa"])
+        word = "lower" if d > 0 else "higher"
+        out.append(f"MISA ({by['misa']['memory']['trainable_params']:,} parameters trained at a time) ends "
+                   f"{abs(d):.4f} {word} than LISA ({'beyond' if abs(d) > spread else 'within'} the seed spread), "
+                   f"at {mib(by['misa']) / max(mib(by['lisa']), 1e-9):.2f}x its memory.")
+    least = min(rows, key=lambda r: r["old_loss_mean"])
+    out.append(f"{least['method']} forgets least: its loss on the old domain rises from {base_old:.4f} to "
+               f"{least['old_loss_mean']:.4f}; " + ", ".join(f"{r['method']} {r['old_loss_mean']:.4f}" for r in
+                                                             sorted(rows, key=lambda r: r["old_loss_mean"])[1:]) + ".")
+    return " ".join(out)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -535,7 +562,7 @@ def finetune(args, argv, methods, grids, device, old_corpus, old, new, base) -> 
     (out / "finetune.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     text = table(rows, base_losses)
     (out / "finetune.md").write_text(f"Written by `{meta['command']}`\n\n" + "\n".join(notes) + "\n\n" + text
-                                     + "\n\n" + verdict(rows) + "\n")
+                                     + "\n\n" + verdict(rows) + "\n\n" + advice(rows, base_losses["old"]) + "\n")
     train.plot(curves, out / "finetune.png", title=f"fine-tuning {what} on {new_name}: validation loss")
     if not args.keep_runs:
         import shutil

@@ -121,22 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ----------------------------------------------------------------------------------------- validation
 def validate(args) -> None:
-    for name in ("max_steps", "seq_len", "batch_size", "interval", "eval_every", "eval_batches", "seeds"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)}")
+    validate_common(args, counts=("max_steps", "seq_len", "batch_size", "interval", "eval_every", "eval_batches",
+                                  "seeds"), positive=("lr",), nonnegative=("weight_decay", "max_grad_norm"),
+                    paths=("config", "model"))
     if not 0 < args.delta <= 1:
         raise UsageError(f"--delta: expected a fraction in (0, 1], got {args.delta}")
     if args.eta != "auto" and not (math.isfinite(args.eta) and args.eta >= 0):
         raise UsageError(f"--eta: expected a finite eta >= 0 or 'auto', got {args.eta}")
-    for name in ("lr", "weight_decay", "max_grad_norm"):
-        value = getattr(args, name)
-        if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
-            raise UsageError(f"--{name.replace('_', '-')}: expected a finite number "
-                             f"{'> 0' if name == 'lr' else '>= 0'}, got {value}")
     if args.seeds != 1 and args.compare is None:
         raise UsageError("--seeds: runs several seeds only with --compare (e.g. --compare misa,lisa --seeds 3)")
-    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
-        raise UsageError(f"--out: {args.out} is an existing file; name a folder")
     if args.compare is not None:
         names = [n.strip() for n in args.compare.split(",") if n.strip()]
         if not names:
@@ -149,6 +142,21 @@ def validate(args) -> None:
             raise UsageError("--compare and --resume do not go together")
     if args.resume and not (Path(args.resume) / CHECKPOINT).is_file():
         raise UsageError(f"--resume: {Path(args.resume) / CHECKPOINT} does not exist")
+
+
+def validate_common(args, counts, positive, nonnegative, paths) -> None:
+    """The checks the main job and misa.finetune share: counts >= 1, finite rates, --out, a readable
+    --config, paths that exist, a usable --device."""
+    for name in counts:
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)}")
+    for name in positive + nonnegative:
+        value = getattr(args, name)
+        if not math.isfinite(value) or value < 0 or (name in positive and value == 0):
+            raise UsageError(f"--{name.replace('_', '-')}: expected a finite number "
+                             f"{'> 0' if name in positive else '>= 0'}, got {value}")
+    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out: {args.out} is an existing file; name a folder")
     if args.config is not None and Path(args.config).is_file():
         try:
             fields = json.loads(Path(args.config).read_text())
@@ -160,7 +168,7 @@ def validate(args) -> None:
         if unknown:
             raise UsageError(f"--config: unknown field(s) {', '.join(sorted(unknown))}; LlamaConfig has "
                              f"{', '.join(LlamaConfig().to_dict())}")
-    for name in ("config", "model"):
+    for name in paths:
         path = getattr(args, name)
         if path is not None and not Path(path).exists():
             raise UsageError(f"--{name}: {path} does not exist")

@@ -237,11 +237,7 @@ def build_method(entry: str, rargs, base: Dict[str, torch.Tensor], device):
         opt = torch.optim.AdamW(adapters, lr=rargs.lr, weight_decay=rargs.weight_decay,
                                 fused=device.type == "cuda")
         return model, opt, base_params
-    with warnings.catch_warnings():
-        # the frozen embeddings and norms are this command's choice (its header says so), not an accident
-        warnings.filterwarnings("ignore", message="MISA: .* stay frozen", category=UserWarning)
-        opt = train.build_optimizer(inner.replace(EQUAL, ""), model, rargs)
-    return model, opt, base_params
+    return model, train.build_optimizer(inner.replace(EQUAL, ""), model, rargs), base_params
 
 
 def misa_bound(args, delta: float, overrides: Dict, layers: Optional[int] = None) -> int:

@@ -6,6 +6,7 @@ weights the user brings (`--base`), checked against the model before anything ru
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -28,10 +29,15 @@ def cache_dir(args) -> Path:
 
 
 def _code_digest() -> str:
-    here = Path(__file__).resolve().parent
+    """A digest of the code that determines the base's weights: the model, the batches, the training loop,
+    the optimizer it builds and the recipe below; not the command lines around them, whose edits would
+    pretrain again for nothing."""
+    from . import data, model
+
     h = hashlib.sha256(str(BASE_VERSION).encode())
-    for name in ("model.py", "data.py", "train.py", "pretrained.py"):
-        h.update((here / name).read_bytes())
+    for part in (model, data.TokenDataset, train.run, train.build_model, train.build_optimizer, train.lr_lambda,
+                 pretrained_base):
+        h.update(inspect.getsource(part).encode())
     return h.hexdigest()[:16]
 
 

@@ -14,6 +14,7 @@ import os
 import resource
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -278,6 +279,14 @@ def build_optimizer(entry: str, model, args):
     if name == "adamw":
         fused = next(model.parameters()).is_cuda
         return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=fused)
+    with warnings.catch_warnings():
+        # What stays frozen is this job's choice, said in words in its header (frozen_in_words), not an accident
+        # to warn about; the warning stays for library users who did not choose it.
+        warnings.filterwarnings("ignore", message="MISA: .* stay frozen", category=UserWarning)
+        return _build_misa(name, options, model, args)
+
+
+def _build_misa(name: str, options: Dict, model, args):
     common = dict(lr=args.lr, weight_decay=args.weight_decay, seed=args.seed, backend=args.backend)
     every_step = args.embeddings == "every-step"
     if name == "lisa":
@@ -299,6 +308,24 @@ def build_optimizer(entry: str, model, args):
                 include_embedding=as_modules, include_lm_head=as_modules, always_train=always,
                 train_1d=getattr(args, "train_norms", False), **switches,
                 **common)
+
+
+def frozen_in_words(opt) -> str:
+    """What a MISA-family optimizer never trains, in words: 'norms (9 tensors, 1,152 params, 0.14%)'."""
+    frozen = opt._never_trained()
+    if not frozen:
+        return "nothing frozen for the whole run"
+    kinds = []
+    for label, test in (("embedding", lambda n, p: "embed" in n), ("LM head", lambda n, p: "lm_head" in n),
+                        ("norms", lambda n, p: p.dim() == 1 and "norm" in n),
+                        ("other 1-D parameters", lambda n, p: p.dim() == 1 and "norm" not in n),
+                        ("other weights", lambda n, p: p.dim() > 1 and "embed" not in n and "lm_head" not in n)):
+        hits = [(n, p) for n, p in frozen if test(n, p) and all((n, p) not in k[1] for k in kinds)]
+        if hits:
+            kinds.append((label, hits))
+    n = sum(p.numel() for _, p in frozen)
+    words = ", ".join(f"{label} ({len(hits)} tensor{'s' if len(hits) > 1 else ''})" for label, hits in kinds)
+    return f"frozen for the whole run: {words}, {n:,} params, {n / opt.partition.total_params:.2%}"
 
 
 def lr_lambda(warmup: int):
@@ -595,7 +622,7 @@ def prepare(args, parser, argv):
     described = []
     for entry in entries:
         opt = build_optimizer(entry, build_model(args, "meta") if entry != entries[0] else model, args)
-        described.append(repr(opt) if isinstance(opt, MISA) else f"AdamW(lr={args.lr:g})")
+        described.append(f"{opt!r}, {frozen_in_words(opt)}" if isinstance(opt, MISA) else f"AdamW(lr={args.lr:g})")
     what = args.model or (f"model {args.model_size}" + (f" + {args.config}" if args.config else ""))
     header = (f"misa-train: {what} ({params:,} params, {args.dtype}) on {describe(args.data)} "
               f"({len(data.train):,} training tokens), device {device}, backend {args.backend}, "

@@ -93,3 +93,6 @@ def test_module_entry_point_runs(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "val perplexity" in result.stdout
+    # The job chose to freeze the norms: its header says so in words, and no library warning opens the run.
+    assert "frozen for the whole run: norms (5 tensors)" in result.stdout.splitlines()[0]
+    assert "Warning" not in result.stderr, result.stderr

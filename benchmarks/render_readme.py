@@ -73,7 +73,7 @@ def finetune_section() -> str:
         meta, rows = data["meta"], data["rows"]
         rel = f.parent.relative_to(ROOT)
         lines = [f"**{rel.name}** ({meta['device']}, torch {meta['torch']}, commit {meta['commit'][:10]}, "
-                 f"{meta['date']}): {meta['model']} ({meta['dtype']}), base {Path(meta['base'].split(' ')[0]).name}: "
+                 f"{meta['date']}): {meta['model']} ({meta['dtype']}), base {meta['base']}: "
                  f"loss {meta['base_loss_old']:.4f} on its own domain (Python sources), {meta['base_loss_new']:.4f} "
                  f"on the new one, {meta['new_domain']}; {meta['steps']} steps of {meta['batch_size']} x "
                  f"{meta['seq_len']}; LoRA/DoRA r={meta['lora_r']}, alpha={meta['lora_alpha']:g}; MISA delta="

@@ -4,8 +4,9 @@ AdamW, LoRA and DoRA, each at its own best learning rate, and report quality, fo
 1. The base: pretrained once with AdamW on the main job's corpus (Python's standard-library sources) and
    cached on disk under a key of everything that determines it (config, steps, learning rate, seed,
    data, code, torch, device), so the next run starts at once; or --base DIR (ours), or --model (HF).
-2. The new domain: Python's documentation topics, English prose shipped with Python (or --data). The
-   base's loss on it and on its own domain are printed: the shift must be real.
+2. The new domain, shipped with Python: the Unicode character names (default), or the documentation
+   topics (English prose), or --data. The base's loss on it and on its own domain are printed: the
+   shift must be real.
 3. Each method runs its learning-rate grid at the first seed; the rate with the lowest loss on the new
    domain's validation split is chosen (the test split is not even evaluated then), and --seeds seeds
    run at it. The table reports the test split, the old domain's loss (forgetting) and the memory
@@ -22,6 +23,7 @@ import json
 import math
 import sys
 import time
+import unicodedata
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -492,11 +494,13 @@ def prepare(args):
 
 def finetune(args, argv, methods, grids, device, old_corpus, old, new, base) -> int:
     out = Path(args.out or Path("runs") / f"finetune-{time.strftime('%Y%m%d-%H%M%S')}")
-    base_note = args.model or args.base
+    base_note = provenance.portable(str(Path(args.model or args.base).resolve())) if args.model or args.base else ""
+    where = base_note
     if base is None and not args.model:
         folder, cached = pretrained_base(args, old, old_corpus, device)
         base = base_weights(folder)
-        base_note = f"{folder} ({'cached' if cached else 'made now'})"
+        base_note = f"pretrained {folder.name} ({'cached' if cached else 'made now'})"
+        where = f"{base_note} in {folder.parent}"
     probe = run_args(args, 1e-3, args.seed, {}, out)
     model = train.build_model(probe, device)
     if base is not None:
@@ -505,9 +509,9 @@ def finetune(args, argv, methods, grids, device, old_corpus, old, new, base) -> 
     del model
     what = args.model or f"model {args.model_size}" + (f" + {args.config}" if args.config else "")
     new_name = args.data or {"unicode-names": "the Unicode character names (unicodedata "
-                                              f"{__import__('unicodedata').unidata_version})",
+                                              f"{unicodedata.unidata_version})",
                              "python-docs": "Python's documentation topics (pydoc_data, English prose)"}[args.domain]
-    print(f"misa-finetune: {what} ({args.dtype}) from base {base_note}; fine-tuning on {new_name}, "
+    print(f"misa-finetune: {what} ({args.dtype}) from base {where}; fine-tuning on {new_name}, "
           f"{args.max_steps} steps of {args.batch_size} x {args.seq_len}, device {device}; the base's loss: "
           f"{base_losses['old']:.4f} on its own domain (Python sources), {base_losses['new']:.4f} on the new one; "
           f"embeddings and head {args.embeddings}, norms {'trained' if args.train_norms else 'frozen'} (MISA); "
@@ -547,7 +551,7 @@ def finetune(args, argv, methods, grids, device, old_corpus, old, new, base) -> 
         r["paired_se"] = {o["method"]: paired_se(r["runs"], o["runs"]) for o in rows}
     meta = {"command": provenance.command("misa.finetune", argv), "device": str(device), "torch": torch.__version__,
             "commit": provenance.commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "model": what, "dtype": args.dtype, "base": str(base_note), "base_loss_old": base_losses["old"],
+            "model": what, "dtype": args.dtype, "base": base_note, "base_loss_old": base_losses["old"],
             "base_loss_new": base_losses["new"], "new_domain": new_name, "domain": args.data or args.domain,
             "steps": args.max_steps,
             "seq_len": args.seq_len, "batch_size": args.batch_size, "delta": args.delta, "eta": args.eta,

@@ -24,15 +24,16 @@ def commit() -> str:
 def command(module: str, argv: Sequence[str]) -> str:
     """How to rerun this: `python -m module ...`, with paths relative to the working folder where
     possible (a results file should not carry one machine's absolute paths)."""
-    cwd = Path.cwd()
-    out = []
-    for arg in argv:
-        if os.path.isabs(arg):
-            path = Path(arg)
-            # inside the working folder: relative; elsewhere: only its name (another machine's layout)
-            arg = os.path.relpath(path, cwd) if cwd in path.parents else f".../{path.name}"
-        out.append(arg)
-    return " ".join(["python", "-m", module, *out])
+    return " ".join(["python", "-m", module, *map(portable, argv)])
+
+
+def portable(arg: str) -> str:
+    """An absolute path made fit for a results file: relative inside the working folder, elsewhere only
+    its name (another machine's layout); anything else unchanged."""
+    if not os.path.isabs(arg):
+        return arg
+    path, cwd = Path(arg), Path.cwd()
+    return os.path.relpath(path, cwd) if cwd in path.parents else f".../{path.name}"
 
 
 def _version() -> str:

@@ -493,6 +493,7 @@ def prepare(args):
 
 
 def finetune(args, argv, methods, grids, device, old_corpus, old, new, base) -> int:
+    commit = provenance.commit()  # the code that runs, read before a long run gives time for edits
     out = Path(args.out or Path("runs") / f"finetune-{time.strftime('%Y%m%d-%H%M%S')}")
     base_note = provenance.portable(str(Path(args.model or args.base).resolve())) if args.model or args.base else ""
     where = base_note
@@ -550,7 +551,7 @@ def finetune(args, argv, methods, grids, device, old_corpus, old, new, base) -> 
     for r in rows:
         r["paired_se"] = {o["method"]: paired_se(r["runs"], o["runs"]) for o in rows}
     meta = {"command": provenance.command("misa.finetune", argv), "device": str(device), "torch": torch.__version__,
-            "commit": provenance.commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "model": what, "dtype": args.dtype, "base": base_note, "base_loss_old": base_losses["old"],
             "base_loss_new": base_losses["new"], "new_domain": new_name, "domain": args.data or args.domain,
             "steps": args.max_steps,

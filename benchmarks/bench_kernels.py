@@ -248,10 +248,15 @@ def triton_configs() -> Dict[str, object]:
         from misa_kernels.triton import tune
     except Exception:  # no triton here
         return {}
-    saved = tune.saved_timings(torch.cuda.get_device_name() if torch.cuda.is_available() else None)
-    return {f"{kernel}|{dtype}|master={master}": {"config": list(config), "timings_ms": saved.get(kernel, {})
-                                                  .get((str(dtype).replace("torch.", ""), master))}
-            for (kernel, _, dtype, master), config in tune.chosen().items()}
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    saved, how = tune.saved_timings(name), tune.saved_timings(name, part=3)
+    out = {}
+    for (kernel, _, dtype, master), config in tune.chosen().items():
+        kind = (str(dtype).replace("torch.", ""), master)
+        out[f"{kernel}|{kind[0]}|master={master}"] = {"config": list(config),
+                                                      "timings_ms": saved.get(kernel, {}).get(kind),
+                                                      "decision": how.get(kernel, {}).get(kind)}
+    return out
 
 
 def row(bench_name, impl, dname, case, numel, fresh, t, nbytes, bw) -> Dict:

@@ -425,6 +425,23 @@ def advice(rows: List[Dict], base_old: float) -> str:
             out.append(f"At LoRA's memory ({mib(by['lora']):.2f} MiB accounted) {better} trains better than {worse} "
                        f"(test loss {abs(d):.4f} lower, more than the seed spread {spread:.4f}): choose {better} "
                        "when memory is what limits you.")
+    mine = sorted((r for r in rows if method_name(r["method"]) == "misa"), key=mib)
+    if "lora" in by and mine:
+        lora = by["lora"]
+        within = [r for r in mine if mib(r) <= mib(lora) * 1.001]
+        if within:
+            best = min(within, key=lambda r: r["test_loss_mean"])
+            d, spread = _gap(best, lora)
+            out.append(f"Within LoRA's memory the best MISA row is {best['method']} ({best['test_loss_mean']:.4f}, "
+                       f"{abs(d):.4f} {'below' if d > 0 else 'above'} LoRA's {lora['test_loss_mean']:.4f}; seed "
+                       f"spread {spread:.4f}).")
+        beating = [r for r in mine if _gap(r, lora)[0] > _gap(r, lora)[1]]
+        if beating:
+            first = beating[0]
+            out.append(f"The least memory at which a MISA row beats LoRA beyond the seed spread: {first['method']} "
+                       f"at {mib(first) / mib(lora):.2f}x LoRA's accounted memory.")
+        else:
+            out.append("No MISA row here beats LoRA beyond the seed spread.")
     sampled = [r for r in rows if method_name(r["method"]) in ("misa", "lisa", "badam", "lora", "dora")]
     if sampled:
         best = min(sampled, key=lambda r: r["test_loss_mean"])

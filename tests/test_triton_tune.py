@@ -53,6 +53,35 @@ def test_measure_picks_the_fastest_candidate_that_runs():
     assert {n for n, _, _ in launched} == {tune.SCRATCH_TENSORS}  # scratch tensors, never the caller's
 
 
+def test_measure_takes_the_median_of_interleaved_rounds_and_a_tie_goes_to_the_default():
+    from misa_kernels.triton import tune
+
+    calls = []
+
+    def timings(table):  # (2048, 8) is 1% faster than the default: a tie; (512, 4) has one slow outlier round
+        def timer(fn, reps):
+            fn()
+            c = calls[-1]
+            noisy = 50.0 if c == (512, 4) and calls.count(c) == 2 else 0.0
+            return {(1024, 4): 1.10, (1024, 8): 1.00, (2048, 8): 0.99, (512, 4): 1.30, (2048, 16): 1.20}[c] + noisy
+        return timer
+
+    launch = lambda table, b, w: calls.append((b, w))  # noqa: E731
+    best, medians = tune.measure(torch.device("cpu"), [torch.float32], 65536, launch, timer=timings(None))
+    assert best == tune.DEFAULT and medians["2048,8"] < medians["1024,8"]
+    assert medians["512,4"] == 1.30  # the outlier round does not move the median
+    order = [c for c in calls]
+    assert len(order) == tune.ROUNDS * len(tune.CANDIDATES) and order[:5] == order[5:10]  # interleaved rounds
+    how = tune.measured()
+    assert how["tie_to_default"] and how["margin"] == pytest.approx(1.00 / 0.99 - 1)
+    assert how["scratch_elements"] == tune.SCRATCH_TENSORS * tune.SCRATCH_NUMEL >= 64 * 2**20  # bandwidth-bound
+
+    calls.clear()
+    clear_winner = lambda fn, reps: (fn(), {(2048, 8): 0.5}.get(calls[-1], 1.0))[1]  # noqa: E731
+    assert tune.measure(torch.device("cpu"), [torch.float32], 65536, launch, timer=clear_winner)[0] == (2048, 8)
+    assert not tune.measured()["tie_to_default"]
+
+
 def test_measure_skips_blocks_larger_than_the_chunk():
     from misa_kernels.triton import tune
 
@@ -72,6 +101,8 @@ def test_choices_are_remembered_on_disk(monkeypatch, tmp_path):
     assert tune._load(key) == (2048, 8)
     assert tune.saved_timings("NVIDIA H100 80GB HBM3") == {"adamw": {("bfloat16", True): {"2048,8": 0.5}}}
     assert tune.saved_timings("another GPU") == {}
+    tune._save(key, (2048, 8), {"2048,8": 0.5}, {"margin": 0.1})
+    assert tune.saved_timings("NVIDIA H100 80GB HBM3", part=3) == {"adamw": {("bfloat16", True): {"margin": 0.1}}}
     assert tune._load(("adamw", "NVIDIA H100 80GB HBM3", "bfloat16", False)) is None
     (tmp_path / "triton_configs.json").write_text("not json")
     assert tune._load(key) is None  # a damaged file costs a re-tune, not an error

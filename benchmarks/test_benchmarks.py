@@ -91,3 +91,19 @@ def test_adamw_step_torch_cpu(benchmark, fresh):
 def test_grad_sq_norms_torch_cpu(benchmark):
     g = [torch.randn(256, 256) for _ in range(8)]
     benchmark(lambda: mk.grad_sq_norms(g, backend="torch"))
+
+
+def test_gpu_check_default_stages_fit_one_ten_minute_call():
+    """The device tool gives a command 10 minutes: the build and the default stages' time limits add up
+    to less, and every test file the tests stage names exists."""
+    import re
+
+    script = (Path(__file__).parent / "gpu_check.sh").read_text()
+    default = re.search(r'STAGES=",\$\{STAGES:-([a-z0-9,]+)\},"', script).group(1).split(",")
+    limits = {"build": int(re.search(r"timeout (\d+) python -m pip install", script).group(1))}
+    for stage in default:
+        body = re.search(r"want %s; then(.*?)\n  fi" % stage, script, re.S).group(1)
+        limits[stage] = sum(int(t) for t in re.findall(r"timeout (\d+)", body))
+    assert all(limits.values()) and sum(limits.values()) <= 570, limits
+    named = re.findall(r"tests/(test_\w+\.py)", script)
+    assert named and all((Path(__file__).parents[1] / "tests" / n).is_file() for n in named)

@@ -87,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-norms", action="store_true", help="MISA trains the norms at every step")
     p.add_argument("--lisa-layers", type=int, default=None,
                    help="layers LISA trains at once (default: as many as fit in --delta, at least 1)")
-    p.add_argument("--max-steps", type=int, default=200, help="fine-tuning steps of every run")
+    # 600 steps of 8 x 128 bytes are about 0.7 epoch of the default domain. At 200 steps MISA at LoRA's memory
+    # had trained each weight matrix for too few steps and lost to LoRA (benchmarks/results/finetune-ablation-*).
+    p.add_argument("--max-steps", type=int, default=600, help="fine-tuning steps of every run")
     p.add_argument("--warmup-steps", type=int, default=10, help="linear learning-rate warm-up")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
@@ -114,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "cuda"),
                    help="misa_kernels backend")
     p.add_argument("--seed", type=int, default=0, help="first seed (model-independent: data order, sampler)")
-    p.add_argument("--eval-every", type=int, default=100, help="evaluate the new domain every N steps")
+    p.add_argument("--eval-every", type=int, default=200, help="evaluate the new domain every N steps")
     p.add_argument("--eval-batches", type=int, default=32, help="batches of every evaluation (fixed windows)")
     p.add_argument("--out", default=None, help="output folder (default: runs/finetune-<time>)")
     p.add_argument("--keep-runs", action="store_true",

@@ -40,6 +40,7 @@ from .integrations.lora import PEFT_MISSING, PeftMissing, attach_lora, peft_avai
 from .memory import MemoryMeter
 from .model import SIZES
 from .pretrained import base_weights, check_fits, pretrained_base
+from .variants import PRESETS
 
 METHODS = ("misa", "lisa", "badam", "adamw", "lora", "dora")
 # Rates a small grid spans for each method, centred on each one's best in a wide pilot over 1e-4..1e-2 (the
@@ -73,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "'misa=3e-4,1e-3;lora=1e-3,3e-3' (others keep their default grid, "
                         + "; ".join(f"{m} {','.join(f'{r:g}' for r in g)}" for m, g in DEFAULT_GRIDS.items()) + ")")
     p.add_argument("--seeds", type=int, default=3, help="seeds at the chosen rate (the grid runs the first)")
+    p.add_argument("--grid-extensions", type=int, default=2,
+                   help="times a grid is extended past an edge that was chosen (by the grid's own ratio)")
     p.add_argument("--equal-memory", action="store_true",
                    help="add MISA with delta set to LoRA's accounted memory (and LISA with the layers that fit)")
     p.add_argument("--lora-r", type=int, default=8, help="LoRA/DoRA rank, on all seven projections")
@@ -80,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delta", type=float, default=0.25, help="MISA's budget (fraction of all parameters)")
     p.add_argument("--eta", type=train._eta, default=100.0, help="MISA's sampling temperature, or 'auto'")
     p.add_argument("--interval", type=int, default=20, help="optimizer steps per outer loop (MISA, LISA, BAdam)")
-    p.add_argument("--variant", default="default", help="MISA preset: default, paper, official")
+    p.add_argument("--variant", default="default", choices=tuple(PRESETS), help="MISA preset")
     p.add_argument("--embeddings", default="frozen", choices=("every-step", "module", "frozen"),
                    help="embedding and LM head during fine-tuning: frozen (as LoRA leaves them), trained at every "
                         "step, or sampled as MISA modules")
@@ -200,6 +203,8 @@ def validate(args) -> None:
         raise UsageError(f"--delta: expected a fraction in (0, 1], got {args.delta}")
     if args.eta != "auto" and not (math.isfinite(args.eta) and args.eta >= 0):
         raise UsageError(f"--eta: expected a finite eta >= 0 or 'auto', got {args.eta}")
+    if args.grid_extensions < 0:
+        raise UsageError(f"--grid-extensions: expected an integer >= 0, got {args.grid_extensions}")
     if args.lora_alpha is not None and not (math.isfinite(args.lora_alpha) and args.lora_alpha > 0):
         raise UsageError(f"--lora-alpha: expected a finite number > 0, got {args.lora_alpha}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -323,13 +328,30 @@ def choose_rate(grid_rows: Sequence[Dict]) -> float:
 
 def run_method(args, entry: str, rates, new, old, base, device, out: Path, overrides: Dict) -> Dict:
     """The grid at the first seed, the choice on validation, then the other seeds at the chosen rate
-    (the first seed's run at that rate is reused, and only then evaluated on the test split)."""
+    (the first seed's run at that rate is reused, and only then evaluated on the test split). A choice at
+    the edge of the grid extends it by the grid's own ratio, up to `--grid-extensions` times, so that the
+    chosen rate is a minimum on validation rather than a boundary."""
+    rates = sorted(rates)
     grid, models = [], {}
-    for lr in rates:
+
+    def trial(lr):
         row, models[lr] = one_run(args, entry, lr, args.seed, out / f"{entry}-lr{lr:g}-seed{args.seed}", new,
                                   base, device, overrides)
         print(f"[{entry} lr={lr:g} seed={args.seed}] val {row['val_loss']:.4f} (grid)", flush=True)
         grid.append(row)
+
+    for lr in rates:
+        trial(lr)
+    ratio = rates[1] / rates[0] if len(rates) > 1 else None
+    for _ in range(args.grid_extensions if ratio else 0):
+        chosen, tried = choose_rate(grid), sorted(r["lr"] for r in grid)
+        if chosen == tried[0]:
+            trial(tried[0] / ratio)
+        elif chosen == tried[-1]:
+            trial(tried[-1] * ratio)
+        else:
+            break
+        models = {lr: m for lr, m in models.items() if lr == choose_rate(grid)}  # keep one model in memory
     chosen = choose_rate(grid)
     first = dict(next(r for r in grid if r["lr"] == chosen))
     finals = [report(args, first, models.pop(chosen), new, old)]
@@ -339,8 +361,9 @@ def run_method(args, entry: str, rates, new, old, base, device, out: Path, overr
         row, model = one_run(args, entry, chosen, seed, out / f"{entry}-lr{chosen:g}-seed{seed}", new, base,
                              device, overrides)
         finals.append(report(args, row, model, new, old))
-    return summarize(entry, rates, [{k: v for k, v in r.items() if k != "history"} for r in grid], chosen, finals,
-                     overrides)
+    tried = sorted(r["lr"] for r in grid)
+    return summarize(entry, tried, sorted((({k: v for k, v in r.items() if k != "history"}) for r in grid),
+                                          key=lambda r: r["lr"]), chosen, finals, overrides)
 
 
 def summarize(entry, rates, grid, chosen, finals, overrides) -> Dict:

@@ -3,6 +3,7 @@ ledger (exact bytes), the learning rate chosen on validation (never on test), an
 nothing written)."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,8 @@ def test_base_is_made_once_reused_and_keyed_by_its_settings(tmp_path):
 
 def test_a_run_starts_from_the_base_and_reports_both_domains(tmp_path, capsys):
     out = tmp_path / "ft"
-    assert finetune.main(FAST + ["--methods", "misa,adamw", "--lr-grid", "1e-3,3e-3", "--seeds", "2", "--delta",
+    assert finetune.main(FAST + ["--methods", "misa,adamw", "--lr-grid", "1e-3,3e-3", "--grid-extensions", "0",
+                                 "--seeds", "2", "--delta",
                                  "0.3", "--interval", "2", "--cache-dir", str(tmp_path / "c"), "--out",
                                  str(out)]) == 0
     printed = capsys.readouterr().out
@@ -203,6 +205,29 @@ def test_the_rate_is_chosen_on_validation_and_only_then_tested(monkeypatch, tmp_
     assert finetune.choose_rate([{"lr": 1e-3, "val_loss": 1.0}, {"lr": 3e-4, "val_loss": 1.0}]) == 3e-4
 
 
+def test_a_rate_chosen_at_the_grid_edge_extends_the_grid(monkeypatch, tmp_path):
+    tried = []
+
+    def fake_run(args, entry, lr, seed, out, new, base, device, overrides):
+        tried.append(lr)
+        return {"method": entry, "lr": lr, "seed": seed, "val_loss": abs(math.log10(lr) + 4.2), "history": {},
+                "memory": {"total_bytes": 1}}, ("model", lr, seed)  # best near 6e-5: below the grid
+
+    monkeypatch.setattr(finetune, "one_run", fake_run)
+    monkeypatch.setattr(train, "evaluate_with_error", lambda model, data, args, batches=None, split="val": (
+        1.0, 0.0, [0.0, 0.0]))
+    monkeypatch.setattr(train, "evaluate", lambda model, data, args, batches=None: 0.5)
+    row = finetune.run_method(parsed(FAST + ["--seeds", "1"]), "lora", (1e-3, 1e-2), None, None, None, None,
+                              tmp_path, {})
+    assert tried == pytest.approx([1e-3, 1e-2, 1e-4, 1e-5])  # extended twice, by the grid's ratio
+    assert row["lr"] == pytest.approx(1e-4) and not row["lr_at_grid_edge"]
+    assert list(row["grid"]) == ["1e-05", "0.0001", "0.001", "0.01"]
+    tried.clear()
+    row = finetune.run_method(parsed(FAST + ["--seeds", "1", "--grid-extensions", "1"]), "lora", (1e-2, 1e-1),
+                              None, None, None, None, tmp_path, {})
+    assert tried == pytest.approx([1e-2, 1e-1, 1e-3]) and row["lr_at_grid_edge"]  # still at the edge: flagged
+
+
 def test_grids_per_method():
     grids = finetune.parse_grid("misa=1e-4,2e-4;lora=5e-3", ["misa", "lora", "adamw"])
     assert grids == {"misa": (1e-4, 2e-4), "lora": (5e-3,), "adamw": finetune.DEFAULT_GRIDS["adamw"]}
@@ -238,9 +263,10 @@ def refused(capsys, argv, text, workdir, monkeypatch=None):
     (["--delta", "0.0001"], "delta"),
     (["--base", "/does/not/exist"], "--base"),
     (["--data", "/does/not/exist"], "--data"),
+    (["--grid-extensions", "-1"], "--grid-extensions"),
 ], ids=["zero-rate", "negative-rate", "not-a-rate", "grid-for-unknown-method", "unknown-method", "twice",
         "switch-on-lora", "bad-switch", "equal-memory-without-lora", "delta-below-a-module", "missing-base",
-        "missing-data"])
+        "missing-data", "negative-extensions"])
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, monkeypatch, extra, text):
     monkeypatch.chdir(tmp_path)
     refused(capsys, FAST + ["--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out")] + extra, text,

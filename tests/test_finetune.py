@@ -302,3 +302,36 @@ def test_a_base_of_ours_is_taken_as_it_is(tmp_path):
                                  "--cache-dir", str(tmp_path / "c"), "--out", str(out)]) == 0
     assert not (tmp_path / "c").exists()  # no pretraining when a base is given
     assert json.loads((out / "finetune.json").read_text())["meta"]["base"] == ".../base"  # no machine paths
+
+
+# ----------------------------------------------------------------------------------------- a Hugging Face model
+def tiny_hf_model(folder: Path) -> Path:
+    """A 2-layer LLaMA and a byte tokenizer, saved as a Hugging Face folder (nothing downloaded)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {(chr(i) if chr(i).isprintable() else f"<{i}>"): i for i in range(256)}
+    tok = Tokenizer(models.WordLevel(vocab={**vocab, "<unk>": 256}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(folder)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+                     ).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.hf
+@needs_peft
+def test_a_hugging_face_model_is_its_own_base(tmp_path):
+    pytest.importorskip("transformers")
+    folder = tiny_hf_model(tmp_path / "hf")
+    out = tmp_path / "ft"
+    assert finetune.main(FAST[2:] + ["--model", str(folder), "--methods", "misa,lora", "--lr-grid", "1e-3",
+                                     "--seeds", "1", "--delta", "0.3", "--interval", "2", "--equal-memory",
+                                     "--cache-dir", str(tmp_path / "c"), "--out", str(out)]) == 0
+    data = json.loads((out / "finetune.json").read_text())
+    assert not (tmp_path / "c").exists() and data["meta"]["base"] == ".../hf"
+    rows = {r["method"]: r for r in data["rows"]}
+    assert set(rows) == {"misa", "lora", "misa@lora-memory"}
+    assert rows["misa@lora-memory"]["memory"]["total_bytes"] <= rows["lora"]["memory"]["total_bytes"]

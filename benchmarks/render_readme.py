@@ -68,7 +68,7 @@ def _portable_base(text: str) -> str:
 
 def finetune_section() -> str:
     """Every committed `python -m misa.finetune` run: its table, notes and computed verdict."""
-    from misa import finetune
+    from misa import finetune_report
 
     # The comparisons first, then the ablations.
     files = sorted(RESULTS.glob("*/finetune.json"), key=lambda f: ("ablation" in f.parent.name, f.parent.name))
@@ -87,8 +87,9 @@ def finetune_section() -> str:
                  f"{meta['delta']}, eta={meta['eta']}, T={meta['interval']}, embeddings {meta['embeddings']}; written "
                  f"by `{meta['command']}`; plot `{rel}/finetune.png`.", ""]
         lines += [f"- {note}" for note in meta.get("notes", [])]
-        lines += ["", finetune.table(rows, {"old": meta["base_loss_old"]}), "", finetune.verdict(rows), "",
-                  "**When to choose what, from this run:** " + finetune.advice(rows, meta["base_loss_old"])]
+        lines += ["", finetune_report.table(rows, {"old": meta["base_loss_old"]}), "",
+                  finetune_report.verdict(rows), "",
+                  "**When to choose what, from this run:** " + finetune_report.advice(rows, meta["base_loss_old"])]
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
 

@@ -68,12 +68,12 @@ def test_render_readme_sections(tmp_path):
     import render_readme
 
     readme = tmp_path / "README.md"
-    readme.write_text("x\n<!-- results:compare:begin -->\nold\n<!-- results:compare:end -->\ny\n"
+    readme.write_text("x\n<!-- results:compare:begin -->\nSTALE-TEXT\n<!-- results:compare:end -->\ny\n"
                       "<!-- results:kernels:begin -->\n<!-- results:kernels:end -->\n"
                       "<!-- results:finetune:begin -->\n<!-- results:finetune:end -->\n")
     render_readme.render(readme)
     text = readme.read_text()
-    assert "old" not in text and text.startswith("x\n") and "results:kernels:end" in text
+    assert "STALE-TEXT" not in text and text.startswith("x\n") and "results:kernels:end" in text
     if list(render_readme.RESULTS.glob("*/finetune.json")):
         assert "When to choose what" in text and "| lora |" in text
     assert "results:ddp" not in text  # a section without markers is left out, not an error

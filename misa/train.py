@@ -311,20 +311,26 @@ def _build_misa(name: str, options: Dict, model, args):
 
 
 def frozen_in_words(opt) -> str:
-    """What a MISA-family optimizer never trains, in words: 'norms (9 tensors, 1,152 params, 0.14%)'."""
+    """What a MISA-family optimizer never trains, in words: 'frozen for the whole run: norms (9 tensors),
+    1,152 params, 0.13%'."""
     frozen = opt._never_trained()
     if not frozen:
         return "nothing frozen for the whole run"
-    kinds = []
-    for label, test in (("embedding", lambda n, p: "embed" in n), ("LM head", lambda n, p: "lm_head" in n),
-                        ("norms", lambda n, p: p.dim() == 1 and "norm" in n),
-                        ("other 1-D parameters", lambda n, p: p.dim() == 1 and "norm" not in n),
-                        ("other weights", lambda n, p: p.dim() > 1 and "embed" not in n and "lm_head" not in n)):
-        hits = [(n, p) for n, p in frozen if test(n, p) and all((n, p) not in k[1] for k in kinds)]
-        if hits:
-            kinds.append((label, hits))
+
+    def kind(name: str, p) -> str:  # the first description that fits
+        if "embed" in name:
+            return "embedding"
+        if "lm_head" in name:
+            return "LM head"
+        if p.dim() == 1:
+            return "norms" if "norm" in name else "other 1-D parameters"
+        return "other weights"
+
+    counts: Dict[str, int] = {}
+    for name, p in frozen:
+        counts[kind(name, p)] = counts.get(kind(name, p), 0) + 1
     n = sum(p.numel() for _, p in frozen)
-    words = ", ".join(f"{label} ({len(hits)} tensor{'s' if len(hits) > 1 else ''})" for label, hits in kinds)
+    words = ", ".join(f"{label} ({c} tensor{'s' if c > 1 else ''})" for label, c in counts.items())
     return f"frozen for the whole run: {words}, {n:,} params, {n / opt.partition.total_params:.2%}"
 
 

@@ -40,6 +40,7 @@ from .finetune_report import EQUAL, advice, method_name, paired_se, summarize, t
 from .integrations.lora import PEFT_MISSING, PeftMissing, attach_lora, peft_available
 from .memory import MemoryMeter
 from .model import SIZES
+from .partition import partition
 from .pretrained import base_weights, check_fits, pretrained_base
 from .variants import PRESETS
 
@@ -277,10 +278,11 @@ def delta_at(args, budget_bytes: int, overrides: Dict) -> Optional[float]:
 
 def lisa_layers_at(args, budget_bytes: int, overrides: Dict) -> Tuple[int, int]:
     """(the most LISA layers whose bound fits in `budget_bytes`, or 0; the bound of one layer)."""
-    n_layers = train.model_config(args).num_layers if not args.model else None
+    meta = train.build_model(run_args(args, 1e-3, 0, overrides, Path(".")), "meta")
+    n_layers = sum(m.kind == "block" for m in partition(meta, granularity="layer").modules)
     one = misa_bound(args, 1.0, overrides, layers=1)
     best = 0
-    for k in range(1, (n_layers or 1) + 1):
+    for k in range(1, n_layers + 1):
         if misa_bound(args, 1.0, overrides, layers=k) <= budget_bytes:
             best = k
     return best, one

@@ -742,7 +742,8 @@ class MISA(torch.optim.Optimizer):
         return (f"MISA(modules={len(self.module_names)}, delta={self.delta:g}, eta={self.eta}, "
                 f"interval={self.interval}, order={self.order!r}, variant={self.variant!r}, "
                 f"active={len(self._active)}, trainable={self.trainable_fraction:.2%}, "
-                f"never trained={frozen / self.partition.total_params:.2%})")
+                f"never trained={frozen / self.partition.total_params:.2%}, "
+                f"holds={sum(self.memory_bytes().values()) / 2**20:.2f} MiB)")
 
 
 class BlockCoordinateDescentOptimizer(MISA):

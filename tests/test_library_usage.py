@@ -15,6 +15,7 @@ def test_parameters_outside_every_module_are_announced():
     with pytest.warns(UserWarning, match=r"belong to no module and stay frozen.*always_train"):
         opt = misa.MISA(model, delta=0.2, backend="torch")
     assert "never trained=" in repr(opt)
+    assert f"holds={opt.arena.stats()['bytes'] / 2**20:.2f} MiB" in repr(opt)  # the arena: states and masters
     import warnings
 
     with warnings.catch_warnings():

@@ -60,12 +60,6 @@ def compare_section() -> str:
     return "\n\n".join(parts)
 
 
-def _portable_base(text: str) -> str:
-    """The base as a results file names it; files of the first runs held the cache's absolute path."""
-    head, _, rest = text.partition(" ")
-    return f"pretrained {Path(head).name} {rest}".strip() if head.startswith("/") else text
-
-
 def finetune_section() -> str:
     """Every committed `python -m misa.finetune` run: its table, notes and computed verdict."""
     from misa import finetune_report
@@ -80,7 +74,7 @@ def finetune_section() -> str:
         meta, rows = data["meta"], data["rows"]
         rel = f.parent.relative_to(ROOT)
         lines = [f"**{rel.name}** ({meta['device']}, torch {meta['torch']}, commit {meta['commit'][:10]}, "
-                 f"{meta['date']}): {meta['model']} ({meta['dtype']}), base {_portable_base(meta['base'])}: "
+                 f"{meta['date']}): {meta['model']} ({meta['dtype']}), base {meta['base']}: "
                  f"loss {meta['base_loss_old']:.4f} on its own domain (Python sources), {meta['base_loss_new']:.4f} "
                  f"on the new one, {meta['new_domain']}; {meta['steps']} steps of {meta['batch_size']} x "
                  f"{meta['seq_len']}; LoRA/DoRA r={meta['lora_r']}, alpha={meta['lora_alpha']:g}; MISA delta="

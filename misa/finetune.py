@@ -196,10 +196,6 @@ def validate(args) -> None:
                                         "eval_batches", "seeds", "lora_r", "base_steps"),
                           positive=("base_lr",), nonnegative=("weight_decay", "max_grad_norm"),
                           paths=("config", "model", "data", "base"))
-    if not 0 < args.delta <= 1:
-        raise UsageError(f"--delta: expected a fraction in (0, 1], got {args.delta}")
-    if args.eta != "auto" and not (math.isfinite(args.eta) and args.eta >= 0):
-        raise UsageError(f"--eta: expected a finite eta >= 0 or 'auto', got {args.eta}")
     if args.grid_extensions < 0:
         raise UsageError(f"--grid-extensions: expected an integer >= 0, got {args.grid_extensions}")
     if args.lora_alpha is not None and not (math.isfinite(args.lora_alpha) and args.lora_alpha > 0):

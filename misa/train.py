@@ -125,10 +125,6 @@ def validate(args) -> None:
     validate_common(args, counts=("max_steps", "seq_len", "batch_size", "interval", "eval_every", "eval_batches",
                                   "seeds"), positive=("lr",), nonnegative=("weight_decay", "max_grad_norm"),
                     paths=("config", "model"))
-    if not 0 < args.delta <= 1:
-        raise UsageError(f"--delta: expected a fraction in (0, 1], got {args.delta}")
-    if args.eta != "auto" and not (math.isfinite(args.eta) and args.eta >= 0):
-        raise UsageError(f"--eta: expected a finite eta >= 0 or 'auto', got {args.eta}")
     if args.seeds != 1 and args.compare is None:
         raise UsageError("--seeds: runs several seeds only with --compare (e.g. --compare misa,lisa --seeds 3)")
     if args.compare is not None:
@@ -146,8 +142,12 @@ def validate(args) -> None:
 
 
 def validate_common(args, counts, positive, nonnegative, paths) -> None:
-    """The checks the main job and misa.finetune share: counts >= 1, finite rates, --out, a readable
-    --config, paths that exist, a usable --device."""
+    """The checks the main job and misa.finetune share: counts >= 1, finite rates, MISA's --delta and
+    --eta, --out, a readable --config, paths that exist, a usable --device."""
+    if not 0 < args.delta <= 1:
+        raise UsageError(f"--delta: expected a fraction in (0, 1], got {args.delta}")
+    if args.eta != "auto" and not (math.isfinite(args.eta) and args.eta >= 0):
+        raise UsageError(f"--eta: expected a finite eta >= 0 or 'auto', got {args.eta}")
     for name in counts:
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)}")

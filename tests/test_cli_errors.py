@@ -10,6 +10,8 @@ import torch
 
 from misa import train
 
+from cli_checks import assert_refused
+
 FAST = ["--model-size", "tiny", "--seq-len", "32", "--batch-size", "2", "--eval-batches", "2", "--no-progress"]
 
 
@@ -20,23 +22,9 @@ def small_text(tmp_path):
     return path
 
 
-def snapshot(folder):
-    """Every file under `folder` with its bytes (to prove nothing changed)."""
-    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def refused(capsys, argv, text, workdir):
     """Runs main(argv) and checks: exit 2, `text` in the one-line message, no traceback, nothing written."""
-    before = snapshot(workdir)
-    try:
-        code = train.main(argv)
-    except SystemExit as exc:  # argparse's own errors
-        code = exc.code
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert text in err, err
-    assert "Traceback" not in err
-    assert snapshot(workdir) == before
+    assert_refused(train.main, capsys, argv, text, workdir)
 
 
 def model_folder(tmp_path):

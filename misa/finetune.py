@@ -200,13 +200,7 @@ def validate(args) -> None:
         raise UsageError(f"--grid-extensions: expected an integer >= 0, got {args.grid_extensions}")
     if args.lora_alpha is not None and not (math.isfinite(args.lora_alpha) and args.lora_alpha > 0):
         raise UsageError(f"--lora-alpha: expected a finite number > 0, got {args.lora_alpha}")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if not methods:
-        raise UsageError(f"--methods: no method given; choose from {', '.join(METHODS)}")
-    if len(set(methods)) != len(methods):
-        raise UsageError(f"--methods: {args.methods!r} names a method twice")
-    for m in methods:
-        parse_entry(m)
+    methods = train.entry_list(args.methods, "--methods", METHODS, parse_entry)
     if any(method_name(m) in ("lora", "dora") for m in methods) or args.equal_memory:
         if not peft_available():
             raise UsageError(f"--methods {args.methods}: {PEFT_MISSING}")

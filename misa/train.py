@@ -128,17 +128,24 @@ def validate(args) -> None:
     if args.seeds != 1 and args.compare is None:
         raise UsageError("--seeds: runs several seeds only with --compare (e.g. --compare misa,lisa --seeds 3)")
     if args.compare is not None:
-        names = [n.strip() for n in args.compare.split(",") if n.strip()]
-        if not names:
-            raise UsageError(f"--compare: no optimizer given; choose from {', '.join(OPTIMIZERS)}")
-        if len(set(names)) != len(names):
-            raise UsageError(f"--compare: {args.compare!r} names an optimizer twice; use --seeds for repeats")
-        for n in names:
-            parse_method(n)
+        entry_list(args.compare, "--compare", OPTIMIZERS, parse_method)
         if args.resume:
             raise UsageError("--compare and --resume do not go together")
     if args.resume and not (Path(args.resume) / CHECKPOINT).is_file():
         raise UsageError(f"--resume: {Path(args.resume) / CHECKPOINT} does not exist")
+
+
+def entry_list(text: str, flag: str, choices, parse) -> List[str]:
+    """A comma-separated list of method entries (--compare, misa.finetune's --methods): not empty, no entry
+    twice (seeds are for repeats), each one parsed (parse raises UsageError naming what is wrong)."""
+    entries = [e.strip() for e in text.split(",") if e.strip()]
+    if not entries:
+        raise UsageError(f"{flag}: nothing given; choose from {', '.join(choices)}")
+    if len(set(entries)) != len(entries):
+        raise UsageError(f"{flag}: {text!r} names a method twice; use --seeds for repeats")
+    for entry in entries:
+        parse(entry)
+    return entries
 
 
 def validate_common(args, counts, positive, nonnegative, paths) -> None:

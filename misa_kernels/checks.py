@@ -9,8 +9,11 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from . import quant
+
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 STATE_DTYPE = torch.float32
+COMPENSATION_DTYPE = torch.bfloat16
 
 
 def canonical_device(device) -> torch.device:
@@ -69,14 +72,71 @@ def check_params_and_grads(params: Sequence[Tensor], grads: Sequence[Tensor]) ->
     return dtype
 
 
-def check_states(params: Sequence[Tensor], **states: Sequence[Tensor]) -> None:
+def check_states(params: Sequence[Tensor], **states: Sequence[Tensor]) -> bool:
+    """fp32 states, or (all of them) uint8 codes of the 8-bit format. Returns True for 8-bit."""
+    every = [t for tensors in states.values() for t in tensors]
+    eight = bool(every) and every[0].dtype == quant.CODE_DTYPE
+    want = quant.CODE_DTYPE if eight else STATE_DTYPE
     for name, tensors in states.items():
         for i, (p, s) in enumerate(zip(params, tensors)):
-            if s.dtype != STATE_DTYPE:
-                raise TypeError(f"{name}[{i}]: optimizer states must be float32, got {s.dtype}")
+            if s.dtype != want:
+                if s.dtype in (STATE_DTYPE, quant.CODE_DTYPE):
+                    raise TypeError(f"{name}[{i}]: all states of one call share one format (float32, or uint8 codes "
+                                    f"of the 8-bit format); got {s.dtype} after {every[0].dtype} (call once per format)")
+                raise TypeError(f"{name}[{i}]: optimizer states must be float32 (or uint8 codes of the 8-bit format), "
+                                f"got {s.dtype}")
             if s.numel() != p.numel():
                 raise ValueError(f"{name}[{i}]: expected {p.numel()} elements (shape {tuple(p.shape)}, "
                                  f"the parameter's), got shape {tuple(s.shape)}")
+    return eight
+
+
+def check_absmax(params: Sequence[Tensor], eight: bool, **absmaxes) -> list:
+    """The fp32 block scales of 8-bit states (one per 256 elements): required with uint8 states, refused
+    with fp32 ones."""
+    given = {name: value for name, value in absmaxes.items() if value is not None}
+    if not eight:
+        if given:
+            name = next(iter(given))
+            raise ValueError(f"{name}: block scales go with 8-bit (uint8) states; the states are float32: pass None")
+        return [[] for _ in absmaxes]
+    out = []
+    for name, value in absmaxes.items():
+        if value is None:
+            raise ValueError(f"{name}: 8-bit (uint8) states need their fp32 block scales (one per "
+                             f"{quant.BLOCK} elements): pass a list of tensors")
+        value = as_tensor_list(name, value)
+        if len(value) != len(params):
+            raise ValueError(f"{name}: expected {len(params)} tensors (one per parameter), got {len(value)}")
+        for i, (p, a) in enumerate(zip(params, value)):
+            if a.dtype != torch.float32:
+                raise TypeError(f"{name}[{i}]: block scales must be float32, got {a.dtype}")
+            if a.numel() != quant.n_blocks(p.numel()):
+                raise ValueError(f"{name}[{i}]: expected {quant.n_blocks(p.numel())} block scales (one per "
+                                 f"{quant.BLOCK} of the parameter's {p.numel()} elements), got {a.numel()}")
+        out.append(value)
+    return out
+
+
+def check_compensation(params: Sequence[Tensor], compensation, masters: list) -> list:
+    """Kahan compensation buffers (bf16, one per bf16/fp16 parameter); [] when not given."""
+    if compensation is None:
+        return []
+    compensation = as_tensor_list("compensation", compensation)
+    if len(compensation) != len(params):
+        raise ValueError(f"compensation: expected {len(params)} tensors (one per parameter), got {len(compensation)}")
+    if params and params[0].dtype == torch.float32:
+        raise TypeError("compensation: the parameters are float32 and need no compensation; pass None")
+    if masters:
+        raise ValueError("compensation and master_params exclude each other: the compensation is the compact "
+                         "alternative to an fp32 master copy")
+    for i, (p, c) in enumerate(zip(params, compensation)):
+        if c.dtype != COMPENSATION_DTYPE:
+            raise TypeError(f"compensation[{i}]: compensation buffers must be bfloat16, got {c.dtype}")
+        if c.numel() != p.numel():
+            raise ValueError(f"compensation[{i}]: expected {p.numel()} elements (shape {tuple(p.shape)}, "
+                             f"the parameter's), got shape {tuple(c.shape)}")
+    return compensation
 
 
 def check_master_params(params: Sequence[Tensor], masters: Optional[Sequence[Tensor]]) -> list:
@@ -244,66 +304,83 @@ def _grads_fit(grads, seen: "Validated") -> bool:
     return len(ids) == len(grads) and ids.isdisjoint(seen.ids)
 
 
-def adamw_operands(params, grads, exp_avgs, exp_avg_sqs, master_params, remember: bool = True):
-    """Every tensor-list check of an `adamw_step_` call. Returns (lists, device, plain) where lists are
-    [params, grads, exp_avgs, exp_avg_sqs, masters] ([] for no masters) and plain says that every tensor
-    is an ordinary tensor (no subclass), so the call may bypass the dispatcher. `remember=False` (while
-    torch.compile traces) neither consults nor fills the cache."""
-    kept = [params, exp_avgs, exp_avg_sqs] + ([master_params] if master_params is not None else [])
+_OPTIONAL = ("master_params", "compensation", "exp_avg_absmax", "exp_avg_sq_absmax")
+
+
+def _as_lists(optional) -> list:
+    return [list(x) if x is not None else [] for x in optional]
+
+
+def _check_kept(device, params, exp_avgs, exp_avg_sqs, optional, **other_lists) -> list:
+    """The checks of the lists a caller keeps from call to call (params, states, masters, compensation,
+    block scales): returns the optional lists as lists ([] where not given)."""
+    master_params, compensation, m_absmax, v_absmax = optional
+    check_device(device, params=params, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
+    eight = check_states(params, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
+    masters = check_master_params(params, master_params)
+    comp = check_compensation(params, compensation, masters)
+    m_absmax, v_absmax = check_absmax(params, eight, exp_avg_absmax=m_absmax, exp_avg_sq_absmax=v_absmax)
+    check_device(device, master_params=masters, compensation=comp, exp_avg_absmax=m_absmax,
+                 exp_avg_sq_absmax=v_absmax)
+    check_distinct(params=params, **other_lists, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, master_params=masters,
+                   compensation=comp, exp_avg_absmax=m_absmax, exp_avg_sq_absmax=v_absmax)
+    return [masters, comp, m_absmax, v_absmax]
+
+
+def adamw_operands(params, grads, exp_avgs, exp_avg_sqs, optional=(None,) * 4, remember: bool = True):
+    """Every tensor-list check of an `adamw_step_` call. `optional` is (master_params, compensation,
+    exp_avg_absmax, exp_avg_sq_absmax), each None when not given. Returns (lists, device, plain) where lists
+    are [params, grads, exp_avgs, exp_avg_sqs, masters, compensation, exp_avg_absmax, exp_avg_sq_absmax]
+    ([] for an optional list not given) and plain says that every tensor is an ordinary tensor (no
+    subclass), so the call may bypass the dispatcher. `remember=False` (while torch.compile traces)
+    neither consults nor fills the cache."""
+    kept = [params, exp_avgs, exp_avg_sqs] + [x if x is not None else () for x in optional]
     key = _key(kept) if remember else None
     seen = _lookup(key)
     if seen is not None and _grads_fit(grads, seen):
-        masters = list(master_params) if master_params is not None else []
-        return [list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), masters], seen.device, seen.plain
+        return [list(params), list(grads), list(exp_avgs), list(exp_avg_sqs)] + _as_lists(optional), seen.device, \
+            seen.plain
     params = as_tensor_list("params", params)
     grads = as_tensor_list("grads", grads)
     exp_avgs = as_tensor_list("exp_avgs", exp_avgs)
     exp_avg_sqs = as_tensor_list("exp_avg_sqs", exp_avg_sqs)
     n = check_same_length(params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
     if n == 0:
-        return [[], [], [], [], []], None, True
+        return [[]] * 8, None, True
     device = params[0].device
-    check_device(device, params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
+    check_device(device, grads=grads)
     dtype = check_params_and_grads(params, grads)
-    check_states(params, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
-    masters = check_master_params(params, master_params)
-    check_device(device, master_params=masters)
-    check_distinct(params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, master_params=masters)
-    every = params + exp_avgs + exp_avg_sqs + masters
+    rest = _check_kept(device, params, exp_avgs, exp_avg_sqs, optional, grads=grads)
+    every = params + exp_avgs + exp_avg_sqs + [t for ts in rest for t in ts]
     plain = all(type(t) in PLAIN_TYPES for t in every)
     if key is not None:
         _remember(key, Validated(device, dtype, [p.shape for p in params], set(map(id, every)), plain))
-    return [params, grads, exp_avgs, exp_avg_sqs, masters], device, plain and all(type(g) in PLAIN_TYPES
-                                                                                    for g in grads)
+    return [params, grads, exp_avgs, exp_avg_sqs] + rest, device, plain and all(type(g) in PLAIN_TYPES for g in grads)
 
 
-def flush_operands(params, exp_avgs, exp_avg_sqs, master_params, remember: bool = True):
-    """Every tensor-list check of a `momentum_flush_` call: (lists, device, plain) as `adamw_operands`."""
-    kept = [params, exp_avgs, exp_avg_sqs] + ([master_params] if master_params is not None else [])
+def flush_operands(params, exp_avgs, exp_avg_sqs, optional=(None,) * 4, remember: bool = True):
+    """Every tensor-list check of a `momentum_flush_` call: (lists, device, plain) as `adamw_operands`, lists
+    being [params, exp_avgs, exp_avg_sqs, masters, compensation, exp_avg_absmax, exp_avg_sq_absmax]."""
+    kept = [params, exp_avgs, exp_avg_sqs] + [x if x is not None else () for x in optional]
     key = _key(kept) if remember else None
     key = key and ("flush",) + key
     seen = _lookup(key)
     if seen is not None:
-        masters = list(master_params) if master_params is not None else []
-        return [list(params), list(exp_avgs), list(exp_avg_sqs), masters], seen.device, seen.plain
+        return [list(params), list(exp_avgs), list(exp_avg_sqs)] + _as_lists(optional), seen.device, seen.plain
     params = as_tensor_list("params", params)
     exp_avgs = as_tensor_list("exp_avgs", exp_avgs)
     exp_avg_sqs = as_tensor_list("exp_avg_sqs", exp_avg_sqs)
     n = check_same_length(params=params, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
     if n == 0:
-        return [[], [], [], []], None, True
+        return [[]] * 7, None, True
     device = params[0].device
-    check_device(device, params=params, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
     dtype = check_params_and_grads(params, params)
-    check_states(params, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
-    masters = check_master_params(params, master_params)
-    check_device(device, master_params=masters)
-    check_distinct(params=params, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, master_params=masters)
-    every = params + exp_avgs + exp_avg_sqs + masters
+    rest = _check_kept(device, params, exp_avgs, exp_avg_sqs, optional)
+    every = params + exp_avgs + exp_avg_sqs + [t for ts in rest for t in ts]
     plain = all(type(t) in PLAIN_TYPES for t in every)
     if key is not None:
         _remember(key, Validated(device, dtype, [p.shape for p in params], set(map(id, every)), plain))
-    return [params, exp_avgs, exp_avg_sqs, masters], device, plain
+    return [params, exp_avgs, exp_avg_sqs] + rest, device, plain
 
 
 def norm_operands(tensors):

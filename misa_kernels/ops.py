@@ -18,7 +18,7 @@ from torch import Tensor
 from . import (
     backends,
     checks,
-    library,  # noqa: F401  (registers torch.ops.misa.*)
+    library,  # registers torch.ops.misa.*
 )
 
 
@@ -54,6 +54,9 @@ def adamw_step_(
     rounding: str = "nearest",
     seed: int = 0,
     skip: Optional[Tensor] = None,
+    compensation: Optional[Sequence[Tensor]] = None,
+    exp_avg_absmax: Optional[Sequence[Tensor]] = None,
+    exp_avg_sq_absmax: Optional[Sequence[Tensor]] = None,
     backend: str = "auto",
 ) -> None:
     """One AdamW step over every tensor, in place, exactly as `torch.optim.AdamW` (fp32 math).
@@ -71,13 +74,23 @@ def adamw_step_(
     the masters as the weights), so that the next step, called with fresh=False and the same `step`,
     starts from them exactly as from a fresh step. This lets a caller skip a step on a device-side
     decision (non-finite gradients) without waiting for the device.
+
+    Compact formats (quant.py, README "State formats"): `exp_avgs`/`exp_avg_sqs` as uint8 codes of the
+    8-bit blockwise format, with their fp32 block scales in `exp_avg_absmax`/`exp_avg_sq_absmax` (one per
+    256 elements): the states are dequantized, updated in fp32, the parameter written from the
+    unquantized new states, then each block is requantized to its new absmax. `compensation` (bf16, one
+    per bf16/fp16 parameter, instead of `master_params`): Kahan-compensated updates, the fp32 value
+    being `param + compensation`; the parameter is written as its nearest rounding and the compensation
+    as the rounding error. A fresh step reads neither codes, scales nor compensation.
     """
-    lists, device, plain = checks.adamw_operands(params, grads, exp_avgs, exp_avg_sqs, master_params,
+    optional = (master_params, compensation, exp_avg_absmax, exp_avg_sq_absmax)
+    lists, device, plain = checks.adamw_operands(params, grads, exp_avgs, exp_avg_sqs, optional,
                                                  remember=not torch.compiler.is_compiling())
-    params, grads, exp_avgs, exp_avg_sqs, masters = lists
+    params, grads, exp_avgs, exp_avg_sqs, masters, comp, m_absmax, v_absmax = lists
     if not params:
         return
     stochastic = checks.check_rounding(rounding, params[0].dtype, seed)
+    _check_rounding_with(comp, rounding)
     checks.check_grad_sq_norms(grad_sq_norms, len(params), device)
     checks.check_skip(skip, device)
     checks.check_scalar_or_0d("lr", lr, device, minimum=0.0)
@@ -89,15 +102,22 @@ def adamw_step_(
             backends.implementation(chosen).adamw_step_(
                 params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms, masters, lr=lr, beta1=beta1, beta2=beta2,
                 eps=eps, weight_decay=weight_decay, step=step, fresh=bool(fresh), stochastic=stochastic,
-                seed=int(seed), skip=skip)
-        _wrote(params, exp_avgs, exp_avg_sqs, masters, [grad_sq_norms] if grad_sq_norms is not None else None)
+                seed=int(seed), skip=skip, **library.compact_kwargs(comp, m_absmax, v_absmax))
+        _wrote(params, exp_avgs, exp_avg_sqs, masters, comp, m_absmax, v_absmax,
+               [grad_sq_norms] if grad_sq_norms is not None else None)
     else:
         lr_value, lr_tensor = _split(lr)
         step_value, step_tensor = _split(step)
-        torch.ops.misa.adamw_step_(params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms, masters, lr_value, lr_tensor,
-                                   step_value, step_tensor, beta1, beta2, eps, weight_decay, bool(fresh), stochastic,
-                                   int(seed), skip, chosen)
+        torch.ops.misa.adamw_step_(params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms, masters, comp, m_absmax,
+                                   v_absmax, lr_value, lr_tensor, step_value, step_tensor, beta1, beta2, eps,
+                                   weight_decay, bool(fresh), stochastic, int(seed), skip, chosen)
     backends.record(chosen)
+
+
+def _check_rounding_with(compensation, rounding: str) -> None:
+    if compensation and rounding == "stochastic":
+        raise ValueError("compensation and rounding='stochastic' exclude each other: the compensation keeps the "
+                         "rounding error that stochastic rounding leaves to chance")
 
 
 def grad_sq_norms(tensors: Sequence[Tensor], backend: str = "auto") -> Tensor:
@@ -127,17 +147,23 @@ def momentum_flush_(
     master_params: Optional[Sequence[Tensor]] = None,
     rounding: str = "nearest",
     seed: int = 0,
+    compensation: Optional[Sequence[Tensor]] = None,
+    exp_avg_absmax: Optional[Sequence[Tensor]] = None,
+    exp_avg_sq_absmax: Optional[Sequence[Tensor]] = None,
     backend: str = "auto",
 ) -> None:
     """The end-of-period step of MISA: p -= lr * beta1/(1-beta1) * m_hat / (sqrt(v_hat) + eps).
     States are read, never written; with `master_params` the masters are updated and the parameters
-    written as the rounded masters (`rounding` as in `adamw_step_`)."""
-    lists, device, plain = checks.flush_operands(params, exp_avgs, exp_avg_sqs, master_params,
+    written as the rounded masters (`rounding` as in `adamw_step_`); the compact formats as in
+    `adamw_step_` (8-bit states are only read, the compensation is updated)."""
+    optional = (master_params, compensation, exp_avg_absmax, exp_avg_sq_absmax)
+    lists, device, plain = checks.flush_operands(params, exp_avgs, exp_avg_sqs, optional,
                                                  remember=not torch.compiler.is_compiling())
-    params, exp_avgs, exp_avg_sqs, masters = lists
+    params, exp_avgs, exp_avg_sqs, masters, comp, m_absmax, v_absmax = lists
     if not params:
         return
     stochastic = checks.check_rounding(rounding, params[0].dtype, seed)
+    _check_rounding_with(comp, rounding)
     checks.check_scalar_or_0d("lr", lr, device, minimum=0.0)
     checks.check_scalar_or_0d("step", step, device, minimum=1, integer=True)
     checks.check_hyper(beta1, beta2, eps)
@@ -146,13 +172,15 @@ def momentum_flush_(
         with torch.no_grad():
             backends.implementation(chosen).momentum_flush_(params, exp_avgs, exp_avg_sqs, masters, lr=lr,
                                                             beta1=beta1, beta2=beta2, eps=eps, step=step,
-                                                            stochastic=stochastic, seed=int(seed))
-        _wrote(params, masters)
+                                                            stochastic=stochastic, seed=int(seed),
+                                                            **library.compact_kwargs(comp, m_absmax, v_absmax))
+        _wrote(params, masters, comp)
     else:
         lr_value, lr_tensor = _split(lr)
         step_value, step_tensor = _split(step)
-        torch.ops.misa.momentum_flush_(params, exp_avgs, exp_avg_sqs, masters, lr_value, lr_tensor, step_value,
-                                       step_tensor, beta1, beta2, eps, stochastic, int(seed), chosen)
+        torch.ops.misa.momentum_flush_(params, exp_avgs, exp_avg_sqs, masters, comp, m_absmax, v_absmax, lr_value,
+                                       lr_tensor, step_value, step_tensor, beta1, beta2, eps, stochastic, int(seed),
+                                       chosen)
     backends.record(chosen)
 
 

@@ -6,11 +6,12 @@ torch's `_foreach` ops, as torch's own multi-tensor AdamW does, so that it is a 
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Callable, List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from . import quant
 from .scalars import GOLDEN, HASH_M1, HASH_M2
 
 _MASK32 = 0xFFFFFFFF
@@ -124,7 +125,17 @@ def adamw_step_(
     stochastic: bool = False,
     seed: int = 0,
     skip: Optional[Tensor] = None,
+    compensation: Sequence[Tensor] = (),
+    exp_avg_absmax: Sequence[Tensor] = (),
+    exp_avg_sq_absmax: Sequence[Tensor] = (),
 ) -> None:
+    if compensation or exp_avg_absmax:
+        _compact(params, exp_avgs, exp_avg_sqs, master_params, compensation, exp_avg_absmax, exp_avg_sq_absmax,
+                 fresh=fresh, skip=skip,
+                 step=lambda m, v, w: adamw_step_(params, grads, m, v, grad_sq_norms, w, lr=lr, beta1=beta1,
+                                                  beta2=beta2, eps=eps, weight_decay=weight_decay, step=step,
+                                                  fresh=fresh, stochastic=stochastic, seed=seed, skip=skip))
+        return
     if skip is not None:
         _skippable_step(params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms, master_params, skip, lr=lr,
                         beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step, fresh=fresh,
@@ -198,7 +209,16 @@ def momentum_flush_(
     step,
     stochastic: bool = False,
     seed: int = 0,
+    compensation: Sequence[Tensor] = (),
+    exp_avg_absmax: Sequence[Tensor] = (),
+    exp_avg_sq_absmax: Sequence[Tensor] = (),
 ) -> None:
+    if compensation or exp_avg_absmax:
+        _compact(params, exp_avgs, exp_avg_sqs, master_params, compensation, exp_avg_absmax, exp_avg_sq_absmax,
+                 fresh=False, skip=None, writes_states=False,
+                 step=lambda m, v, w: momentum_flush_(params, m, v, w, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                                                      step=step, stochastic=stochastic, seed=seed))
+        return
     bias_correction1, bc2_sqrt = _bias_corrections(beta1, beta2, step)
     step_size = lr * (beta1 / (1 - beta1)) / bias_correction1
     exp_avgs, exp_avg_sqs = _shaped_like(exp_avgs, params), _shaped_like(exp_avg_sqs, params)
@@ -209,3 +229,45 @@ def momentum_flush_(
     p = _working_copy(params, master_params, fresh=False)
     _apply_update(p, exp_avgs, _denominator(exp_avg_sqs, bc2_sqrt, eps), step_size)
     _write_back(params, p, stochastic, seed)
+
+
+def _compact(params, exp_avgs, exp_avg_sqs, master_params, compensation, m_absmax, v_absmax, *, fresh: bool,
+             skip: Optional[Tensor], step: Callable, writes_states: bool = True) -> None:
+    """The compact formats, defined by the fp32 step they stand for: 8-bit states (codes + absmax,
+    quant.py) are dequantized into fp32, a Kahan compensation `c` (bf16) makes the fp32 value `p + c`
+    the master; `step(m, v, masters)` runs the fp32 update on them; then the new fp32 states are
+    requantized and the new compensation is the rounding error `value - p`. A skipped step (skip != 0)
+    keeps the old codes, absmax and compensation (requantizing unchanged states could move them),
+    except that a fresh one leaves zero states and zero compensation, as the fp32 formats do."""
+    eight = bool(m_absmax)
+    if eight:
+        qs, qu = quant.maps(params[0].device) if params else (None, None)
+        if fresh:  # never read: any values do
+            m32 = [torch.empty(p.shape, dtype=torch.float32, device=p.device) for p in params]
+            v32 = [torch.empty(p.shape, dtype=torch.float32, device=p.device) for p in params]
+        else:
+            m32 = [quant.dequantize(c, a, qs).view(p.shape) for c, a, p in zip(exp_avgs, m_absmax, params)]
+            v32 = [quant.dequantize(c, a, qu).view(p.shape) for c, a, p in zip(exp_avg_sqs, v_absmax, params)]
+    else:
+        m32, v32 = list(exp_avgs), list(exp_avg_sqs)
+    if compensation:
+        working = [p.float().reshape(-1) if fresh else p.float().reshape(-1) + c.float().reshape(-1)
+                   for p, c in zip(params, compensation)]
+    else:
+        working = master_params
+    step(m32, v32, working)
+    keep = None if skip is None or fresh else skip == 0
+
+    def write(out: Tensor, new: Tensor) -> None:
+        new = new.reshape(out.shape)
+        out.copy_(new if keep is None else torch.where(keep, new, out))
+
+    if eight and writes_states:
+        for i in range(len(params)):
+            for codes, absmax, value, qmap in ((exp_avgs[i], m_absmax[i], m32[i], qs),
+                                               (exp_avg_sqs[i], v_absmax[i], v32[i], qu)):
+                new_codes, new_absmax = quant.quantize(value, qmap)
+                write(codes, new_codes)
+                write(absmax, new_absmax)
+    for p, c, w in zip(params, compensation, working):
+        write(c, (w - p.float().reshape(-1)).to(c.dtype))

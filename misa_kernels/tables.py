@@ -63,13 +63,13 @@ def nonempty(*lists: Sequence[Tensor]) -> Tuple[List[int], List[List[Tensor]]]:
     return keep, [[ts[i] for i in keep] for ts in lists]
 
 
-def prepare(lists: Sequence[Sequence[Tensor]], masters: Sequence[Tensor] = ()):
+def prepare(lists: Sequence[Sequence[Tensor]], masters: Sequence[Tensor] = (), chunk: Optional[int] = None):
     """What a fused launcher needs: (keep, operand lists of the non-empty tensors with the masters last,
     their chunk table), or None when every tensor is empty."""
     keep, kept = nonempty(*(list(lists) + ([masters] if masters else [])))
     if not keep:
         return None
-    return keep, kept, build(kept)
+    return keep, kept, build(kept, chunk)
 
 
 def norms_of_kept(grad_sq_norms: Optional[Tensor], keep: List[int]) -> Optional[Tensor]:

@@ -9,10 +9,17 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
-from .. import tables
+from .. import quant, tables
 from ..scalars import kernel_scalars
 from . import tune
-from .kernels import adamw_kernel, flush_kernel, reduce_partials_kernel, sq_norm_partials_kernel
+from .kernels import (
+    adamw8_kernel,
+    adamw_kernel,
+    flush8_kernel,
+    flush_kernel,
+    reduce_partials_kernel,
+    sq_norm_partials_kernel,
+)
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 REDUCE_BLOCK = 256
@@ -23,12 +30,31 @@ def _reduce(partials: Tensor, table: tables.ChunkTable, out: Tensor) -> None:
     reduce_partials_kernel[(table.n_tensors,)](partials, table.chunk_begin, out, BLOCK=REDUCE_BLOCK)
 
 
+def _prepare(lists, master_params, compensation, absmaxes):
+    """(keep, kept lists, table, 8-bit?) with the operands in the kernels' order: the lists, the block
+    scales (8-bit), then the master or compensation; None when every tensor is empty. An 8-bit table's
+    chunks hold whole quantization blocks."""
+    eight = bool(absmaxes[0])
+    chunk = max(tables.chunk_size(), quant.BLOCK) if eight else None
+    prepared = tables.prepare(list(lists) + (list(absmaxes) if eight else []), master_params or compensation,
+                              chunk=chunk)
+    return None if prepared is None else prepared + (eight,)
+
+
+def _block(config, eight: bool):
+    # An 8-bit tile is whole quantization blocks; the chunk (>= quant.BLOCK, a power of two) stays a multiple.
+    block, warps = config
+    return (max(block, quant.BLOCK) if eight else block), warps
+
+
 def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms: Optional[Tensor], master_params, *, lr,
-                beta1, beta2, eps, weight_decay, step, fresh, stochastic, seed, skip=None) -> None:
-    prepared = tables.prepare([params, grads, exp_avgs, exp_avg_sqs], master_params)
+                beta1, beta2, eps, weight_decay, step, fresh, stochastic, seed, skip=None, compensation=(),
+                exp_avg_absmax=(), exp_avg_sq_absmax=()) -> None:
+    prepared = _prepare([params, grads, exp_avgs, exp_avg_sqs], master_params, compensation,
+                        (exp_avg_absmax, exp_avg_sq_absmax))
     if prepared is None:
         return
-    keep, (params, *_), table = prepared
+    keep, (params, *_), table, eight = prepared
     master = bool(master_params)
     sc = kernel_scalars(lr, step, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
     out = tables.norms_of_kept(grad_sq_norms, keep)
@@ -36,21 +62,29 @@ def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms: Optional[Te
     scalars_dev = sc.device if sc.device is not None else partials
     mode = dict(PARAM_DTYPE=_TL_DTYPES[params[0].dtype], FRESH=bool(fresh), NORMS=out is not None,
                 SCALARS_ON_DEVICE=sc.device is not None, ALIGNED=table.aligned16, MASTER=master,
-                STOCHASTIC=bool(stochastic), SOFT_BF16=_SOFT_BF16, SKIP=skip is not None)
+                KAHAN=bool(compensation), STOCHASTIC=bool(stochastic), SOFT_BF16=_SOFT_BF16, SKIP=skip is not None)
+    if eight:
+        maps = quant.maps(params[0].device)
+        mode.update(ZERO_M=quant.zero_code(True), ZERO_V=quant.zero_code(False))
 
     def launch(tbl, block, num_warps):
         parts = partials if tbl is table else torch.empty(max(tbl.n_chunks, 1), dtype=torch.float32,
                                                                 device=partials.device)
-        adamw_kernel[(tbl.n_chunks,)](
+        common = (parts, scalars_dev, skip if skip is not None else parts)
+        kernel = adamw8_kernel if eight else adamw_kernel
+        kernel[(tbl.n_chunks,)](
             tbl.chunk_tensor, tbl.chunk_start, tbl.numels, tbl.addresses, tbl.n_tensors,
-            parts, scalars_dev, skip if skip is not None else parts,
+            *(common + maps if eight else common),
             sc.one_minus_beta1, sc.beta2, sc.one_minus_beta2, sc.eps, sc.step_size, sc.bias_correction2_sqrt,
             sc.decay, int(seed), CHUNK=tbl.chunk, BLOCK=block, num_warps=num_warps, **mode,
         )
 
     dtype = params[0].dtype
-    scratch = [dtype, dtype, torch.float32, torch.float32] + ([torch.float32] if master else [])
-    launch(table, *tune.config("adamw", params[0].device, dtype, table.chunk, mode, scratch, launch))
+    states = [torch.uint8, torch.uint8, torch.float32, torch.float32] if eight else [torch.float32] * 2
+    scratch = [dtype, dtype] + states + ([torch.float32] if master else []) + (
+        [torch.bfloat16] if compensation else [])
+    config = tune.config("adamw8" if eight else "adamw", params[0].device, dtype, table.chunk, mode, scratch, launch)
+    launch(table, *_block(config, eight))
     if out is not None:
         _reduce(partials, table, out)
         tables.scatter_norms(grad_sq_norms, out, keep)
@@ -81,24 +115,30 @@ def grad_sq_norms(tensors) -> Tensor:
 
 
 def momentum_flush_(params, exp_avgs, exp_avg_sqs, master_params, *, lr, beta1, beta2, eps, step, stochastic,
-                    seed) -> None:
-    prepared = tables.prepare([params, exp_avgs, exp_avg_sqs], master_params)
+                    seed, compensation=(), exp_avg_absmax=(), exp_avg_sq_absmax=()) -> None:
+    prepared = _prepare([params, exp_avgs, exp_avg_sqs], master_params, compensation,
+                        (exp_avg_absmax, exp_avg_sq_absmax))
     if prepared is None:
         return
-    _, (params, *_), table = prepared
+    _, (params, *_), table, eight = prepared
     master = bool(master_params)
     sc = kernel_scalars(lr, step, beta1=beta1, beta2=beta2, eps=eps, flush=True)
     scalars_dev = sc.device if sc.device is not None else table.numels
     mode = dict(PARAM_DTYPE=_TL_DTYPES[params[0].dtype], SCALARS_ON_DEVICE=sc.device is not None,
-                ALIGNED=table.aligned16, MASTER=master, STOCHASTIC=bool(stochastic), SOFT_BF16=_SOFT_BF16)
+                ALIGNED=table.aligned16, MASTER=master, KAHAN=bool(compensation), STOCHASTIC=bool(stochastic),
+                SOFT_BF16=_SOFT_BF16)
+    maps = quant.maps(params[0].device) if eight else ()
 
     def launch(tbl, block, num_warps):
-        flush_kernel[(tbl.n_chunks,)](
+        kernel = flush8_kernel if eight else flush_kernel
+        kernel[(tbl.n_chunks,)](
             tbl.chunk_tensor, tbl.chunk_start, tbl.numels, tbl.addresses, tbl.n_tensors,
-            scalars_dev, sc.eps, sc.step_size, sc.bias_correction2_sqrt, int(seed),
+            scalars_dev, *maps, sc.eps, sc.step_size, sc.bias_correction2_sqrt, int(seed),
             CHUNK=tbl.chunk, BLOCK=block, num_warps=num_warps, **mode,
         )
 
     dtype = params[0].dtype
-    scratch = [dtype, torch.float32, torch.float32] + ([torch.float32] if master else [])
-    launch(table, *tune.config("flush", params[0].device, dtype, table.chunk, mode, scratch, launch))
+    states = [torch.uint8, torch.uint8, torch.float32, torch.float32] if eight else [torch.float32] * 2
+    scratch = [dtype] + states + ([torch.float32] if master else []) + ([torch.bfloat16] if compensation else [])
+    config = tune.config("flush8" if eight else "flush", params[0].device, dtype, table.chunk, mode, scratch, launch)
+    launch(table, *_block(config, eight))

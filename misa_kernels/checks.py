@@ -81,8 +81,9 @@ def check_states(params: Sequence[Tensor], **states: Sequence[Tensor]) -> bool:
         for i, (p, s) in enumerate(zip(params, tensors)):
             if s.dtype != want:
                 if s.dtype in (STATE_DTYPE, quant.CODE_DTYPE):
-                    raise TypeError(f"{name}[{i}]: all states of one call share one format (float32, or uint8 codes "
-                                    f"of the 8-bit format); got {s.dtype} after {every[0].dtype} (call once per format)")
+                    raise TypeError(f"{name}[{i}]: all states of one call share one format (float32, or uint8 "
+                                    f"codes of the 8-bit format); got {s.dtype} after {every[0].dtype} (call once "
+                                    "per format)")
                 raise TypeError(f"{name}[{i}]: optimizer states must be float32 (or uint8 codes of the 8-bit format), "
                                 f"got {s.dtype}")
             if s.numel() != p.numel():

@@ -15,7 +15,8 @@ def test_opcheck_adamw_step(backend):
     require(backend, device)
     p, g, m, v = make_inputs([(5, 3), (17,)], torch.float32, device, seed=0)
     norms = torch.zeros(2, device=device)
-    args = (p, g, m, v, norms, [], [], [], [], 1e-3, None, 3.0, None, 0.9, 0.999, 1e-8, 0.01, False, False, 0, None, backend)
+    args = (p, g, m, v, norms, [], [], [], [], 1e-3, None, 3.0, None, 0.9, 0.999, 1e-8, 0.01, False, False, 0, None,
+            backend)
     torch.library.opcheck(torch.ops.misa.adamw_step_.default, args)
 
 
@@ -29,7 +30,8 @@ def test_opcheck_master_weights_and_stochastic_rounding(backend):
             torch.ones((), device=device), backend)
     torch.library.opcheck(torch.ops.misa.adamw_step_.default, args)
     torch.library.opcheck(torch.ops.misa.momentum_flush_.default,
-                          (p, m, [t.abs() for t in v], w, [], [], [], 1e-3, None, 4.0, None, 0.9, 0.999, 1e-8, True, 5, backend))
+                          (p, m, [t.abs() for t in v], w, [], [], [], 1e-3, None, 4.0, None, 0.9, 0.999, 1e-8, True, 5,
+                           backend))
 
 
 @pytest.mark.parametrize("backend", backend_params())
@@ -60,7 +62,8 @@ def test_opcheck_norms_and_flush(backend):
     torch.library.opcheck(torch.ops.misa.grad_sq_norms.default, (g, backend))
     m = [t.float() for t in m]
     torch.library.opcheck(torch.ops.misa.momentum_flush_.default,
-                          (p, m, [t.abs() for t in v], [], [], [], [], 1e-3, None, 4.0, None, 0.9, 0.999, 1e-8, False, 0, backend))
+                          (p, m, [t.abs() for t in v], [], [], [], [], 1e-3, None, 4.0, None, 0.9, 0.999, 1e-8, False,
+                           0, backend))
 
 
 def test_auto_picks_torch_on_cpu_and_reports_it():

@@ -86,7 +86,7 @@ def cuda_extensions():
          f"(MAX_JOBS={os.environ['MAX_JOBS']})")
     ext = CUDAExtension(
         name="misa_kernels._C",
-        sources=["csrc/misa_ops.cpp", "csrc/cuda/adamw.cu", "csrc/cuda/norms.cu"],
+        sources=["csrc/misa_ops.cpp", "csrc/cuda/adamw.cu", "csrc/cuda/adamw8bit.cu", "csrc/cuda/norms.cu"],
         include_dirs=[os.path.join(HERE, "csrc")],
         extra_compile_args={"cxx": ["-O3", "-std=c++20"], "nvcc": nvcc_flags},
     )

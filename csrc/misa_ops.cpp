@@ -18,6 +18,10 @@ namespace {
 
 using misa::DType;
 
+// The code of 0.0 in each dynamic map (misa_kernels/quant.py zero_code; a test checks they agree).
+constexpr uint8_t kZeroCodeSigned = 127;
+constexpr uint8_t kZeroCodeUnsigned = 0;
+
 DType to_dtype(int64_t code) {
   TORCH_CHECK(code >= 0 && code <= 2, "dtype code must be 0 (float32), 1 (bfloat16) or 2 (float16), got ", code);
   return static_cast<DType>(code);
@@ -68,11 +72,14 @@ misa::AdamScalars make_scalars(const c10::optional<at::Tensor>& device_scalars, 
 }
 
 misa::Rounding make_rounding(DType dtype, bool master, bool stochastic, int64_t seed,
-                             const c10::optional<at::Tensor>& skip, const at::Device& dev) {
+                             const c10::optional<at::Tensor>& skip, const at::Device& dev, bool kahan = false) {
   TORCH_CHECK(seed >= 0 && seed < (int64_t(1) << 31), "seed must lie in [0, 2**31), got ", seed);
   TORCH_CHECK(!master || dtype != DType::kFloat32, "float32 parameters take no master_params");
+  TORCH_CHECK(!kahan || dtype != DType::kFloat32, "float32 parameters take no compensation");
+  TORCH_CHECK(!(kahan && (master || stochastic)), "a compensation excludes master_params and stochastic rounding");
   TORCH_CHECK(!stochastic || dtype == DType::kBFloat16, "stochastic rounding supports bfloat16 parameters only");
   misa::Rounding r{master, stochastic, static_cast<uint32_t>(seed)};
+  r.kahan = kahan;
   if (skip.has_value()) {
     CHECK_DEVICE(*skip, dev);
     CHECK_DTYPE(*skip, at::kFloat);
@@ -82,6 +89,18 @@ misa::Rounding make_rounding(DType dtype, bool master, bool stochastic, int64_t 
   return r;
 }
 
+// The 8-bit format's maps: fp32 [signed 256 | unsigned 256] on the device; the chunk holds whole blocks.
+misa::QuantMaps quant_maps(const at::Tensor& maps, int64_t chunk, const at::Device& dev) {
+  CHECK_DEVICE(maps, dev);
+  CHECK_DTYPE(maps, at::kFloat);
+  CHECK_NUMEL(maps, 512);
+  CHECK_CONTIGUOUS(maps);
+  TORCH_CHECK(chunk % misa::kQuantBlock == 0, "8-bit states need a chunk that is a multiple of ",
+              misa::kQuantBlock, ", got ", chunk);
+  const float* data = maps.data_ptr<float>();
+  return {data, data + 256, kZeroCodeSigned, kZeroCodeUnsigned};
+}
+
 // The launchers take the chunk table, not tensor lists: misa_kernels/cuda.py validated the tensors
 // (misa_kernels/checks.py) and built the table, so a call costs one table lookup and a launch however
 // many tensors it covers. These checks guard the table's shape, not the tensors behind its addresses.
@@ -89,17 +108,27 @@ void adamw_step_(const at::Tensor& table, int64_t n_chunks, int64_t n_tensors, i
                  const c10::optional<at::Tensor>& grad_sq_norms, const c10::optional<at::Tensor>& partials,
                  const c10::optional<at::Tensor>& device_scalars, double one_minus_beta1, double beta2,
                  double one_minus_beta2, double eps, double step_size, double bc2_sqrt, double decay, bool fresh,
-                 bool master, bool stochastic, int64_t seed, const c10::optional<at::Tensor>& skip) {
-  const misa::ChunkTable t = check_table(table, n_chunks, n_tensors, chunk, master ? 5 : 4);
+                 bool master, bool stochastic, int64_t seed, const c10::optional<at::Tensor>& skip, bool kahan,
+                 const c10::optional<at::Tensor>& maps) {
+  // With `maps` (the 8-bit format's two 256-entry maps, concatenated) the states are 8-bit: two more
+  // operands (the block scales) and the 8-bit kernel.
+  const int extra = (master || kahan ? 1 : 0) + (maps.has_value() ? 2 : 0);
+  const misa::ChunkTable t = check_table(table, n_chunks, n_tensors, chunk, 4 + extra);
   const at::Device dev = table.device();
   const DType dtype = to_dtype(dtype_code);
   const c10::cuda::CUDAGuard guard(dev);
   float* norms = norms_pointer(grad_sq_norms, partials, table, n_chunks, n_tensors);
-  const auto rounding = make_rounding(dtype, master, stochastic, seed, skip, dev);
+  const auto rounding = make_rounding(dtype, master, stochastic, seed, skip, dev, kahan);
   const auto sc = make_scalars(device_scalars, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt,
                                decay, dev);
-  C10_CUDA_CHECK(misa::adamw_step(t, dtype, sc, fresh, rounding, norms,
-                                  norms ? partials->data_ptr<float>() : nullptr, c10::cuda::getCurrentCUDAStream()));
+  float* parts = norms ? partials->data_ptr<float>() : nullptr;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (maps.has_value()) {
+    C10_CUDA_CHECK(misa::adamw8bit_step(t, dtype, sc, fresh, rounding, quant_maps(*maps, chunk, dev), norms, parts,
+                                        stream));
+  } else {
+    C10_CUDA_CHECK(misa::adamw_step(t, dtype, sc, fresh, rounding, norms, parts, stream));
+  }
 }
 
 void grad_sq_norms(const at::Tensor& table, int64_t n_chunks, int64_t n_tensors, int64_t chunk, int64_t dtype_code,
@@ -114,15 +143,22 @@ void grad_sq_norms(const at::Tensor& table, int64_t n_chunks, int64_t n_tensors,
 void momentum_flush_(const at::Tensor& table, int64_t n_chunks, int64_t n_tensors, int64_t chunk, int64_t dtype_code,
                      const c10::optional<at::Tensor>& device_scalars, double one_minus_beta1, double beta2,
                      double one_minus_beta2, double eps, double step_size, double bc2_sqrt, double decay,
-                     bool master, bool stochastic, int64_t seed) {
-  const misa::ChunkTable t = check_table(table, n_chunks, n_tensors, chunk, master ? 4 : 3);
+                     bool master, bool stochastic, int64_t seed, bool kahan,
+                     const c10::optional<at::Tensor>& maps) {
+  const int extra = (master || kahan ? 1 : 0) + (maps.has_value() ? 2 : 0);
+  const misa::ChunkTable t = check_table(table, n_chunks, n_tensors, chunk, 3 + extra);
   const at::Device dev = table.device();
   const DType dtype = to_dtype(dtype_code);
   const c10::cuda::CUDAGuard guard(dev);
-  const auto rounding = make_rounding(dtype, master, stochastic, seed, c10::nullopt, dev);
+  const auto rounding = make_rounding(dtype, master, stochastic, seed, c10::nullopt, dev, kahan);
   const auto sc = make_scalars(device_scalars, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt,
                                decay, dev);
-  C10_CUDA_CHECK(misa::momentum_flush(t, dtype, sc, rounding, c10::cuda::getCurrentCUDAStream()));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (maps.has_value()) {
+    C10_CUDA_CHECK(misa::momentum_flush8bit(t, dtype, sc, rounding, quant_maps(*maps, chunk, dev), stream));
+  } else {
+    C10_CUDA_CHECK(misa::momentum_flush(t, dtype, sc, rounding, stream));
+  }
 }
 
 }  // namespace

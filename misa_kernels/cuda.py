@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import tables
+from . import quant, tables
 from .scalars import kernel_scalars
 
 _ext = None
@@ -61,18 +61,32 @@ def _table_args(table: tables.ChunkTable, dtype: torch.dtype):
     return (table.flat, table.n_chunks, table.n_tensors, table.chunk, _DTYPE_CODES[dtype])
 
 
+_MAPS = {}
+
+
+def _maps(device) -> Tensor:
+    """The 8-bit format's two maps as one device tensor [signed | unsigned], made once per device."""
+    found = _MAPS.get(device)
+    if found is None:
+        found = _MAPS[device] = torch.cat(quant.maps(device)).contiguous()
+    return found
+
+
 def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms: Optional[Tensor], master_params, *, lr,
-                beta1, beta2, eps, weight_decay, step, fresh, stochastic, seed, skip=None) -> None:
-    prepared = tables.prepare([params, grads, exp_avgs, exp_avg_sqs], master_params)
+                beta1, beta2, eps, weight_decay, step, fresh, stochastic, seed, skip=None, compensation=(),
+                exp_avg_absmax=(), exp_avg_sq_absmax=()) -> None:
+    prepared = tables.prepare_formats([params, grads, exp_avgs, exp_avg_sqs], master_params, compensation,
+                        (exp_avg_absmax, exp_avg_sq_absmax))
     if prepared is None:
         return
-    keep, lists, table = prepared
+    keep, lists, table, eight = prepared
     master = bool(master_params)
     sc = kernel_scalars(lr, step, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
     out = tables.norms_of_kept(grad_sq_norms, keep)
     partials = None if out is None else torch.empty(table.n_chunks, dtype=torch.float32, device=out.device)
     extension().adamw_step_(*_table_args(table, lists[0][0].dtype), out, partials, *_scalar_args(sc), bool(fresh),
-                            master, bool(stochastic), int(seed), skip)
+                            master, bool(stochastic), int(seed), skip, bool(compensation),
+                            _maps(lists[0][0].device) if eight else None)
     tables.scatter_norms(grad_sq_norms, out, keep)
 
 
@@ -90,12 +104,14 @@ def grad_sq_norms(tensors) -> Tensor:
 
 
 def momentum_flush_(params, exp_avgs, exp_avg_sqs, master_params, *, lr, beta1, beta2, eps, step, stochastic,
-                    seed) -> None:
-    prepared = tables.prepare([params, exp_avgs, exp_avg_sqs], master_params)
+                    seed, compensation=(), exp_avg_absmax=(), exp_avg_sq_absmax=()) -> None:
+    prepared = tables.prepare_formats([params, exp_avgs, exp_avg_sqs], master_params, compensation,
+                        (exp_avg_absmax, exp_avg_sq_absmax))
     if prepared is None:
         return
-    _, lists, table = prepared
+    _, lists, table, eight = prepared
     master = bool(master_params)
     sc = kernel_scalars(lr, step, beta1=beta1, beta2=beta2, eps=eps, flush=True)
     extension().momentum_flush_(*_table_args(table, lists[0][0].dtype), *_scalar_args(sc), master,
-                                bool(stochastic), int(seed))
+                                bool(stochastic), int(seed), bool(compensation),
+                                _maps(lists[0][0].device) if eight else None)

@@ -72,6 +72,19 @@ def prepare(lists: Sequence[Sequence[Tensor]], masters: Sequence[Tensor] = (), c
     return keep, kept, build(kept, chunk)
 
 
+def prepare_formats(lists: Sequence[Sequence[Tensor]], master_params: Sequence[Tensor],
+                    compensation: Sequence[Tensor], absmaxes: Tuple[Sequence[Tensor], Sequence[Tensor]]):
+    """`prepare` for the state formats: the operands in the fused kernels' order (the lists, the block scales
+    of 8-bit states, then the master or the compensation) and a chunk that holds whole quantization blocks
+    when the states are 8-bit. Returns prepare's tuple plus whether the states are 8-bit, or None."""
+    from . import quant
+
+    eight = bool(absmaxes[0])
+    chunk = max(chunk_size(), quant.BLOCK) if eight else None
+    prepared = prepare(list(lists) + (list(absmaxes) if eight else []), master_params or compensation, chunk=chunk)
+    return None if prepared is None else prepared + (eight,)
+
+
 def norms_of_kept(grad_sq_norms: Optional[Tensor], keep: List[int]) -> Optional[Tensor]:
     """The entries of `grad_sq_norms` that belong to the non-empty tensors: the tensor itself when no
     tensor was dropped, else a gathered copy that `scatter_norms` writes back."""

@@ -46,6 +46,21 @@ struct Rounding {
   // A 0-d device flag read by the kernel (null: never skip). Nonzero: the step writes nothing, except
   // that a fresh step defines zero states (and masters as the weights); partial norms are zero.
   const float* skip = nullptr;
+  // A bf16 Kahan compensation is the table's last operand instead of a master (bf16/fp16 parameters):
+  // the value updated is param + compensation; the parameter gets its nearest rounding, the
+  // compensation the rounding error.
+  bool kahan = false;
+};
+
+// The 8-bit blockwise state format (misa_kernels/quant.py): uint8 codes into a 256-entry map (signed
+// for exp_avg, unsigned for exp_avg_sq, device arrays of 256 floats) and one fp32 absmax per block of
+// kQuantBlock elements. The table's chunk must be a multiple of kQuantBlock.
+constexpr int kQuantBlock = 256;
+struct QuantMaps {
+  const float* exp_avg;
+  const float* exp_avg_sq;
+  uint8_t zero_exp_avg;     // the code of 0 in each map: a skipped fresh step writes zero states
+  uint8_t zero_exp_avg_sq;
 };
 
 // AdamW over the table's tensors (operands: param, grad, exp_avg, exp_avg_sq[, master]); if
@@ -53,6 +68,16 @@ struct Rounding {
 // `partials` (one float per chunk). Two launches at most, whatever the number of tensors.
 cudaError_t adamw_step(const ChunkTable& table, DType dtype, AdamScalars scalars, bool fresh, Rounding rounding,
                        float* grad_sq_norms, float* partials, cudaStream_t stream);
+
+// AdamW with 8-bit states (operands: param, grad, exp_avg codes, exp_avg_sq codes, exp_avg absmax,
+// exp_avg_sq absmax[, master or compensation]): dequantize, update in fp32, write the parameter from the
+// unquantized new states, then requantize each block to its new absmax (a warp per block).
+cudaError_t adamw8bit_step(const ChunkTable& table, DType dtype, AdamScalars scalars, bool fresh, Rounding rounding,
+                           QuantMaps maps, float* grad_sq_norms, float* partials, cudaStream_t stream);
+
+// The flush with 8-bit states (operands: param, codes, codes, absmax, absmax[, master or compensation]).
+cudaError_t momentum_flush8bit(const ChunkTable& table, DType dtype, AdamScalars scalars, Rounding rounding,
+                               QuantMaps maps, cudaStream_t stream);
 
 // out[t] += sum(x_t^2) over the table's tensors (operand: x); `out` must be zeroed by the caller for a
 // plain norm.

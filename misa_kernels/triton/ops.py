@@ -30,17 +30,6 @@ def _reduce(partials: Tensor, table: tables.ChunkTable, out: Tensor) -> None:
     reduce_partials_kernel[(table.n_tensors,)](partials, table.chunk_begin, out, BLOCK=REDUCE_BLOCK)
 
 
-def _prepare(lists, master_params, compensation, absmaxes):
-    """(keep, kept lists, table, 8-bit?) with the operands in the kernels' order: the lists, the block
-    scales (8-bit), then the master or compensation; None when every tensor is empty. An 8-bit table's
-    chunks hold whole quantization blocks."""
-    eight = bool(absmaxes[0])
-    chunk = max(tables.chunk_size(), quant.BLOCK) if eight else None
-    prepared = tables.prepare(list(lists) + (list(absmaxes) if eight else []), master_params or compensation,
-                              chunk=chunk)
-    return None if prepared is None else prepared + (eight,)
-
-
 def _block(config, eight: bool):
     # An 8-bit tile is whole quantization blocks; the chunk (>= quant.BLOCK, a power of two) stays a multiple.
     block, warps = config
@@ -50,7 +39,7 @@ def _block(config, eight: bool):
 def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms: Optional[Tensor], master_params, *, lr,
                 beta1, beta2, eps, weight_decay, step, fresh, stochastic, seed, skip=None, compensation=(),
                 exp_avg_absmax=(), exp_avg_sq_absmax=()) -> None:
-    prepared = _prepare([params, grads, exp_avgs, exp_avg_sqs], master_params, compensation,
+    prepared = tables.prepare_formats([params, grads, exp_avgs, exp_avg_sqs], master_params, compensation,
                         (exp_avg_absmax, exp_avg_sq_absmax))
     if prepared is None:
         return
@@ -116,7 +105,7 @@ def grad_sq_norms(tensors) -> Tensor:
 
 def momentum_flush_(params, exp_avgs, exp_avg_sqs, master_params, *, lr, beta1, beta2, eps, step, stochastic,
                     seed, compensation=(), exp_avg_absmax=(), exp_avg_sq_absmax=()) -> None:
-    prepared = _prepare([params, exp_avgs, exp_avg_sqs], master_params, compensation,
+    prepared = tables.prepare_formats([params, exp_avgs, exp_avg_sqs], master_params, compensation,
                         (exp_avg_absmax, exp_avg_sq_absmax))
     if prepared is None:
         return

@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 import misa_kernels
-from misa_kernels import StateArena
+from misa_kernels import StateArena, quant
 from misa_kernels.arena import ALIGN_ELEMENTS
 from misa_kernels.scalars import tensor_key
 
@@ -29,6 +29,7 @@ from .sampler import ORDERS, ImportanceSampler, entropy
 from .variants import Variant, resolve
 
 _MODULES_GROUP = "modules"
+STATE_FORMATS = ("fp32", "8bit")
 # parameter -> weak reference to the MISA that manages it; both sides weak, so neither keeps the other alive
 _OWNERS = WeakIdKeyDictionary()
 _ALWAYS_GROUP = "always"
@@ -38,6 +39,10 @@ def _local(t: Tensor) -> Tensor:
     """The local shard of a DTensor (FSDP2), or the tensor itself: kernels run on local data."""
     to_local = getattr(t, "to_local", None)
     return to_local() if callable(to_local) else t
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
 def _check_config(lr, betas, eps, weight_decay, delta, eta, interval, warmup_interval, min_flush_steps):
@@ -104,8 +109,15 @@ class MISA(torch.optim.Optimizer):
             on for low-precision parameters unless rounding="stochastic"; fp32 parameters need none.
             Without it, an AdamW step at fine-tuning learning rates rounds away in bf16 (measured: 46%
             of the entries of a bf16 weight never change in 50 steps at lr 5e-5).
+            "fp32" is the same as True; "kahan" keeps a bf16 compensation instead (2 B per element instead
+            of 4: the weight plus its compensation carry the value to about 16 bits, updated in the same
+            pass).
         rounding: "nearest", or "stochastic" (bf16 only): the memory-free alternative to master
             weights, unbiased rounding of the fp32 result into the weight, reproducible from `seed`.
+        states: "fp32" (default) or "8bit": Adam's m and v as blockwise 8-bit codes (bitsandbytes'
+            dynamic maps, one fp32 scale per 256 elements: 2.03 B per element instead of 8), dequantized,
+            updated and requantized in the fused pass. Tensors below 4096 elements keep fp32 states.
+            README "State formats" has the measured cost of each format.
     """
 
     def __init__(
@@ -137,17 +149,26 @@ class MISA(torch.optim.Optimizer):
         train_1d: bool = False,
         always_train: Optional[Iterable] = None,
         check_finite: bool = True,
-        master_weights: Optional[bool] = None,
+        master_weights=None,
         rounding: str = "nearest",
+        states: str = "fp32",
     ):
         _check_config(lr, betas, eps, weight_decay, delta, eta, interval, warmup_interval, min_flush_steps)
         if rounding not in ("nearest", "stochastic"):
             raise ValueError(f"rounding: expected 'nearest' or 'stochastic', got {rounding!r}")
+        if states not in STATE_FORMATS:
+            raise ValueError(f"states: expected one of {', '.join(map(repr, STATE_FORMATS))}, got {states!r}")
+        if master_weights not in (None, True, False, "fp32", "kahan"):
+            raise ValueError(f"master_weights: expected None, True, False, 'fp32' or 'kahan', got {master_weights!r}")
         if master_weights and rounding == "stochastic":
-            raise ValueError("master_weights=True and rounding='stochastic' exclude each other: stochastic "
-                             "rounding is the memory-free alternative to an fp32 master copy")
+            raise ValueError(f"master_weights={master_weights!r} and rounding='stochastic' exclude each other: "
+                             "stochastic rounding is the memory-free alternative to a master copy")
         self.rounding = rounding
-        self.master_weights = (rounding == "nearest") if master_weights is None else bool(master_weights)
+        self.states = states
+        if master_weights is None:
+            master_weights = "fp32" if rounding == "nearest" else False
+        self.master_format = {True: "fp32", False: None}.get(master_weights, master_weights)
+        self.master_weights = self.master_format is not None
         self.seed = int(seed)
         if order not in ORDERS:
             raise ValueError(f"order: expected one of {', '.join(map(repr, ORDERS))}, got {order!r}")
@@ -317,25 +338,53 @@ class MISA(torch.optim.Optimizer):
         return out
 
     def _arena_capacity(self, modules) -> int:
-        # Every active set holds at most `budget` global elements; a shard holds at most the largest
-        # local/global ratio of them. Each tensor may also waste up to one alignment unit.
+        """fp32 elements of an arena that holds the largest active set the budget allows, in the chosen
+        formats. Every active set holds at most `budget` global elements (a shard at most the largest
+        local/global ratio of them); each large tensor costs its formats' bytes per element, and every
+        block may waste up to one alignment unit. Tensors below quant.MIN_NUMEL keep fp32 states: all of
+        them are counted in full (few and small), so the bound holds whichever are active."""
         ratio = max(sum(_local(p).numel() for _, p in m.params) / max(m.numel, 1) for m in modules)
-        n_tensors = sum(len(m.params) for m in modules)
-        module_part = int(math.ceil(self.budget * ratio)) + ALIGN_ELEMENTS * n_tensors
-        always_part = StateArena.required_numel([_local(p).numel() for _, p in self._always])
-        every = [p for m in modules for _, p in m.params] + [p for _, p in self._always]
-        per_element = 3 if any(self._has_master(p) for p in every) else 2  # m, v (and the fp32 master)
-        self._arena_buffers = per_element
-        return per_element * (module_part + always_part)
+        module_tensors = [p for m in modules for _, p in m.params]
+        every = module_tensors + [p for _, p in self._always]
+        large = self._bytes_per_element(large=True)
+        small = [p for p in module_tensors if not self._is_8bit(p)]
+        n_blocks = max((len(self._state_layout(p, 1)) for p in every), default=0)
+        module_bytes = (math.ceil(self.budget * ratio) * large + sum(_local(p).numel() for p in small) *
+                        self._bytes_per_element(large=False) + ALIGN_ELEMENTS * 4 * n_blocks * len(module_tensors))
+        always_bytes = sum(self.arena_bytes(p) for _, p in self._always)
+        master_share = self._master_bytes() / large if large else 0.0
+        self._arena_parts = {"masters": master_share}
+        return int(math.ceil((module_bytes + always_bytes) / 4))
+
+    def _bytes_per_element(self, large: bool) -> float:
+        states = quant.BYTES_PER_ELEMENT if (large and self.states == "8bit") else 8.0
+        return states + self._master_bytes()
+
+    def _master_bytes(self) -> int:
+        low = any(_local(p).dtype != torch.float32 for g in self.param_groups for p in g["params"])
+        return {"fp32": 4, "kahan": 2}.get(self.master_format, 0) if low else 0
+
+    def arena_bytes(self, p: Tensor) -> int:
+        """Bytes the arena gives parameter `p` when it is active (alignment included)."""
+        layout = self._state_layout(p, _local(p).numel()).values()
+        return 4 * StateArena.required_numel([(n * _itemsize(dtype) + 3) // 4 for n, dtype in layout])
 
     # ---------------------------------------------------------------- observable state
     def memory_bytes(self) -> Dict[str, int]:
-        """Bytes this optimizer holds: {"states": Adam's m and v, "masters": fp32 master copies}. Both live
-        in the arena, allocated at construction for the largest active set the budget allows, so this is
-        the arena's size (split by its buffers per element), whatever the current set uses."""
+        """Bytes this optimizer holds: {"states": Adam's m and v (codes and scales when 8-bit), "masters":
+        master copies or compensations}. Both live in the arena, allocated at construction for the largest
+        active set the budget allows, so this is the arena's size (split by the formats' bytes per
+        element), whatever the current set uses."""
         total = self.arena.stats()["bytes"]
-        masters = total // self._arena_buffers if self._arena_buffers == 3 else 0
+        masters = int(total * self._arena_parts["masters"])
         return {"states": total - masters, "masters": masters}
+
+    @property
+    def formats(self) -> Dict[str, object]:
+        """The state formats and what they cost: {"states", "masters", "bytes_per_element"} (an active
+        element of a tensor of at least quant.MIN_NUMEL elements; smaller ones keep fp32 states)."""
+        return {"states": self.states, "masters": self.master_format if self._master_bytes() else None,
+                "bytes_per_element": self._bytes_per_element(large=True)}
 
     @property
     def active_modules(self) -> List[str]:
@@ -365,15 +414,34 @@ class MISA(torch.optim.Optimizer):
     def _has_master(self, p: Tensor) -> bool:
         return self.master_weights and _local(p).dtype != torch.float32
 
+    def _is_8bit(self, p: Tensor) -> bool:
+        return self.states == "8bit" and _local(p).numel() >= quant.MIN_NUMEL
+
+    def _state_layout(self, p: Tensor, numel: Optional[int] = None) -> Dict[str, Tuple[object, torch.dtype]]:
+        """{state key: (shape or element count, dtype)} of an active parameter in the chosen formats."""
+        shape = _local(p).shape if numel is None else numel
+        n = _local(p).numel() if numel is None else numel
+        if self._is_8bit(p):
+            layout = {"exp_avg": (shape, quant.CODE_DTYPE), "exp_avg_sq": (shape, quant.CODE_DTYPE),
+                      "exp_avg_absmax": (quant.n_blocks(n), torch.float32),
+                      "exp_avg_sq_absmax": (quant.n_blocks(n), torch.float32)}
+        else:
+            layout = {"exp_avg": (shape, torch.float32), "exp_avg_sq": (shape, torch.float32)}
+        if self._has_master(p):
+            if self.master_format == "kahan":
+                layout["compensation"] = (shape, torch.bfloat16)
+            else:
+                layout["master"] = (shape, torch.float32)
+        return layout
+
     def _state_keys(self, p: Tensor) -> Tuple[str, ...]:
-        return ("exp_avg", "exp_avg_sq", "master") if self._has_master(p) else ("exp_avg", "exp_avg_sq")
+        return tuple(self._state_layout(p))
 
     def _acquire(self, p: Tensor) -> None:
         # Contents are undefined until the module's first (fresh) step writes them, the master included.
         i = self._index[p]
-        shape = _local(p).shape
-        for key in self._state_keys(p):
-            self.arena.acquire((key, i), shape)
+        for key, (shape, dtype) in self._state_layout(p).items():
+            self.arena.acquire((key, i), shape, dtype)
         # "step" counts the steps attempted since activation; "skips0" is the skip count then
         self.state[p] = {"step": 0, "skips0": self._skips_at_switch}
         self._refresh_views([p])
@@ -572,8 +640,9 @@ class MISA(torch.optim.Optimizer):
         calls = defaultdict(list)
         for gi, p, g, slot in entries:
             st = self.state[p]
-            calls[(gi, _local(p).dtype, st["step"], id(st["skips0"]), slot is not None)].append((p, g, slot))
-        for call, ((gi, _, step, _, is_module), items) in enumerate(calls.items()):
+            calls[(gi, _local(p).dtype, st["step"], id(st["skips0"]), slot is not None, "exp_avg_absmax" in st)].append(
+                (p, g, slot))
+        for call, ((gi, _, step, _, is_module, _), items) in enumerate(calls.items()):
             group = self.param_groups[gi]
             beta1, beta2 = group["betas"]
             params = [_local(p) for p, _, _ in items]
@@ -598,11 +667,17 @@ class MISA(torch.optim.Optimizer):
                 s["step"] = step + 1
 
     def _rounding_args(self, states, call: int) -> Dict:
-        """master_params / rounding / seed for one kernel call. The stochastic seed is a function of
-        (seed, step, call), so a resumed run rounds exactly as the uninterrupted one."""
-        masters = [s["master"] for s in states] if states and "master" in states[0] else None
+        """master_params or compensation, block scales of 8-bit states, rounding and seed for one kernel
+        call (every state of a call has one format). The stochastic seed is a function of (seed, step,
+        call), so a resumed run rounds exactly as the uninterrupted one."""
+        first = states[0] if states else {}
         seed = tensor_key(self.seed & 0x7FFFFFFF, self._step_count * 1024 + call) & 0x7FFFFFFF
-        return dict(master_params=masters, rounding=self.rounding, seed=seed)
+        args = dict(rounding=self.rounding, seed=seed)
+        for key, arg in (("master", "master_params"), ("compensation", "compensation"),
+                         ("exp_avg_absmax", "exp_avg_absmax"), ("exp_avg_sq_absmax", "exp_avg_sq_absmax")):
+            if key in first:
+                args[arg] = [s[key] for s in states]
+        return args
 
     def _end_period(self) -> None:
         length = self._t
@@ -623,7 +698,7 @@ class MISA(torch.optim.Optimizer):
             for p in self._module_params(b):
                 st = self.state.get(p)
                 if st is not None and self._steps_taken(st) > 0:
-                    calls[(_local(p).dtype, st["step"], id(st["skips0"]))].append(p)
+                    calls[(_local(p).dtype, st["step"], id(st["skips0"]), "exp_avg_absmax" in st)].append(p)
         group = self.param_groups[0]
         beta1, beta2 = group["betas"]
         for call, params in enumerate(calls.values()):
@@ -692,13 +767,48 @@ class MISA(torch.optim.Optimizer):
             p = self.param_by_index(int(i))
             if p not in self.state:
                 raise ValueError(f"state_dict: state for {self._param_names.get(p, i)}, which is not active")
-            here = self.state[p]
-            for key in self._state_keys(p):
-                if key in st:
-                    here[key].copy_(st[key].reshape(here[key].shape))
-                elif key == "master":  # saved without masters: start them from the weight, as a switch does
-                    here[key].copy_(_local(p).detach().reshape(here[key].shape))
-            here["step"] = int(st["step"])
+            self._load_states(p, self.state[p], st)
+            self.state[p]["step"] = int(st["step"])
+
+    def _load_states(self, p: Tensor, here: Dict, saved: Dict) -> None:
+        """Copy a saved parameter's states into its arena views, converting between formats: fp32 states
+        are quantized into 8-bit ones and 8-bit ones dequantized (quant.py), an fp32 master becomes a
+        compensation (master - weight) and the reverse (weight + compensation); a checkpoint without
+        either starts them from the weight, as an activation does."""
+        maps = quant.maps(self.device)
+        for key, scale_key, qmap in (("exp_avg", "exp_avg_absmax", maps[0]), ("exp_avg_sq", "exp_avg_sq_absmax",
+                                                                               maps[1])):
+            if key not in saved:
+                continue
+            value = saved[key].to(self.device)
+            if (scale_key in here) == (scale_key in saved):  # same format: the exact bytes
+                here[key].copy_(value.reshape(here[key].shape))
+                if scale_key in here:
+                    here[scale_key].copy_(saved[scale_key].reshape(-1))
+            elif scale_key in here:
+                codes, scales = quant.quantize(value.float(), qmap)
+                here[key].copy_(codes.reshape(here[key].shape))
+                here[scale_key].copy_(scales)
+            else:
+                here[key].copy_(quant.dequantize(value, saved[scale_key].to(self.device), qmap).reshape(
+                    here[key].shape))
+        weight = _local(p).detach().float().reshape(-1)
+        if "master" in here:
+            if "master" in saved:
+                value = saved["master"]
+            elif "compensation" in saved:
+                value = weight + saved["compensation"].to(self.device).float().reshape(-1)
+            else:
+                value = weight
+            here["master"].copy_(value.reshape(here["master"].shape))
+        if "compensation" in here:
+            if "compensation" in saved:
+                value = saved["compensation"]
+            elif "master" in saved:
+                value = saved["master"].to(self.device).float().reshape(-1) - weight
+            else:
+                value = torch.zeros_like(weight)
+            here["compensation"].copy_(value.reshape(here["compensation"].shape))
 
     def param_by_index(self, i: int) -> Tensor:
         """The parameter behind index `i` of state_dict()["state"] (param-group order)."""
@@ -743,6 +853,8 @@ class MISA(torch.optim.Optimizer):
                 f"interval={self.interval}, order={self.order!r}, variant={self.variant!r}, "
                 f"active={len(self._active)}, trainable={self.trainable_fraction:.2%}, "
                 f"never trained={frozen / self.partition.total_params:.2%}, "
+                f"states={self.formats['states']}, masters={self.formats['masters']}, "
+                f"bytes/element={self.formats['bytes_per_element']:.2f}, "
                 f"holds={sum(self.memory_bytes().values()) / 2**20:.2f} MiB)")
 
 

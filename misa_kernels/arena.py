@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from typing import Dict, Hashable, List, Sequence, Tuple, Union
+from typing import Dict, Hashable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -26,6 +26,10 @@ class ArenaFull(RuntimeError):
     """The arena has no room for a request; it never grows silently."""
 
 
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
 def _round_up(n: int) -> int:
     return (n + ALIGN_ELEMENTS - 1) // ALIGN_ELEMENTS * ALIGN_ELEMENTS
 
@@ -37,7 +41,8 @@ class StateArena:
         self.capacity = _round_up(capacity_numel)
         self.buffer = torch.empty(self.capacity, dtype=dtype, device=device)
         self._free: List[Tuple[int, int]] = [(0, self.capacity)] if self.capacity else []  # (offset, size)
-        self._blocks: Dict[Hashable, Tuple[int, int, Tuple[int, ...]]] = {}  # key -> (offset, size, shape)
+        # key -> (offset, size, shape, dtype); offsets and sizes in elements of the buffer's dtype
+        self._blocks: Dict[Hashable, Tuple[int, int, Tuple[int, ...], torch.dtype]] = {}
         self.used = 0
         self.peak = 0
         self.generation = 0
@@ -46,6 +51,13 @@ class StateArena:
     def required_numel(sizes: Sequence[int]) -> int:
         """Capacity that holds blocks of these element counts, alignment included."""
         return sum(_round_up(int(n)) for n in sizes)
+
+    def units(self, numel: int, dtype: Optional[torch.dtype] = None) -> int:
+        """Buffer elements that a block of `numel` elements of `dtype` occupies (before alignment)."""
+        if dtype is None or dtype == self.buffer.dtype:
+            return int(numel)
+        size = self.buffer.element_size()
+        return (int(numel) * _itemsize(dtype) + size - 1) // size
 
     @property
     def device(self) -> torch.device:
@@ -60,14 +72,18 @@ class StateArena:
     def keys(self):
         return self._blocks.keys()
 
-    def acquire(self, key: Hashable, numel_or_shape: Union[int, Sequence[int], torch.Size]) -> Tensor:
-        """A view of `numel_or_shape` for `key`. Its contents are undefined (the caller overwrites it,
-        e.g. with a `fresh=True` step), which is why no zeroing pass is needed."""
+    def acquire(self, key: Hashable, numel_or_shape: Union[int, Sequence[int], torch.Size],
+                dtype: Optional[torch.dtype] = None) -> Tensor:
+        """A view of `numel_or_shape` elements of `dtype` (default: the buffer's) for `key`: the 8-bit
+        states' codes and block scales and a bf16 compensation share one buffer with fp32 states. Its
+        contents are undefined (the caller overwrites it, e.g. with a `fresh=True` step), which is why no
+        zeroing pass is needed."""
         if key in self._blocks:
             raise KeyError(f"key {key!r} already holds a block; release it first")
         shape = (int(numel_or_shape),) if isinstance(numel_or_shape, int) else tuple(int(s) for s in numel_or_shape)
         numel = math.prod(shape)
-        size = _round_up(max(numel, 1))
+        dtype = self.buffer.dtype if dtype is None else dtype
+        size = _round_up(max(self.units(numel, dtype), 1))
         slot = self._first_fit(size)
         if slot is None and self.capacity - self.used >= size:
             self.compact()
@@ -79,7 +95,7 @@ class StateArena:
         offset, hole = self._free.pop(slot)
         if hole > size:
             self._free.insert(slot, (offset + size, hole - size))
-        self._blocks[key] = (offset, size, shape)
+        self._blocks[key] = (offset, size, shape, dtype)
         self.used += size
         self.peak = max(self.peak, self.used)
         return self.view(key)
@@ -87,13 +103,16 @@ class StateArena:
     def view(self, key: Hashable) -> Tensor:
         if key not in self._blocks:
             raise KeyError(f"StateArena.view: no block is held under {key!r}")
-        offset, _, shape = self._blocks[key]
-        return self.buffer[offset:offset + math.prod(shape)].view(shape)
+        offset, size, shape, dtype = self._blocks[key]
+        numel = math.prod(shape)
+        if dtype == self.buffer.dtype:
+            return self.buffer[offset:offset + numel].view(shape)
+        return self.buffer[offset:offset + size].view(dtype)[:numel].view(shape)
 
     def release(self, key: Hashable) -> None:
         if key not in self._blocks:
             raise KeyError(f"StateArena.release: no block is held under {key!r} ({len(self._blocks)} blocks held)")
-        offset, size, _ = self._blocks.pop(key)
+        offset, size, _, _ = self._blocks.pop(key)
         self.used -= size
         i = bisect.bisect_left(self._free, (offset, 0))
         self._free.insert(i, (offset, size))
@@ -113,13 +132,13 @@ class StateArena:
     def compact(self) -> None:
         """Move live blocks to the start of the buffer, keeping their contents."""
         cursor = 0
-        for key, (offset, size, shape) in sorted(self._blocks.items(), key=lambda kv: kv[1][0]):
+        for key, (offset, size, shape, dtype) in sorted(self._blocks.items(), key=lambda kv: kv[1][0]):
             if offset != cursor:
                 src = self.buffer[offset:offset + size]
                 if offset - cursor < size:  # overlapping move
                     src = src.clone()
                 self.buffer[cursor:cursor + size].copy_(src)
-                self._blocks[key] = (cursor, size, shape)
+                self._blocks[key] = (cursor, size, shape, dtype)
             cursor += size
         self._free = [(cursor, self.capacity - cursor)] if cursor < self.capacity else []
         self.generation += 1

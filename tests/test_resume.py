@@ -21,8 +21,8 @@ def train(model, opt, steps, data_seed=0, start=0):
         opt.zero_grad(set_to_none=True)
 
 
-def make(variant="paper", dtype=torch.float32, **kw):
-    model = tiny_lm(seed=7, dtype=dtype)
+def make(variant="paper", dtype=torch.float32, model_kw=None, **kw):
+    model = tiny_lm(seed=7, dtype=dtype, **(model_kw or {}))
     opt = misa.MISA(model, lr=5e-3, weight_decay=0.01, delta=0.15, interval=4, variant=variant, seed=11,
                     backend="torch", **kw)
     return model, opt
@@ -35,8 +35,13 @@ def roundtrip(obj):
     return torch.load(buf, map_location="cpu", weights_only=False)
 
 
+# The 8-bit formats need tensors of at least 4096 elements: a wider model (d=64).
+WIDE = {"model_kw": {"d": 64, "ff": 64}}
 LOW_PRECISION = {"fp32": (torch.float32, {}), "bf16-master": (torch.bfloat16, {}),
-                 "bf16-stochastic": (torch.bfloat16, {"rounding": "stochastic"})}
+                 "bf16-stochastic": (torch.bfloat16, {"rounding": "stochastic"}),
+                 "fp32-8bit": (torch.float32, {"states": "8bit", **WIDE}),
+                 "bf16-8bit-kahan": (torch.bfloat16, {"states": "8bit", "master_weights": "kahan", **WIDE}),
+                 "bf16-8bit-stochastic": (torch.bfloat16, {"states": "8bit", "rounding": "stochastic", **WIDE})}
 
 
 @pytest.mark.parametrize("precision", list(LOW_PRECISION), ids=list(LOW_PRECISION))
@@ -67,11 +72,14 @@ def test_resume_is_exact(variant, save_at, precision):
     for pa, pc in zip(model_a.parameters(), model_c.parameters()):
         assert (pa in opt_a.state) == (pc in opt_c.state)
         if pa in opt_a.state:
-            assert torch.equal(opt_a.state[pa]["exp_avg"], opt_c.state[pc]["exp_avg"])
-            assert opt_a.state[pa]["step"] == opt_c.state[pc]["step"]
-            assert ("master" in opt_a.state[pa]) == (precision == "bf16-master")
-            if "master" in opt_a.state[pa]:
-                assert torch.equal(opt_a.state[pa]["master"], opt_c.state[pc]["master"])
+            sa, sc = opt_a.state[pa], opt_c.state[pc]
+            assert sa["step"] == sc["step"]
+            assert ("master" in sa) == (precision == "bf16-master")
+            assert ("compensation" in sa) == (precision == "bf16-8bit-kahan")
+            assert ("exp_avg_absmax" in sa) == ("8bit" in precision and pa.numel() >= 4096)
+            for key in ("exp_avg", "exp_avg_sq", "master", "compensation", "exp_avg_absmax", "exp_avg_sq_absmax"):
+                if key in sa:
+                    assert torch.equal(sa[key], sc[key]), key
 
 
 def test_state_dict_holds_copies_not_the_arena():

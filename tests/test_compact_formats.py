@@ -6,13 +6,13 @@ import math
 
 import pytest
 import torch
+from test_master_weights import bf16_run, quality
+from test_resume import train
 
 import misa
 from misa_kernels import StateArena, quant
 
 from models import tiny_lm
-from test_master_weights import bf16_run, quality
-from test_resume import train
 
 FORMATS = {
     "fp32+master": {},

@@ -45,6 +45,10 @@ def _comm_device(group) -> torch.device:
 def prepare(opt: MISA, group: Optional[dist.ProcessGroup] = None) -> MISA:
     """Make `opt` safe under a process group: agreement check at every switch, and (FSDP2) norms summed
     over shards. Call it once, right after building the optimizer, on every rank."""
+    if opt.release_grads:
+        raise ValueError("misa.distributed.prepare: MISA(release_grads=True) updates a tensor in a hook as soon as "
+                         "its local gradient exists, before DDP or FSDP2 reduce it over ranks: construct it without "
+                         "release_grads")
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("misa.distributed.prepare: torch.distributed is not initialised")
     device = _comm_device(group)

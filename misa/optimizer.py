@@ -114,6 +114,14 @@ class MISA(torch.optim.Optimizer):
             pass).
         rounding: "nearest", or "stochastic" (bf16 only): the memory-free alternative to master
             weights, unbiased rounding of the fp32 result into the weight, reproducible from `seed`.
+        release_grads: update each active tensor in a hook as soon as backward has accumulated its
+            gradient, and free the gradient there, so that a step never holds the active gradients at once
+            (2 B per active element in bf16). `step()` then only keeps the books (importance, period ends).
+            What it cannot honour it refuses: the non-finite check (check_finite=False is required: the
+            step cannot be skipped as a whole before every gradient exists), clipping by the global norm
+            (`clip_grad_norm_` raises), gradient accumulation (a second backward before `step()` raises),
+            and DDP/FSDP2 (a hook runs before the gradients are reduced). Exact resume and the importance
+            statistic are kept.
         states: "fp32" (default) or "8bit": Adam's m and v as blockwise 8-bit codes (bitsandbytes'
             dynamic maps, one fp32 scale per 256 elements: 2.03 B per element instead of 8), dequantized,
             updated and requantized in the fused pass. Tensors below 4096 elements keep fp32 states.
@@ -152,6 +160,7 @@ class MISA(torch.optim.Optimizer):
         master_weights=None,
         rounding: str = "nearest",
         states: str = "fp32",
+        release_grads: bool = False,
     ):
         _check_config(lr, betas, eps, weight_decay, delta, eta, interval, warmup_interval, min_flush_steps)
         if rounding not in ("nearest", "stochastic"):
@@ -163,8 +172,13 @@ class MISA(torch.optim.Optimizer):
         if master_weights and rounding == "stochastic":
             raise ValueError(f"master_weights={master_weights!r} and rounding='stochastic' exclude each other: "
                              "stochastic rounding is the memory-free alternative to a master copy")
+        if release_grads and check_finite:
+            raise ValueError("release_grads=True updates each tensor during backward, before every gradient exists, "
+                             "so a step with a non-finite gradient cannot be skipped as a whole: pass "
+                             "check_finite=False with it")
         self.rounding = rounding
         self.states = states
+        self.release_grads = bool(release_grads)
         if master_weights is None:
             master_weights = "fp32" if rounding == "nearest" else False
         self.master_format = {True: "fp32", False: None}.get(master_weights, master_weights)
@@ -255,6 +269,10 @@ class MISA(torch.optim.Optimizer):
                 p.grad = None
         for _, p in self._always:
             p.requires_grad_(True)
+        self._released: set = set()  # tensors updated by their hook since the last step()
+        self._release_sq = torch.zeros(1, dtype=torch.float32, device=self.device)
+        if self.release_grads:
+            self._install_release_hooks(every_param)
         self._switch(self.sampler.sample())
         self._constructed = True
 
@@ -347,10 +365,11 @@ class MISA(torch.optim.Optimizer):
         module_tensors = [p for m in modules for _, p in m.params]
         every = module_tensors + [p for _, p in self._always]
         large = self._bytes_per_element(large=True)
-        small = [p for p in module_tensors if not self._is_8bit(p)]
+        # an active small tensor costs its extra bytes over the large rate; all of them may be active
+        small = sum(_local(p).numel() for p in module_tensors if self.states == "8bit" and not self._is_8bit(p))
         n_blocks = max((len(self._state_layout(p, 1)) for p in every), default=0)
-        module_bytes = (math.ceil(self.budget * ratio) * large + sum(_local(p).numel() for p in small) *
-                        self._bytes_per_element(large=False) + ALIGN_ELEMENTS * 4 * n_blocks * len(module_tensors))
+        module_bytes = (math.ceil(self.budget * ratio) * large + small * (self._bytes_per_element(large=False) - large)
+                        + ALIGN_ELEMENTS * 4 * n_blocks * len(module_tensors))
         always_bytes = sum(self.arena_bytes(p) for _, p in self._always)
         master_share = self._master_bytes() / large if large else 0.0
         self._arena_parts = {"masters": master_share}
@@ -487,6 +506,7 @@ class MISA(torch.optim.Optimizer):
             self._refresh_views(list(self.state.keys()))
         self._active = new
         self._build_slots()
+        self._release_sq = torch.zeros(len(self._slots) + 1, dtype=torch.float32, device=self.device)
         self._S = torch.zeros(len(new), dtype=torch.float32, device=self.device)
         self._period_skips = torch.zeros((), dtype=torch.float32, device=self.device)
         self._t = 0
@@ -516,6 +536,58 @@ class MISA(torch.optim.Optimizer):
         pad = len(self._slots)
         self._seg_index = torch.tensor([r + [pad] * (width - len(r)) for r in rows] or [[pad]],
                                        dtype=torch.int64, device=self.device)
+
+    # ---------------------------------------------------------------- gradient release
+    def _install_release_hooks(self, params) -> None:
+        # The hook holds the optimizer weakly: a model must not keep a dropped optimizer alive.
+        me = weakref.ref(self)
+
+        def hook(p: Tensor) -> None:
+            opt = me()
+            if opt is not None:
+                opt._update_released(p)
+
+        self._release_handles = []
+        for p in params:  # a hook can only be registered while the tensor requires grad; it stays after that
+            frozen = not p.requires_grad
+            p.requires_grad_(True)
+            self._release_handles.append(p.register_post_accumulate_grad_hook(hook))
+            p.requires_grad_(not frozen)
+
+    def _update_released(self, p: Tensor) -> None:
+        """Update `p` from its just-accumulated gradient and free the gradient (release_grads=True)."""
+        if p.grad is None or p not in self.state:
+            return
+        if p in self._released:
+            name = self._param_names.get(p, "a tensor")
+            raise RuntimeError(f"MISA(release_grads=True): a second backward reached {name} before step(): each "
+                               "gradient updates its tensor as soon as it exists, so gradients cannot be accumulated "
+                               "over several backward passes; call step() after each backward, or construct MISA "
+                               "without release_grads")
+        g = _local(p.grad)
+        if g.is_sparse:
+            raise RuntimeError(f"MISA does not support sparse gradients ({self._param_names.get(p, 'a param')})")
+        self._released.add(p)
+        gi = 0 if p in self._slots else self._group_of(p)
+        with torch.no_grad():
+            self._fused_steps([(gi, p, g, self._slots.get(p))], self._release_sq, call_base=self._index[p])
+        p.grad = None
+
+    def _group_of(self, p: Tensor) -> int:
+        return next(gi for gi, q in self._always if q is p)
+
+    def _release_step(self, loss):
+        """step() under release_grads: the updates ran in the hooks; keep the books."""
+        if not self._released:
+            return loss
+        step_sq, self._release_sq = self._release_sq, torch.zeros_like(self._release_sq)
+        self._released.clear()
+        if self._reduce_sq_norms is not None:
+            self._reduce_sq_norms(step_sq)
+        per_module = step_sq[self._seg_index].sum(dim=1)
+        self._S += per_module.sqrt() if self.v.norm_power == 1 else per_module
+        self._advance()
+        return loss
 
     # ---------------------------------------------------------------- the step
     def _grads(self) -> List[Tuple[int, Tensor, Tensor, Optional[int]]]:
@@ -568,6 +640,8 @@ class MISA(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.release_grads:
+            return self._release_step(loss)
         entries = self._grads()
         if not entries:
             return loss
@@ -635,8 +709,10 @@ class MISA(torch.optim.Optimizer):
         # number - tensor launches one kernel; a tensor built from host data would copy and wait on a GPU
         return float(st["step"] + ahead) - (self._skips - st["skips0"])
 
-    def _fused_steps(self, entries, step_sq: Optional[Tensor], found: Optional[Tensor] = None) -> None:
-        """One fused kernel call per (group, dtype, step count, activation, module-or-not)."""
+    def _fused_steps(self, entries, step_sq: Optional[Tensor], found: Optional[Tensor] = None,
+                     call_base: int = 0) -> None:
+        """One fused kernel call per (group, dtype, step count, activation, module-or-not, state format).
+        `call_base` numbers the calls for the stochastic-rounding seeds (a released tensor's own index)."""
         calls = defaultdict(list)
         for gi, p, g, slot in entries:
             st = self.state[p]
@@ -660,7 +736,7 @@ class MISA(torch.optim.Optimizer):
                 lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                 step=self._true_step(states[0], ahead=1), fresh=step == 0, grad_sq_norms=norms, skip=found,
                 backend=self.backend,
-                **self._rounding_args(states, call))
+                **self._rounding_args(states, call_base + call))
             if scatter is not None:
                 step_sq.index_copy_(0, scatter, norms)
             for s in states:
@@ -725,6 +801,9 @@ class MISA(torch.optim.Optimizer):
         Returns the norm before clipping, like torch.nn.utils.clip_grad_norm_."""
         if norm_type != 2.0:
             raise ValueError(f"norm_type: MISA clips by the L2 norm only, got {norm_type}")
+        if self.release_grads:
+            raise RuntimeError("MISA(release_grads=True) cannot clip by the global norm: each tensor was updated and "
+                               "its gradient freed during backward, before the norm of all of them existed")
         entries = self._grads()
         if not entries:
             return torch.zeros((), device=self.device)

@@ -339,12 +339,13 @@ def test_cuda_binding_receives_the_host_folded_scalars(monkeypatch):
     assert a[7] is None  # no device scalars for a number lr
     assert a[8:15] == (want.one_minus_beta1, want.beta2, want.one_minus_beta2, want.eps, want.step_size,
                        want.bias_correction2_sqrt, want.decay)
-    assert a[15:] == (False, True, True, 7, None)  # fresh, master, stochastic, seed, skip
+    assert a[15:] == (False, True, True, 7, None, False, None)  # fresh, master, stochastic, seed, skip, kahan, maps
     flush = kernel_scalars(1e-3, 3, beta1=0.9, beta2=0.999, eps=1e-8, flush=True)
     assert f[6:13] == (flush.one_minus_beta1, flush.beta2, flush.one_minus_beta2, flush.eps, flush.step_size,
                        flush.bias_correction2_sqrt, flush.decay)
-    assert f[13:] == (True, False, 0)
-    source = (Path(__file__).resolve().parents[1] / "csrc" / "cuda" / "adamw.cu").read_text()
+    assert f[13:] == (True, False, 0, False, None)
+    cuda_dir = Path(__file__).resolve().parents[1] / "csrc" / "cuda"
+    source = "".join((cuda_dir / name).read_text() for name in ("adamw.cu", "adamw8bit.cu", "adam_element.cuh"))
     assert "1.f - sc." not in source and "sc.one_minus_beta2" in source
 
 

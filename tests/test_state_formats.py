@@ -214,6 +214,32 @@ def test_8bit_flush_reads_states_and_moves_the_value(backend, value):
         assert rel_err(params, want) < 1e-6
 
 
+def test_cuda_binding_receives_8bit_operands_in_kernel_order(monkeypatch):
+    """The CUDA backend cannot run here; check what its Python side hands the extension: the table's
+    operands (param, grad, codes, codes, scales, scales, compensation), a chunk of whole blocks, the maps."""
+    from misa_kernels import cuda
+
+    calls = []
+
+    class Recorder:
+        def adamw_step_(self, *args):
+            calls.append(args)
+
+    monkeypatch.setattr(cuda, "extension", lambda: Recorder())
+    monkeypatch.setenv("MISA_CHUNK", "64")  # smaller than a block: the 8-bit table rounds it up
+    params, grads = _inputs([300], torch.bfloat16, torch.device("cpu"), 0)
+    mc, vc, ma, va = _states8([300], torch.device("cpu"), 0)
+    comp = _compensation(params, 0)
+    cuda.adamw_step_(params, grads, mc, vc, None, [], lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                     step=2, fresh=False, stochastic=False, seed=0, compensation=comp, exp_avg_absmax=ma,
+                     exp_avg_sq_absmax=va)
+    (a,) = calls
+    assert a[3] == quant.BLOCK and a[1] == 2  # chunk 256: two chunks of 300 elements
+    operands = [params[0], grads[0], mc[0], vc[0], ma[0], va[0], comp[0]]
+    assert a[0][-7:].tolist() == [t.data_ptr() for t in operands]
+    assert a[-2] is True and torch.equal(a[-1], torch.cat(quant.maps("cpu")))  # kahan, the maps
+
+
 def test_dynamic_maps_have_the_bitsandbytes_shape():
     for signed in (True, False):
         q = quant.dynamic_map(signed)

@@ -33,7 +33,8 @@ from .variants import PRESETS
 OPTIMIZERS = ("misa", "lisa", "badam", "adamw")
 # --compare entries: an optimizer, or misa with a preset and switches: misa-paper, misa-official+flush=true
 SWITCHES = {"flush": "bool", "keep_states": "bool", "norm_power": "int", "logit_cap": "float",
-            "warmup_interval": "int", "eta": "eta"}
+            "warmup_interval": "int", "eta": "eta", "states": ("fp32", "8bit"), "masters": ("fp32", "kahan", "none"),
+            "rounding": ("nearest", "stochastic")}
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -85,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--norm-power", type=int, default=None, choices=(1, 2),
                    help="importance from squared norms (2) or norms (1) (default: the preset's)")
     p.add_argument("--logit-cap", type=float, default=None, help="cap on the logits; inf: none (default: the preset's)")
+    p.add_argument("--states", default="fp32", choices=("fp32", "8bit"),
+                   help="MISA's Adam states: fp32, or blockwise 8-bit (2.03 B per element instead of 8)")
+    p.add_argument("--masters", default="fp32", choices=("fp32", "kahan", "none"),
+                   help="MISA's master copy of bf16 weights: fp32 (4 B per element), a bf16 Kahan compensation "
+                        "(2 B), or none (with --rounding stochastic)")
+    p.add_argument("--rounding", default="nearest", choices=("nearest", "stochastic"),
+                   help="how MISA writes fp32 results into bf16 weights")
     p.add_argument("--lisa-layers", type=int, default=None,
                    help="layers LISA trains at once (default: as many as fit in --delta, at least 1)")
     p.add_argument("--badam-order", default="descending", choices=("descending", "ascending", "random"),
@@ -125,6 +133,9 @@ def validate(args) -> None:
     validate_common(args, counts=("max_steps", "seq_len", "batch_size", "interval", "eval_every", "eval_batches",
                                   "seeds"), positive=("lr",), nonnegative=("weight_decay", "max_grad_norm"),
                     paths=("config", "model"))
+    if args.masters in ("fp32", "kahan") and args.masters != "fp32" and args.rounding == "stochastic":
+        raise UsageError("--masters kahan and --rounding stochastic exclude each other: stochastic rounding is the "
+                         "memory-free alternative to a master copy (use --masters none)")
     if args.seeds != 1 and args.compare is None:
         raise UsageError("--seeds: runs several seeds only with --compare (e.g. --compare misa,lisa --seeds 3)")
     if args.compare is not None:
@@ -268,7 +279,11 @@ def parse_method(entry: str):
             raise UsageError(f"--compare: {item!r} in {entry!r}: expected misa...+switch=value with a switch from "
                              f"{', '.join(SWITCHES)}")
         try:
-            if kind == "bool":
+            if isinstance(kind, tuple):  # a choice: the state formats
+                if value not in kind:
+                    raise ValueError(value)
+                options[key] = value
+            elif kind == "bool":
                 if value.lower() not in ("true", "false", "1", "0"):
                     raise ValueError(value)
                 options[key] = value.lower() in ("true", "1")
@@ -277,7 +292,8 @@ def parse_method(entry: str):
             else:
                 options[key] = int(value) if kind == "int" else float(value)
         except ValueError:
-            raise UsageError(f"--compare: {item!r}: expected a {kind}") from None
+            expected = "one of " + ", ".join(kind) if isinstance(kind, tuple) else f"a {kind}"
+            raise UsageError(f"--compare: {item!r}: expected {expected}") from None
     return name, options
 
 
@@ -308,9 +324,14 @@ def _build_misa(name: str, options: Dict, model, args):
     as_modules = args.embeddings == "module"
     always = [p for n, p in model.named_parameters() if "embed" in n or "lm_head" in n] if every_step else None
     switches = dict(variant=args.variant, flush=args.flush, keep_states=args.keep_states,
-                    norm_power=args.norm_power, logit_cap=args.logit_cap)
+                    norm_power=args.norm_power, logit_cap=args.logit_cap, states=getattr(args, "states", "fp32"),
+                    rounding=getattr(args, "rounding", "nearest"))
     switches.update(options)
     eta = switches.pop("eta", args.eta)
+    masters = switches.pop("masters", getattr(args, "masters", "fp32"))
+    chosen = "masters" in options or getattr(args, "masters", "fp32") != "fp32"
+    if chosen or switches["rounding"] == "nearest":  # stochastic rounding alone means no master copy
+        switches["master_weights"] = False if masters == "none" else masters
     return MISA(model, delta=args.delta, eta=eta, interval=args.interval, granularity=args.granularity,
                 include_embedding=as_modules, include_lm_head=as_modules, always_train=always,
                 train_1d=getattr(args, "train_norms", False), **switches,

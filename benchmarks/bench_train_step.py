@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import misa  # noqa: E402
+from misa import memory  # noqa: E402
 
 import common  # noqa: E402
 
@@ -39,6 +40,17 @@ SHAPES = {  # LLaMA-3.2-1B and LLaMA-3-8B
                  num_key_value_heads=2, vocab_size=256),
 }
 METHODS = ("misa_kernels", "misa_torch", "adamw_fused", "lora_r16", "badam", "lisa")
+# MISA with the compact state formats (README "State formats"); each row also carries the peak predicted from
+# the same run's misa_kernels row (misa.memory.predict_peak), which the measured peak checks.
+FORMATS = {
+    "misa_8bit": {"states": "8bit"},
+    "misa_8bit_kahan": {"states": "8bit", "master_weights": "kahan"},
+    "misa_8bit_sr": {"states": "8bit", "rounding": "stochastic"},
+    "misa_8bit_kahan_release": {"states": "8bit", "master_weights": "kahan", "release_grads": True,
+                                "check_finite": False},
+    "misa_8bit_sr_release": {"states": "8bit", "rounding": "stochastic", "release_grads": True,
+                             "check_finite": False},
+}
 
 
 MEMORY_METHOD = "built in the training dtype on the device; peak counter reset after the build"
@@ -62,6 +74,8 @@ def make_optimizer(method: str, model, delta: float, interval: int):
     if method in ("misa_kernels", "misa_torch"):
         return model, misa.MISA(model, lr=1e-5, delta=delta, interval=interval,
                                 backend="auto" if method == "misa_kernels" else "torch")
+    if method in FORMATS:
+        return model, misa.MISA(model, lr=1e-5, delta=delta, interval=interval, **FORMATS[method])
     if method == "adamw_fused":
         return model, torch.optim.AdamW(model.parameters(), lr=1e-5, fused=next(model.parameters()).is_cuda)
     if method == "lora_r16":
@@ -125,12 +139,31 @@ def measure(shape, seq, method, ckpt, args, device) -> Dict:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) / sum(
             p.numel() for p in model.parameters())
     masters = any("master" in st for st in getattr(opt, "state", {}).values())
+    extra = {}
+    if isinstance(opt, misa.MISA):
+        inputs = memory.peak_inputs(opt)
+        extra = {"formats": opt.formats, "release_grads": opt.release_grads, "arena_bytes": inputs.arena_bytes,
+                 "grad_bytes": inputs.grad_bytes}
     return {"bench": bench_name(args), "impl": method, "model": shape, "seq_len": seq, "batch": args.batch,
             "grad_checkpointing": ckpt, "param_dtype": "bf16" if dtype == torch.bfloat16 else "fp32",
             "trainable_fraction": trainable, "delta": args.delta if method.startswith("misa") else None,
             "interval": args.interval, "fp32_masters": masters, "memory_method": MEMORY_METHOD,
             "memory_cap_gb": args.memory_cap_gb, "oom": False,
-            "tokens_per_s": args.batch * seq / (t["ms_p50"] * 1e-3), **t, **mem}
+            "tokens_per_s": args.batch * seq / (t["ms_p50"] * 1e-3), **t, **mem, **extra}
+
+
+def add_predictions(rows: List[Dict]) -> None:
+    """Each compact-format row gets the peak predicted from the misa_kernels row of the same model, sequence
+    and checkpointing (misa.memory.predict_peak), beside its measured peak."""
+    reference = {(r["model"], r["seq_len"], r["grad_checkpointing"]): r for r in rows
+                 if r.get("impl") == "misa_kernels" and not r.get("oom") and "peak_allocated_gb" in r}
+    for r in rows:
+        ref = reference.get((r.get("model"), r.get("seq_len"), r.get("grad_checkpointing")))
+        if r.get("impl") in FORMATS and ref is not None and "arena_bytes" in r:
+            predicted = memory.predict_peak(ref["peak_allocated_gb"] * 2**30,
+                                            memory.PeakInputs(ref["arena_bytes"], ref["grad_bytes"]),
+                                            memory.PeakInputs(r["arena_bytes"], r["grad_bytes"]))
+            r["predicted_peak_gb"] = predicted / 2**30
 
 
 def main(argv=None) -> Path:
@@ -139,7 +172,8 @@ def main(argv=None) -> Path:
     p.add_argument("--device", default=None)
     p.add_argument("--shapes", default=None, help="comma list from 1b,8b,tiny")
     p.add_argument("--seqs", default=None, help="comma list of sequence lengths")
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma list from {', '.join(METHODS + tuple(FORMATS))}")
     p.add_argument("--delta", type=float, default=0.03)
     p.add_argument("--interval", type=int, default=10, help="steps per outer loop: the timed steps include switches")
     p.add_argument("--batch", type=int, default=1)
@@ -188,6 +222,7 @@ def main(argv=None) -> Path:
                     gc.collect()
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
+    add_predictions(rows)
     return common.save(device, args.out, rows)
 
 

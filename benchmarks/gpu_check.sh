@@ -26,8 +26,8 @@ want() { [[ "$STAGES" == *",$1,"* ]]; }
   if want tests; then
     echo "== gpu tests (the kernels' oracle first: the rest is slower and less telling)"
     timeout 150 python -m pytest -q -m "not distributed" -p no:cacheprovider --junitxml="$DEST/gpu-tests.xml" \
-      tests/test_adamw_step.py tests/test_norms_and_flush.py tests/test_master_weights.py tests/test_triton_tune.py \
-      tests/test_misa_optimizer.py tests/test_resume.py tests/test_host_path.py
+      tests/test_adamw_step.py tests/test_state_formats.py tests/test_norms_and_flush.py tests/test_master_weights.py \
+      tests/test_triton_tune.py tests/test_misa_optimizer.py tests/test_resume.py tests/test_host_path.py
   fi
   if want kernels; then
     echo "== kernels"; timeout 140 python benchmarks/bench_kernels.py --out "$DEST" --budget-s 110
@@ -36,9 +36,12 @@ want() { [[ "$STAGES" == *",$1,"* ]]; }
     echo "== host time"; timeout 60 python benchmarks/bench_host.py --out "$DEST"
   fi
   if want mem8b; then
-    echo "== 8B memory rows: MISA delta=3% against LoRA r=16, with and without checkpointing"
+    # The compact formats' rows carry the peak predicted from the misa_kernels row (benchmarks/predict_memory.py).
+    echo "== 8B memory rows with checkpointing: MISA delta=3% (default, 8-bit + Kahan, 8-bit + stochastic + release)"
+    echo "   against LoRA r=16"
     timeout 110 python benchmarks/bench_train_step.py --out "$DEST" --shapes 8b --seqs 512,2048 \
-      --methods misa_kernels,lora_r16 --steps 6 --warmup 2 --budget-s 90
+      --methods misa_kernels,misa_8bit_kahan,misa_8bit_sr_release,lora_r16 --no-checkpointing-runs --steps 6 \
+      --warmup 2 --budget-s 90
   fi
   if want train; then
     echo "== train step"; timeout 220 python benchmarks/bench_train_step.py --out "$DEST" --budget-s 190
@@ -46,7 +49,8 @@ want() { [[ "$STAGES" == *",$1,"* ]]; }
   if want cap; then
     echo "== 8B under a 24 GB cap (RTX 4090)"
     timeout 200 python benchmarks/bench_train_step.py --out "$DEST" --shapes 8b --seqs 512,2048,4096 \
-      --memory-cap-gb 24 --methods misa_kernels,lora_r16,badam,adamw_fused --steps 12 --budget-s 170
+      --memory-cap-gb 24 --methods misa_kernels,misa_8bit_sr_release,lora_r16,badam,adamw_fused --steps 12 \
+      --budget-s 170
   fi
   if want arena; then echo "== arena"; timeout 60 python benchmarks/bench_arena.py --out "$DEST"; fi
   if want master; then echo "== master weights"; timeout 60 python benchmarks/bench_master_weights.py --out "$DEST"; fi

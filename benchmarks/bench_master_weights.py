@@ -1,12 +1,13 @@
-"""How far do bf16 weights get under MISA, against fp32 AdamW on the same gradients?
+"""How far do bf16 weights get under MISA in each state format, against fp32 AdamW on the same gradients?
 
 One bf16 weight (256 x 256, init std 0.02) trained for one MISA period of 50 steps at several learning
-rates, three ways: the fp32 master weights (default), stochastic rounding (no master), and the old
-in-place bf16 update (master_weights=False). Gradients keep a direction across steps (a fixed
+rates, in every format: fp32 states with the fp32 master weights (default), a Kahan compensation, or
+stochastic rounding; the same three with 8-bit states; and the old in-place bf16 update
+(master_weights=False). Gradients keep a direction across steps (a fixed
 component plus fresh noise), as fine-tuning gradients do. Per row: the distance moved relative to
 fp32 AdamW's, the error (||w - w_fp32|| over the distance fp32 AdamW moved), the fraction of entries
 that never changed, that fraction for fp32 AdamW's result rounded to bf16 (the floor), and the
-optimizer-state bytes per active element (m, v, master).
+optimizer-state bytes per active element (m, v, master or compensation), as MISA itself reports them.
 
     python benchmarks/bench_master_weights.py           # seconds, any device
 """
@@ -27,10 +28,13 @@ import common  # noqa: E402
 
 METHODS = {  # name -> MISA keyword arguments
     "master_fp32": dict(),
+    "kahan": dict(master_weights="kahan"),
     "stochastic": dict(rounding="stochastic"),
+    "8bit_master_fp32": dict(states="8bit"),
+    "8bit_kahan": dict(states="8bit", master_weights="kahan"),
+    "8bit_stochastic": dict(states="8bit", rounding="stochastic"),
     "bf16_in_place": dict(master_weights=False),
 }
-STATE_BYTES = {"master_fp32": 12, "stochastic": 8, "bf16_in_place": 8, "fp32_adamw": 8}
 
 
 def run(method: str, lr: float, device, size: int, steps: int, seed: int) -> Dict:
@@ -60,7 +64,8 @@ def run(method: str, lr: float, device, size: int, steps: int, seed: int) -> Dic
             "unchanged": float((w == w0).float().mean()),
             "fp32_rounded_unchanged": float((ref.to(torch.bfloat16) == w0).float().mean()),
             "fp32_rounded_error": float((ref.to(torch.bfloat16).float() - ref).norm()) / moved,
-            "state_bytes_per_element": STATE_BYTES[method], "backend": misa_kernels_backend()}
+            "state_bytes_per_element": opt.formats["bytes_per_element"], "formats": opt.formats,
+            "backend": misa_kernels_backend()}
 
 
 def misa_kernels_backend() -> str:
@@ -84,7 +89,7 @@ def main(argv=None) -> Path:
         for method in METHODS:
             r = run(method, lr, device, args.size, args.steps, args.seed)
             rows.append(r)
-            print(f"lr {lr:8.1e} {method:14s} moved {r['moved_vs_fp32']:.3f}  error {r['error_vs_fp32']:.3f}  "
+            print(f"lr {lr:8.1e} {method:16s} moved {r['moved_vs_fp32']:.3f}  error {r['error_vs_fp32']:.3f}  "
                   f"unchanged {r['unchanged']:.3f} (fp32 rounded: {r['fp32_rounded_unchanged']:.3f})")
     return common.save(device, args.out, rows, {"master_weights_setup": {"size": args.size, "steps": args.steps,
                                                                          "seed": args.seed}})

@@ -31,6 +31,8 @@ import bench_train_step  # noqa: E402
 # name -> MISA keyword arguments; the first is the configuration the measured MISA rows ran
 CONFIGS = {
     "fp32 states + fp32 master (default)": {},
+    "fp32 states + Kahan": {"master_weights": "kahan"},
+    "fp32 states + stochastic rounding": {"rounding": "stochastic"},
     "8-bit states + fp32 master": {"states": "8bit"},
     "8-bit states + Kahan": {"states": "8bit", "master_weights": "kahan"},
     "8-bit states + stochastic rounding": {"states": "8bit", "rounding": "stochastic"},
@@ -53,14 +55,16 @@ def measured_peaks(path: Path) -> Dict[tuple, float]:
     return out
 
 
-def meta_inputs(shape: str, delta: float) -> Dict[str, memory.PeakInputs]:
+def meta_inputs(shape: str, delta: float) -> Dict[str, tuple]:
+    """{config: (PeakInputs, MISA.formats)} of MISA built over `shape` on the meta device."""
     model = bench_train_step.build(shape, 128, torch.device("meta"), torch.bfloat16)
     out = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the frozen embedding/norms are the measured runs' choice too
         for name, kwargs in CONFIGS.items():
-            out[name] = memory.peak_inputs(misa.MISA(model, lr=1e-5, delta=delta, interval=2, backend="torch",
-                                                     **kwargs))
+            opt = misa.MISA(model, lr=1e-5, delta=delta, interval=2, backend="torch", **kwargs)
+            out[name] = (memory.peak_inputs(opt), opt.formats)
+            del opt  # one live MISA per model
     return out
 
 
@@ -74,15 +78,16 @@ def main(argv=None) -> Path:
     if not peaks:
         p.error(f"--measured: no 'misa'/'lora' peak lines in {args.measured}")
     inputs = meta_inputs("8b", args.delta)
-    reference = inputs[next(iter(CONFIGS))]
+    reference = inputs[next(iter(CONFIGS))][0]
     rows: List[Dict] = []
     for (method, seq, ckpt), peak in sorted(peaks.items()):
         if method != "misa":
             continue
         lora = peaks.get(("lora", seq, ckpt))
-        for name, got in inputs.items():
+        for name, (got, formats) in inputs.items():
             predicted = memory.predict_peak(peak * 2**30, reference, got) / 2**30
-            rows.append({"config": name, "seq_len": seq, "grad_checkpointing": ckpt,
+            rows.append({"config": name, "formats": formats, "release_grads": CONFIGS[name].get("release_grads", False),
+                         "seq_len": seq, "grad_checkpointing": ckpt,
                          "arena_gib": got.arena_bytes / 2**30, "grads_gib": got.grad_bytes / 2**30,
                          "predicted_peak_gib": predicted, "measured_misa_default_gib": peak, "lora_r16_gib": lora,
                          "below_lora": None if lora is None else predicted < lora})

@@ -218,6 +218,77 @@ def master_section() -> str:
     return "\n".join(lines)
 
 
+def _format_key(formats: dict) -> tuple:
+    return formats.get("states", "fp32"), formats.get("masters") or "none"
+
+
+def _entry_formats(entry: str) -> dict:
+    """The formats of a main-job --compare entry (misa+states=8bit+masters=kahan), as MISA.formats names them."""
+    switches = dict(item.partition("=")[::2] for item in entry.split("+")[1:])
+    masters = switches.get("masters", "none" if switches.get("rounding") == "stochastic" else "fp32")
+    return {"states": switches.get("states", "fp32"), "masters": None if masters == "none" else masters}
+
+
+FORMAT_NAMES = {("fp32", "fp32"): "fp32 states + fp32 master (default)", ("fp32", "kahan"): "fp32 states + Kahan",
+                ("fp32", "none"): "fp32 states + stochastic rounding", ("8bit", "fp32"): "8-bit states + fp32 master",
+                ("8bit", "kahan"): "8-bit states + Kahan", ("8bit", "none"): "8-bit states + stochastic rounding"}
+
+
+def formats_section() -> str:
+    """One row per state format: bytes per active element, the 8B arena and predicted peak, the error against
+    fp32 AdamW on one weight, and the main job's loss over seeds; each from the file that measured it."""
+    prediction = RESULTS / "memory-8b-prediction.json"
+    weights = _latest_with("master_weights")
+    runs = [f for f in sorted(RESULTS.glob("*/compare.json"))
+            if any("states=" in r["optimizer"] or "masters=" in r["optimizer"]
+                   for r in json.loads(f.read_text())["rows"])]
+    if not prediction.exists() or weights is None or not runs:
+        return "_Not measured yet: run `benchmarks/predict_memory.py`, `benchmarks/bench_master_weights.py` and the " \
+               "main job's `--compare` of the formats._"
+    pred = json.loads(prediction.read_text())
+    ckpt = {(_format_key(r["formats"]), r["release_grads"], r["seq_len"]): r for r in pred["rows"]
+            if r["grad_checkpointing"]}
+    wf, wdata, wrows = weights
+    errors = {}
+    for r in wrows:
+        if "formats" in r:
+            errors.setdefault(_format_key(r["formats"]), {})[r["lr"]] = r["error_vs_fp32"]
+    run = json.loads(runs[-1].read_text())
+    meta = run["meta"]
+    losses = {_format_key(_entry_formats(r["optimizer"])): r for r in run["rows"]}
+    lrs = sorted({lr for e in errors.values() for lr in e})[1:3]
+    lora = {seq: r["lora_r16_gib"] for (_, _, seq), r in ckpt.items()}
+    seqs = sorted(lora)
+    lines = [f"Bytes per active element as MISA reports them (`MISA.formats`; tensors below 4096 elements keep fp32 "
+             f"states). LLaMA-3-8B, δ=3%, batch 1, checkpointing: the arena sized by our own code on the meta device "
+             f"and the step's peak predicted from the peaks measured on an H200 "
+             f"(`{pred['measured_from']}`, `benchmarks/predict_memory.py` at {pred['commit'][:10]}); LoRA r=16 "
+             f"measured there: " + ", ".join(f"{lora[s]:.2f} GiB at seq {s}" for s in seqs) + ". Error: one bf16 "
+             f"weight after 50 steps, distance to fp32 AdamW over the distance it moved (`{wf.relative_to(ROOT)}`, "
+             f"{wdata['device']}). Loss: the main job in bf16 (`{runs[-1].parent.relative_to(ROOT)}`, "
+             f"{meta['steps']} steps, {run['rows'][0]['seeds']} seeds, final validation loss mean ± std).", "",
+             "| format | bytes / element | 8B arena | predicted 8B peak, " + ", ".join(f"seq {s}" for s in seqs) +
+             " (with `release_grads`) | error at lr " + " / ".join(f"{lr:.0e}" for lr in lrs) +
+             " | main job loss |", "|---|---|---|---|---|---|"]
+    for key, name in FORMAT_NAMES.items():
+        plain = ckpt.get((key, False, seqs[0]))
+        if plain is None:
+            continue
+        peaks = []
+        for seq in seqs:
+            text = f"{ckpt[(key, False, seq)]['predicted_peak_gib']:.2f}"
+            released = ckpt.get((key, True, seq))
+            if released is not None:
+                text += f" ({released['predicted_peak_gib']:.2f})"
+            peaks.append(text)
+        err = " / ".join(f"{errors.get(key, {}).get(lr, float('nan')):.1%}" for lr in lrs)
+        loss = losses.get(key)
+        loss_text = f"{loss['val_loss_mean']:.4f} ± {loss['val_loss_std']:.4f}" if loss else "—"
+        lines.append(f"| {name} | {plain['formats']['bytes_per_element']:.2f} | {plain['arena_gib']:.2f} GiB | "
+                     f"{', '.join(peaks)} | {err} | {loss_text} |")
+    return "\n".join(lines)
+
+
 def ddp_section() -> str:
     found = _latest_with("ddp_step")
     if found is None:
@@ -285,7 +356,8 @@ def render(readme: Path) -> None:
     text = readme.read_text()
     sections = (("compare", compare_section), ("finetune", finetune_section), ("kernels", kernels_section),
                 ("train_step", train_step_section),
-                ("master", master_section), ("ddp", ddp_section), ("host", host_section))
+                ("master", master_section), ("formats", formats_section), ("ddp", ddp_section),
+                ("host", host_section))
     for name, make in sections:
         begin, end = f"<!-- results:{name}:begin -->", f"<!-- results:{name}:end -->"
         if begin not in text:

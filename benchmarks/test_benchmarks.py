@@ -50,10 +50,36 @@ def test_bench_train_step_quick(tmp_path):
     pytest.importorskip("transformers")
     import bench_train_step
 
-    path = bench_train_step.main(["--quick", "--methods", "misa_kernels,adamw_fused,badam", "--out", str(tmp_path)])
+    path = bench_train_step.main(["--quick", "--methods", "misa_kernels,adamw_fused,badam,misa_8bit_kahan_release",
+                                  "--no-checkpointing-runs", "--out", str(tmp_path)])
     rows = json.loads(path.read_text())["rows"]
-    assert {r["impl"] for r in rows} == {"misa_kernels", "adamw_fused", "badam"}
+    assert {r["impl"] for r in rows} == {"misa_kernels", "adamw_fused", "badam", "misa_8bit_kahan_release"}
     assert all(r["ms_p50"] > 0 for r in rows)
+    compact = next(r for r in rows if r["impl"] == "misa_8bit_kahan_release")
+    assert compact["release_grads"] and compact["formats"]["states"] == "8bit"
+    assert compact["arena_bytes"] < next(r for r in rows if r["impl"] == "misa_kernels")["arena_bytes"]
+
+
+def test_predict_memory_from_a_measured_log(tmp_path):
+    """The prediction replaces only the arena and the live gradients of the measured default run: the
+    default predicts its own measured peak, and every compact format predicts less."""
+    pytest.importorskip("transformers")
+    import predict_memory
+    import render_readme
+
+    log = tmp_path / "mem.log"
+    log.write_text("8B bf16 misa  seq  2048 ckpt True : weights  17.65 GiB, peak  21.18 GiB\n"
+                   "8B bf16 lora  seq  2048 ckpt True : weights  15.18 GiB, peak  18.96 GiB\n")
+    data = json.loads(predict_memory.main(["--measured", str(log), "--out", str(tmp_path / "p.json")]).read_text())
+    rows = {(r["config"]): r for r in data["rows"]}
+    default = rows["fp32 states + fp32 master (default)"]
+    assert default["predicted_peak_gib"] == pytest.approx(21.18)
+    assert default["arena_gib"] == pytest.approx(240907837 * 12 / 2**30, rel=0.01)  # 12 B per active element
+    smallest = rows["8-bit + stochastic rounding + release_grads"]
+    assert smallest["predicted_peak_gib"] < default["predicted_peak_gib"] - 2 and smallest["below_lora"]
+    with pytest.raises(SystemExit):
+        predict_memory.main(["--measured", str(tmp_path / "p.json")])  # no peak lines: a clear error
+    assert "stochastic" in render_readme.FORMAT_NAMES[("8bit", "none")]
 
 
 @pytest.mark.distributed

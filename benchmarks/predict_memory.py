@@ -23,10 +23,10 @@ from typing import Dict, List
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_train_step  # noqa: E402
+
 import misa  # noqa: E402
 from misa import memory, provenance  # noqa: E402
-
-import bench_train_step  # noqa: E402
 
 # name -> MISA keyword arguments; the first is the configuration the measured MISA rows ran
 CONFIGS = {

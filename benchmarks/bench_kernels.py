@@ -2,10 +2,11 @@
 
 Our cuda and triton backends against the pure-torch path, torch.optim.AdamW(fused=True) followed by
 torch._foreach_norm (the usual way to get norms), and, where installed, bitsandbytes' 32-bit AdamW and
-torchao's AdamW; bf16 rows also time our fp32-master-weight step. Every row prints time, the bytes that
-implementation's own step moves (its state dtype: torch's fused AdamW keeps bf16 states for bf16
-parameters, ours fp32), GB/s and % of the copy bandwidth measured in the same run, and is saved to
-benchmarks/results/<device>-<date>.json with a plot beside it. The same-work comparisons: fp32
+torchao's AdamW; bf16 rows also time our fp32-master-weight step and our 8-bit states with a Kahan
+compensation (fp32 rows: 8-bit states). Every row prints time, the bytes that implementation's own step
+moves (its state format: torch's fused AdamW keeps bf16 states for bf16 parameters, ours fp32, or 8-bit
+codes with one fp32 scale per 256 elements), GB/s and % of the copy bandwidth measured in the same run,
+and is saved to benchmarks/results/<device>-<date>.json with a plot beside it. The same-work comparisons: fp32
 parameters against torch's fused AdamW; bf16 parameters with fp32 states against the torch path
 (torch's fused AdamW cannot keep fp32 states for bf16 parameters).
 
@@ -68,7 +69,8 @@ SEPARATE_NORM_PASS = {"torch_reference", "torch_fused_adamw", "bnb_adamw32bit", 
 PSIZE = {"bf16": 2, "fp32": 4}
 
 
-def adamw_bytes_per_element(impl: str, param_dtype: str, fresh: bool, master: bool = False) -> int:
+def adamw_bytes_per_element(impl: str, param_dtype: str, fresh: bool, master: bool = False, states: str = "fp32",
+                            kahan: bool = False) -> float:
     """The bytes each implementation's own step must move per element (its floor): every
     implementation is counted with the state dtype it keeps and the passes it makes.
 
@@ -77,9 +79,14 @@ def adamw_bytes_per_element(impl: str, param_dtype: str, fresh: bool, master: bo
     read of g); torch's fused AdamW keeps states in the parameter dtype, and a fresh step for it means
     just-created states, which it zero-fills before reading them."""
     psize = PSIZE[param_dtype]
-    ssize = psize if STATE_DTYPE[impl] == "param" else 4
+    if states == "8bit":  # ours only: codes (1 B each) and block scales (4 B per 256) of m and v
+        ssize = 1 + 4 / 256
+    else:
+        ssize = psize if STATE_DTYPE[impl] == "param" else 4
     if master:
         param = (psize + 4 + psize) if fresh else (8 + psize)
+    elif kahan:  # p r/w and the bf16 compensation r/w (written only on a fresh step)
+        param = 2 * psize + (2 if fresh else 4)
     else:
         param = 2 * psize
     states = 2 * ssize * (1 if fresh and impl in ("cuda", "triton", "torch_reference") else 2)
@@ -92,7 +99,8 @@ def row_bytes(row: Dict) -> int:
     """Bytes of a saved kernel row, recomputed from what it ran (results files keep older counts)."""
     if row["bench"] == "adamw_step":
         return row["numel"] * adamw_bytes_per_element(row["impl"], row["param_dtype"], row["fresh"],
-                                                       row.get("master", False))
+                                                       row.get("master", False), row.get("states", "fp32"),
+                                                       row.get("kahan", False))
     if row["bench"] == "grad_sq_norms":
         return row["numel"] * PSIZE[row["param_dtype"]]
     if row["bench"] == "momentum_flush":
@@ -132,18 +140,39 @@ def impls(device: torch.device, quick: bool) -> List[str]:
     return names
 
 
-def adamw_runner(impl: str, sets, fresh: bool, master: bool = False):
+def _eight_bit(sets):
+    """The sets' fp32 states as 8-bit codes and block scales (quant.py), per set: (codes m, codes v, scales m,
+    scales v)."""
+    from misa_kernels import quant
+
+    out = []
+    for _, _, m, v in sets:
+        qs, qu = quant.maps(m[0].device)
+        cm, am = zip(*(quant.quantize(t, qs) for t in m))
+        cv, av = zip(*(quant.quantize(t, qu) for t in v))
+        out.append((list(cm), list(cv), list(am), list(av)))
+    return out
+
+
+def adamw_runner(impl: str, sets, fresh: bool, master: bool = False, states: str = "fp32", kahan: bool = False):
     """Returns fn(i) doing one step (with squared grad norms) on buffer set i % len(sets)."""
     hyper = dict(lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
     if impl in ("cuda", "triton", "torch_reference"):
         backend = "torch" if impl == "torch_reference" else impl
         masters = [[t.float() for t in s[0]] for s in sets] if master else None
+        comps = [[torch.zeros_like(t, dtype=torch.bfloat16) for t in s[0]] for s in sets] if kahan else None
+        eight = _eight_bit(sets) if states == "8bit" else None
 
         def run(i):
             p, g, m, v = sets[i % len(sets)]
+            extra = {}
+            if eight is not None:
+                m, v, am, av = eight[i % len(sets)]
+                extra = dict(exp_avg_absmax=am, exp_avg_sq_absmax=av)
             norms = torch.zeros(len(p), device=p[0].device)
             mk.adamw_step_(p, g, m, v, **hyper, step=1 if fresh else 10, fresh=fresh, grad_sq_norms=norms,
-                           master_params=masters[i % len(sets)] if master else None, backend=backend)
+                           master_params=masters[i % len(sets)] if master else None,
+                           compensation=comps[i % len(sets)] if kahan else None, backend=backend, **extra)
         return run
     # Peers: torch.optim-style optimizers over the same tensors, norms by torch._foreach_norm. A fresh
     # step for them means states that were just allocated (their first step zero-fills them).
@@ -191,23 +220,29 @@ def bench(args) -> Path:
                 print(f"skip {case['name']} {dname}: does not fit in memory")
                 continue
             sets = make_sets(case["shapes"], dtype, device, n_sets)
-            variants = [(impl, False) for impl in impls(device, args.quick)]
-            if dname == "bf16":  # fp32 master weights: ours only (torch's fused AdamW has no masters)
-                variants += [(impl, True) for impl in impls(device, args.quick) if impl in ("cuda", "triton",
-                                                                                           "torch_reference")]
-            for impl, master in variants:
+            # (impl, fp32 master, state format, Kahan compensation)
+            variants = [(impl, False, "fp32", False) for impl in impls(device, args.quick)]
+            ours = [impl for impl in impls(device, args.quick) if impl in ("cuda", "triton", "torch_reference")]
+            if dname == "bf16":  # master weights: ours only (torch's fused AdamW has none)
+                variants += [(impl, True, "fp32", False) for impl in ours]
+                variants += [(impl, False, "8bit", True) for impl in ours]  # the compact format: 4.03 B held
+            else:
+                variants += [(impl, False, "8bit", False) for impl in ours]
+            for impl, master, states, kahan in variants:
                 for fresh in (False, True):
                     if time.monotonic() > deadline:
                         print("time budget reached: remaining rows skipped")
                         break
                     try:
-                        t = common.time_ms(adamw_runner(impl, sets, fresh, master), device, args.reps, args.warmup)
+                        t = common.time_ms(adamw_runner(impl, sets, fresh, master, states, kahan), device,
+                                           args.reps, args.warmup)
                     except Exception as exc:  # a peer that cannot take this case (e.g. dtype)
                         print(f"{impl} {case['name']} {dname}: {type(exc).__name__}: {exc}")
                         continue
-                    nbytes = numel * adamw_bytes_per_element(impl, dname, fresh, master)
+                    nbytes = numel * adamw_bytes_per_element(impl, dname, fresh, master, states, kahan)
                     r = row("adamw_step", impl, dname, case, numel, fresh, t, nbytes, bw)
-                    r.update(master=master, state_dtype=dname if STATE_DTYPE[impl] == "param" else "fp32")
+                    state_dtype = "8bit" if states == "8bit" else dname if STATE_DTYPE[impl] == "param" else "fp32"
+                    r.update(master=master, states=states, kahan=kahan, state_dtype=state_dtype)
                     rows.append(r)
             for impl in [b for b in ("cuda", "triton") if b in impls(device, args.quick)] + ["torch_reference",
                                                                                              "torch_foreach_norm"]:
@@ -233,7 +268,9 @@ def bench(args) -> Path:
     path = common.save(device, args.out, rows, {"copy_bandwidth_gbps": bw, "quick": args.quick,
                                                 "triton_configs": triton_configs()})
     for r in rows:
-        print(f"{r['bench']:15s} {r['impl']:18s} {r['param_dtype']:4s}{'+w' if r.get('master') else '  '} "
+        value = "+w" if r.get("master") else "+k" if r.get("kahan") else "  "
+        fmt = " 8b" if r.get("states") == "8bit" else "   "
+        print(f"{r['bench']:15s} {r['impl']:18s} {r['param_dtype']:4s}{value}{fmt} "
               f"{r['case']:22s} fresh={r['fresh']!s:5s} "
               f"{r['ms_p50']:9.3f} ms  {r['gbps']:8.1f} GB/s  {r['pct_copy_bw']:5.1f}% of copy")
     plot(rows, path.with_suffix(".kernels.png"), common.device_name(device))
@@ -281,12 +318,17 @@ def plot(rows, path: Path, device: str) -> None:
     # A colour per implementation, a line style per parameter format.
     impls_seen = sorted({r["impl"] for r in sel})
     colours = {impl: f"C{i}" for i, impl in enumerate(impls_seen)}
-    for (impl, dname, master) in sorted({(r["impl"], r["param_dtype"], bool(r.get("master"))) for r in sel}):
-        pts = sorted((r["numel"], r["ms_p50"], r["pct_copy_bw"]) for r in sel if r["impl"] == impl
-                     and r["param_dtype"] == dname and bool(r.get("master")) == master)
-        label = f"{impl} {dname}" + (" + fp32 master" if master else "")
-        style = dict(color=colours[impl], linestyle=":" if master else ("-" if dname == "fp32" else "--"),
-                     marker="s" if master else ("o" if dname == "fp32" else "^"))
+    def kind(r):
+        return r["impl"], r["param_dtype"], bool(r.get("master")), r.get("states", "fp32")
+
+    for (impl, dname, master, states) in sorted({kind(r) for r in sel}):
+        pts = sorted((r["numel"], r["ms_p50"], r["pct_copy_bw"]) for r in sel if kind(r) == (impl, dname, master,
+                                                                                              states))
+        label = f"{impl} {dname}" + (" + fp32 master" if master else "") + (
+            " 8-bit" + (" + Kahan" if dname == "bf16" else "") if states == "8bit" else "")
+        style = dict(color=colours[impl],
+                     linestyle="-." if states == "8bit" else ":" if master else ("-" if dname == "fp32" else "--"),
+                     marker="x" if states == "8bit" else "s" if master else ("o" if dname == "fp32" else "^"))
         axes[0].plot([p[0] for p in pts], [p[1] for p in pts], label=label, **style)
         axes[1].plot([p[0] for p in pts], [p[2] for p in pts], label=label, **style)
     axes[0].set(xscale="log", yscale="log", xlabel="elements", ylabel="ms (p50)", title="adamw_step (steady)")

@@ -318,3 +318,36 @@ def test_bad_state_formats_are_refused_and_nothing_changes(name, message, case):
         mk.adamw_step_(p, g, m, v, lr=1e-3, step=1, rounding=case.get("rounding", "nearest"), **absmax, **extra)
     for t, b in zip(p + m + v, before):
         assert torch.equal(t, b)
+
+
+@pytest.mark.gpu
+def test_against_bitsandbytes_adamw8bit_where_installed():
+    """Same weight, same gradients, 20 steps: our 8-bit step against bitsandbytes' blockwise AdamW8bit (its
+    maps are ours; its eps enters as eps * sqrt(1 - beta2^t), a difference far below the tolerance).
+    Skips cleanly where bitsandbytes or a GPU is missing."""
+    bnb = pytest.importorskip("bitsandbytes")
+    if not torch.cuda.is_available():
+        pytest.skip("bitsandbytes' 8-bit AdamW runs on a GPU")
+    device = torch.device("cuda")
+    g = torch.Generator(device=device).manual_seed(0)
+    p0 = torch.randn(3 * 4096 + 100, generator=g, device=device) * 0.02
+    ref = torch.nn.Parameter(p0.clone())
+    theirs = bnb.optim.AdamW8bit([ref], lr=1e-3, weight_decay=0.01, min_8bit_size=4096)
+    p = p0.clone()
+    qs, qu = quant.maps(device)
+    mc, vc = torch.empty_like(p, dtype=torch.uint8), torch.empty_like(p, dtype=torch.uint8)
+    ma, va = torch.empty(quant.n_blocks(p.numel()), device=device), torch.empty(quant.n_blocks(p.numel()),
+                                                                                 device=device)
+    for step in range(1, 21):
+        grad = torch.randn(p.shape, generator=g, device=device) * 1e-2
+        ref.grad = grad.clone()
+        theirs.step()
+        mk.adamw_step_([p], [grad], [mc], [vc], lr=1e-3, weight_decay=0.01, step=step, fresh=step == 1,
+                       exp_avg_absmax=[ma], exp_avg_sq_absmax=[va])
+    st = theirs.state[ref]
+    assert torch.equal(st["qmap1"].float().cpu(), quant.dynamic_map(True))
+    assert torch.equal(st["qmap2"].float().cpu(), quant.dynamic_map(False))
+    moved = (ref.detach() - p0).norm()
+    assert ((p - ref.detach()).norm() / moved).item() < 0.02
+    m_ours, m_theirs = quant.dequantize(mc, ma, qs), quant.dequantize(st["state1"], st["absmax1"], qs)
+    assert ((m_ours - m_theirs).norm() / m_theirs.norm()).item() < 0.02

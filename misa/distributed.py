@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from misa_kernels import quant
+
 from .optimizer import MISA
 
 
@@ -143,14 +145,80 @@ def _as_saved(tensor: torch.Tensor, param) -> torch.Tensor:
     return tensor.view(param.shape)
 
 
-def _state_tensors(optimizer: MISA, indices) -> dict:
-    out = {}
+_SCALES = {"exp_avg": ("exp_avg_absmax", 0), "exp_avg_sq": ("exp_avg_sq_absmax", 1)}
+_VALUES = ("master", "compensation")
+
+
+def _state_tensors(optimizer: MISA, indices, saved=None):
+    """The DCP entries of the active states and a function that finishes a load (`saved`: the names the
+    checkpoint holds; None when saving).
+
+    Every state is saved shaped like its parameter (a DTensor of this rank's shard under FSDP2), so any
+    sharding reads it back: m and v as fp32 whatever their format, 8-bit ones dequantized; the fp32 master
+    or the Kahan compensation as they are. Unsharded (DDP, one process) 8-bit states are saved exactly as
+    well (codes and scales), and a run in the same format resumes from them bit for bit; otherwise the fp32
+    values are requantized (exact up to one requantization), and a master and a compensation convert into
+    each other (master = weight + compensation)."""
+    out, after = {}, []
+    maps = quant.maps(optimizer.device)
     for i in indices:
         p = optimizer.param_by_index(i)
-        st = optimizer.state[p]
-        # m, v and (bf16/fp16 models) the fp32 master of this rank's shard
-        out[str(i)] = {key: _as_saved(st[key], p) for key in ("exp_avg", "exp_avg_sq", "master") if key in st}
-    return out
+        st, entry, name = optimizer.state[p], {}, f"optimizer.{i}."
+        exact = not hasattr(p, "device_mesh")
+        for key, (scale_key, which) in _SCALES.items():
+            if scale_key not in st:
+                entry[key] = _as_saved(st[key], p)  # fp32 states
+                continue
+            if saved is None:
+                entry[key] = _as_saved(quant.dequantize(st[key], st[scale_key], maps[which]), p)
+                if exact:
+                    entry[key + "_codes"], entry[scale_key] = _as_saved(st[key], p), st[scale_key]
+            elif exact and name + key + "_codes" in saved:
+                entry[key + "_codes"], entry[scale_key] = _as_saved(st[key], p), st[scale_key]
+            else:
+                values = torch.empty(st[key].shape, dtype=torch.float32, device=st[key].device)
+                entry[key] = _as_saved(values, p)
+                after.append(lambda st=st, key=key, scale_key=scale_key, q=maps[which], v=values: _requantize(
+                    st, key, scale_key, q, v))
+        for key in _VALUES:
+            if key not in st:
+                continue
+            other = _VALUES[1 - _VALUES.index(key)]
+            if saved is None or name + key in saved:
+                entry[key] = _as_saved(st[key], p)
+            elif name + other in saved:
+                value = torch.empty(st[key].shape, dtype=torch.float32 if other == "master" else torch.bfloat16,
+                                    device=st[key].device)
+                entry[other] = _as_saved(value, p)
+                after.append(lambda st=st, key=key, p=p, v=value: _convert_value(st, key, _local_of(p), v))
+            else:  # saved without either: start from the weight, as an activation does
+                after.append(lambda st=st, key=key, p=p: _convert_value(st, key, _local_of(p), None))
+        out[str(i)] = entry
+
+    def finish() -> None:
+        for step in after:
+            step()
+
+    return out, finish
+
+
+def _local_of(p):
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
+def _requantize(st, key, scale_key, qmap, values) -> None:
+    codes, scales = quant.quantize(values, qmap)
+    st[key].copy_(codes.view(st[key].shape))
+    st[scale_key].copy_(scales)
+
+
+def _convert_value(st, key, weight, saved) -> None:
+    w = weight.detach().float().reshape(-1)
+    if key == "master":
+        value = w if saved is None else w + saved.float().reshape(-1)
+    else:
+        value = torch.zeros_like(w) if saved is None else saved.float().reshape(-1) - w
+    st[key].copy_(value.view(st[key].shape))
 
 
 def save_checkpoint(path, model: nn.Module, optimizer: MISA) -> None:
@@ -163,7 +231,7 @@ def save_checkpoint(path, model: nn.Module, optimizer: MISA) -> None:
     blob = io.BytesIO()
     torch.save(sd, blob)
     blob.seek(0)
-    dcp.save({"model": model.state_dict(), "optimizer": _state_tensors(optimizer, sd["steps"]), _META: blob},
+    dcp.save({"model": model.state_dict(), "optimizer": _state_tensors(optimizer, sd["steps"])[0], _META: blob},
              checkpoint_id=str(path))
 
 
@@ -182,6 +250,9 @@ def load_checkpoint(path, model: nn.Module, optimizer: MISA) -> None:
     model.load_state_dict(model_sd)
     optimizer.load_schedule(sd)
     steps = sd["steps"]
-    dcp.load({"optimizer": _state_tensors(optimizer, steps)}, checkpoint_id=str(path))  # into the arena views
+    saved = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    targets, finish = _state_tensors(optimizer, steps, saved)
+    dcp.load({"optimizer": targets}, checkpoint_id=str(path))  # into the arena views, or fp32 to requantize
+    finish()
     for i, step in steps.items():
         optimizer.state[optimizer.param_by_index(int(i))]["step"] = int(step)

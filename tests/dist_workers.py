@@ -27,13 +27,27 @@ def lm_loss(forward, ids):
 
 def _dtype(kind):
     # "ddp-bf16" / "fsdp2-bf16": a bf16 model, so MISA keeps fp32 masters (of local shards under FSDP2)
-    return torch.bfloat16 if kind.endswith("-bf16") else torch.float32
+    return torch.bfloat16 if "-bf16" in kind else torch.float32
 
 
-def single_process_run(steps=STEPS, checkpoint=None, start=0, dtype=torch.float32):
+def _compact(kind) -> bool:
+    # "...-8bit": 8-bit states and a Kahan compensation, on a model wide enough that every shard of a module
+    # holds at least 4096 elements (smaller tensors keep fp32 states)
+    return kind.endswith("-8bit")
+
+
+def _model(kind):
+    return tiny_lm(seed=0, dtype=_dtype(kind), **({"d": 128, "ff": 128} if _compact(kind) else {}))
+
+
+def _hyper(kind):
+    return {**HYPER, **({"states": "8bit", "master_weights": "kahan"} if _compact(kind) else {})}
+
+
+def single_process_run(steps=STEPS, checkpoint=None, start=0, kind="ddp"):
     """The reference: one process, the concatenated batch (optionally resumed from a DCP checkpoint)."""
-    model = tiny_lm(seed=0, dtype=dtype)
-    opt = misa.MISA(model, **HYPER)
+    model = _model(kind)
+    opt = misa.MISA(model, **_hyper(kind))
     if checkpoint is not None:
         mdist.load_checkpoint(checkpoint, model, opt)
     for step in range(start, steps):
@@ -44,14 +58,14 @@ def single_process_run(steps=STEPS, checkpoint=None, start=0, dtype=torch.float3
 
 
 def _setup(kind, rank, world):
-    model = tiny_lm(seed=0, dtype=_dtype(kind))
+    model = _model(kind)
     if kind.startswith("fsdp2"):
         from torch.distributed.fsdp import fully_shard
 
         for layer in model.layers:
             fully_shard(layer)
         fully_shard(model)
-    opt = misa.MISA(model, **HYPER)
+    opt = misa.MISA(model, **_hyper(kind))
     if kind.startswith("ddp"):
         wrapped = mdist.DistributedDataParallel(model, opt)
     else:
@@ -94,6 +108,8 @@ def worker(rank, world, init_file, out_dir, kind):
     report["switches"] = len(opt.switch_log)
     report["rebuilds"] = getattr(wrapped, "rebuilds", None)
     report["has_masters"] = any("master" in st for st in opt.state.values())
+    report["has_8bit"] = any("exp_avg_absmax" in st for st in opt.state.values())
+    report["has_compensation"] = any("compensation" in st for st in opt.state.values())
     # B: stop mid-period at SAVE_AT, checkpoint, resume into fresh objects, finish
     resumed = {"frozen_with_grad": [], "active_per_step": []}
     model, opt, wrapped = _setup(kind, rank, world)

@@ -42,15 +42,22 @@ def close_to(got, want, dtype):
 
 @pytest.fixture(scope="module")
 def references():
-    return {dtype: dist_workers.single_process_run(dtype=dtype) for dtype in (torch.float32, torch.bfloat16)}
+    return {}
+
+
+def _reference(references, kind):
+    key = kind.split("-", 1)[1] if "-" in kind else "fp32"  # the same for ddp-... and fsdp2-...
+    if key not in references:
+        references[key] = dist_workers.single_process_run(kind=kind)
+    return references[key]
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # the single-process reload, on purpose
-@pytest.mark.parametrize("kind", ["ddp", "fsdp2", "ddp-bf16", "fsdp2-bf16"])
+@pytest.mark.parametrize("kind", ["ddp", "fsdp2", "ddp-bf16", "fsdp2-bf16", "ddp-bf16-8bit", "fsdp2-bf16-8bit"])
 def test_distributed_matches_single_process(kind, tmp_path, references):
     dtype = dist_workers._dtype(kind)
     reports = launch(kind, tmp_path)
-    ref_params, ref_active = references[dtype]
+    ref_params, ref_active = _reference(references, kind)
     r0, r1 = reports
     # every rank: the same active set at every step, identical parameters
     assert r0["active_per_step"] == r1["active_per_step"]
@@ -60,12 +67,17 @@ def test_distributed_matches_single_process(kind, tmp_path, references):
     # equal to one process on the concatenated batch, within float tolerance
     assert r0["active"] == ref_active
     close_to(r0["params"], ref_params, dtype)
-    assert r0["has_masters"] == (dtype == torch.bfloat16)
+    compact = dist_workers._compact(kind)
+    assert r0["has_masters"] == (dtype == torch.bfloat16 and not compact)
+    assert r0["has_8bit"] == r0["has_compensation"] == compact
     # frozen modules never held a gradient, on any rank
     assert r0["frozen_with_grad"] == [] and r1["frozen_with_grad"] == []
-    # a checkpoint saved mid-period resumes exactly
+    # a checkpoint saved mid-period resumes exactly (8-bit states of FSDP2 shards: up to one requantization)
     for r in reports:
         assert r["resumed_active"] == r["active"]
+        if compact and kind.startswith("fsdp2"):
+            close_to(r["resumed_params"], r["params"], dtype)
+            continue
         for n in ref_params:
             assert torch.equal(r["resumed_params"][n], r["params"][n]), n
     # ranks that sample differently are caught
@@ -74,6 +86,6 @@ def test_distributed_matches_single_process(kind, tmp_path, references):
         assert r0["rebuilds"] == r0["switches"]  # one reducer per active set
     # the checkpoint is a torch.distributed.checkpoint: one process reads it back, resharded, and finishes
     params, active = dist_workers.single_process_run(checkpoint=str(tmp_path / "ckpt"), start=dist_workers.SAVE_AT,
-                                                     dtype=dtype)
+                                                     kind=kind)
     assert active == ref_active
     close_to(params, ref_params, dtype)

@@ -165,4 +165,13 @@ class StateArena:
             "blocks": len(self._blocks),
             "generation": self.generation,
             "bytes": self.capacity * self.buffer.element_size(),
+            # what the held blocks are, by dtype: the 8-bit states' codes and scales, compensations, fp32 states
+            "used_bytes_by_dtype": self._bytes_by_dtype(),
         }
+
+    def _bytes_by_dtype(self) -> Dict[str, int]:
+        out: Dict[str, int] = {}
+        for _, size, _, dtype in self._blocks.values():
+            name = str(dtype).replace("torch.", "")
+            out[name] = out.get(name, 0) + size * self.buffer.element_size()
+        return out

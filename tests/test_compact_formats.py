@@ -60,6 +60,9 @@ def test_arena_holds_codes_scales_and_compensation_as_typed_views():
     formats = opt.formats
     assert formats == {"states": "8bit", "masters": "kahan", "bytes_per_element": quant.BYTES_PER_ELEMENT + 2}
     assert "states=8bit" in repr(opt) and "masters=kahan" in repr(opt)
+    held = opt.arena.stats()["used_bytes_by_dtype"]
+    assert {"uint8", "bfloat16", "float32"} <= set(held)  # codes, compensations, scales (and small fp32 states)
+    assert sum(held.values()) == opt.arena.stats()["used"] * 4
 
 
 def test_compact_arena_is_a_third_of_the_default_and_never_overflows():

@@ -82,7 +82,8 @@ def _run(backend, device, sizes, dtype, *, fresh, value, seed=0, skip=None, misa
             c.fill_(float("nan"))
     norms = torch.ones(len(sizes), device=device)
     mk.adamw_step_(params, grads, mc, vc, **HYPER, step=3, fresh=fresh, grad_sq_norms=norms, master_params=masters,
-                   compensation=comp, exp_avg_absmax=ma, exp_avg_sq_absmax=va, skip=skip, backend=backend)
+                   compensation=comp, exp_avg_absmax=ma, exp_avg_sq_absmax=va, skip=skip, backend=backend,
+                   rounding="stochastic" if value == "stochastic" else "nearest", seed=3)
     assert mk.last_backend() == backend
     return seen, grads, dict(params=params, mc=mc, vc=vc, ma=ma, va=va, masters=masters, comp=comp, norms=norms)
 
@@ -104,13 +105,15 @@ def _oracle(seen, grads, device, *, fresh, value):
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("fresh", [True, False], ids=["fresh", "steady"])
-@pytest.mark.parametrize("value", [None, "master", "kahan"], ids=["plain", "master", "kahan"])
+@pytest.mark.parametrize("value", [None, "master", "kahan", "stochastic"], ids=["plain", "master", "kahan", "sr"])
 def test_8bit_step_against_float64(backend, dtype, fresh, value):
     device = test_device()
     require(backend, device)
     dtype = DTYPES[dtype]
     if dtype == torch.float32 and value is not None:
-        pytest.skip("float32 parameters take no master or compensation")
+        pytest.skip("float32 parameters take no master, compensation or stochastic rounding")
+    if dtype == torch.float16 and value == "stochastic":
+        pytest.skip("stochastic rounding is for bfloat16")
     seen, grads, out = _run(backend, device, SIZES, dtype, fresh=fresh, value=value)
     want_p, want_m, want_v, want_n = _oracle(seen, grads, device, fresh=fresh, value=value)
     qs, qu = quant.maps(device)
@@ -128,10 +131,12 @@ def test_8bit_step_against_float64(backend, dtype, fresh, value):
         assert rel_err([p.double() + c.double() for p, c in zip(out["params"], out["comp"])], want_p) < 2e-5
     if dtype == torch.float32:
         assert rel_err(out["params"], want_p) < 1e-6
-    else:  # the parameter is the nearest rounding of the fp32 value (one ulp where the fp32 value sits on a tie)
+    else:  # the parameter is a rounding of the fp32 value: the nearest (one ulp apart where the fp32 value sits
+        # on a tie), or with stochastic rounding one of its two neighbours
+        mantissa = 7 if dtype == torch.bfloat16 else 10
         for p, w in zip(out["params"], want_p):
-            ulp = (w.to(dtype).double() - w).abs().max().item()
-            assert (p.double() - w).abs().max().item() <= 2 * ulp + 1e-12
+            ulp = torch.exp2(torch.floor(torch.log2(w.abs().clamp_min(1e-30))) - mantissa)
+            assert torch.all((p.double() - w).abs() <= ulp * 1.001)
 
 
 @pytest.mark.parametrize("backend", backend_params())

@@ -1,0 +1,113 @@
+"""The period schedule: which modules are active, when a period ends (flush, importance update, a new
+sample from the sampler) and what a switch does to the active set.
+
+A part of MISA (misa/optimizer.py composes the parts); the sampling itself is misa/sampler.py.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING, Callable, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .sampler import entropy
+
+if TYPE_CHECKING:
+    from .optimizer import MISA
+
+
+class Schedule:
+    """Periods and switches of the active set (a part of MISA)."""
+
+    @property
+    def active_modules(self) -> List[str]:
+        return [self.module_names[b] for b in self._active]
+
+    @property
+    def importance(self) -> Tensor:
+        return self.sampler.importance()
+
+    @property
+    def probabilities(self) -> Tensor:
+        return self.sampler.probabilities()
+
+    @property
+    def trainable_fraction(self) -> float:
+        return sum(self.sampler.sizes[b] for b in self._active) / self.partition.total_params
+
+    @property
+    def steps_in_period(self) -> int:
+        return self._t
+
+    def register_switch_hook(self, hook: Callable[["MISA"], None]) -> None:
+        """`hook(optimizer)` runs after every switch of the active set (used to rebuild DDP)."""
+        self._switch_hooks.append(hook)
+
+    def _module_params(self, b: int) -> List[Tensor]:
+        return [p for _, p in self.partition.modules[b].params]
+
+    def _switch(self, new: Sequence[int], *, log: bool = True, keep_states: Optional[set] = None) -> None:
+        new = sorted(new)
+        if self._check_active_set is not None:
+            self._check_active_set(new)
+        old, new_set = set(self._active), set(new)
+        if keep_states is None:
+            keep_states = old & new_set if self.v.keep_states else set()
+        for b in old:
+            for p in self._module_params(b):
+                if b not in keep_states:
+                    self._release(p)
+                if b not in new_set:
+                    p.requires_grad_(False)
+                    p.grad = None
+        generation = self.arena.generation
+        self._skips_at_switch = self._skips.clone()
+        for b in new:
+            for p in self._module_params(b):
+                p.requires_grad_(True)
+                if b not in keep_states:
+                    self._acquire(p)
+        if self.arena.generation != generation:  # compaction moved blocks: re-point every state
+            self._refresh_views(list(self.state.keys()))
+        self._active = new
+        self._build_slots()
+        self._release_sq = torch.zeros(len(self._slots) + 1, dtype=torch.float32, device=self.device)
+        self._S = torch.zeros(len(new), dtype=torch.float32, device=self.device)
+        self._period_skips = torch.zeros((), dtype=torch.float32, device=self.device)
+        self._t = 0
+        self._period_len = self.warmup_interval if self.sampler.in_warmup else self.interval
+        if log:
+            probs = self.probabilities
+            self.switch_log.append({
+                "step": self._step_count, "active_modules": self.active_modules,
+                "trainable_fraction": self.trainable_fraction, "entropy": entropy(probs),
+                "period_len": self._period_len, "warmup": self.sampler.in_warmup,
+            })
+        for hook in self._switch_hooks:
+            hook(self)
+
+    def _advance(self) -> None:
+        self._t += 1
+        self._step_count += 1
+        if self.v.schedule == "global_step":
+            # The authors' schedule: after every step while a module was never selected, then at multiples of T.
+            done = self._step_count % self.interval == 0 or self.sampler.never_selected()
+        else:
+            done = self._t >= self._period_len
+        if done:
+            self._end_period()
+
+    def _end_period(self) -> None:
+        length = self._t
+        skipped = int(self._period_skips)  # the period's end reads the statistics anyway
+        if skipped:
+            warnings.warn(f"MISA: {skipped} of the last {length} steps had non-finite gradients and were skipped "
+                          "(parameters and optimizer state untouched)", RuntimeWarning, stacklevel=3)
+        if self.flush and length - skipped >= self.min_flush_steps:
+            self._flush()
+        counted = length if self.v.count_nonfinite_steps else max(length - skipped, 1)
+        stats = (self._S / (self.interval if self.v.divide_by_interval else counted)).tolist()
+        self.sampler.update(self._active, stats)
+        self._switch(self.sampler.sample())

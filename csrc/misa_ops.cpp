@@ -54,21 +54,24 @@ float* norms_pointer(const c10::optional<at::Tensor>& norms, const c10::optional
 }
 
 // Every value arrives folded by misa_kernels/scalars.py (float64 on the host, then fp32).
+// Device scalars: 3 floats for the call, or (per_tensor_rows) 3 per tensor of the table.
 misa::AdamScalars make_scalars(const c10::optional<at::Tensor>& device_scalars, double one_minus_beta1, double beta2,
                                double one_minus_beta2, double eps, double step_size, double bc2_sqrt, double decay,
-                               const at::Device& dev) {
+                               const at::Device& dev, int64_t per_tensor_rows = 0) {
   const float* dev_ptr = nullptr;
   if (device_scalars.has_value()) {
     const at::Tensor& s = *device_scalars;
     CHECK_DEVICE(s, dev);
     CHECK_DTYPE(s, at::kFloat);
-    CHECK_NUMEL(s, 3);
+    CHECK_NUMEL(s, per_tensor_rows > 0 ? 3 * per_tensor_rows : 3);
     CHECK_CONTIGUOUS(s);
     dev_ptr = s.data_ptr<float>();
   }
-  return {static_cast<float>(one_minus_beta1), static_cast<float>(beta2), static_cast<float>(one_minus_beta2),
-          static_cast<float>(eps),          static_cast<float>(step_size), static_cast<float>(bc2_sqrt),
-          static_cast<float>(decay),        dev_ptr};
+  misa::AdamScalars sc{static_cast<float>(one_minus_beta1), static_cast<float>(beta2),
+                       static_cast<float>(one_minus_beta2), static_cast<float>(eps), static_cast<float>(step_size),
+                       static_cast<float>(bc2_sqrt), static_cast<float>(decay), dev_ptr};
+  sc.device_stride = per_tensor_rows > 0 ? 3 : 0;
+  return sc;
 }
 
 misa::Rounding make_rounding(DType dtype, bool master, bool stochastic, int64_t seed,
@@ -109,7 +112,7 @@ void adamw_step_(const at::Tensor& table, int64_t n_chunks, int64_t n_tensors, i
                  const c10::optional<at::Tensor>& device_scalars, double one_minus_beta1, double beta2,
                  double one_minus_beta2, double eps, double step_size, double bc2_sqrt, double decay, bool fresh,
                  bool master, bool stochastic, int64_t seed, const c10::optional<at::Tensor>& skip, bool kahan,
-                 const c10::optional<at::Tensor>& maps) {
+                 const c10::optional<at::Tensor>& maps, bool per_tensor) {
   // With `maps` (the 8-bit format's two 256-entry maps, concatenated) the states are 8-bit: two more
   // operands (the block scales) and the 8-bit kernel.
   const int extra = (master || kahan ? 1 : 0) + (maps.has_value() ? 2 : 0);
@@ -120,7 +123,7 @@ void adamw_step_(const at::Tensor& table, int64_t n_chunks, int64_t n_tensors, i
   float* norms = norms_pointer(grad_sq_norms, partials, table, n_chunks, n_tensors);
   const auto rounding = make_rounding(dtype, master, stochastic, seed, skip, dev, kahan);
   const auto sc = make_scalars(device_scalars, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt,
-                               decay, dev);
+                               decay, dev, per_tensor ? n_tensors : 0);
   float* parts = norms ? partials->data_ptr<float>() : nullptr;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (maps.has_value()) {

@@ -144,6 +144,9 @@ class ActiveSet:
         pad = len(self._slots)
         self._seg_index = torch.tensor([r + [pad] * (width - len(r)) for r in rows] or [[pad]],
                                        dtype=torch.int64, device=self.device)
+        # (group index, param, slot or None) of every tensor a step may update, in the step's order
+        self._active_items = [(0, p, self._slots[p]) for b in self._active for p in self._module_params(b)] + [
+            (gi, p, None) for gi, p in self._always]
 
     def _index_tensor(self, indices: List[int]) -> Tensor:
         """A device tensor of these indices, made once per active set: a copy from host memory at every

@@ -51,6 +51,7 @@ class Checkpoint:
                 raise ValueError(f"state_dict: state for {self._param_names.get(p, i)}, which is not active")
             self._load_states(p, self.state[p], st)
             self.state[p]["step"] = int(st["step"])
+        self._plan_version += 1
 
     def _load_states(self, p: Tensor, here: Dict, saved: Dict) -> None:
         """Copy a saved parameter's states into its arena views, converting between formats: fp32 states
@@ -127,4 +128,5 @@ class Checkpoint:
         self._skips_at_switch = self._skips.clone()
         for st in self.state.values():  # saved steps are true steps: no skips since "activation"
             st["skips0"] = self._skips_at_switch
+        self._plan_version += 1  # the step counts a plan holds are made again from these
         self.switch_log = list(misa["switch_log"])

@@ -25,14 +25,14 @@ class FusedStep:
     def _grads(self) -> List[Tuple[int, Tensor, Tensor, Optional[int]]]:
         """(group index, local param, local grad, slot or None) for every active param with a grad."""
         out = []
-        active = [(0, p) for b in self._active for p in self._module_params(b)] + self._always
-        for gi, p in active:
-            if p.grad is None:
+        for gi, p, slot in self._active_items:  # made at each switch (active_set.py)
+            grad = p.grad
+            if grad is None:
                 continue
-            g = _local(p.grad)
+            g = _local(grad)
             if g.is_sparse:
                 raise RuntimeError(f"MISA does not support sparse gradients ({self._param_names.get(p, 'a param')})")
-            out.append((gi, p, g, self._slots.get(p)))
+            out.append((gi, p, g, slot))
         return out
 
     def _norms_by_slot(self, entries) -> Tuple[Tensor, Tensor]:
@@ -124,7 +124,12 @@ class FusedStep:
     def _fused_steps(self, entries, step_sq: Optional[Tensor], found: Optional[Tensor] = None,
                      call_base: int = 0) -> None:
         """One fused kernel call per (group, dtype, step count, activation, module-or-not, state format).
-        `call_base` numbers the calls for the stochastic-rounding seeds (a released tensor's own index)."""
+        `call_base` numbers the calls for the stochastic-rounding seeds (a released tensor's own index).
+        On the fused backends, with step counts on the device, the planned path below makes one call per
+        (group, dtype, fresh or not, module-or-not, state format) instead, whatever the step counts."""
+        if call_base == 0 and self._device_steps and self._fused_backend() is not None:
+            self._planned_steps(entries, step_sq, found)
+            return
         calls = defaultdict(list)
         for gi, p, g, slot in entries:
             st = self.state[p]
@@ -153,6 +158,76 @@ class FusedStep:
                 step_sq.index_copy_(0, scatter, norms)
             for s in states:
                 s["step"] = step + 1
+
+    # ---------------------------------------------------------------- the planned path (fused backends)
+    def _fused_backend(self) -> Optional[str]:
+        """The fused backend the kernels run on ("cuda" or "triton"), or None (the torch path, which keeps
+        one call per step count: its results stay those of every earlier run)."""
+        if self._backend_resolved is None:
+            chosen = misa_kernels.backends.resolve(self.backend, self.device)
+            self._backend_resolved = (chosen if chosen in ("cuda", "triton") else "",)
+        return self._backend_resolved[0] or None
+
+    def _planned_steps(self, entries, step_sq: Optional[Tensor], found: Optional[Tensor]) -> None:
+        """The step's kernel calls from a plan made once per active set (and once more after its fresh
+        step): the operand lists, norm views and seeds' call numbers are kept, the tensors' step counts
+        live in one device vector per call (a step count per tensor: `adamw_step_` takes it), and a step
+        only gathers the new gradients. The plan's key is the entries' identities and a version that every
+        switch, load and fresh step bumps."""
+        key = (self._plan_version, tuple(map(id, [e[1] for e in entries])))
+        plan = self._plan
+        if plan is None or plan[0] != key:
+            plan = self._plan = (key, self._make_plan(entries))
+        increment = None
+        fresh_seen = False
+        for call, c in enumerate(plan[1]):
+            group = self.param_groups[c["gi"]]
+            beta1, beta2 = group["betas"]
+            norms = None
+            if step_sq is not None and c["slots"] is not None:
+                norms = step_sq[c["slots"]] if isinstance(c["slots"], slice) else torch.zeros(
+                    len(c["entries"]), dtype=torch.float32, device=self.device)
+            seed = tensor_key(self.seed & 0x7FFFFFFF, self._step_count * 1024 + call) & 0x7FFFFFFF
+            misa_kernels.adamw_step_(
+                c["params"], [entries[k][2] for k in c["entries"]], c["exp_avgs"], c["exp_avg_sqs"], lr=group["lr"],
+                beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], step=c["steps"],
+                fresh=c["fresh"], grad_sq_norms=norms, skip=found, backend=self._backend_resolved[0],
+                rounding=self.rounding, seed=seed, **c["formats"])
+            if norms is not None and not isinstance(c["slots"], slice):
+                step_sq.index_copy_(0, c["slots"], norms)
+            for st in c["states"]:
+                st["step"] += 1
+            if c["fresh"]:
+                fresh_seen = True
+            else:
+                if increment is None:
+                    increment = 1.0 if found is None else 1.0 - found
+                c["steps"].add_(increment)  # the next step's counts, on the device
+        if fresh_seen:
+            self._plan_version += 1  # its tensors are steady from now on: another grouping
+
+    def _make_plan(self, entries) -> List[Dict]:
+        calls = defaultdict(list)
+        for k, (gi, p, _, slot) in enumerate(entries):
+            st = self.state[p]
+            calls[(gi, _local(p).dtype, st["step"] == 0, slot is not None, "exp_avg_absmax" in st)].append(k)
+        plan = []
+        for (gi, _, fresh, is_module, _), ks in calls.items():
+            states = [self.state[entries[k][1]] for k in ks]
+            slots = None
+            if is_module:
+                numbers = [entries[k][3] for k in ks]
+                contiguous = numbers == list(range(numbers[0], numbers[0] + len(numbers)))
+                slots = slice(numbers[0], numbers[0] + len(numbers)) if contiguous else self._index_tensor(numbers)
+            formats = {arg: [st[key] for st in states] for key, arg in (
+                ("master", "master_params"), ("compensation", "compensation"), ("exp_avg_absmax", "exp_avg_absmax"),
+                ("exp_avg_sq_absmax", "exp_avg_sq_absmax")) if key in states[0]}
+            plan.append(dict(gi=gi, fresh=fresh, entries=ks, states=states, slots=slots, formats=formats,
+                             params=[_local(entries[k][1]) for k in ks], exp_avgs=[st["exp_avg"] for st in states],
+                             exp_avg_sqs=[st["exp_avg_sq"] for st in states],
+                             # this step's count of each tensor, as the grouped path computes it (true_step)
+                             steps=torch.stack([self._true_step(st, ahead=1) for st in states]).float()))
+        return plan
 
     def _rounding_args(self, states, call: int) -> Dict:
         """master_params or compensation, block scales of 8-bit states, rounding and seed for one kernel

@@ -244,6 +244,8 @@ class MISA(ActiveSet, Schedule, FusedStep, GradRelease, Checkpoint, torch.optim.
         self._skips_at_switch = self._skips.clone()
         self._period_skips = torch.zeros((), dtype=torch.float32, device=self.device)
         self._device_steps = check_finite
+        self._backend_resolved = None  # (fused backend or "",), resolved on the first step
+        self._plan, self._plan_version = None, 0  # the planned path's calls (fused_step.py)
         for _, p in self._always:
             self._acquire(p)
 

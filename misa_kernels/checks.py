@@ -228,6 +228,19 @@ def check_scalar_or_0d(name: str, value, device: torch.device, minimum: Optional
         raise ValueError(f"{name}: expected a whole number, got {value}")
 
 
+def check_step(step, n: int, device: torch.device) -> None:
+    """A number >= 1, a 0-d device tensor, or a 1-D float32 device tensor with one step per tensor (tensors
+    activated at different steps in one call)."""
+    if isinstance(step, Tensor) and step.dim() == 1:
+        if step.numel() != n or step.dtype != torch.float32 or not step.is_contiguous():
+            raise ValueError(f"step: a per-tensor step must be a contiguous 1-D float32 tensor of {n} entries (one per "
+                             f"parameter), got dtype {step.dtype}, shape {tuple(step.shape)}")
+        if step.device != device:
+            raise ValueError(f"step: expected a tensor on {device}, got one on {step.device}")
+        return
+    check_scalar_or_0d("step", step, device, minimum=1, integer=True)
+
+
 def check_hyper(beta1: float, beta2: float, eps: float, weight_decay: float = 0.0) -> None:
     for name, value in (("beta1", beta1), ("beta2", beta2)):
         if not 0.0 <= value < 1.0:

@@ -51,9 +51,10 @@ def extension():
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # csrc/cuda/kernels.h DType
 
 
-def _scalar_args(sc):
+def _scalar_args(sc, keep=None):
     # Exactly the host-folded values (scalars.py): the kernels do no arithmetic on hyperparameters.
-    return (sc.device, sc.one_minus_beta1, sc.beta2, sc.one_minus_beta2, sc.eps, sc.step_size,
+    device = sc.device if sc.device is None or keep is None else tables.rows_of_kept(sc.device, keep, sc.per_tensor)
+    return (device, sc.one_minus_beta1, sc.beta2, sc.one_minus_beta2, sc.eps, sc.step_size,
             sc.bias_correction2_sqrt, sc.decay)
 
 
@@ -84,9 +85,9 @@ def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms: Optional[Te
     sc = kernel_scalars(lr, step, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
     out = tables.norms_of_kept(grad_sq_norms, keep)
     partials = None if out is None else torch.empty(table.n_chunks, dtype=torch.float32, device=out.device)
-    extension().adamw_step_(*_table_args(table, lists[0][0].dtype), out, partials, *_scalar_args(sc), bool(fresh),
-                            master, bool(stochastic), int(seed), skip, bool(compensation),
-                            _maps(lists[0][0].device) if eight else None)
+    extension().adamw_step_(*_table_args(table, lists[0][0].dtype), out, partials, *_scalar_args(sc, keep),
+                            bool(fresh), master, bool(stochastic), int(seed), skip, bool(compensation),
+                            _maps(lists[0][0].device) if eight else None, sc.per_tensor)
     tables.scatter_norms(grad_sq_norms, out, keep)
 
 

@@ -69,6 +69,9 @@ def adamw_step_(
     set from the parameter (not read). `rounding="stochastic"` (bf16 only) rounds the fp32 result into
     the parameter without bias, reproducibly from `seed` (vary it per step).
 
+    `step` may also be a 1-D float32 device tensor, one step count per tensor: tensors activated at
+    different steps (their bias corrections differ) then share one call.
+
     `skip` (a 0-d fp32 device tensor, read by the kernel, never by the host): when nonzero the step
     writes nothing (grad_sq_norms included), except that a fresh step defines its states as zero (and
     the masters as the weights), so that the next step, called with fresh=False and the same `step`,
@@ -94,7 +97,7 @@ def adamw_step_(
     checks.check_grad_sq_norms(grad_sq_norms, len(params), device)
     checks.check_skip(skip, device)
     checks.check_scalar_or_0d("lr", lr, device, minimum=0.0)
-    checks.check_scalar_or_0d("step", step, device, minimum=1, integer=True)
+    checks.check_step(step, len(params), device)
     checks.check_hyper(beta1, beta2, eps, weight_decay)
     chosen = backends.resolve(backend, device)
     if _eager(plain):

@@ -129,6 +129,22 @@ def adamw_step_(
     exp_avg_absmax: Sequence[Tensor] = (),
     exp_avg_sq_absmax: Sequence[Tensor] = (),
 ) -> None:
+    if isinstance(step, Tensor) and step.dim() == 1:
+        # A step per tensor: tensor by tensor, each keyed for stochastic rounding by its index among the call's
+        # non-empty tensors, as the fused kernels number them.
+        index = 0
+        for i in range(len(params)):
+            if params[i].numel() == 0:  # nothing to update, nothing added to its norm
+                continue
+            one = lambda xs, i=i: list(xs[i:i + 1]) if xs else []  # noqa: E731
+            adamw_step_(one(params), one(grads), one(exp_avgs), one(exp_avg_sqs),
+                        None if grad_sq_norms is None else grad_sq_norms[i:i + 1], one(master_params), lr=lr,
+                        beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step[i], fresh=fresh,
+                        stochastic=stochastic, seed=(seed + index * GOLDEN) & _MASK32, skip=skip,
+                        compensation=one(compensation), exp_avg_absmax=one(exp_avg_absmax),
+                        exp_avg_sq_absmax=one(exp_avg_sq_absmax))
+            index += 1
+        return
     if compensation or exp_avg_absmax:
         _compact(params, exp_avgs, exp_avg_sqs, master_params, compensation, exp_avg_absmax, exp_avg_sq_absmax,
                  fresh=fresh, skip=skip,

@@ -40,8 +40,10 @@ class KernelScalars:
     step_size: float = 0.0
     bias_correction2_sqrt: float = 1.0
     decay: float = 1.0
-    # ... or they live on the device as fp32 [step_size, bias_correction2_sqrt, decay].
+    # ... or they live on the device as fp32 [step_size, bias_correction2_sqrt, decay], once or (per_tensor,
+    # for a step count per tensor) one row per tensor, flattened.
     device: Optional[torch.Tensor] = None
+    per_tensor: bool = False
 
 
 def _fold(lr, step, beta1: float, beta2: float, weight_decay: float, flush: bool):
@@ -64,8 +66,10 @@ def kernel_scalars(
         return KernelScalars(**betas, step_size=fp32(step_size), bias_correction2_sqrt=fp32(bc2_sqrt),
                              decay=fp32(decay))
     device = lr.device if isinstance(lr, torch.Tensor) else step.device
+    per_tensor = isinstance(step, torch.Tensor) and step.dim() == 1
     if not isinstance(lr, torch.Tensor):
-        return KernelScalars(**betas, device=_fold_device_step(float(lr), step, beta1, beta2, weight_decay, flush))
+        return KernelScalars(**betas, device=_fold_device_step(float(lr), step, beta1, beta2, weight_decay, flush),
+                             per_tensor=per_tensor)
 
     def on_device(x):
         # torch.full launches a fill; a tensor built from host data would be a copy that waits on a GPU
@@ -75,6 +79,10 @@ def kernel_scalars(
 
     step_size, bc2_sqrt, decay = _fold(on_device(lr), on_device(step), beta1, beta2, weight_decay, flush)
     bc2_sqrt, decay = on_device(bc2_sqrt), on_device(decay)
+    if per_tensor:  # rows [step_size, bc2_sqrt, decay] per tensor
+        packed = torch.stack([step_size.expand(step.shape), bc2_sqrt.expand(step.shape), decay.expand(step.shape)],
+                             dim=1).to(torch.float32).reshape(-1)
+        return KernelScalars(**betas, device=packed, per_tensor=True)
     packed = torch.stack([step_size, bc2_sqrt, decay]).to(torch.float32)
     return KernelScalars(**betas, device=packed)
 
@@ -99,8 +107,13 @@ def _fold_device_step(lr: float, step: torch.Tensor, beta1: float, beta2: float,
                 [scale, 0.0, 0.0 if flush else -weight_decay]]
         consts = _FOLD_CONSTANTS[key] = torch.tensor(rows, dtype=torch.float64).to(step.device)
     bases, powers, base_a, per_lr = consts
-    corrections = (1.0 - bases ** step.to(torch.float64)) ** powers
-    return corrections.mul_(torch.add(base_a, per_lr, alpha=lr)).to(torch.float32)
+    steps = step.to(torch.float64)
+    per_tensor = steps.dim() == 1
+    if per_tensor:  # a step per tensor: a row per tensor, flattened
+        steps = steps[:, None]
+    corrections = (1.0 - bases ** steps) ** powers
+    packed = corrections.mul_(torch.add(base_a, per_lr, alpha=lr)).to(torch.float32)
+    return packed.reshape(-1) if per_tensor else packed
 
 
 # ---- stochastic rounding: one counter-based hash, the same in torch, Triton and CUDA C++ ----

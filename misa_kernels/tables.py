@@ -93,6 +93,14 @@ def norms_of_kept(grad_sq_norms: Optional[Tensor], keep: List[int]) -> Optional[
     return grad_sq_norms[keep]
 
 
+def rows_of_kept(scalars: Tensor, keep: List[int], per_tensor: bool) -> Tensor:
+    """Per-tensor scalar rows (3 per tensor, flattened) of the non-empty tensors only, as the table numbers
+    them; call-wide scalars as they are."""
+    if not per_tensor or len(keep) * 3 == scalars.numel():
+        return scalars
+    return scalars.view(-1, 3)[keep].reshape(-1)
+
+
 def scatter_norms(grad_sq_norms: Optional[Tensor], kept: Optional[Tensor], keep: List[int]) -> None:
     if kept is not None and kept is not grad_sq_norms:
         grad_sq_norms[keep] = kept

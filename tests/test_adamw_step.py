@@ -339,7 +339,8 @@ def test_cuda_binding_receives_the_host_folded_scalars(monkeypatch):
     assert a[7] is None  # no device scalars for a number lr
     assert a[8:15] == (want.one_minus_beta1, want.beta2, want.one_minus_beta2, want.eps, want.step_size,
                        want.bias_correction2_sqrt, want.decay)
-    assert a[15:] == (False, True, True, 7, None, False, None)  # fresh, master, stochastic, seed, skip, kahan, maps
+    # fresh, master, stochastic, seed, skip, kahan, maps, per-tensor steps
+    assert a[15:] == (False, True, True, 7, None, False, None, False)
     flush = kernel_scalars(1e-3, 3, beta1=0.9, beta2=0.999, eps=1e-8, flush=True)
     assert f[6:13] == (flush.one_minus_beta1, flush.beta2, flush.one_minus_beta2, flush.eps, flush.step_size,
                        flush.bias_correction2_sqrt, flush.decay)
@@ -509,3 +510,42 @@ def test_cuda_python_side_matches_the_compiled_binding(monkeypatch):
     for call in calls:
         with pytest.raises(RuntimeError, match="table must be a CUDA tensor"):
             call()
+
+
+# ---------------------------------------------------------------- a step count per tensor
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_a_step_per_tensor_equals_one_call_per_step(backend, dtype):
+    """Tensors activated at different steps in one call (a 1-D device step): exactly what separate calls,
+    one per step count, compute; an empty tensor in the list keeps the numbering (stochastic rounding)."""
+    device = test_device()
+    require(backend, device)
+    shapes = [(300,), (0,), (17,), (1000,)]
+    steps = [1.0, 4.0, 2.0, 9.0]
+    kind = DTYPES[dtype]
+    extra = dict(rounding="stochastic", seed=11) if kind == torch.bfloat16 else {}
+    one = make_inputs(shapes, kind, device, seed=3)
+    many = [clone(t) for t in one]
+    norms = [torch.ones(len(shapes), device=device) for _ in range(2)]
+    mk.adamw_step_(*one, lr=1e-3, weight_decay=0.1, step=torch.tensor(steps, device=device), grad_sq_norms=norms[0],
+                   backend=backend, **extra)
+    from misa_kernels import reference
+
+    for i, step in enumerate(steps):  # the same tensors, one call each, keyed as the i-th non-empty tensor
+        pick = [ts[i:i + 1] for ts in many]
+        if not pick[0][0].numel():
+            continue
+        index = sum(1 for t in many[0][:i] if t.numel())
+        reference.adamw_step_(*pick, norms[1][i:i + 1], [], lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+                              weight_decay=0.1, step=torch.tensor(step, device=device), fresh=False,
+                              stochastic=kind == torch.bfloat16, seed=(11 + index * 0x9E3779B9) % 2**32)
+    for a, b in zip(one[0] + one[2] + one[3], many[0] + many[2] + many[3]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(norms[0], norms[1])
+
+
+def test_a_step_per_tensor_is_checked():
+    p, g, m, v = make_inputs([(4,), (5,)], torch.float32, torch.device("cpu"), seed=0)
+    for bad, message in ((torch.ones(3), "one per parameter"), (torch.ones(2, dtype=torch.float64), "float32")):
+        with pytest.raises(ValueError, match=message):
+            mk.adamw_step_(p, g, m, v, lr=1e-3, step=bad)

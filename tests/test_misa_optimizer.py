@@ -422,3 +422,80 @@ def test_triton_backend_under_interpreter_matches_torch_backend():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(results["torch"][1], results["triton"][1], rtol=1e-5, atol=0)
     assert results["torch"][2] == results["triton"][2]
+
+
+@pytest.mark.interpreter
+def test_planned_step_on_a_fused_backend_matches_the_grouped_torch_path(monkeypatch):
+    """On a fused backend the step runs from a plan made once per active set, one kernel call per kind of
+    tensor whatever their step counts (a step count per tensor, on the device). Modules kept across a
+    switch have older counts than new ones (the default variant keeps states), and a non-finite step is
+    skipped: the result equals the torch path's, which makes one call per step count."""
+    import misa_kernels
+
+    if "triton" not in misa_kernels.available_backends("cpu"):
+        pytest.skip("triton cannot run on the CPU here")
+    results, calls = {}, []
+    real = misa_kernels.adamw_step_
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["step"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(misa_kernels, "adamw_step_", counting)
+    for backend in ("torch", "triton"):
+        calls.clear()
+        model = tiny_lm(seed=4, d=8, ff=8, layers=2)
+        opt = misa.MISA(model, lr=1e-2, delta=0.4, interval=3, backend=backend, seed=2)
+        gen = torch.Generator().manual_seed(0)
+        per_step = []
+        for step in range(12):
+            synthetic_grads(model, gen)
+            if step == 7:
+                next(p for p in model.parameters() if p.grad is not None).grad[0] = float("nan")
+            before = len(calls)
+            opt.step()
+            per_step.append(len(calls) - before)
+            opt.zero_grad()
+        results[backend] = ([p.detach().clone() for p in model.parameters()], opt.importance, opt.switch_log,
+                            per_step, opt.skipped_steps)
+    torch_run, triton_run = results["torch"], results["triton"]
+    for a, b in zip(torch_run[0], triton_run[0]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch_run[1], triton_run[1], rtol=1e-5, atol=0)
+    assert [s["active_modules"] for s in torch_run[2]] == [s["active_modules"] for s in triton_run[2]]
+    assert len(torch_run[2]) >= 4 and torch_run[4] == triton_run[4] == 1
+    assert max(torch_run[3]) > 1  # the grouped path: a call per step count after a switch that kept states
+    assert max(triton_run[3]) <= 2  # the plan: fresh and steady tensors at most
+
+
+@pytest.mark.interpreter
+def test_planned_step_resumes_exactly():
+    """The plan's device step counts are made again from a loaded state_dict: a resumed run on a fused
+    backend equals the uninterrupted one bit for bit."""
+    import io
+
+    import misa_kernels
+
+    if "triton" not in misa_kernels.available_backends("cpu"):
+        pytest.skip("triton cannot run on the CPU here")
+
+    def run(steps, start=0, ckpt=None):
+        model = tiny_lm(seed=4, d=8, ff=8, layers=2)
+        opt = misa.MISA(model, lr=1e-2, delta=0.4, interval=3, backend="triton", seed=2)
+        if ckpt is not None:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["opt"])
+        for step in range(start, steps):
+            synthetic_grads(model, torch.Generator().manual_seed(step))
+            opt.step()
+            opt.zero_grad()
+        return model, opt
+
+    full, _ = run(10)
+    model, opt = run(5)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    resumed, _ = run(10, 5, torch.load(buf, weights_only=False))
+    for a, b in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)

@@ -10,8 +10,11 @@ struct Folded {
   float step_size, bc2_sqrt, decay;
 };
 
-__device__ __forceinline__ Folded fold(const AdamScalars& sc) {
-  if (sc.device != nullptr) return {sc.device[0], sc.device[1], sc.device[2]};
+__device__ __forceinline__ Folded fold(const AdamScalars& sc, int64_t tensor) {
+  if (sc.device != nullptr) {
+    const float* row = sc.device + sc.device_stride * tensor;
+    return {row[0], row[1], row[2]};
+  }
   return {sc.step_size, sc.bias_correction2_sqrt, sc.decay};
 }
 

@@ -41,7 +41,7 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(ChunkTable table, AdamS
     if (kNorms && threadIdx.x == 0) partials[blockIdx.x] = 0.f;
     return;
   }
-  const Folded f = fold(sc);
+  const Folded f = fold(sc, c.tensor);
   float acc = 0.f;
   int64_t vec_end = 0;
   const bool aligned = is_aligned<P, N>(p) && is_aligned<P, N>(g) && is_aligned<float, N>(m) &&
@@ -112,7 +112,7 @@ __global__ void __launch_bounds__(kThreads) flush_kernel(ChunkTable table, AdamS
   float* w = kMaster ? operand<float>(table, 3, c) : nullptr;
   __nv_bfloat16* comp = kKahan ? operand<__nv_bfloat16>(table, 3, c) : nullptr;
   const uint32_t key = tensor_key(seed, static_cast<uint32_t>(c.tensor));
-  const Folded f = fold(sc);
+  const Folded f = fold(sc, c.tensor);
   int64_t vec_end = 0;
   if (!kKahan && is_aligned<P, N>(p) && is_aligned<float, N>(m) && is_aligned<float, N>(v) &&
       (!kMaster || is_aligned<float, N>(w))) {

@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(kThreads) adamw8bit_kernel(ChunkTable table, A
     return;
   }
   load_maps(maps, qmaps);
-  const Folded f = fold(sc);
+  const Folded f = fold(sc, c.tensor);
   float acc = 0.f;
   for (int64_t b = warp; b < n_blocks; b += kWarps) {
     const int64_t first = b * kQuantBlock;
@@ -158,7 +158,7 @@ __global__ void __launch_bounds__(kThreads) flush8bit_kernel(ChunkTable table, A
   __nv_bfloat16* comp = kKahan ? operand<__nv_bfloat16>(table, 5, c) : nullptr;
   const uint32_t key = tensor_key(seed, static_cast<uint32_t>(c.tensor));
   load_maps(maps, qmaps);
-  const Folded f = fold(sc);
+  const Folded f = fold(sc, c.tensor);
   for (int64_t i = threadIdx.x; i < len; i += blockDim.x) {
     const float m = qmaps[mc[i]] * ma[i / kQuantBlock];
     const float v = qmaps[256 + vc[i]] * va[i / kQuantBlock];

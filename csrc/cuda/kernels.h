@@ -23,7 +23,8 @@ struct ChunkTable {
 // Hyperparameters folded on the host in float64 (misa_kernels/scalars.py): a kernel only multiplies
 // and adds them, never forms 1 - beta or beta^step itself. When `device` is not null the kernel reads
 // [step_size, bias_correction2_sqrt, decay] from it instead (lr/step as device tensors, for CUDA-graph
-// capture).
+// capture): at device[0..2] for every tensor (device_stride 0), or at device[3 t..3 t + 2] for tensor t
+// (device_stride 3: a step count per tensor, so tensors activated at different steps share one launch).
 struct AdamScalars {
   float one_minus_beta1;
   float beta2;
@@ -33,6 +34,7 @@ struct AdamScalars {
   float bias_correction2_sqrt;
   float decay;
   const float* device;
+  int64_t device_stride = 0;
 };
 
 // How the fp32 result is written into a bf16/fp16 parameter. `master`: fp32 master copies (the table's

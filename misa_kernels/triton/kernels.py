@@ -178,7 +178,7 @@ def adamw_kernel(
     PARAM_DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
     FRESH: tl.constexpr, NORMS: tl.constexpr, SCALARS_ON_DEVICE: tl.constexpr, ALIGNED: tl.constexpr,
     MASTER: tl.constexpr, STOCHASTIC: tl.constexpr, SOFT_BF16: tl.constexpr, SKIP: tl.constexpr,
-    KAHAN: tl.constexpr = False,
+    KAHAN: tl.constexpr = False, PER_TENSOR: tl.constexpr = False,
 ):
     pid, t, start, n, length, full = _chunk_bounds(chunk_tensor_ptr, chunk_start_ptr, numel_ptr, CHUNK, BLOCK)
     p_ptr = _typed(tl.load(addr_ptr + t), PARAM_DTYPE, ALIGNED)
@@ -188,9 +188,11 @@ def adamw_kernel(
     w_ptr = _value_operand(addr_ptr + 4 * n_tensors + t, m_ptr, MASTER, KAHAN, ALIGNED)
     key = _tensor_key(seed, t)
     if SCALARS_ON_DEVICE:
-        step_size = tl.load(scalars_ptr)
-        bc2_sqrt = tl.load(scalars_ptr + 1)
-        decay = tl.load(scalars_ptr + 2)
+        # [step_size, bc2_sqrt, decay], once for the call or (PER_TENSOR) a row per tensor
+        row = scalars_ptr + 3 * t if PER_TENSOR else scalars_ptr
+        step_size = tl.load(row)
+        bc2_sqrt = tl.load(row + 1)
+        decay = tl.load(row + 2)
     skip = 0.0
     if SKIP:
         skip = tl.load(skip_ptr)
@@ -391,7 +393,7 @@ def adamw8_kernel(
     PARAM_DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
     FRESH: tl.constexpr, NORMS: tl.constexpr, SCALARS_ON_DEVICE: tl.constexpr, ALIGNED: tl.constexpr,
     MASTER: tl.constexpr, KAHAN: tl.constexpr, STOCHASTIC: tl.constexpr, SOFT_BF16: tl.constexpr, SKIP: tl.constexpr,
-    ZERO_M: tl.constexpr, ZERO_V: tl.constexpr,
+    ZERO_M: tl.constexpr, ZERO_V: tl.constexpr, PER_TENSOR: tl.constexpr = False,
 ):
     # Operands: 0 param, 1 grad, 2/3 codes of exp_avg/exp_avg_sq, 4/5 their absmax, 6 master or compensation.
     R: tl.constexpr = BLOCK // QBLOCK
@@ -406,9 +408,11 @@ def adamw8_kernel(
     w_ptr = _value_operand(addr_ptr + 6 * n_tensors + t, ma_ptr, MASTER, KAHAN, ALIGNED)
     key = _tensor_key(seed, t)
     if SCALARS_ON_DEVICE:
-        step_size = tl.load(scalars_ptr)
-        bc2_sqrt = tl.load(scalars_ptr + 1)
-        decay = tl.load(scalars_ptr + 2)
+        # [step_size, bc2_sqrt, decay], once for the call or (PER_TENSOR) a row per tensor
+        row = scalars_ptr + 3 * t if PER_TENSOR else scalars_ptr
+        step_size = tl.load(row)
+        bc2_sqrt = tl.load(row + 1)
+        decay = tl.load(row + 2)
     skip = 0.0
     if SKIP:
         skip = tl.load(skip_ptr)

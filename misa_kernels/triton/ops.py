@@ -48,10 +48,11 @@ def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms: Optional[Te
     sc = kernel_scalars(lr, step, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
     out = tables.norms_of_kept(grad_sq_norms, keep)
     partials = torch.empty(table.n_chunks if out is not None else 1, dtype=torch.float32, device=params[0].device)
-    scalars_dev = sc.device if sc.device is not None else partials
+    scalars_dev = tables.rows_of_kept(sc.device, keep, sc.per_tensor) if sc.device is not None else partials
     mode = dict(PARAM_DTYPE=_TL_DTYPES[params[0].dtype], FRESH=bool(fresh), NORMS=out is not None,
                 SCALARS_ON_DEVICE=sc.device is not None, ALIGNED=table.aligned16, MASTER=master,
-                KAHAN=bool(compensation), STOCHASTIC=bool(stochastic), SOFT_BF16=_SOFT_BF16, SKIP=skip is not None)
+                KAHAN=bool(compensation), STOCHASTIC=bool(stochastic), SOFT_BF16=_SOFT_BF16, SKIP=skip is not None,
+                PER_TENSOR=sc.per_tensor)
     if eight:
         maps = quant.maps(params[0].device)
         mode.update(ZERO_M=quant.zero_code(True), ZERO_V=quant.zero_code(False))

@@ -71,7 +71,8 @@ class _StubbedLaunch:
         self.saved = [(cuda, "extension", cuda.extension), (backends, "resolve", backends.resolve)]
         norms = lambda first, *a, **k: torch.zeros(len(first))  # noqa: E731  (older bindings returned the norms)
         cuda.extension = lambda: types.SimpleNamespace(adamw_step_=noop, grad_sq_norms=norms, momentum_flush_=noop)
-        for name in ("adamw_kernel", "flush_kernel", "reduce_partials_kernel", "sq_norm_partials_kernel"):
+        for name in ("adamw_kernel", "flush_kernel", "adamw8_kernel", "flush8_kernel", "reduce_partials_kernel",
+                     "sq_norm_partials_kernel"):
             self.saved.append((triton_ops, name, getattr(triton_ops, name)))
             setattr(triton_ops, name, _Launcher())
         backends.resolve = lambda requested, device: requested  # the backend asked for, on any device
@@ -140,9 +141,17 @@ def misa_rows(device, stub: bool) -> List[Dict]:
     for backend in ["cuda", "triton"] if stub else mk.available_backends(device):
         with (_StubbedLaunch() if stub else contextlib.nullcontext()):
             opt = misa.MISA(model, lr=1e-5, delta=0.3, interval=10**6, backend=backend, always_train=[])
+            # The default schedule switches at every step until each module was drawn once: step past that,
+            # then give every active tensor a gradient, so the timed steps are steady and update all of them.
+            while opt.sampler.never_selected():
+                for p in model.parameters():
+                    p.grad = torch.randn_like(p) * 1e-2 if p.requires_grad else None
+                opt.step()
             for p in model.parameters():
-                p.grad = torch.randn_like(p) * 1e-2
+                p.grad = torch.randn_like(p) * 1e-2 if p.requires_grad else None
+            switches = len(opt.switch_log)
             us = per_call_us(opt.step, device, calls=200)
+            assert len(opt.switch_log) == switches, "a timed step switched the active set"
         active = sum(1 for p in model.parameters() if p.requires_grad)
         out.append(dict(bench="host_time", impl=f"MISA.step[{backend}]", n_tensors=active, numel_each=None,
                         us_per_call=us, launch="stubbed" if stub else "real",

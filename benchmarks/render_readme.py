@@ -256,6 +256,14 @@ def formats_section() -> str:
     run = json.loads(runs[-1].read_text())
     meta = run["meta"]
     losses = {_format_key(_entry_formats(r["optimizer"])): r for r in run["rows"]}
+    tuned = [f for f in sorted(RESULTS.glob("*/finetune.json"))
+             if all(r["method"].startswith("misa") for r in json.loads(f.read_text())["rows"])
+             and any("states=" in r["method"] or "masters=" in r["method"] for r in json.loads(f.read_text())["rows"])]
+    finetuned, ft_meta = {}, None
+    if tuned:
+        ft = json.loads(tuned[-1].read_text())
+        ft_meta = ft["meta"]
+        finetuned = {_format_key(_entry_formats(r["method"])): r for r in ft["rows"]}
     lrs = sorted({lr for e in errors.values() for lr in e})[1:3]
     lora = {seq: r["lora_r16_gib"] for (_, _, seq), r in ckpt.items()}
     seqs = sorted(lora)
@@ -266,10 +274,13 @@ def formats_section() -> str:
              f"measured there: " + ", ".join(f"{lora[s]:.2f} GiB at seq {s}" for s in seqs) + ". Error: one bf16 "
              f"weight after 50 steps, distance to fp32 AdamW over the distance it moved (`{wf.relative_to(ROOT)}`, "
              f"{wdata['device']}). Loss: the main job in bf16 (`{runs[-1].parent.relative_to(ROOT)}`, "
-             f"{meta['steps']} steps, {run['rows'][0]['seeds']} seeds, final validation loss mean ± std).", "",
+             f"{meta['steps']} steps, {run['rows'][0]['seeds']} seeds, final validation loss mean ± std)" +
+             (f"; fine-tuning: `{tuned[-1].parent.relative_to(ROOT)}` ({ft_meta['dtype']}, lr "
+              f"{finetuned[next(iter(finetuned))]['lr']:g}, {ft_meta['steps']} steps, test loss mean ± std)"
+              if tuned else "") + ".", "",
              "| format | bytes / element | 8B arena | predicted 8B peak, " + ", ".join(f"seq {s}" for s in seqs) +
              " (with `release_grads`) | error at lr " + " / ".join(f"{lr:.0e}" for lr in lrs) +
-             " | main job loss |", "|---|---|---|---|---|---|"]
+             " | main job loss | fine-tuning loss |", "|---|---|---|---|---|---|---|"]
     for key, name in FORMAT_NAMES.items():
         plain = ckpt.get((key, False, seqs[0]))
         if plain is None:
@@ -284,8 +295,10 @@ def formats_section() -> str:
         err = " / ".join(f"{errors.get(key, {}).get(lr, float('nan')):.1%}" for lr in lrs)
         loss = losses.get(key)
         loss_text = f"{loss['val_loss_mean']:.4f} ± {loss['val_loss_std']:.4f}" if loss else "—"
+        ft_row = finetuned.get(key)
+        ft_text = f"{ft_row['test_loss_mean']:.4f} ± {ft_row['test_loss_std']:.4f}" if ft_row else "—"
         lines.append(f"| {name} | {plain['formats']['bytes_per_element']:.2f} | {plain['arena_gib']:.2f} GiB | "
-                     f"{', '.join(peaks)} | {err} | {loss_text} |")
+                     f"{', '.join(peaks)} | {err} | {loss_text} | {ft_text} |")
     return "\n".join(lines)
 
 

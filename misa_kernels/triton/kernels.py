@@ -96,6 +96,27 @@ def _value_operand(address_ptr, fallback, MASTER: tl.constexpr, KAHAN: tl.conste
 
 
 @triton.jit
+def _call_scalars(scalars_ptr, t, step_size, bc2_sqrt, decay, SCALARS_ON_DEVICE: tl.constexpr,
+                  PER_TENSOR: tl.constexpr):
+    # [step_size, bc2_sqrt, decay]: the launch's arguments, or read on the device, once for the call or
+    # (PER_TENSOR: a step count per tensor) a row per tensor
+    if SCALARS_ON_DEVICE:
+        row = scalars_ptr + 3 * t if PER_TENSOR else scalars_ptr
+        step_size = tl.load(row)
+        bc2_sqrt = tl.load(row + 1)
+        decay = tl.load(row + 2)
+    return step_size, bc2_sqrt, decay
+
+
+@triton.jit
+def _skip_flag(skip_ptr, SKIP: tl.constexpr):
+    skip = 0.0
+    if SKIP:
+        skip = tl.load(skip_ptr)
+    return skip
+
+
+@triton.jit
 def _chunk_bounds(chunk_tensor_ptr, chunk_start_ptr, numel_ptr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     t = tl.load(chunk_tensor_ptr + pid)
@@ -187,15 +208,9 @@ def adamw_kernel(
     v_ptr = _typed(tl.load(addr_ptr + 3 * n_tensors + t), tl.float32, ALIGNED)
     w_ptr = _value_operand(addr_ptr + 4 * n_tensors + t, m_ptr, MASTER, KAHAN, ALIGNED)
     key = _tensor_key(seed, t)
-    if SCALARS_ON_DEVICE:
-        # [step_size, bc2_sqrt, decay], once for the call or (PER_TENSOR) a row per tensor
-        row = scalars_ptr + 3 * t if PER_TENSOR else scalars_ptr
-        step_size = tl.load(row)
-        bc2_sqrt = tl.load(row + 1)
-        decay = tl.load(row + 2)
-    skip = 0.0
-    if SKIP:
-        skip = tl.load(skip_ptr)
+    step_size, bc2_sqrt, decay = _call_scalars(scalars_ptr, t, step_size, bc2_sqrt, decay, SCALARS_ON_DEVICE,
+                                               PER_TENSOR)
+    skip = _skip_flag(skip_ptr, SKIP)
     # The skip flag decides for the whole program (a branch, not a per-element store mask), so the
     # update keeps its unmasked, vectorized loads and stores.
     if skip == 0.0:
@@ -407,15 +422,9 @@ def adamw8_kernel(
     va_ptr = _typed(tl.load(addr_ptr + 5 * n_tensors + t), tl.float32, ALIGNED)
     w_ptr = _value_operand(addr_ptr + 6 * n_tensors + t, ma_ptr, MASTER, KAHAN, ALIGNED)
     key = _tensor_key(seed, t)
-    if SCALARS_ON_DEVICE:
-        # [step_size, bc2_sqrt, decay], once for the call or (PER_TENSOR) a row per tensor
-        row = scalars_ptr + 3 * t if PER_TENSOR else scalars_ptr
-        step_size = tl.load(row)
-        bc2_sqrt = tl.load(row + 1)
-        decay = tl.load(row + 2)
-    skip = 0.0
-    if SKIP:
-        skip = tl.load(skip_ptr)
+    step_size, bc2_sqrt, decay = _call_scalars(scalars_ptr, t, step_size, bc2_sqrt, decay, SCALARS_ON_DEVICE,
+                                               PER_TENSOR)
+    skip = _skip_flag(skip_ptr, SKIP)
     if skip == 0.0:
         acc = tl.zeros([R, QBLOCK], dtype=tl.float32)
         for off in range(0, full, BLOCK):

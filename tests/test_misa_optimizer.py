@@ -499,3 +499,64 @@ def test_planned_step_resumes_exactly():
     resumed, _ = run(10, 5, torch.load(buf, weights_only=False))
     for a, b in zip(full.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.interpreter
+def test_a_steady_planned_step_is_capturable_in_structure():
+    """What a CUDA graph of the steady step needs, checked on the CPU under the Triton interpreter: between
+    switches a step reads nothing back to the host (no .item(), no bool of a tensor), builds no tensor from
+    host data, and hands the kernels the same operands at the same addresses (the plan, its step vectors,
+    the chunk tables); a switch, a load or a change of the learning rate is what a recorded graph would
+    have to be made again for (the plan's version moves, or the lr, read at each step, differs)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import misa_kernels
+    from misa_kernels import tables
+
+    if "triton" not in misa_kernels.available_backends("cpu"):
+        pytest.skip("triton cannot run on the CPU here")
+
+    class Watch(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.syncs, self.from_host = [], []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name in ("_local_scalar_dense", "is_nonzero", "equal"):
+                self.syncs.append(name)
+            if name in ("lift_fresh", "lift_fresh_copy"):  # torch.tensor(host data)
+                self.from_host.append(name)
+            return func(*args, **(kwargs or {}))
+
+    model = tiny_lm(seed=4, d=8, ff=8, layers=2)
+    opt = misa.MISA(model, lr=1e-2, delta=0.4, interval=50, backend="triton", seed=2)
+    gen = torch.Generator().manual_seed(0)
+    while opt.sampler.never_selected():  # the default schedule switches at every step until then
+        synthetic_grads(model, gen)
+        opt.step()
+    for _ in range(2):  # the fresh step of the last set, then a steady one that makes the steady plan
+        synthetic_grads(model, gen)
+        opt.step()
+    switches, version, plan = len(opt.switch_log), opt._plan_version, opt._plan
+    addresses = [[t.data_ptr() for t in c["params"] + c["exp_avgs"] + c["exp_avg_sqs"]] + [c["steps"].data_ptr()]
+                 for c in plan[1]]
+    cached_tables = len(tables._cache)
+    watch = Watch()
+    grads = {p: p.grad for p in model.parameters() if p.grad is not None}
+    for _ in range(3):
+        # gradients written in place (zero_grad(set_to_none=False) and accumulation), as a graph needs them
+        fresh = {p: torch.randn(p.shape, generator=gen).to(p.dtype) * 1e-2 for p in grads}
+        for p, g in grads.items():
+            p.grad = g
+            g.copy_(fresh[p])
+        with watch:
+            opt.step()
+    assert len(opt.switch_log) == switches and opt._plan is plan and opt._plan_version == version
+    assert watch.syncs == [] and watch.from_host == []
+    assert addresses == [[t.data_ptr() for t in c["params"] + c["exp_avgs"] + c["exp_avg_sqs"]] +
+                         [c["steps"].data_ptr()] for c in opt._plan[1]]
+    assert len(tables._cache) == cached_tables  # no new chunk table: no operand moved, the gradients included
+    # what invalidates: a switch (and the fresh step after it) makes the plan again
+    opt._end_period()
+    assert opt._plan_version > version

@@ -26,8 +26,9 @@ want() { [[ "$STAGES" == *",$1,"* ]]; }
   if want tests; then
     echo "== gpu tests (the kernels' oracle first: the rest is slower and less telling)"
     timeout 150 python -m pytest -q -m "not distributed" -p no:cacheprovider --junitxml="$DEST/gpu-tests.xml" \
-      tests/test_adamw_step.py tests/test_state_formats.py tests/test_norms_and_flush.py tests/test_master_weights.py \
-      tests/test_triton_tune.py tests/test_misa_optimizer.py tests/test_resume.py tests/test_host_path.py
+      tests/test_adamw_step.py tests/test_state_formats.py tests/test_cuda_graph.py tests/test_norms_and_flush.py \
+      tests/test_master_weights.py tests/test_triton_tune.py tests/test_misa_optimizer.py tests/test_resume.py \
+      tests/test_host_path.py
   fi
   if want kernels; then
     echo "== kernels"; timeout 140 python benchmarks/bench_kernels.py --out "$DEST" --budget-s 110

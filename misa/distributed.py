@@ -51,6 +51,9 @@ def prepare(opt: MISA, group: Optional[dist.ProcessGroup] = None) -> MISA:
         raise ValueError("misa.distributed.prepare: MISA(release_grads=True) updates a tensor in a hook as soon as "
                          "its local gradient exists, before DDP or FSDP2 reduce it over ranks: construct it without "
                          "release_grads")
+    if opt.cuda_graph:
+        raise ValueError("misa.distributed.prepare: MISA(cuda_graph=True) records single-process steps; construct it "
+                         "without cuda_graph under torch.distributed")
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("misa.distributed.prepare: torch.distributed is not initialised")
     device = _comm_device(group)

@@ -68,6 +68,9 @@ class FusedStep:
         entries = self._grads()
         if not entries:
             return loss
+        if self.cuda_graph and self._graph_step(entries):  # cuda_graph.py: replayed, or recorded then replayed
+            self._advance()
+            return loss
         found = None  # 0-d device flag: 1.0 when this step's gradients hold NaN/inf
         cached = self._cached_norms
         self._cached_norms = None
@@ -89,6 +92,12 @@ class FusedStep:
                 self._reduce_sq_norms(step_sq)
         else:
             self._fused_steps(entries, None, found)
+        self._account(step_sq, found)
+        self._advance()
+        return loss
+
+    def _account(self, step_sq: Tensor, found: Optional[Tensor]) -> None:
+        """The step's share of the importance statistic and the skip counters, on the device."""
         if found is not None and self.v.count_nonfinite_steps:
             # The authors' code: a non-finite tensor's norm counts as 1.0 and the step counts.
             step_sq = torch.nan_to_num(step_sq, nan=1.0, posinf=1.0, neginf=1.0)  # one launch, not three
@@ -100,8 +109,6 @@ class FusedStep:
         if found is not None:
             self._skips += found
             self._period_skips += found
-        self._advance()
-        return loss
 
     def _reduced(self, step_sq: Tensor, per_entry: Tensor) -> Tuple[Tensor, Tensor]:
         """Per-slot squared norms and the total over every gradient, summed over shards (FSDP2) so that
@@ -174,13 +181,21 @@ class FusedStep:
         live in one device vector per call (a step count per tensor: `adamw_step_` takes it), and a step
         only gathers the new gradients. The plan's key is the entries' identities and a version that every
         switch, load and fresh step bumps."""
+        plan = self._plan_for(entries)
+        self._planned_calls(plan, entries, step_sq, found, self._graph_lrs())
+        self._planned_books(plan)
+
+    def _plan_for(self, entries) -> List[Dict]:
         key = (self._plan_version, tuple(map(id, [e[1] for e in entries])))
-        plan = self._plan
-        if plan is None or plan[0] != key:
-            plan = self._plan = (key, self._make_plan(entries))
+        if self._plan is None or self._plan[0] != key:
+            self._plan = (key, self._make_plan(entries))
+        return self._plan[1]
+
+    def _planned_calls(self, plan, entries, step_sq: Optional[Tensor], found: Optional[Tensor], lrs) -> None:
+        """The plan's kernel calls and the next step's counts: device work only (what a CUDA graph records).
+        `lrs`: a device lr per param group (cuda_graph=True), or None for the groups' numbers."""
         increment = None
-        fresh_seen = False
-        for call, c in enumerate(plan[1]):
+        for call, c in enumerate(plan):
             group = self.param_groups[c["gi"]]
             beta1, beta2 = group["betas"]
             norms = None
@@ -189,22 +204,25 @@ class FusedStep:
                     len(c["entries"]), dtype=torch.float32, device=self.device)
             seed = tensor_key(self.seed & 0x7FFFFFFF, self._step_count * 1024 + call) & 0x7FFFFFFF
             misa_kernels.adamw_step_(
-                c["params"], [entries[k][2] for k in c["entries"]], c["exp_avgs"], c["exp_avg_sqs"], lr=group["lr"],
-                beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], step=c["steps"],
-                fresh=c["fresh"], grad_sq_norms=norms, skip=found, backend=self._backend_resolved[0],
-                rounding=self.rounding, seed=seed, **c["formats"])
+                c["params"], [entries[k][2] for k in c["entries"]], c["exp_avgs"], c["exp_avg_sqs"],
+                lr=group["lr"] if lrs is None else lrs[c["gi"]], beta1=beta1, beta2=beta2, eps=group["eps"],
+                weight_decay=group["weight_decay"], step=c["steps"], fresh=c["fresh"], grad_sq_norms=norms,
+                skip=found, backend=self._backend_resolved[0], rounding=self.rounding, seed=seed, **c["formats"])
             if norms is not None and not isinstance(c["slots"], slice):
                 step_sq.index_copy_(0, c["slots"], norms)
-            for st in c["states"]:
-                st["step"] += 1
-            if c["fresh"]:
-                fresh_seen = True
-            else:
+            if not c["fresh"]:
                 if increment is None:
                     increment = 1.0 if found is None else 1.0 - found
                 c["steps"].add_(increment)  # the next step's counts, on the device
-        if fresh_seen:
-            self._plan_version += 1  # its tensors are steady from now on: another grouping
+
+    def _planned_books(self, plan) -> None:
+        """The host's side of a planned step: step counts, and a new plan after a fresh step (its tensors are
+        steady from now on: another grouping)."""
+        for c in plan:
+            for st in c["states"]:
+                st["step"] += 1
+        if any(c["fresh"] for c in plan):
+            self._plan_version += 1
 
     def _make_plan(self, entries) -> List[Dict]:
         calls = defaultdict(list)

@@ -11,6 +11,7 @@ one file per concern, that MISA composes:
     active_set.py    state formats, the arena and its typed views, slots of the active tensors
     schedule.py      periods, switches, the importance update and the next sample (sampler.py)
     fused_step.py    step(): norms, the non-finite check, the fused misa_kernels calls, flush, clipping
+    cuda_graph.py    cuda_graph=True: the steady step recorded once and replayed
     grad_release.py  release_grads=True: updates in backward hooks
     checkpoint.py    state_dict / load_state_dict, conversion between state formats
 
@@ -33,6 +34,7 @@ from misa_kernels import StateArena
 
 from .active_set import STATE_FORMATS, ActiveSet, _local
 from .checkpoint import Checkpoint
+from .cuda_graph import CudaGraphStep
 from .fused_step import FusedStep
 from .grad_release import GradRelease
 from .partition import Partition, partition
@@ -65,7 +67,7 @@ def _check_config(lr, betas, eps, weight_decay, delta, eta, interval, warmup_int
             raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
 
 
-class MISA(ActiveSet, Schedule, FusedStep, GradRelease, Checkpoint, torch.optim.Optimizer):
+class MISA(ActiveSet, Schedule, FusedStep, CudaGraphStep, GradRelease, Checkpoint, torch.optim.Optimizer):
     """Module-wise Importance SAmpling (Liu et al., NeurIPS 2025) with fused AdamW.
 
     Args:
@@ -123,6 +125,10 @@ class MISA(ActiveSet, Schedule, FusedStep, GradRelease, Checkpoint, torch.optim.
             (`clip_grad_norm_` raises), gradient accumulation (a second backward before `step()` raises),
             and DDP/FSDP2 (a hook runs before the gradients are reduced). Exact resume and the importance
             statistic are kept.
+        cuda_graph: record the steady step (between switches) as a CUDA graph and replay it (misa/cuda_graph.py):
+            a few microseconds of host time per step instead of the Python around the kernels. CUDA tensors
+            only; not with rounding="stochastic" (its seed changes at every step), release_grads or
+            torch.distributed. Steps with clipped gradients, fresh steps and period ends run eagerly.
         states: "fp32" (default) or "8bit": Adam's m and v as blockwise 8-bit codes (bitsandbytes'
             dynamic maps, one fp32 scale per 256 elements: 2.03 B per element instead of 8), dequantized,
             updated and requantized in the fused pass. Tensors below 4096 elements keep fp32 states.
@@ -162,6 +168,7 @@ class MISA(ActiveSet, Schedule, FusedStep, GradRelease, Checkpoint, torch.optim.
         rounding: str = "nearest",
         states: str = "fp32",
         release_grads: bool = False,
+        cuda_graph: bool = False,
     ):
         _check_config(lr, betas, eps, weight_decay, delta, eta, interval, warmup_interval, min_flush_steps)
         if rounding not in ("nearest", "stochastic"):
@@ -177,9 +184,15 @@ class MISA(ActiveSet, Schedule, FusedStep, GradRelease, Checkpoint, torch.optim.
             raise ValueError("release_grads=True updates each tensor during backward, before every gradient exists, "
                              "so a step with a non-finite gradient cannot be skipped as a whole: pass "
                              "check_finite=False with it")
+        if cuda_graph and (rounding == "stochastic" or release_grads):
+            raise ValueError("cuda_graph=True records the steady step once and replays it: "
+                             + ("rounding='stochastic' changes its seed at every step" if rounding == "stochastic"
+                                else "release_grads=True updates during backward, outside any step")
+                             + "; use one or the other")
         self.rounding = rounding
         self.states = states
         self.release_grads = bool(release_grads)
+        self.cuda_graph = bool(cuda_graph)
         if master_weights is None:
             master_weights = "fp32" if rounding == "nearest" else False
         self.master_format = {True: "fp32", False: None}.get(master_weights, master_weights)
@@ -243,7 +256,11 @@ class MISA(ActiveSet, Schedule, FusedStep, GradRelease, Checkpoint, torch.optim.
         self._skips = torch.zeros((), dtype=torch.float32, device=self.device)
         self._skips_at_switch = self._skips.clone()
         self._period_skips = torch.zeros((), dtype=torch.float32, device=self.device)
-        self._device_steps = check_finite
+        if self.cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"cuda_graph=True: CUDA graphs record CUDA kernels; the model is on {self.device}")
+        # step counts live on the device once steps may be skipped there, and for a recorded graph
+        self._device_steps = check_finite or self.cuda_graph
+        self._graph, self._lr_devices, self._graph_recordings = None, None, 0  # cuda_graph.py
         self._backend_resolved = None  # (fused backend or "",), resolved on the first step
         self._plan, self._plan_version = None, 0  # the planned path's calls (fused_step.py)
         for _, p in self._always:

@@ -57,6 +57,11 @@ class FusedStep:
             step_sq.index_copy_(0, idx, per_entry[self._index_tensor(ks)])
         return step_sq
 
+    # Excluded from torch.compile: the step's schedule (sampling from the sampler's own generator, period
+    # ends, host counters, the plan) is Python state that tracing got wrong (a compiled training step drew
+    # other modules than the eager one); a compiled training step calls it eagerly, graph-breaking around it,
+    # and the kernels stay declared torch.library ops for code that traces misa_kernels itself.
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure=None):
         loss = None

@@ -152,3 +152,30 @@ def test_a_real_graph_replays_the_eager_step_bit_for_bit(backend, monkeypatch):
     assert recordings >= 1 and none == 0
     for a, b in zip(graphed, eager):
         assert torch.equal(a, b)
+
+
+def test_a_compiled_training_step_calls_misa_step_eagerly():
+    """torch.compile of a whole training step (forward, backward, MISA.step): MISA.step is excluded from
+    tracing (its schedule is Python state), so the compiled step draws the same modules as the eager one
+    and its weights differ only by the compiled model's own rounding."""
+    from models import tiny_lm as make
+
+    results = []
+    for compiled in (False, True):
+        model = make(seed=1)
+        opt = misa.MISA(model, lr=1e-2, delta=0.3, interval=3, seed=0, backend="torch")
+
+        def train_step(ids, model=model, opt=opt):
+            model.loss(ids).backward()
+            opt.step()
+            opt.zero_grad()
+
+        fn = torch.compile(train_step) if compiled else train_step
+        for s in range(8):
+            fn(torch.randint(0, 32, (4, 9), generator=torch.Generator().manual_seed(s)))
+        results.append(([p.detach().clone() for p in model.parameters()], [x["active_modules"]
+                                                                             for x in opt.switch_log]))
+    (eager, eager_log), (compiled, compiled_log) = results
+    assert eager_log == compiled_log
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -74,6 +74,7 @@ class Schedule:
         self._active = new
         self._build_slots()
         self._plan_version += 1  # new states, views and slots: the step's plan is made again
+        self._graph = None  # and a recorded step (cuda_graph.py) with it: its memory goes back now
         self._release_sq = torch.zeros(len(self._slots) + 1, dtype=torch.float32, device=self.device)
         self._S = torch.zeros(len(new), dtype=torch.float32, device=self.device)
         self._period_skips = torch.zeros((), dtype=torch.float32, device=self.device)

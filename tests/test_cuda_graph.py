@@ -38,6 +38,14 @@ def _graphed(opt, record=True):
     return replays
 
 
+def _long_period():
+    """A graphed optimizer whose period outlasts the test: (model, optimizer, replays, gradient generator)."""
+    _needs_triton()
+    model = tiny_lm(seed=4, d=8, ff=8, layers=2)
+    opt = misa.MISA(model, lr=1e-2, delta=0.4, interval=50, backend="triton", seed=2)
+    return model, opt, _graphed(opt), torch.Generator().manual_seed(0)
+
+
 def _run(record: bool, steps=16, lr_schedule=False, monkeypatch=None):
     model = tiny_lm(seed=4, d=8, ff=8, layers=2)
     opt = misa.MISA(model, lr=1e-2, delta=0.4, interval=5, backend="triton", seed=2)
@@ -71,11 +79,7 @@ def test_replayed_steps_equal_the_eager_ones(lr_schedule, monkeypatch):
 
 
 def test_a_graph_is_recorded_after_warm_steps_and_again_after_a_switch():
-    _needs_triton()
-    model = tiny_lm(seed=4, d=8, ff=8, layers=2)
-    opt = misa.MISA(model, lr=1e-2, delta=0.4, interval=50, backend="triton", seed=2)
-    replays = _graphed(opt)
-    gen = torch.Generator().manual_seed(0)
+    model, opt, replays, gen = _long_period()
     while opt.sampler.never_selected():
         synthetic_grads(model, gen)
         opt.step()
@@ -104,11 +108,7 @@ def test_a_graph_is_recorded_after_warm_steps_and_again_after_a_switch():
 
 
 def test_clipped_steps_run_eagerly():
-    _needs_triton()
-    model = tiny_lm(seed=4, d=8, ff=8, layers=2)
-    opt = misa.MISA(model, lr=1e-2, delta=0.4, interval=50, backend="triton", seed=2)
-    replays = _graphed(opt)
-    gen = torch.Generator().manual_seed(0)
+    model, opt, replays, gen = _long_period()
     for _ in range(10):
         synthetic_grads(model, gen)
         opt.clip_grad_norm_(1.0)

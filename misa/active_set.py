@@ -144,9 +144,18 @@ class ActiveSet:
         pad = len(self._slots)
         self._seg_index = torch.tensor([r + [pad] * (width - len(r)) for r in rows] or [[pad]],
                                        dtype=torch.int64, device=self.device)
+        # Modules of one tensor each (a LLaMA projection without bias), numbered in order: the per-slot norms
+        # are already the per-module ones, and a view replaces the gather (the same values).
+        self._seg_identity = bool(rows) and width == 1 and [r[0] for r in rows] == list(range(len(rows)))
         # (group index, param, slot or None) of every tensor a step may update, in the step's order
         self._active_items = [(0, p, self._slots[p]) for b in self._active for p in self._module_params(b)] + [
             (gi, p, None) for gi, p in self._always]
+
+    def _per_module(self, step_sq: Tensor) -> Tensor:
+        """Per-slot squared norms (with the zero pad slot last) summed per active module."""
+        if self._seg_identity:
+            return step_sq[:len(self._slots)]
+        return step_sq[self._seg_index].sum(dim=1)
 
     def _index_tensor(self, indices: List[int]) -> Tensor:
         """A device tensor of these indices, made once per active set: a copy from host memory at every

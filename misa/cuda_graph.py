@@ -48,46 +48,28 @@ class CudaGraphStep:
             t.fill_(float(group["lr"]))  # a launch with the number as its argument: no copy, no wait
         return self._lr_devices
 
-    def _graph_step(self, entries) -> bool:
+    def _graph_step(self, plan, grads) -> bool:
         """Runs this step from the recorded graph (recording it first when due) and returns True, or returns
         False for an eager step (warm-up, a fresh step, clipped gradients)."""
         cached = self._cached_norms
-        if (self._fused_backend() is None or (cached is not None and cached[0] == self._step_count)
-                or self._reduce_sq_norms is not None):
-            return False
-        plan = self._plan_for(entries)
-        if any(c["fresh"] for c in plan):
+        if (cached is not None and cached[0] == self._step_count) or self._reduce_sq_norms is not None or plan.fresh:
             return False
         key = (id(plan), tuple((g["betas"], g["eps"], g["weight_decay"]) for g in self.param_groups))
         rec: Optional[Dict] = self._graph
         if rec is None or rec["key"] != key:
-            rec = self._graph = {"key": key, "warm": 0, "replay": None, "entries": None}
+            rec = self._graph = {"key": key, "warm": 0, "replay": None, "grads": None}
         if rec["replay"] is None and rec["warm"] < WARM_STEPS:
             rec["warm"] += 1
-            rec["entries"] = entries  # the last warm step's gradients become the recorded ones
+            rec["grads"] = grads  # the last warm step's gradients become the recorded ones
             return False
-        recorded = rec["entries"]
-        stale = [(e[2], r[2]) for e, r in zip(entries, recorded) if e[2] is not r[2]]
+        recorded = rec["grads"]
+        stale = [(g, r) for g, r in zip(grads, recorded) if g is not r]
         if stale:
             torch._foreach_copy_([r for _, r in stale], [g for g, _ in stale])
-        self._graph_lrs()
+        lrs = self._graph_lrs()
         if rec["replay"] is None:
-            rec["replay"] = self._capture(lambda: self._recorded_body(plan, recorded))
+            rec["replay"] = self._capture(lambda: self._planned_device_work(plan, recorded, lrs))
             self._graph_recordings += 1
         rec["replay"]()
-        self._device_steps = True
         self._planned_books(plan)
         return True
-
-    def _recorded_body(self, plan, entries) -> None:
-        """Everything a steady step does on the device, in the order the eager step does it."""
-        found = None
-        if self.check_finite:
-            step_sq, per_entry = self._norms_by_slot(entries)
-            step_sq, total = self._reduced(step_sq, per_entry)
-            found = (total - total).ne(0).to(torch.float32)
-            self._planned_calls(plan, entries, None, found, self._lr_devices)
-        else:
-            step_sq = torch.zeros(len(self._slots) + 1, dtype=torch.float32, device=self.device)
-            self._planned_calls(plan, entries, step_sq, None, self._lr_devices)
-        self._account(step_sq, found)

@@ -7,6 +7,7 @@ A part of MISA (misa/optimizer.py composes the parts): public function -> this f
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from typing import Dict, List, Optional, Tuple
 
@@ -17,6 +18,31 @@ import misa_kernels
 from misa_kernels.scalars import tensor_key
 
 from .active_set import _local
+
+
+def _lean_step_hooks(step):
+    """torch.optim.Optimizer wraps every step() in a profiler range and its pre/post-hook loops, which cost
+    about 20 us of host time per call on the CPU we measure on: more than a third of what is left of a steady
+    MISA step. This wrapper does the same work only when there is some: torch's own wrapper runs when a
+    profiler is on or any step hook (the optimizer's or a global one) is registered, else the step runs bare.
+    Marked `hooked`, so that Optimizer does not wrap it again."""
+    from torch.optim import optimizer as torch_optimizer
+
+    wrapped = torch.optim.Optimizer.profile_hook_step(step)
+    global_hooks = [getattr(torch_optimizer, name, None) for name in ("_global_optimizer_pre_hooks",
+                                                                       "_global_optimizer_post_hooks")]
+
+    @functools.wraps(step)
+    def lean(self, *args, **kwargs):
+        if (torch._C._autograd._profiler_enabled() or self._optimizer_step_pre_hooks
+                or self._optimizer_step_post_hooks or any(h is None or h for h in global_hooks)):
+            return wrapped(self, *args, **kwargs)
+        out = step(self, *args, **kwargs)
+        self._optimizer_step_code()  # the profiler's Python tracer looks for this call
+        return out
+
+    lean.hooked = True
+    return lean
 
 
 class FusedStep:
@@ -61,6 +87,7 @@ class FusedStep:
     # ends, host counters, the plan) is Python state that tracing got wrong (a compiled training step drew
     # other modules than the eager one); a compiled training step calls it eagerly, graph-breaking around it,
     # and the kernels stay declared torch.library ops for code that traces misa_kernels itself.
+    @_lean_step_hooks
     @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure=None):
@@ -70,17 +97,28 @@ class FusedStep:
                 loss = closure()
         if self.release_grads:
             return self._release_step(loss)
-        entries = self._grads()
-        if not entries:
-            return loss
-        if self.cuda_graph and self._graph_step(entries):  # cuda_graph.py: replayed, or recorded then replayed
-            self._advance()
-            return loss
+        planned = self._current_plan()  # the steady step: the last step's plan, no entry list made
+        if planned is None:
+            entries = self._grads()
+            if not entries:
+                return loss
+            if not (self._device_steps and self._fused_backend() is not None):
+                self._grouped_step(entries)
+                self._advance()
+                return loss
+            planned = self._plan_for(entries)
+        plan, grads = planned
+        if not (self.cuda_graph and self._graph_step(plan, grads)):  # cuda_graph.py: replayed, or recorded
+            self._planned_step(plan, grads)
+        self._advance()
+        return loss
+
+    def _grouped_step(self, entries) -> None:
+        """The step on the torch backend (or with host step counts): one call per step count."""
         found = None  # 0-d device flag: 1.0 when this step's gradients hold NaN/inf
-        cached = self._cached_norms
-        self._cached_norms = None
-        if cached is not None and cached[0] == self._step_count:
-            step_sq, total = cached[1], cached[2]  # from clip_grad_norm_, already summed over shards
+        cached = self._take_cached_norms()
+        if cached is not None:
+            step_sq, total = cached  # from clip_grad_norm_, already summed over shards
         elif self.check_finite:
             step_sq, per_entry = self._norms_by_slot(entries)
             step_sq, total = self._reduced(step_sq, per_entry)
@@ -88,8 +126,7 @@ class FusedStep:
             step_sq, total = None, None
         if self.check_finite:
             self._device_steps = True
-            # total - total is 0 for a finite total and NaN otherwise: three launches (isfinite is four alone)
-            found = (total - total).ne(0).to(torch.float32)
+            found = _nonfinite(total)
         if step_sq is None:
             step_sq = torch.zeros(len(self._slots) + 1, dtype=torch.float32, device=self.device)
             self._fused_steps(entries, step_sq, found)
@@ -98,22 +135,25 @@ class FusedStep:
         else:
             self._fused_steps(entries, None, found)
         self._account(step_sq, found)
-        self._advance()
-        return loss
+
+    def _take_cached_norms(self) -> Optional[Tuple[Tensor, Tensor]]:
+        """(per-slot squared norms, total) that clip_grad_norm_ left for this step, or None."""
+        cached, self._cached_norms = self._cached_norms, None
+        return cached[1:] if cached is not None and cached[0] == self._step_count else None
 
     def _account(self, step_sq: Tensor, found: Optional[Tensor]) -> None:
         """The step's share of the importance statistic and the skip counters, on the device."""
         if found is not None and self.v.count_nonfinite_steps:
             # The authors' code: a non-finite tensor's norm counts as 1.0 and the step counts.
             step_sq = torch.nan_to_num(step_sq, nan=1.0, posinf=1.0, neginf=1.0)  # one launch, not three
-        per_module = step_sq[self._seg_index].sum(dim=1)
+        per_module = self._per_module(step_sq)
         stat = per_module.sqrt() if self.v.norm_power == 1 else per_module
-        if found is not None and not self.v.count_nonfinite_steps:
+        if found is None:
+            self._S += stat
+            return
+        if not self.v.count_nonfinite_steps:
             stat = stat * (1.0 - found)  # a skipped step adds nothing to the statistic
-        self._S += stat
-        if found is not None:
-            self._skips += found
-            self._period_skips += found
+        torch._foreach_add_([self._S, self._skips, self._period_skips], [stat, found, found])  # one call, not three
 
     def _reduced(self, step_sq: Tensor, per_entry: Tensor) -> Tuple[Tensor, Tensor]:
         """Per-slot squared norms and the total over every gradient, summed over shards (FSDP2) so that
@@ -137,11 +177,8 @@ class FusedStep:
                      call_base: int = 0) -> None:
         """One fused kernel call per (group, dtype, step count, activation, module-or-not, state format).
         `call_base` numbers the calls for the stochastic-rounding seeds (a released tensor's own index).
-        On the fused backends, with step counts on the device, the planned path below makes one call per
-        (group, dtype, fresh or not, module-or-not, state format) instead, whatever the step counts."""
-        if call_base == 0 and self._device_steps and self._fused_backend() is not None:
-            self._planned_steps(entries, step_sq, found)
-            return
+        On the fused backends, with step counts on the device, step() takes the planned path below instead:
+        one call per (group, dtype, fresh or not, module-or-not, state format), whatever the step counts."""
         calls = defaultdict(list)
         for gi, p, g, slot in entries:
             st = self.state[p]
@@ -180,77 +217,100 @@ class FusedStep:
             self._backend_resolved = (chosen if chosen in ("cuda", "triton") else "",)
         return self._backend_resolved[0] or None
 
-    def _planned_steps(self, entries, step_sq: Optional[Tensor], found: Optional[Tensor]) -> None:
-        """The step's kernel calls from a plan made once per active set (and once more after its fresh
-        step): the operand lists, norm views and seeds' call numbers are kept, the tensors' step counts
-        live in one device vector per call (a step count per tensor: `adamw_step_` takes it), and a step
-        only gathers the new gradients. The plan's key is the entries' identities and a version that every
-        switch, load and fresh step bumps."""
-        plan = self._plan_for(entries)
-        self._planned_calls(plan, entries, step_sq, found, self._graph_lrs())
+    def _current_plan(self) -> Optional[Tuple["_Plan", List[Tensor]]]:
+        """(plan, gradients in the plan's order) when the plan made at an earlier step still fits: same
+        version (no switch, load or fresh step since), every planned tensor has a gradient and no other active
+        tensor has one. This is the whole per-step cost of finding the work: no entry list, no grouping."""
+        plan = self._plan
+        if plan is None or plan.version != self._plan_version:
+            return None
+        grads = [p.grad for p in plan.params]
+        if any(g is None for g in grads) or any(p.grad is not None for p in plan.others):
+            return None
+        return plan, [_local(g) for g in grads] if plan.sharded else grads
+
+    def _plan_for(self, entries) -> Tuple["_Plan", List[Tensor]]:
+        """A new plan for these entries, and their gradients in its order."""
+        self._plan = plan = _Plan(self, entries)
+        by_param = {id(p): g for _, p, g, _ in entries}
+        return plan, [by_param[id(p)] for p in plan.params]
+
+    def _planned_step(self, plan: "_Plan", grads: List[Tensor]) -> None:
+        """The step's device work from the plan, then the host's books."""
+        cached = self._take_cached_norms()
+        if cached is not None:  # clip_grad_norm_ measured (and scaled) the norms already
+            step_sq, total = cached
+            found = _nonfinite(total) if self.check_finite else None
+            self._planned_calls(plan, grads, None, found, self._graph_lrs())
+            self._account(step_sq, found)
+        else:
+            self._planned_device_work(plan, grads, self._graph_lrs())
         self._planned_books(plan)
 
-    def _plan_for(self, entries) -> List[Dict]:
-        key = (self._plan_version, tuple(map(id, [e[1] for e in entries])))
-        if self._plan is None or self._plan[0] != key:
-            self._plan = (key, self._make_plan(entries))
-        return self._plan[1]
+    def _planned_device_work(self, plan: "_Plan", grads: List[Tensor], lrs) -> None:
+        """Norms, the non-finite flag, the plan's kernel calls, the next step counts and the importance
+        statistic: device work only, no host sync (what a CUDA graph records, cuda_graph.py)."""
+        if self.check_finite:
+            step_sq, found = self._planned_norms(plan, grads)
+            self._planned_calls(plan, grads, None, found, lrs)
+        else:  # the norms come out of the update's own pass
+            found = None
+            step_sq = torch.zeros(len(self._slots) + 1, dtype=torch.float32, device=self.device)
+            self._planned_calls(plan, grads, step_sq, None, lrs)
+            if self._reduce_sq_norms is not None:
+                self._reduce_sq_norms(step_sq)
+        self._account(step_sq, found)
 
-    def _planned_calls(self, plan, entries, step_sq: Optional[Tensor], found: Optional[Tensor], lrs) -> None:
-        """The plan's kernel calls and the next step's counts: device work only (what a CUDA graph records).
-        `lrs`: a device lr per param group (cuda_graph=True), or None for the groups' numbers."""
+    def _planned_norms(self, plan: "_Plan", grads: List[Tensor]) -> Tuple[Tensor, Tensor]:
+        """(per-slot squared norms with the zero pad slot, non-finite flag) of this step's gradients, in
+        one norm launch per call, summed over shards (FSDP2) so that every rank skips alike. The buffer
+        holds the slots, the pad, then the norms of tensors outside any module (they count for the flag)."""
+        norms = torch.zeros(plan.n_norms, dtype=torch.float32, device=self.device)
+        for c in plan.calls:
+            if isinstance(c["out"], slice):
+                c["prepared"].grad_sq_norms_(grads[c["begin"]:c["end"]], norms[c["out"]])
+            else:  # slots out of order: gathered, then put in place
+                part = torch.zeros(c["end"] - c["begin"], dtype=torch.float32, device=self.device)
+                c["prepared"].grad_sq_norms_(grads[c["begin"]:c["end"]], part)
+                norms.index_copy_(0, c["out"], part)
+        if self._reduce_sq_norms is not None:
+            self._reduce_sq_norms(norms)
+        return norms[:len(self._slots) + 1], _nonfinite(norms.sum())
+
+    def _planned_calls(self, plan: "_Plan", grads: List[Tensor], step_sq: Optional[Tensor],
+                       found: Optional[Tensor], lrs) -> None:
+        """The plan's kernel calls and the next step's counts. `step_sq`: per-slot norms to accumulate in the
+        update's pass (None when measured before it); `lrs`: a device lr per param group (cuda_graph=True),
+        or None for the groups' numbers."""
         increment = None
-        for call, c in enumerate(plan):
+        stochastic = self.rounding == "stochastic"
+        for call, c in enumerate(plan.calls):
             group = self.param_groups[c["gi"]]
             beta1, beta2 = group["betas"]
             norms = None
             if step_sq is not None and c["slots"] is not None:
                 norms = step_sq[c["slots"]] if isinstance(c["slots"], slice) else torch.zeros(
-                    len(c["entries"]), dtype=torch.float32, device=self.device)
-            seed = tensor_key(self.seed & 0x7FFFFFFF, self._step_count * 1024 + call) & 0x7FFFFFFF
-            misa_kernels.adamw_step_(
-                c["params"], [entries[k][2] for k in c["entries"]], c["exp_avgs"], c["exp_avg_sqs"],
-                lr=group["lr"] if lrs is None else lrs[c["gi"]], beta1=beta1, beta2=beta2, eps=group["eps"],
-                weight_decay=group["weight_decay"], step=c["steps"], fresh=c["fresh"], grad_sq_norms=norms,
-                skip=found, backend=self._backend_resolved[0], rounding=self.rounding, seed=seed, **c["formats"])
+                    c["end"] - c["begin"], dtype=torch.float32, device=self.device)
+            # the seed only matters to stochastic rounding; a constant keeps Triton from specializing on it
+            seed = tensor_key(self.seed & 0x7FFFFFFF, self._step_count * 1024 + call) & 0x7FFFFFFF if stochastic else 0
+            c["prepared"](grads[c["begin"]:c["end"]], lr=group["lr"] if lrs is None else lrs[c["gi"]], beta1=beta1,
+                          beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], step=c["steps"],
+                          fresh=c["fresh"], grad_sq_norms=norms, skip=found, rounding=self.rounding, seed=seed)
             if norms is not None and not isinstance(c["slots"], slice):
                 step_sq.index_copy_(0, c["slots"], norms)
             if not c["fresh"]:
                 if increment is None:
-                    increment = 1.0 if found is None else 1.0 - found
+                    increment = 1.0 if found is None else torch.rsub(found, 1.0)
                 c["steps"].add_(increment)  # the next step's counts, on the device
 
-    def _planned_books(self, plan) -> None:
+    def _planned_books(self, plan: "_Plan") -> None:
         """The host's side of a planned step: step counts, and a new plan after a fresh step (its tensors are
         steady from now on: another grouping)."""
-        for c in plan:
+        for c in plan.calls:
             for st in c["states"]:
                 st["step"] += 1
-        if any(c["fresh"] for c in plan):
+        if plan.fresh:
             self._plan_version += 1
-
-    def _make_plan(self, entries) -> List[Dict]:
-        calls = defaultdict(list)
-        for k, (gi, p, _, slot) in enumerate(entries):
-            st = self.state[p]
-            calls[(gi, _local(p).dtype, st["step"] == 0, slot is not None, "exp_avg_absmax" in st)].append(k)
-        plan = []
-        for (gi, _, fresh, is_module, _), ks in calls.items():
-            states = [self.state[entries[k][1]] for k in ks]
-            slots = None
-            if is_module:
-                numbers = [entries[k][3] for k in ks]
-                contiguous = numbers == list(range(numbers[0], numbers[0] + len(numbers)))
-                slots = slice(numbers[0], numbers[0] + len(numbers)) if contiguous else self._index_tensor(numbers)
-            formats = {arg: [st[key] for st in states] for key, arg in (
-                ("master", "master_params"), ("compensation", "compensation"), ("exp_avg_absmax", "exp_avg_absmax"),
-                ("exp_avg_sq_absmax", "exp_avg_sq_absmax")) if key in states[0]}
-            plan.append(dict(gi=gi, fresh=fresh, entries=ks, states=states, slots=slots, formats=formats,
-                             params=[_local(entries[k][1]) for k in ks], exp_avgs=[st["exp_avg"] for st in states],
-                             exp_avg_sqs=[st["exp_avg_sq"] for st in states],
-                             # this step's count of each tensor, as the grouped path computes it (true_step)
-                             steps=torch.stack([self._true_step(st, ahead=1) for st in states]).float()))
-        return plan
 
     def _rounding_args(self, states, call: int) -> Dict:
         """master_params or compensation, block scales of 8-bit states, rounding and seed for one kernel
@@ -311,3 +371,54 @@ class FusedStep:
         torch._foreach_mul_([g for _, _, g, _ in entries], coef)
         self._cached_norms = (self._step_count, step_sq * coef * coef, total_sq * coef * coef)
         return total
+
+
+def _nonfinite(total: Tensor) -> Tensor:
+    """1.0 when `total` is NaN or inf, else 0.0, on the device: total - total is 0 for a finite total and NaN
+    otherwise, and ne_ writes the comparison into the float tensor (two launches; isfinite alone is four)."""
+    return torch.sub(total, total).ne_(0)
+
+
+class _Plan:
+    """The kernel calls of a step over one active set, made once per set (and once more after its fresh
+    step, whose tensors are steady from then on): the tensors whose gradients a step reads (in call order),
+    and per call its prepared misa_kernels call (the kept lists checked once), its states, where its norms
+    go, and a device vector of its tensors' step counts (a step count per tensor: `adamw_step_` takes it),
+    so that a step only gathers the new gradients."""
+
+    def __init__(self, opt, entries):
+        self.version = opt._plan_version
+        groups = defaultdict(list)
+        for gi, p, _, slot in entries:
+            st = opt.state[p]
+            groups[(gi, _local(p).dtype, st["step"] == 0, slot is not None, "exp_avg_absmax" in st)].append((p, slot))
+        planned = {id(p) for _, p, _, _ in entries}
+        self.others = [p for _, p, _ in opt._active_items if id(p) not in planned]  # active, no gradient now
+        self.sharded = any(_local(p) is not p for _, p, _, _ in entries)  # DTensors (FSDP2): kernels see shards
+        self.params, self.calls = [], []
+        self.n_norms = len(opt._slots) + 1  # the slots and the pad; then the tensors outside any module
+        for (gi, _, fresh, is_module, _), items in groups.items():
+            states = [opt.state[p] for p, _ in items]
+            slots, out = None, slice(self.n_norms, self.n_norms + len(items))
+            if is_module:
+                numbers = [slot for _, slot in items]
+                if numbers == list(range(numbers[0], numbers[0] + len(numbers))):
+                    slots = out = slice(numbers[0], numbers[0] + len(numbers))
+                else:
+                    slots = out = opt._index_tensor(numbers)
+            else:
+                self.n_norms += len(items)
+            formats = {arg: [st[key] for st in states] for key, arg in (
+                ("master", "master_params"), ("compensation", "compensation"), ("exp_avg_absmax", "exp_avg_absmax"),
+                ("exp_avg_sq_absmax", "exp_avg_sq_absmax")) if key in states[0]}
+            params = [_local(p) for p, _ in items]
+            exp_avgs, exp_avg_sqs = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
+            self.calls.append(dict(
+                gi=gi, fresh=fresh, states=states, slots=slots, out=out, params=params, exp_avgs=exp_avgs,
+                exp_avg_sqs=exp_avg_sqs, begin=len(self.params), end=len(self.params) + len(items),
+                prepared=misa_kernels.prepare_adamw_step(params, exp_avgs, exp_avg_sqs, backend=opt._fused_backend(),
+                                                         **formats),
+                # this step's count of each tensor, as the grouped path computes it (true_step)
+                steps=torch.stack([opt._true_step(st, ahead=1) for st in states]).float()))
+            self.params += [p for p, _ in items]
+        self.fresh = any(c["fresh"] for c in self.calls)

@@ -63,7 +63,7 @@ class GradRelease:
         self._released.clear()
         if self._reduce_sq_norms is not None:
             self._reduce_sq_norms(step_sq)
-        per_module = step_sq[self._seg_index].sum(dim=1)
+        per_module = self._per_module(step_sq)
         self._S += per_module.sqrt() if self.v.norm_power == 1 else per_module
         self._advance()
         return loss

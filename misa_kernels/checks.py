@@ -171,6 +171,12 @@ def check_rounding(rounding: str, dtype: torch.dtype, seed) -> bool:
     return rounding == "stochastic" and dtype == torch.bfloat16
 
 
+def check_rounding_with(compensation, rounding: str) -> None:
+    if compensation and rounding == "stochastic":
+        raise ValueError("compensation and rounding='stochastic' exclude each other: the compensation keeps the "
+                         "rounding error that stochastic rounding leaves to chance")
+
+
 def check_distinct(**lists: Sequence[Tensor]) -> None:
     """No tensor may be passed twice (e.g. a parameter as its own exp_avg): the kernels read and write
     each operand once per element, so an alias would silently compute garbage. Checked by identity, which
@@ -260,6 +266,7 @@ def check_hyper(beta1: float, beta2: float, eps: float, weight_decay: float = 0.
 # is checked again; only an in-place metadata change that keeps the address (`resize_`, `as_strided_`
 # on a parameter) would go unseen, and those are not things done to a parameter between steps.
 PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+_PLAIN_SET = set(PLAIN_TYPES)
 _CACHE_SIZE = 64
 _validated: "OrderedDict[int, tuple]" = OrderedDict()
 
@@ -306,16 +313,19 @@ def _lookup(key) -> Optional["Validated"]:
 
 def _grads_fit(grads, seen: "Validated") -> bool:
     """True when every gradient passes every check (the full checks then need not run); False sends the
-    call through the full checks, which name the problem."""
+    call through the full checks, which name the problem. Mapped over the list rather than looped: this
+    runs on every call, for every tensor."""
     if not isinstance(grads, (list, tuple)) or len(grads) != len(seen.shapes):
         return False
-    dtype, device = seen.dtype, seen.device
-    for g, shape in zip(grads, seen.shapes):
-        if (type(g) not in PLAIN_TYPES or g.dtype != dtype or g.shape != shape or g.device != device
-                or g.layout != torch.strided or not g.is_contiguous()):
-            return False
+    try:
+        fits = (set(map(type, grads)) <= _PLAIN_SET and list(map(Tensor.size, grads)) == seen.shapes
+                and all(map(Tensor.is_contiguous, grads))  # raises for a sparse tensor: caught below
+                and (not grads or torch._C._group_tensors_by_device_and_dtype([list(grads)], False).keys()
+                     == {(seen.device, seen.dtype)}))
+    except Exception:
+        return False
     ids = set(map(id, grads))
-    return len(ids) == len(grads) and ids.isdisjoint(seen.ids)
+    return fits and len(ids) == len(grads) and ids.isdisjoint(seen.ids)
 
 
 _OPTIONAL = ("master_params", "compensation", "exp_avg_absmax", "exp_avg_sq_absmax")
@@ -339,6 +349,39 @@ def _check_kept(device, params, exp_avgs, exp_avg_sqs, optional, **other_lists) 
     check_distinct(params=params, **other_lists, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, master_params=masters,
                    compensation=comp, exp_avg_absmax=m_absmax, exp_avg_sq_absmax=v_absmax)
     return [masters, comp, m_absmax, v_absmax]
+
+
+def kept_operands(params, exp_avgs, exp_avg_sqs, optional=(None,) * 4):
+    """The checks of the lists an `adamw_step_` caller keeps (everything but the gradients), made once when a
+    PreparedAdamW is made. Returns (lists, seen): lists as `adamw_operands` returns them without the
+    gradients, [params, exp_avgs, exp_avg_sqs, masters, compensation, exp_avg_absmax, exp_avg_sq_absmax],
+    and the Validated record a call's gradients are checked against (None when there are no tensors)."""
+    params = as_tensor_list("params", params)
+    exp_avgs = as_tensor_list("exp_avgs", exp_avgs)
+    exp_avg_sqs = as_tensor_list("exp_avg_sqs", exp_avg_sqs)
+    if check_same_length(params=params, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs) == 0:
+        return [[]] * 7, None
+    device = params[0].device
+    dtype = check_params_and_grads(params, params)
+    rest = _check_kept(device, params, exp_avgs, exp_avg_sqs, optional)
+    every = params + exp_avgs + exp_avg_sqs + [t for ts in rest for t in ts]
+    seen = Validated(device, dtype, [p.shape for p in params], set(map(id, every)),
+                     all(type(t) in PLAIN_TYPES for t in every))
+    return [params, exp_avgs, exp_avg_sqs] + rest, seen
+
+
+def adamw_scalars(n: int, device, dtype, *, lr, beta1, beta2, eps, weight_decay, step, grad_sq_norms, skip,
+                  rounding, seed, compensation) -> bool:
+    """The checks of an `adamw_step_` call's scalars and small tensors; returns whether it rounds
+    stochastically."""
+    stochastic = check_rounding(rounding, dtype, seed)
+    check_rounding_with(compensation, rounding)
+    check_grad_sq_norms(grad_sq_norms, n, device)
+    check_skip(skip, device)
+    check_scalar_or_0d("lr", lr, device, minimum=0.0)
+    check_step(step, n, device)
+    check_hyper(beta1, beta2, eps, weight_decay)
+    return stochastic
 
 
 def adamw_operands(params, grads, exp_avgs, exp_avg_sqs, optional=(None,) * 4, remember: bool = True):

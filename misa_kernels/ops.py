@@ -26,9 +26,9 @@ def _eager(plain: bool) -> bool:
     return plain and not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
 
 
-def _wrote(*lists) -> None:
+def _wrote(tensors: List[Tensor]) -> None:
     # What the op's ADInplaceOrView layer does for a mutated argument: autograd then sees the change.
-    torch.autograd.graph.increment_version([t for ts in lists if ts is not None for t in ts])
+    torch.autograd.graph.increment_version(tensors)
 
 
 def _split(value):
@@ -89,25 +89,35 @@ def adamw_step_(
     optional = (master_params, compensation, exp_avg_absmax, exp_avg_sq_absmax)
     lists, device, plain = checks.adamw_operands(params, grads, exp_avgs, exp_avg_sqs, optional,
                                                  remember=not torch.compiler.is_compiling())
+    if lists[0]:
+        run_adamw_step(lists, device, plain, backend, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                       weight_decay=weight_decay, step=step, fresh=fresh, grad_sq_norms=grad_sq_norms,
+                       rounding=rounding, seed=seed, skip=skip)
+
+
+def run_adamw_step(lists, device, plain: bool, backend: str, *, lr, beta1, beta2, eps, weight_decay, step, fresh,
+                   grad_sq_norms, rounding, seed, skip, prepared=None, written=None) -> None:
+    """`adamw_step_` after its tensor lists were checked (by it, or once by a PreparedAdamW): the scalar
+    checks, the backend, the launch. `prepared`: a callable giving the fused backends' chunk table tuple
+    (tables.prepare_formats), or None to make it here; `written`: the tensors the call writes (kept by a
+    PreparedAdamW), or None to list them here."""
     params, grads, exp_avgs, exp_avg_sqs, masters, comp, m_absmax, v_absmax = lists
-    if not params:
-        return
-    stochastic = checks.check_rounding(rounding, params[0].dtype, seed)
-    _check_rounding_with(comp, rounding)
-    checks.check_grad_sq_norms(grad_sq_norms, len(params), device)
-    checks.check_skip(skip, device)
-    checks.check_scalar_or_0d("lr", lr, device, minimum=0.0)
-    checks.check_step(step, len(params), device)
-    checks.check_hyper(beta1, beta2, eps, weight_decay)
+    stochastic = checks.adamw_scalars(len(params), device, params[0].dtype, lr=lr, beta1=beta1, beta2=beta2,
+                                      eps=eps, weight_decay=weight_decay, step=step, grad_sq_norms=grad_sq_norms,
+                                      skip=skip, rounding=rounding, seed=seed, compensation=comp)
     chosen = backends.resolve(backend, device)
     if _eager(plain):
+        extra = library.compact_kwargs(comp, m_absmax, v_absmax)
+        if prepared is not None and chosen != "torch":
+            extra["prepared"] = prepared()
         with torch.no_grad():  # an update, as in torch.optim's step: the op is below autograd too
             backends.implementation(chosen).adamw_step_(
                 params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms, masters, lr=lr, beta1=beta1, beta2=beta2,
                 eps=eps, weight_decay=weight_decay, step=step, fresh=bool(fresh), stochastic=stochastic,
-                seed=int(seed), skip=skip, **library.compact_kwargs(comp, m_absmax, v_absmax))
-        _wrote(params, exp_avgs, exp_avg_sqs, masters, comp, m_absmax, v_absmax,
-               [grad_sq_norms] if grad_sq_norms is not None else None)
+                seed=int(seed), skip=skip, **extra)
+        if written is None:
+            written = [t for ts in (params, exp_avgs, exp_avg_sqs, masters, comp, m_absmax, v_absmax) for t in ts]
+        _wrote(written if grad_sq_norms is None else written + [grad_sq_norms])
     else:
         lr_value, lr_tensor = _split(lr)
         step_value, step_tensor = _split(step)
@@ -117,24 +127,32 @@ def adamw_step_(
     backends.record(chosen)
 
 
-def _check_rounding_with(compensation, rounding: str) -> None:
-    if compensation and rounding == "stochastic":
-        raise ValueError("compensation and rounding='stochastic' exclude each other: the compensation keeps the "
-                         "rounding error that stochastic rounding leaves to chance")
-
-
 def grad_sq_norms(tensors: Sequence[Tensor], backend: str = "auto") -> Tensor:
     """sum(x*x) of every tensor, in fp32, as one fp32 tensor (one launch on the fused backends)."""
     tensors, device, plain = checks.norm_operands(tensors)
     if not tensors:
         return torch.zeros(0, dtype=torch.float32)
+    return run_grad_sq_norms(tensors, device, plain, backend)
+
+
+def run_grad_sq_norms(tensors, device, plain: bool, backend: str, out: Optional[Tensor] = None,
+                      prepared=None) -> Tensor:
+    """`grad_sq_norms` after its tensors were checked, the norms added to `out` when given (fp32, one per
+    tensor); `prepared` as in `run_adamw_step` (a chunk table tuple of the tensors, tables.prepare)."""
     chosen = backends.resolve(backend, device)
     if _eager(plain):
-        out = backends.implementation(chosen).grad_sq_norms(tensors)
+        extra = {} if out is None else {"out": out}
+        if prepared is not None and chosen != "torch":
+            extra["prepared"] = prepared()
+        result = backends.implementation(chosen).grad_sq_norms(tensors, **extra)
+        if out is not None:
+            _wrote([out])
     else:
-        out = torch.ops.misa.grad_sq_norms(tensors, chosen)
+        result = torch.ops.misa.grad_sq_norms(tensors, chosen)
+        if out is not None:
+            result = out.add_(result)
     backends.record(chosen)
-    return out
+    return result
 
 
 def momentum_flush_(
@@ -166,7 +184,7 @@ def momentum_flush_(
     if not params:
         return
     stochastic = checks.check_rounding(rounding, params[0].dtype, seed)
-    _check_rounding_with(comp, rounding)
+    checks.check_rounding_with(comp, rounding)
     checks.check_scalar_or_0d("lr", lr, device, minimum=0.0)
     checks.check_scalar_or_0d("step", step, device, minimum=1, integer=True)
     checks.check_hyper(beta1, beta2, eps)
@@ -177,7 +195,7 @@ def momentum_flush_(
                                                             beta1=beta1, beta2=beta2, eps=eps, step=step,
                                                             stochastic=stochastic, seed=int(seed),
                                                             **library.compact_kwargs(comp, m_absmax, v_absmax))
-        _wrote(params, masters, comp)
+        _wrote(params + masters + comp)
     else:
         lr_value, lr_tensor = _split(lr)
         step_value, step_tensor = _split(step)

@@ -206,10 +206,12 @@ def _skippable_step(params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms, master_
         grad_sq_norms.copy_(torch.where(keep, grad_sq_norms, norms_before))
 
 
-def grad_sq_norms(tensors: List[Tensor]) -> Tensor:
+def grad_sq_norms(tensors: List[Tensor], out: Optional[Tensor] = None) -> Tensor:
+    """The squared norms, added to `out` when given; returns the tensor written."""
     if not tensors:
-        return torch.zeros(0, dtype=torch.float32)
-    return torch.stack([t.float().square().sum() for t in tensors])
+        return torch.zeros(0, dtype=torch.float32) if out is None else out
+    norms = torch.stack([t.float().square().sum() for t in tensors])
+    return norms if out is None else out.add_(norms)
 
 
 def momentum_flush_(

@@ -15,6 +15,7 @@ computed by tiny tensor ops on the device and the kernel reads them through a po
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -56,11 +57,16 @@ def _fold(lr, step, beta1: float, beta2: float, weight_decay: float, flush: bool
     return lr / bc1, bc2**0.5, 1.0 - lr * weight_decay
 
 
+@functools.lru_cache(maxsize=64)
+def _betas(beta1: float, beta2: float, eps: float) -> dict:
+    # The same few numbers at every step of a run: folded once.
+    return dict(one_minus_beta1=fp32(1.0 - beta1), beta2=fp32(beta2), one_minus_beta2=fp32(1.0 - beta2), eps=fp32(eps))
+
+
 def kernel_scalars(
     lr, step, *, beta1: float, beta2: float, eps: float, weight_decay: float = 0.0, flush: bool = False
 ) -> KernelScalars:
-    betas = dict(one_minus_beta1=fp32(1.0 - beta1), beta2=fp32(beta2), one_minus_beta2=fp32(1.0 - beta2),
-                 eps=fp32(eps))
+    betas = _betas(beta1, beta2, eps)
     if not isinstance(lr, torch.Tensor) and not isinstance(step, torch.Tensor):
         step_size, bc2_sqrt, decay = _fold(float(lr), float(step), beta1, beta2, weight_decay, flush)
         return KernelScalars(**betas, step_size=fp32(step_size), bias_correction2_sqrt=fp32(bc2_sqrt),
@@ -98,22 +104,27 @@ def _fold_device_step(lr: float, step: torch.Tensor, beta1: float, beta2: float,
         [lr, 1, 1 - lr*wd] * (1 - [beta1, beta2, 0] ** step) ** [-1, 0.5, 0]
 
     (0**step = 0 for step >= 1, so the last entry is the decay itself). The constant vectors are made
-    once per (device, betas, weight decay); the lr enters as a launch argument, never through a copy."""
+    once per (device, betas, weight decay), the lr vector once per lr (a launch with the lr as its
+    argument, never a copy from the host); torch functions rather than operators, whose Python wrappers
+    cost host time at every step."""
     key = (step.device, beta1, beta2, weight_decay, flush)
     consts = _FOLD_CONSTANTS.get(key)
     if consts is None:
         scale = beta1 / (1.0 - beta1) if flush else 1.0  # the flush's lr multiplier (no decay there)
-        rows = [[beta1, beta2, 0.0], [-1.0, 0.5, 0.0], [0.0, 1.0, 1.0],
-                [scale, 0.0, 0.0 if flush else -weight_decay]]
-        consts = _FOLD_CONSTANTS[key] = torch.tensor(rows, dtype=torch.float64).to(step.device)
-    bases, powers, base_a, per_lr = consts
+        rows = torch.tensor([[beta1, beta2, 0.0], [-1.0, 0.5, 0.0], [0.0, 1.0, 1.0],
+                             [scale, 0.0, 0.0 if flush else -weight_decay]], dtype=torch.float64).to(step.device)
+        consts = _FOLD_CONSTANTS[key] = [*rows.unbind(), None, None]  # bases, powers, base_a, per_lr, (lr, vector)
+    bases, powers, base_a, per_lr, lr_seen, per_lr_vector = consts
+    if lr_seen != lr:
+        per_lr_vector = consts[5] = torch.add(base_a, per_lr, alpha=lr)
+        consts[4] = lr
     steps = step.to(torch.float64)
     per_tensor = steps.dim() == 1
     if per_tensor:  # a step per tensor: a row per tensor, flattened
-        steps = steps[:, None]
-    corrections = (1.0 - bases ** steps) ** powers
-    packed = corrections.mul_(torch.add(base_a, per_lr, alpha=lr)).to(torch.float32)
-    return packed.reshape(-1) if per_tensor else packed
+        steps = steps.unsqueeze(1)
+    corrections = torch.pow(torch.rsub(torch.pow(bases, steps), 1.0), powers)
+    packed = corrections.mul_(per_lr_vector).to(torch.float32)
+    return packed.view(-1) if per_tensor else packed
 
 
 # ---- stochastic rounding: one counter-based hash, the same in torch, Triton and CUDA C++ ----

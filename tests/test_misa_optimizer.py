@@ -540,7 +540,7 @@ def test_a_steady_planned_step_is_capturable_in_structure():
         opt.step()
     switches, version, plan = len(opt.switch_log), opt._plan_version, opt._plan
     addresses = [[t.data_ptr() for t in c["params"] + c["exp_avgs"] + c["exp_avg_sqs"]] + [c["steps"].data_ptr()]
-                 for c in plan[1]]
+                 for c in plan.calls]
     cached_tables = len(tables._cache)
     watch = Watch()
     grads = {p: p.grad for p in model.parameters() if p.grad is not None}
@@ -555,7 +555,7 @@ def test_a_steady_planned_step_is_capturable_in_structure():
     assert len(opt.switch_log) == switches and opt._plan is plan and opt._plan_version == version
     assert watch.syncs == [] and watch.from_host == []
     assert addresses == [[t.data_ptr() for t in c["params"] + c["exp_avgs"] + c["exp_avg_sqs"]] +
-                         [c["steps"].data_ptr()] for c in opt._plan[1]]
+                         [c["steps"].data_ptr()] for c in opt._plan.calls]
     assert len(tables._cache) == cached_tables  # no new chunk table: no operand moved, the gradients included
     # what invalidates: a switch (and the fresh step after it) makes the plan again
     opt._end_period()

@@ -38,9 +38,10 @@ def _block(config, eight: bool):
 
 def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms: Optional[Tensor], master_params, *, lr,
                 beta1, beta2, eps, weight_decay, step, fresh, stochastic, seed, skip=None, compensation=(),
-                exp_avg_absmax=(), exp_avg_sq_absmax=()) -> None:
-    prepared = tables.prepare_formats([params, grads, exp_avgs, exp_avg_sqs], master_params, compensation,
-                        (exp_avg_absmax, exp_avg_sq_absmax))
+                exp_avg_absmax=(), exp_avg_sq_absmax=(), prepared=None) -> None:
+    if prepared is None:  # a PreparedAdamW hands its own, made once for these operands
+        prepared = tables.prepare_formats([params, grads, exp_avgs, exp_avg_sqs], master_params, compensation,
+                                          (exp_avg_absmax, exp_avg_sq_absmax))
     if prepared is None:
         return
     keep, (params, *_), table, eight = prepared
@@ -80,9 +81,11 @@ def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms: Optional[Te
         tables.scatter_norms(grad_sq_norms, out, keep)
 
 
-def grad_sq_norms(tensors) -> Tensor:
-    result = torch.zeros(len(tensors), dtype=torch.float32, device=tensors[0].device)
-    prepared = tables.prepare([tensors])
+def grad_sq_norms(tensors, out: Optional[Tensor] = None, prepared=None) -> Tensor:
+    """The squared norms, added to `out` when given (else to zeros); returns the tensor written."""
+    result = torch.zeros(len(tensors), dtype=torch.float32, device=tensors[0].device) if out is None else out
+    if prepared is None:
+        prepared = tables.prepare([tensors])
     if prepared is None:
         return result
     keep, (kept,), table = prepared

@@ -435,13 +435,13 @@ def test_planned_step_on_a_fused_backend_matches_the_grouped_torch_path(monkeypa
     if "triton" not in misa_kernels.available_backends("cpu"):
         pytest.skip("triton cannot run on the CPU here")
     results, calls = {}, []
-    real = misa_kernels.adamw_step_
+    real = misa_kernels.ops.run_adamw_step  # what adamw_step_ and a prepared call (the plan's) both run
 
     def counting(*args, **kwargs):
         calls.append(kwargs["step"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(misa_kernels, "adamw_step_", counting)
+    monkeypatch.setattr(misa_kernels.ops, "run_adamw_step", counting)
     for backend in ("torch", "triton"):
         calls.clear()
         model = tiny_lm(seed=4, d=8, ff=8, layers=2)
@@ -465,7 +465,67 @@ def test_planned_step_on_a_fused_backend_matches_the_grouped_torch_path(monkeypa
     assert [s["active_modules"] for s in torch_run[2]] == [s["active_modules"] for s in triton_run[2]]
     assert len(torch_run[2]) >= 4 and torch_run[4] == triton_run[4] == 1
     assert max(torch_run[3]) > 1  # the grouped path: a call per step count after a switch that kept states
-    assert max(triton_run[3]) <= 2  # the plan: fresh and steady tensors at most
+    assert 1 <= min(triton_run[3]) and max(triton_run[3]) <= 2  # the plan: fresh and steady tensors at most
+
+
+@pytest.mark.interpreter
+def test_a_steady_planned_step_checks_gradients_once_and_kept_lists_never(monkeypatch):
+    """The host path of a steady step: the plan's prepared calls checked the parameters, states and masters
+    when the plan was made; a step checks its gradients once (the norms call, reused by the update) and
+    never the kept lists, whose checks cost as much as the launch (benchmarks/bench_host.py)."""
+    import misa_kernels
+    from misa_kernels import checks
+
+    if "triton" not in misa_kernels.available_backends("cpu"):
+        pytest.skip("triton cannot run on the CPU here")
+    model = tiny_lm(seed=4, d=8, ff=8, layers=2)
+    opt = misa.MISA(model, lr=1e-2, delta=0.4, interval=50, backend="triton", seed=2)
+    gen = torch.Generator().manual_seed(0)
+    while opt.sampler.never_selected():
+        synthetic_grads(model, gen)
+        opt.step()
+    for _ in range(2):  # the fresh step of the last set, then the steady plan's first step
+        synthetic_grads(model, gen)
+        opt.step()
+    fits, kept, calls = [], [], len(opt._plan.calls)
+    real_fit = checks._grads_fit
+    monkeypatch.setattr(checks, "_grads_fit", lambda *a: fits.append(1) or real_fit(*a))
+    monkeypatch.setattr(checks, "kept_operands", lambda *a, **k: kept.append(1))
+    monkeypatch.setattr(checks, "adamw_operands", lambda *a, **k: kept.append(1))
+    for _ in range(3):
+        synthetic_grads(model, gen)  # new gradient tensors, as after each backward
+        opt.step()
+    assert kept == [] and len(fits) == 3 * calls
+
+
+def test_the_lean_step_wrapper_still_runs_hooks_and_shows_in_the_profiler():
+    """MISA.step does torch.optim.Optimizer's step wrapping only when it has work (a profiler on, a hook
+    registered): the hooks run, the profiler sees the step, and a plain step skips both."""
+    model = tiny_lm(seed=1, d=8, ff=8, layers=2)
+    opt = misa.MISA(model, lr=1e-2, delta=0.4, interval=5, backend="torch", seed=0)
+    gen = torch.Generator().manual_seed(0)
+    seen = []
+    pre = opt.register_step_pre_hook(lambda o, args, kwargs: seen.append(("pre", o is opt)))
+    post = opt.register_step_post_hook(lambda o, args, kwargs: seen.append(("post", o is opt)))
+    synthetic_grads(model, gen)
+    opt.step()
+    assert seen == [("pre", True), ("post", True)]
+    pre.remove()
+    post.remove()
+    synthetic_grads(model, gen)
+    opt.step()
+    assert len(seen) == 2
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    glob = register_optimizer_step_post_hook(lambda o, args, kwargs: seen.append("global"))
+    synthetic_grads(model, gen)
+    opt.step()
+    glob.remove()
+    assert seen[-1] == "global"
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        synthetic_grads(model, gen)
+        opt.step()
+    assert any(e.name == "Optimizer.step#MISA.step" for e in prof.events())
 
 
 @pytest.mark.interpreter

@@ -18,8 +18,9 @@ import argparse
 import contextlib
 import time
 import types
+import warnings
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 import torch
 
@@ -128,9 +129,36 @@ def bench(args) -> Path:
     return path
 
 
+def interleaved_us(fns: Dict[str, Callable[[], None]], device, calls: int, rounds: int = 9) -> Dict[str, List[float]]:
+    """Per-call times of each function over `rounds` rounds, the functions taking turns within a round, so
+    that a drift of the machine's speed touches them alike (a comparison of numbers taken minutes apart on a
+    shared CPU is noise-bound). Returns each function's per-round microseconds."""
+    for fn in fns.values():
+        fn()
+        fn()
+    common.synchronize(device)
+    out: Dict[str, List[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            common.synchronize(device)
+            out[name].append((time.perf_counter() - t0) / calls * 1e6)
+    return out
+
+
+def _median(xs: List[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
+
+
 def misa_rows(device, stub: bool) -> List[Dict]:
     """MISA.step's host time on a many-layer model with tiny matrices (so that the device work is
-    negligible), bf16 with masters, default configuration, steady steps (no switch in the timed ones)."""
+    negligible), bf16 with masters, default configuration, steady steps (no switch in the timed ones).
+    Beside it, in the same rounds, the issue's bars on the same tensors: one `adamw_step_` call over the
+    active tensors with their states and masters (host step count, norms asked), and
+    torch.optim.AdamW(fused=True).step() on the active parameters (bf16 states: not the same work, the
+    same call count). `overhead_us` is the median over rounds of MISA.step minus that adamw_step_."""
     import misa
     from misa.model import LlamaConfig, LlamaForCausalLM
 
@@ -140,7 +168,9 @@ def misa_rows(device, stub: bool) -> List[Dict]:
     out = []
     for backend in ["cuda", "triton"] if stub else mk.available_backends(device):
         with (_StubbedLaunch() if stub else contextlib.nullcontext()):
-            opt = misa.MISA(model, lr=1e-5, delta=0.3, interval=10**6, backend=backend, always_train=[])
+            with warnings.catch_warnings():  # that the norms and embedding stay frozen is this setup's choice
+                warnings.simplefilter("ignore", UserWarning)
+                opt = misa.MISA(model, lr=1e-5, delta=0.3, interval=10**6, backend=backend, always_train=[])
             # The default schedule switches at every step until each module was drawn once: step past that,
             # then give every active tensor a gradient, so the timed steps are steady and update all of them.
             while opt.sampler.never_selected():
@@ -150,14 +180,50 @@ def misa_rows(device, stub: bool) -> List[Dict]:
             for p in model.parameters():
                 p.grad = torch.randn_like(p) * 1e-2 if p.requires_grad else None
             switches = len(opt.switch_log)
-            us = per_call_us(opt.step, device, calls=200)
+            fns = {f"MISA.step[{backend}]": opt.step}
+            active = [p for p in model.parameters() if p.requires_grad]
+            if opt._plan is not None or backend == "torch":
+                fns.update(_same_tensors(opt, active, backend, device))
+            times = interleaved_us(fns, device, calls=100)
             assert len(opt.switch_log) == switches, "a timed step switched the active set"
-        active = sum(1 for p in model.parameters() if p.requires_grad)
-        out.append(dict(bench="host_time", impl=f"MISA.step[{backend}]", n_tensors=active, numel_each=None,
-                        us_per_call=us, launch="stubbed" if stub else "real",
-                        what="MISA.step, steady, default configuration, 32-layer toy model, bf16 with masters"))
-        del opt
+        misa_us = times[f"MISA.step[{backend}]"]
+        bar = times.get(f"adamw_step_[{backend}] same tensors")
+        what = {f"MISA.step[{backend}]": "MISA.step, steady, default configuration, 32-layer toy model, bf16 with "
+                                         "masters",
+                f"adamw_step_[{backend}] same tensors": "one adamw_step_ over MISA's active tensors, their states and "
+                                                        "masters, host step count, norms asked",
+                "torch_fused_adamw same params": "torch.optim.AdamW(fused=True).step on MISA's active parameters "
+                                                 "(bf16 states: not the same work)"}
+        for name, us in times.items():
+            row = dict(bench="host_time", case="misa_step", backend=backend, impl=name, n_tensors=len(active),
+                       numel_each=None, us_per_call=_median(us),
+                       launch="real" if name.startswith("torch") else ("stubbed" if stub else "real"), what=what[name],
+                       rounds=len(us), us_rounds=[round(x, 1) for x in us])
+            if name.startswith("MISA") and bar is not None:
+                row["overhead_us"] = _median([a - b for a, b in zip(misa_us, bar)])
+            out.append(row)
+        del opt, fns  # the bound step holds the optimizer: both go before the next one claims the model
     return out
+
+
+def _same_tensors(opt, active, backend: str, device) -> Dict[str, Callable[[], None]]:
+    """The issue's bars on MISA's own active tensors: one adamw_step_ call (as a caller who keeps lists
+    calls the public op) and torch's fused AdamW step."""
+    states = [opt.state[p] for p in active]
+    params, grads = list(active), [p.grad for p in active]
+    m, v = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+    masters = [s["master"] for s in states] if "master" in states[0] else None
+    norms = torch.zeros(len(params), device=device)
+
+    def one_call():
+        mk.adamw_step_(params, grads, m, v, lr=1e-5, step=5, grad_sq_norms=norms, master_params=masters,
+                       backend=backend)
+
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in active]
+    for t, g in zip(twins, grads):
+        t.grad = g.clone()
+    fused = torch.optim.AdamW(twins, lr=1e-5, fused=True)
+    return {f"adamw_step_[{backend}] same tensors": one_call, "torch_fused_adamw same params": fused.step}
 
 
 def main(argv=None) -> Path:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections import defaultdict
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -141,19 +141,24 @@ class FusedStep:
         cached, self._cached_norms = self._cached_norms, None
         return cached[1:] if cached is not None and cached[0] == self._step_count else None
 
-    def _account(self, step_sq: Tensor, found: Optional[Tensor]) -> None:
-        """The step's share of the importance statistic and the skip counters, on the device."""
+    def _account(self, step_sq: Tensor, found: Optional[Tensor], steps: Sequence[Tensor] = ()) -> None:
+        """The step's share of the importance statistic and the skip counters, on the device; `steps`: the
+        planned calls' device step counts, advanced for the next step (by 1, or 0 on a skipped step)."""
         if found is not None and self.v.count_nonfinite_steps:
             # The authors' code: a non-finite tensor's norm counts as 1.0 and the step counts.
-            step_sq = torch.nan_to_num(step_sq, nan=1.0, posinf=1.0, neginf=1.0)  # one launch, not three
+            step_sq = torch.nan_to_num(step_sq, 1.0, 1.0, 1.0)  # one launch, not three
         per_module = self._per_module(step_sq)
         stat = per_module.sqrt() if self.v.norm_power == 1 else per_module
         if found is None:
             self._S += stat
+            if steps:
+                torch._foreach_add_(list(steps), 1.0)
             return
         if not self.v.count_nonfinite_steps:
             stat = stat * (1.0 - found)  # a skipped step adds nothing to the statistic
-        torch._foreach_add_([self._S, self._skips, self._period_skips], [stat, found, found])  # one call, not three
+        # one call for every counter (the host time of a launch each is what a step is made of)
+        kept = [torch.rsub(found, 1.0)] * len(steps) if steps else []
+        torch._foreach_add_([self._S, self._skips, self._period_skips, *steps], [stat, found, found, *kept])
 
     def _reduced(self, step_sq: Tensor, per_entry: Tensor) -> Tuple[Tensor, Tensor]:
         """Per-slot squared norms and the total over every gradient, summed over shards (FSDP2) so that
@@ -242,7 +247,7 @@ class FusedStep:
             step_sq, total = cached
             found = _nonfinite(total) if self.check_finite else None
             self._planned_calls(plan, grads, None, found, self._graph_lrs())
-            self._account(step_sq, found)
+            self._account(step_sq, found, plan.steady_steps)
         else:
             self._planned_device_work(plan, grads, self._graph_lrs())
         self._planned_books(plan)
@@ -259,7 +264,7 @@ class FusedStep:
             self._planned_calls(plan, grads, step_sq, None, lrs)
             if self._reduce_sq_norms is not None:
                 self._reduce_sq_norms(step_sq)
-        self._account(step_sq, found)
+        self._account(step_sq, found, plan.steady_steps)
 
     def _planned_norms(self, plan: "_Plan", grads: List[Tensor]) -> Tuple[Tensor, Tensor]:
         """(per-slot squared norms with the zero pad slot, non-finite flag) of this step's gradients, in
@@ -279,10 +284,9 @@ class FusedStep:
 
     def _planned_calls(self, plan: "_Plan", grads: List[Tensor], step_sq: Optional[Tensor],
                        found: Optional[Tensor], lrs) -> None:
-        """The plan's kernel calls and the next step's counts. `step_sq`: per-slot norms to accumulate in the
-        update's pass (None when measured before it); `lrs`: a device lr per param group (cuda_graph=True),
-        or None for the groups' numbers."""
-        increment = None
+        """The plan's kernel calls. `step_sq`: per-slot norms to accumulate in the update's pass (None when
+        measured before it); `lrs`: a device lr per param group (cuda_graph=True), or None for the groups'
+        numbers. The calls' step counts advance in `_account`, with the other counters."""
         stochastic = self.rounding == "stochastic"
         for call, c in enumerate(plan.calls):
             group = self.param_groups[c["gi"]]
@@ -298,10 +302,6 @@ class FusedStep:
                           fresh=c["fresh"], grad_sq_norms=norms, skip=found, rounding=self.rounding, seed=seed)
             if norms is not None and not isinstance(c["slots"], slice):
                 step_sq.index_copy_(0, c["slots"], norms)
-            if not c["fresh"]:
-                if increment is None:
-                    increment = 1.0 if found is None else torch.rsub(found, 1.0)
-                c["steps"].add_(increment)  # the next step's counts, on the device
 
     def _planned_books(self, plan: "_Plan") -> None:
         """The host's side of a planned step: step counts, and a new plan after a fresh step (its tensors are
@@ -418,7 +418,16 @@ class _Plan:
                 exp_avg_sqs=exp_avg_sqs, begin=len(self.params), end=len(self.params) + len(items),
                 prepared=misa_kernels.prepare_adamw_step(params, exp_avgs, exp_avg_sqs, backend=opt._fused_backend(),
                                                          **formats),
-                # this step's count of each tensor, as the grouped path computes it (true_step)
-                steps=torch.stack([opt._true_step(st, ahead=1) for st in states]).float()))
+                steps=self._steps(opt, states)))
             self.params += [p for p, _ in items]
         self.fresh = any(c["fresh"] for c in self.calls)
+        self.steady_steps = [c["steps"] for c in self.calls if not c["fresh"]]  # advanced after each step
+
+    @staticmethod
+    def _steps(opt, states) -> Tensor:
+        """This step's count of each tensor, as the grouped path computes it (true_step), on the device: one
+        0-d count when the call's tensors share it (they then share it for as long as the plan lives: a step
+        is skipped for all of them or none), else one per tensor."""
+        if len({st["step"] for st in states}) == 1 and len({id(st["skips0"]) for st in states}) == 1:
+            return opt._true_step(states[0], ahead=1).float().clone()
+        return torch.stack([opt._true_step(st, ahead=1) for st in states]).float()

@@ -3,6 +3,7 @@ clear error naming the argument and mutates nothing."""
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from typing import Optional, Sequence
 
@@ -10,6 +11,7 @@ import torch
 from torch import Tensor
 
 from . import quant
+from .scalars import check_seed
 
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 STATE_DTYPE = torch.float32
@@ -160,8 +162,6 @@ def check_master_params(params: Sequence[Tensor], masters: Optional[Sequence[Ten
 
 def check_rounding(rounding: str, dtype: torch.dtype, seed) -> bool:
     """True for stochastic rounding (which only bf16 parameters can use)."""
-    from .scalars import check_seed
-
     if rounding not in ("nearest", "stochastic"):
         raise ValueError(f"rounding: expected 'nearest' or 'stochastic', got {rounding!r}")
     check_seed(seed)
@@ -247,6 +247,7 @@ def check_step(step, n: int, device: torch.device) -> None:
     check_scalar_or_0d("step", step, device, minimum=1, integer=True)
 
 
+@functools.lru_cache(maxsize=64)  # the same few values at every call of a run
 def check_hyper(beta1: float, beta2: float, eps: float, weight_decay: float = 0.0) -> None:
     for name, value in (("beta1", beta1), ("beta2", beta2)):
         if not 0.0 <= value < 1.0:

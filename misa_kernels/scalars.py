@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import functools
 import struct
-from dataclasses import dataclass
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 
@@ -31,8 +30,10 @@ def fp32(x: float) -> float:
     return struct.unpack("f", struct.pack("f", float(x)))[0]
 
 
-@dataclass(frozen=True)
-class KernelScalars:
+class KernelScalars(NamedTuple):
+    """What a kernel reads (immutable; a NamedTuple, whose construction costs a tenth of a frozen dataclass's
+    at every call)."""
+
     one_minus_beta1: float
     beta2: float
     one_minus_beta2: float

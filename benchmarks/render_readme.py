@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 from typing import Dict, List
@@ -319,6 +320,13 @@ def ddp_section() -> str:
     return "\n".join(lines)
 
 
+def _commit_order(commit: str) -> int:
+    """How many commits lead to `commit` in this repository (newer is larger); -1 when it is not in history
+    (a commit from before a rewrite)."""
+    done = subprocess.run(["git", "rev-list", "--count", commit], cwd=ROOT, capture_output=True, text=True)
+    return int(done.stdout) if done.returncode == 0 and done.stdout.strip().isdigit() else -1
+
+
 def _misa_step_row(r: Dict) -> bool:
     return r.get("case") == "misa_step" or r["impl"].startswith("MISA")
 
@@ -356,7 +364,8 @@ def host_section() -> str:
     """Host time per call, newest file per device (a GPU's real launches, a CPU's stubbed ones), with the
     rows of any `host-*-before-<commit>/` file for that device beside them."""
     latest, before = {}, {}
-    for f in sorted(RESULTS.glob("*.json")) + sorted(RESULTS.glob("host-*-before-*/*.json")):
+    befores = sorted(RESULTS.glob("host-*-before-*/*.json"), key=lambda f: _commit_order(f.parent.name.split("-")[-1]))
+    for f in sorted(RESULTS.glob("*.json")) + befores:  # the newest "before" of a device last: it is the one shown
         data = json.loads(f.read_text())
         rows = [r for r in data.get("rows", []) if r.get("bench") == "host_time"]
         if rows:

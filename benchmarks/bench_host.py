@@ -203,7 +203,34 @@ def misa_rows(device, stub: bool) -> List[Dict]:
                 row["overhead_us"] = _median([a - b for a, b in zip(misa_us, bar)])
             out.append(row)
         del opt, fns  # the bound step holds the optimizer: both go before the next one claims the model
+        if not stub and backend != "torch":
+            out.append(_graphed_row(model, backend, device))
     return out
+
+
+def _graphed_row(model, backend: str, device) -> Dict:
+    """MISA(cuda_graph=True): the steady step replayed from a recorded CUDA graph (a GPU only)."""
+    import misa
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        opt = misa.MISA(model, lr=1e-5, delta=0.3, interval=10**6, backend=backend, always_train=[], cuda_graph=True)
+    while opt.sampler.never_selected():
+        for p in model.parameters():
+            p.grad = torch.randn_like(p) * 1e-2 if p.requires_grad else None
+        opt.step()
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-2 if p.requires_grad else None
+    for _ in range(4):  # the fresh step, two warm steps, the recording
+        opt.step()
+    recordings = opt._graph_recordings
+    us = per_call_us(opt.step, device, calls=200)
+    assert opt._graph_recordings == recordings, "a timed step recorded a graph again"
+    n = sum(1 for p in model.parameters() if p.requires_grad)
+    del opt
+    return dict(bench="host_time", case="misa_step", backend=backend, impl=f"MISA.step[{backend}, cuda_graph]",
+                n_tensors=n, numel_each=None, us_per_call=us, launch="real",
+                what="MISA(cuda_graph=True).step, steady: one graph replay, 32-layer toy model, bf16 with masters")
 
 
 def _same_tensors(opt, active, backend: str, device) -> Dict[str, Callable[[], None]]:

@@ -351,12 +351,16 @@ def _misa_step_lines(rows: List[Dict], before) -> List[str]:
              "most that `adamw_step_` + 50 us, and at most torch's step." + was, "",
              "| backend | MISA.step (us) | adamw_step_, same tensors (us) | MISA.step - adamw_step_ (us) "
              "| torch fused AdamW, same params (us) |", "|---|---|---|---|---|"]
-    for r in steps:
+    graphed = [r for r in steps if "overhead_us" not in r]
+    for r in (r for r in steps if "overhead_us" in r):
         backend = r.get("backend", r["impl"][len("MISA.step["):-1])
         same = {x["impl"]: x["us_per_call"] for x in rows if x.get("backend") == backend and x is not r}
         bar = same.get(f"adamw_step_[{backend}] same tensors", float("nan"))
         lines.append(f"| {backend} | {r['us_per_call']:.0f} | {bar:.0f} | {r['overhead_us']:.0f} "
                      f"| {same.get('torch_fused_adamw same params', float('nan')):.0f} |")
+    if graphed:
+        lines += ["", "With `cuda_graph=True` (one replay per steady step): "
+                  + ", ".join(f"{r['impl']} {r['us_per_call']:.0f} us" for r in graphed) + "."]
     return lines
 
 

@@ -51,12 +51,13 @@ def per_call_us(fn, device, calls: int, repeats: int = 5) -> float:
     fn()
     common.synchronize(device)
     samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        samples.append((time.perf_counter() - t0) / calls * 1e6)
-        common.synchronize(device)
+    with common.gc_off():
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            samples.append((time.perf_counter() - t0) / calls * 1e6)
+            common.synchronize(device)
     return sorted(samples)[len(samples) // 2]
 
 
@@ -138,13 +139,14 @@ def interleaved_us(fns: Dict[str, Callable[[], None]], device, calls: int, round
         fn()
     common.synchronize(device)
     out: Dict[str, List[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            common.synchronize(device)
-            out[name].append((time.perf_counter() - t0) / calls * 1e6)
+    with common.gc_off():
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                common.synchronize(device)
+                out[name].append((time.perf_counter() - t0) / calls * 1e6)
     return out
 
 

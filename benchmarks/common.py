@@ -7,6 +7,8 @@ inputs never sits in L2 between runs.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import os
 import platform
@@ -72,19 +74,34 @@ def time_each_ms(fn: Callable[[int], None], device: torch.device, reps: int, war
         fn(i)
     synchronize(device)
     times: List[float] = []
-    for i in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn(warmup + i)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn(warmup + i)
-            times.append((time.perf_counter() - t0) * 1e3)
+    with gc_off():
+        for i in range(reps):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn(warmup + i)
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn(warmup + i)
+                times.append((time.perf_counter() - t0) * 1e3)
     return times
+
+
+@contextlib.contextmanager
+def gc_off():
+    """The garbage collector off for a timed region (collected just before): a collection inside a timed
+    run is the interpreter's time, not the op's; timeit does the same."""
+    gc.collect()
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def copy_bandwidth_gbps(device: torch.device, numel: int, reps: int = 20) -> float:

@@ -267,9 +267,16 @@ class FusedStep:
         self._account(step_sq, found, plan.steady_steps)
 
     def _planned_norms(self, plan: "_Plan", grads: List[Tensor]) -> Tuple[Tensor, Tensor]:
-        """(per-slot squared norms with the zero pad slot, non-finite flag) of this step's gradients, in
-        one norm launch per call, summed over shards (FSDP2) so that every rank skips alike. The buffer
-        holds the slots, the pad, then the norms of tensors outside any module (they count for the flag)."""
+        """(per-slot squared norms with the zero pad slot, non-finite flag) of this step's gradients."""
+        step_sq, total = self._planned_sq_norms(plan, grads)
+        return step_sq, _nonfinite(total)
+
+    def _planned_sq_norms(self, plan: "_Plan", grads: List[Tensor]) -> Tuple[Tensor, Tensor]:
+        """(per-slot squared norms with the zero pad slot, their total over every gradient) in one norm launch
+        per call, summed over shards (FSDP2) so that every rank decides alike. The buffer holds the slots, the
+        pad, then the norms of tensors outside any module (they count for the total). The total sums the
+        entries in the grouped path's order (modules by slot, then the rest), so that a clipped step's factor
+        is the grouped path's to the bit."""
         norms = torch.zeros(plan.n_norms, dtype=torch.float32, device=self.device)
         for c in plan.calls:
             if isinstance(c["out"], slice):
@@ -280,7 +287,9 @@ class FusedStep:
                 norms.index_copy_(0, c["out"], part)
         if self._reduce_sq_norms is not None:
             self._reduce_sq_norms(norms)
-        return norms[:len(self._slots) + 1], _nonfinite(norms.sum())
+        n = len(self._slots)
+        every = norms[:n] if plan.n_norms == n + 1 else torch.cat([norms[:n], norms[n + 1:]])
+        return norms[:n + 1], every.sum()
 
     def _planned_calls(self, plan: "_Plan", grads: List[Tensor], step_sq: Optional[Tensor],
                        found: Optional[Tensor], lrs) -> None:
@@ -360,15 +369,24 @@ class FusedStep:
         if self.release_grads:
             raise RuntimeError("MISA(release_grads=True) cannot clip by the global norm: each tensor was updated and "
                                "its gradient freed during backward, before the norm of all of them existed")
-        entries = self._grads()
-        if not entries:
-            return torch.zeros((), device=self.device)
-        step_sq, per_entry = self._norms_by_slot(entries)
-        step_sq, total_sq = self._reduced(step_sq, per_entry)  # sharded (FSDP2): over every rank's shards
+        planned = self._current_plan()
+        if planned is None:
+            entries = self._grads()
+            if not entries:
+                return torch.zeros((), device=self.device)
+            if self._device_steps and self._fused_backend() is not None:
+                planned = self._plan_for(entries)
+        if planned is not None:  # the plan's prepared norm calls: step() then checks no gradient again
+            plan, grads = planned
+            step_sq, total_sq = self._planned_sq_norms(plan, grads)
+        else:
+            step_sq, per_entry = self._norms_by_slot(entries)
+            step_sq, total_sq = self._reduced(step_sq, per_entry)  # sharded (FSDP2): over every rank's shards
+            grads = [g for _, _, g, _ in entries]
         total = total_sq.sqrt()
         # No host check of the norm: a non-finite norm makes coef non-finite, and step() skips on the device.
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        torch._foreach_mul_([g for _, _, g, _ in entries], coef)
+        torch._foreach_mul_(grads, coef)
         self._cached_norms = (self._step_count, step_sq * coef * coef, total_sq * coef * coef)
         return total
 

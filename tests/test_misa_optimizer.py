@@ -471,8 +471,9 @@ def test_planned_step_on_a_fused_backend_matches_the_grouped_torch_path(monkeypa
 @pytest.mark.interpreter
 def test_a_steady_planned_step_checks_gradients_once_and_kept_lists_never(monkeypatch):
     """The host path of a steady step: the plan's prepared calls checked the parameters, states and masters
-    when the plan was made; a step checks its gradients once (the norms call, reused by the update) and
-    never the kept lists, whose checks cost as much as the launch (benchmarks/bench_host.py)."""
+    when the plan was made; a step checks its gradients once (the norms call, reused by the update; with
+    clipping, clip_grad_norm_'s norms call) and never the kept lists, whose checks cost as much as the launch
+    (benchmarks/bench_host.py)."""
     import misa_kernels
     from misa_kernels import checks
 
@@ -496,6 +497,11 @@ def test_a_steady_planned_step_checks_gradients_once_and_kept_lists_never(monkey
         synthetic_grads(model, gen)  # new gradient tensors, as after each backward
         opt.step()
     assert kept == [] and len(fits) == 3 * calls
+    for _ in range(2):  # clipped (the Hugging Face Trainer's default): the clip's norm pass checks them, step() not
+        synthetic_grads(model, gen)
+        opt.clip_grad_norm_(0.5)
+        opt.step()
+    assert kept == [] and len(fits) == 5 * calls
 
 
 def test_the_lean_step_wrapper_still_runs_hooks_and_shows_in_the_profiler():

@@ -161,7 +161,6 @@ def misa_rows(device, stub: bool) -> List[Dict]:
     active tensors with their states and masters (host step count, norms asked), and
     torch.optim.AdamW(fused=True).step() on the active parameters (bf16 states: not the same work, the
     same call count). `overhead_us` is the median over rounds of MISA.step minus that adamw_step_."""
-    import misa
     from misa.model import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -170,17 +169,7 @@ def misa_rows(device, stub: bool) -> List[Dict]:
     out = []
     for backend in ["cuda", "triton"] if stub else mk.available_backends(device):
         with (_StubbedLaunch() if stub else contextlib.nullcontext()):
-            with warnings.catch_warnings():  # that the norms and embedding stay frozen is this setup's choice
-                warnings.simplefilter("ignore", UserWarning)
-                opt = misa.MISA(model, lr=1e-5, delta=0.3, interval=10**6, backend=backend, always_train=[])
-            # The default schedule switches at every step until each module was drawn once: step past that,
-            # then give every active tensor a gradient, so the timed steps are steady and update all of them.
-            while opt.sampler.never_selected():
-                for p in model.parameters():
-                    p.grad = torch.randn_like(p) * 1e-2 if p.requires_grad else None
-                opt.step()
-            for p in model.parameters():
-                p.grad = torch.randn_like(p) * 1e-2 if p.requires_grad else None
+            opt = _steady_misa(model, backend)
             switches = len(opt.switch_log)
             fns = {f"MISA.step[{backend}]": opt.step}
             active = [p for p in model.parameters() if p.requires_grad]
@@ -210,19 +199,27 @@ def misa_rows(device, stub: bool) -> List[Dict]:
     return out
 
 
-def _graphed_row(model, backend: str, device) -> Dict:
-    """MISA(cuda_graph=True): the steady step replayed from a recorded CUDA graph (a GPU only)."""
+def _steady_misa(model, backend: str, **kwargs):
+    """MISA (default configuration, the norms and embedding frozen by choice) past the schedule's first draws,
+    every active tensor with a gradient: the next steps are steady and update all of them."""
     import misa
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        opt = misa.MISA(model, lr=1e-5, delta=0.3, interval=10**6, backend=backend, always_train=[], cuda_graph=True)
+        opt = misa.MISA(model, lr=1e-5, delta=0.3, interval=10**6, backend=backend, always_train=[], **kwargs)
+    # The default schedule switches at every step until each module was drawn once: step past that.
     while opt.sampler.never_selected():
         for p in model.parameters():
             p.grad = torch.randn_like(p) * 1e-2 if p.requires_grad else None
         opt.step()
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-2 if p.requires_grad else None
+    return opt
+
+
+def _graphed_row(model, backend: str, device) -> Dict:
+    """MISA(cuda_graph=True): the steady step replayed from a recorded CUDA graph (a GPU only)."""
+    opt = _steady_misa(model, backend, cuda_graph=True)
     for _ in range(4):  # the fresh step, two warm steps, the recording
         opt.step()
     recordings = opt._graph_recordings

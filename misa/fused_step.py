@@ -277,10 +277,10 @@ class FusedStep:
         pad, then the norms of tensors outside any module (they count for the total). The total sums the
         entries in the grouped path's order (modules by slot, then the rest), so that a clipped step's factor
         is the grouped path's to the bit."""
-        norms = torch.zeros(plan.n_norms, dtype=torch.float32, device=self.device)
+        norms = plan.norms.zero_()  # the plan's own buffer and views: no allocation, no slicing per step
         for c in plan.calls:
-            if isinstance(c["out"], slice):
-                c["prepared"].grad_sq_norms_(grads[c["begin"]:c["end"]], norms[c["out"]])
+            if c["norms"] is not None:
+                c["prepared"].grad_sq_norms_(grads[c["begin"]:c["end"]], c["norms"])
             else:  # slots out of order: gathered, then put in place
                 part = torch.zeros(c["end"] - c["begin"], dtype=torch.float32, device=self.device)
                 c["prepared"].grad_sq_norms_(grads[c["begin"]:c["end"]], part)
@@ -288,8 +288,8 @@ class FusedStep:
         if self._reduce_sq_norms is not None:
             self._reduce_sq_norms(norms)
         n = len(self._slots)
-        every = norms[:n] if plan.n_norms == n + 1 else torch.cat([norms[:n], norms[n + 1:]])
-        return norms[:n + 1], every.sum()
+        every = plan.module_norms if plan.n_norms == n + 1 else torch.cat([norms[:n], norms[n + 1:]])
+        return plan.step_sq, every.sum()
 
     def _planned_calls(self, plan: "_Plan", grads: List[Tensor], step_sq: Optional[Tensor],
                        found: Optional[Tensor], lrs) -> None:
@@ -440,6 +440,11 @@ class _Plan:
             self.params += [p for p, _ in items]
         self.fresh = any(c["fresh"] for c in self.calls)
         self.steady_steps = [c["steps"] for c in self.calls if not c["fresh"]]  # advanced after each step
+        # The step's squared norms (zeroed at each step; a CUDA graph records these addresses) and its views.
+        self.norms = torch.zeros(self.n_norms, dtype=torch.float32, device=opt.device)
+        self.step_sq, self.module_norms = self.norms[:len(opt._slots) + 1], self.norms[:len(opt._slots)]
+        for c in self.calls:
+            c["norms"] = self.norms[c["out"]] if isinstance(c["out"], slice) else None
 
     @staticmethod
     def _steps(opt, states) -> Tensor:
@@ -447,5 +452,6 @@ class _Plan:
         0-d count when the call's tensors share it (they then share it for as long as the plan lives: a step
         is skipped for all of them or none), else one per tensor."""
         if len({st["step"] for st in states}) == 1 and len({id(st["skips0"]) for st in states}) == 1:
-            return opt._true_step(states[0], ahead=1).float().clone()
+            # float64, the dtype the kernels' scalar folding computes in (scalars.py): one conversion less a step
+            return opt._true_step(states[0], ahead=1).double()
         return torch.stack([opt._true_step(st, ahead=1) for st in states]).float()

@@ -119,7 +119,7 @@ def _fold_device_step(lr: float, step: torch.Tensor, beta1: float, beta2: float,
     if lr_seen != lr:
         per_lr_vector = consts[5] = torch.add(base_a, per_lr, alpha=lr)
         consts[4] = lr
-    steps = step.to(torch.float64)
+    steps = step if step.dtype == torch.float64 else step.to(torch.float64)
     per_tensor = steps.dim() == 1
     if per_tensor:  # a step per tensor: a row per tensor, flattened
         steps = steps.unsqueeze(1)

@@ -126,7 +126,7 @@ def bench(args) -> Path:
         rows += misa_rows(device, stub)
     path = common.save(device, args.out, rows)
     for r in rows:
-        print(f"{r['impl']:32s} {r['n_tensors']:5d} tensors  {r['us_per_call']:9.1f} us/call  launch={r['launch']}")
+        print(f"{r['impl']:46s} {r['n_tensors']:5d} tensors  {r['us_per_call']:9.1f} us/call  launch={r['launch']}")
     return path
 
 
@@ -183,6 +183,9 @@ def misa_rows(device, stub: bool) -> List[Dict]:
                                          "masters",
                 f"adamw_step_[{backend}] same tensors": "one adamw_step_ over MISA's active tensors, their states and "
                                                         "masters, host step count, norms asked",
+                f"adamw_step_[{backend}] same tensors, device step": "the same call with the step count (0-d, float64) "
+                                                                     "and the skip flag on the device, as MISA "
+                                                                     "passes them: the step scalars are folded there",
                 "torch_fused_adamw same params": "torch.optim.AdamW(fused=True).step on MISA's active parameters "
                                                  "(bf16 states: not the same work)"}
         for name, us in times.items():
@@ -241,15 +244,23 @@ def _same_tensors(opt, active, backend: str, device) -> Dict[str, Callable[[], N
     masters = [s["master"] for s in states] if "master" in states[0] else None
     norms = torch.zeros(len(params), device=device)
 
+    step, skip = torch.full((), 5.0, dtype=torch.float64, device=device), torch.zeros((), device=device)
+
     def one_call():
         mk.adamw_step_(params, grads, m, v, lr=1e-5, step=5, grad_sq_norms=norms, master_params=masters,
                        backend=backend)
+
+    def device_step():  # the step count and the skip flag on the device, as MISA hands them over
+        mk.adamw_step_(params, grads, m, v, lr=1e-5, step=step, grad_sq_norms=norms, master_params=masters,
+                       skip=skip, backend=backend)
 
     twins = [torch.nn.Parameter(p.detach().clone()) for p in active]
     for t, g in zip(twins, grads):
         t.grad = g.clone()
     fused = torch.optim.AdamW(twins, lr=1e-5, fused=True)
-    return {f"adamw_step_[{backend}] same tensors": one_call, "torch_fused_adamw same params": fused.step}
+    return {f"adamw_step_[{backend}] same tensors": one_call,
+            f"adamw_step_[{backend}] same tensors, device step": device_step,
+            "torch_fused_adamw same params": fused.step}
 
 
 def main(argv=None) -> Path:

@@ -350,13 +350,16 @@ def _misa_step_lines(rows: List[Dict], before) -> List[str]:
              "CPU kernel on them where launches are stubbed, and keeps bf16 states). The issue's bars: MISA.step at "
              "most that `adamw_step_` + 50 us, and at most torch's step." + was, "",
              "| backend | MISA.step (us) | adamw_step_, same tensors (us) | MISA.step - adamw_step_ (us) "
-             "| torch fused AdamW, same params (us) |", "|---|---|---|---|---|"]
+             "| adamw_step_, step and skip flag on the device (us) | torch fused AdamW, same params (us) |",
+             "|---|---|---|---|---|---|"]
     graphed = [r for r in steps if "overhead_us" not in r]
     for r in (r for r in steps if "overhead_us" in r):
         backend = r.get("backend", r["impl"][len("MISA.step["):-1])
         same = {x["impl"]: x["us_per_call"] for x in rows if x.get("backend") == backend and x is not r}
         bar = same.get(f"adamw_step_[{backend}] same tensors", float("nan"))
+        on_device = same.get(f"adamw_step_[{backend}] same tensors, device step")
         lines.append(f"| {backend} | {r['us_per_call']:.0f} | {bar:.0f} | {r['overhead_us']:.0f} "
+                     f"| {'' if on_device is None else f'{on_device:.0f}'} "
                      f"| {same.get('torch_fused_adamw same params', float('nan')):.0f} |")
     if graphed:
         lines += ["", "With `cuda_graph=True` (one replay per steady step): "

@@ -40,6 +40,10 @@ class PreparedAdamW:
         self._given = (params, exp_avgs, exp_avg_sqs, optional)
         self.backend = backend
         self._validate()
+        # The checked copies are what a moved storage is checked again from: later changes to the caller's
+        # lists are not seen (the docstring of prepare_adamw_step says so).
+        params, exp_avgs, exp_avg_sqs, *rest = self.lists
+        self._given = (params, exp_avgs, exp_avg_sqs, tuple(x or None for x in rest))
         if self.lists[0]:
             backends.resolve(backend, self._seen.device)  # a backend that cannot run is named now
 
@@ -53,7 +57,8 @@ class PreparedAdamW:
                                                                  for t in self._flat)}.values())
         self._addresses = self._addresses_now()
         self._tables: "OrderedDict[tuple, tuple]" = OrderedDict()
-        self._checked: Optional[List[Tensor]] = None  # gradients that passed a norms call, for the step after it
+        # (gradients, their addresses or None) that passed a norms call just now, for the step after it
+        self._checked: Optional[tuple] = None
 
     def _addresses_now(self) -> Optional[tuple]:
         try:
@@ -82,19 +87,27 @@ class PreparedAdamW:
         return lists[1], plain, None
 
     def _table(self, grads: List[Tensor], addresses: tuple, norms: bool):
-        """The fused backends' chunk table tuple for these gradients (made once per set of their addresses)."""
+        """The fused backends' chunk table tuple for these gradients (made once per set of their addresses).
+        What is kept holds no gradient: a table of old gradients' addresses must not keep their memory alive
+        (the launchers read only the parameters' dtype and device from the operand lists, and gradients share
+        both)."""
         key = (norms, addresses)
         found = self._tables.get(key)
         if found is None:
             params, exp_avgs, exp_avg_sqs, masters, comp, m_absmax, v_absmax = self.lists
-            found = tables.prepare([grads]) if norms else tables.prepare_formats(
+            made = tables.prepare([grads]) if norms else tables.prepare_formats(
                 [params, grads, exp_avgs, exp_avg_sqs], masters, comp, (m_absmax, v_absmax))
+            if made is None:  # every tensor empty
+                return None
+            keep = made[0]
+            found = (keep, [params[i] for i in keep]) + made[2:]  # (keep, kept params, table[, eight])
             self._tables[key] = found
             if len(self._tables) > _TABLES_KEPT:
                 self._tables.popitem(last=False)
         else:
             self._tables.move_to_end(key)
-        return found
+        keep, kept, *rest = found
+        return (keep, (kept,), *rest) if norms else (keep, [kept], *rest)
 
     def grad_sq_norms_(self, grads: Sequence[Tensor], out: Tensor) -> Tensor:
         """out[i] += sum(grads[i]**2) in fp32 (one launch on the fused backends), `out` being a contiguous 1-D

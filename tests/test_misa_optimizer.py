@@ -504,6 +504,33 @@ def test_a_steady_planned_step_checks_gradients_once_and_kept_lists_never(monkey
     assert kept == [] and len(fits) == 5 * calls
 
 
+@pytest.mark.interpreter
+def test_a_planned_step_keeps_no_gradient_alive(monkeypatch):
+    """After step() and zero_grad() no gradient of an earlier step is alive: the plan's prepared calls keep
+    chunk tables by the gradients' addresses, and what they keep must not hold the gradients themselves
+    (on a GPU that is a gradient set of memory per table kept), clipped steps included."""
+    import gc
+    import weakref
+
+    import misa_kernels
+
+    if "triton" not in misa_kernels.available_backends("cpu"):
+        pytest.skip("triton cannot run on the CPU here")
+    model = tiny_lm(seed=4, d=8, ff=8, layers=2)
+    opt = misa.MISA(model, lr=1e-2, delta=0.4, interval=50, backend="triton", seed=2)
+    gen = torch.Generator().manual_seed(0)
+    refs = []
+    for step in range(8):
+        synthetic_grads(model, gen)
+        refs += [weakref.ref(p.grad) for p in model.parameters() if p.grad is not None]
+        if step % 2:
+            opt.clip_grad_norm_(1.0)
+        opt.step()
+        opt.zero_grad()
+    gc.collect()
+    assert opt._plan is not None and not any(r() is not None for r in refs)
+
+
 def test_the_lean_step_wrapper_still_runs_hooks_and_shows_in_the_profiler():
     """MISA.step does torch.optim.Optimizer's step wrapping only when it has work (a profiler on, a hook
     registered): the hooks run, the profiler sees the step, and a plain step skips both."""

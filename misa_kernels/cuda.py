@@ -99,9 +99,9 @@ def grad_sq_norms(tensors, out: Optional[Tensor] = None, prepared=None) -> Tenso
         prepared = tables.prepare([tensors])
     if prepared is None:
         return result
-    keep, (kept,), table = prepared
+    keep, (kept,), table, *scratch = prepared  # a PreparedAdamW's tuple brings its partials buffer
     out = tables.norms_of_kept(result, keep)
-    partials = torch.empty(table.n_chunks, dtype=torch.float32, device=result.device)
+    partials = scratch[0] if scratch else torch.empty(table.n_chunks, dtype=torch.float32, device=result.device)
     extension().grad_sq_norms(*_table_args(table, kept[0].dtype), out, partials)
     tables.scatter_norms(result, out, keep)
     return result

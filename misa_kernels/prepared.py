@@ -26,6 +26,7 @@ import operator
 from collections import OrderedDict
 from typing import List, Optional, Sequence
 
+import torch
 from torch import Tensor
 
 from . import backends, checks, ops, tables
@@ -101,6 +102,8 @@ class PreparedAdamW:
                 return None
             keep = made[0]
             found = (keep, [params[i] for i in keep]) + made[2:]  # (keep, kept params, table[, eight])
+            if norms:  # the norm pass's partial sums: one buffer per table, not one allocation per call
+                found += (torch.empty(made[2].n_chunks, dtype=torch.float32, device=params[0].device),)
             self._tables[key] = found
             if len(self._tables) > _TABLES_KEPT:
                 self._tables.popitem(last=False)

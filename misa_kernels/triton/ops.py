@@ -30,6 +30,18 @@ def _reduce(partials: Tensor, table: tables.ChunkTable, out: Tensor) -> None:
     reduce_partials_kernel[(table.n_tensors,)](partials, table.chunk_begin, out, BLOCK=REDUCE_BLOCK)
 
 
+_PLACEHOLDERS = {}
+
+
+def _placeholder(device) -> Tensor:
+    """A one-element tensor for the pointer arguments a launch does not read (no norms, scalars as numbers,
+    no skip flag), made once per device rather than at every call."""
+    found = _PLACEHOLDERS.get(device)
+    if found is None:
+        found = _PLACEHOLDERS[device] = torch.empty(1, dtype=torch.float32, device=device)  # never read
+    return found
+
+
 def _block(config, eight: bool):
     # An 8-bit tile is whole quantization blocks; the chunk (>= quant.BLOCK, a power of two) stays a multiple.
     block, warps = config
@@ -48,7 +60,8 @@ def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms: Optional[Te
     master = bool(master_params)
     sc = kernel_scalars(lr, step, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
     out = tables.norms_of_kept(grad_sq_norms, keep)
-    partials = torch.empty(table.n_chunks if out is not None else 1, dtype=torch.float32, device=params[0].device)
+    partials = (torch.empty(table.n_chunks, dtype=torch.float32, device=params[0].device) if out is not None
+                else _placeholder(params[0].device))
     scalars_dev = tables.rows_of_kept(sc.device, keep, sc.per_tensor) if sc.device is not None else partials
     mode = dict(PARAM_DTYPE=_TL_DTYPES[params[0].dtype], FRESH=bool(fresh), NORMS=out is not None,
                 SCALARS_ON_DEVICE=sc.device is not None, ALIGNED=table.aligned16, MASTER=master,
@@ -71,9 +84,12 @@ def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms: Optional[Te
         )
 
     dtype = params[0].dtype
-    states = [torch.uint8, torch.uint8, torch.float32, torch.float32] if eight else [torch.float32] * 2
-    scratch = [dtype, dtype] + states + ([torch.float32] if master else []) + (
-        [torch.bfloat16] if compensation else [])
+
+    def scratch():  # the operands' dtypes, for tuning on scratch tensors (its first call only)
+        states = [torch.uint8, torch.uint8, torch.float32, torch.float32] if eight else [torch.float32] * 2
+        low = ([torch.float32] if master else []) + ([torch.bfloat16] if compensation else [])
+        return [dtype, dtype] + states + low
+
     config = tune.config("adamw8" if eight else "adamw", params[0].device, dtype, table.chunk, mode, scratch, launch)
     launch(table, *_block(config, eight))
     if out is not None:
@@ -88,8 +104,8 @@ def grad_sq_norms(tensors, out: Optional[Tensor] = None, prepared=None) -> Tenso
         prepared = tables.prepare([tensors])
     if prepared is None:
         return result
-    keep, (kept,), table = prepared
-    partials = torch.empty(table.n_chunks, dtype=torch.float32, device=result.device)
+    keep, (kept,), table, *scratch = prepared  # a PreparedAdamW's tuple brings its partials buffer
+    partials = scratch[0] if scratch else torch.empty(table.n_chunks, dtype=torch.float32, device=result.device)
     mode = dict(DTYPE=_TL_DTYPES[kept[0].dtype], ALIGNED=table.aligned16)
 
     def launch(tbl, block, num_warps):

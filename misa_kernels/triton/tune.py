@@ -106,7 +106,8 @@ def _save(key: tuple, config: Config, timings: Dict[str, float], info: Optional[
 
 def config(kernel: str, device: torch.device, dtype: torch.dtype, chunk: int, mode: dict,
            scratch_dtypes: Sequence[torch.dtype] = (), launch: Optional[Launch] = None) -> Config:
-    """(BLOCK, num_warps) for `kernel` on `device`; tunes on first use when `launch` is given."""
+    """(BLOCK, num_warps) for `kernel` on `device`; tunes on first use when `launch` is given.
+    `scratch_dtypes` may be a callable returning them (made only when tuning)."""
     forced = _forced()
     if forced is not None:
         return _fit(forced, chunk)
@@ -120,7 +121,8 @@ def config(kernel: str, device: torch.device, dtype: torch.dtype, chunk: int, mo
         key = (kernel, torch.cuda.get_device_name(device), str(dtype).replace("torch.", ""), fast[3])
         found = _load(key)
         if found is None:
-            found, timings = measure(device, scratch_dtypes, chunk, launch)
+            found, timings = measure(device, scratch_dtypes() if callable(scratch_dtypes) else scratch_dtypes,
+                                     chunk, launch)
             _save(key, found, timings, measured())
         _chosen[fast] = found
     return _fit(found, chunk)

@@ -141,3 +141,16 @@ def test_gpu_check_default_stages_fit_one_ten_minute_call():
     assert all(limits.values()) and sum(limits.values()) <= 570, limits
     named = re.findall(r"tests/(test_\w+\.py)", script)
     assert named and all((Path(__file__).parents[1] / "tests" / n).is_file() for n in named)
+
+
+def test_step_digest_is_reproducible():
+    """The digest that compares two trees' steps: the same tree gives the same digest, and the clipped and
+    unclipped runs differ (it hashes what the steps computed)."""
+    import step_digest
+
+    if "triton" not in mk.available_backends("cpu"):
+        pytest.skip("triton cannot run on the CPU here (TRITON_INTERPRET=1 before triton is imported)")
+    root = str(Path(__file__).resolve().parents[1])
+    first, again = step_digest.digest(root, clip=True), step_digest.digest(root, clip=True)
+    assert first == again and set(first) == {"misa", "triton", "torch"}
+    assert step_digest.digest(root, clip=False)["torch"] != first["torch"]

@@ -36,9 +36,10 @@ from misa_kernels.backends import resolve as resolve_backend
 
 from . import provenance, train
 from .data import DOMAINS, DataError, TokenDataset, load_corpus, tokenize
-from .finetune_report import EQUAL, advice, method_name, paired_se, summarize, table, verdict
+from .finetune_report import EQUAL, advice, bare_entry, method_name, paired_se, regime, summarize, table, verdict
 from .integrations.lora import PEFT_MISSING, PeftMissing, attach_lora, peft_available
 from .memory import MemoryMeter
+from .worst_set import worst_case_peak
 from .model import SIZES
 from .partition import partition
 from .pretrained import base_weights, check_fits, pretrained_base
@@ -54,6 +55,9 @@ DEFAULT_GRIDS = {"misa": (3e-3, 1e-2, 3e-2), "lisa": (1e-3, 3e-3, 1e-2), "badam"
 EXTRA_SWITCHES = {"delta": float, "interval": int, "embeddings": str, "train_norms": bool, "lisa_layers": int,
                   "warmup_steps": int}
 TEST_FRACTION = 0.1
+EQUAL_PEAK_ITERATIONS = 12  # bisection steps of delta for the equal peak: 1/4096 of the range
+# the MISA formats --equal-memory peak sizes to LoRA's peak: the default, and the compact one that buys a larger delta
+EQUAL_PEAK_FORMATS = ("misa", "misa+states=8bit+masters=kahan")
 UsageError = train.UsageError
 
 
@@ -77,8 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=3, help="seeds at the chosen rate (the grid runs the first)")
     p.add_argument("--grid-extensions", type=int, default=2,
                    help="times a grid is extended past an edge that was chosen (by the grid's own ratio)")
-    p.add_argument("--equal-memory", action="store_true",
-                   help="add MISA with delta set to LoRA's accounted memory (and LISA with the layers that fit)")
+    p.add_argument("--equal-memory", nargs="?", const="peak", default=None, choices=tuple(EQUAL),
+                   help="add MISA, in the default format and in 8-bit states + Kahan, and LISA sized to LoRA's "
+                        "memory: 'peak' (the default when the flag is given) matches the measured step peak for "
+                        "the worst active set their budget allows (delta bisected, LISA's layers counted); "
+                        "'accounted' matches the ledger (adapters + gradients + states + masters)")
     p.add_argument("--lora-r", type=int, default=8, help="LoRA/DoRA rank, on all seven projections")
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA/DoRA alpha (default: 2 x rank)")
     p.add_argument("--delta", type=float, default=0.25, help="MISA's budget (fraction of all parameters)")
@@ -117,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...; when omitted: cuda if available, else cpu")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"),
                    help="weights during fine-tuning (bf16: MISA/LISA/BAdam keep fp32 masters, LoRA fp32 adapters)")
+    train.add_checkpointing_flag(p)
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "cuda"),
                    help="misa_kernels backend")
     p.add_argument("--seed", type=int, default=0, help="first seed (model-independent: data order, sampler)")
@@ -166,7 +174,7 @@ def parse_entry(entry: str) -> Tuple[str, str, Dict]:
     """'misa+delta=0.1+flush=true' -> ('misa', 'misa+flush=true', {'delta': 0.1}): the method, the entry
     train.build_optimizer takes (its own switches), and the settings this command overrides."""
     name = method_name(entry)
-    if name not in METHODS or (name != "misa" and entry.split("+")[0].replace(EQUAL, "") != name):
+    if name not in METHODS or (name != "misa" and bare_entry(entry.split("+")[0]) != name):
         raise UsageError(f"--methods: unknown method {entry!r}; choose from {', '.join(METHODS)} "
                          "(misa may carry a preset and +switch=value)")
     head, *switches = entry.split("+")
@@ -185,7 +193,7 @@ def parse_entry(entry: str) -> Tuple[str, str, Dict]:
             kept.append(item)
     inner = "+".join(kept)
     if name in ("misa", "lisa", "badam", "adamw"):
-        train.parse_method(inner.replace(EQUAL, ""))  # raises UsageError naming the switch
+        train.parse_method(bare_entry(inner))  # raises UsageError naming the switch
     elif len(kept) > 1 or overrides:
         raise UsageError(f"--methods: {entry!r}: {name} takes no switches (use --lora-r, --lora-alpha)")
     return name, inner, overrides
@@ -233,7 +241,7 @@ def build_method(entry: str, rargs, base: Dict[str, torch.Tensor], device):
         opt = torch.optim.AdamW(adapters, lr=rargs.lr, weight_decay=rargs.weight_decay,
                                 fused=device.type == "cuda")
         return model, opt, base_params
-    return model, train.build_optimizer(inner.replace(EQUAL, ""), model, rargs), base_params
+    return model, train.build_optimizer(bare_entry(inner), model, rargs), base_params
 
 
 def misa_bound(args, delta: float, overrides: Dict, layers: Optional[int] = None) -> int:
@@ -278,21 +286,85 @@ def lisa_layers_at(args, budget_bytes: int, overrides: Dict) -> Tuple[int, int]:
     return best, one
 
 
+def peak_at(args, entry: str, overrides: Dict, base, data: TokenDataset, device) -> Tuple[int, Dict, List[int]]:
+    """(peak bytes, parts by kind, active set) of a training step of `entry` on the worst active set its
+    budget allows (misa.worst_set), measured on a throwaway copy of the model from the base."""
+    rargs = run_args(args, 1e-3, args.seed, overrides, Path("."))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, opt, _ = build_method(entry, rargs, base, device)
+    batch = data.batch(0, args.batch_size, args.seed)
+
+    def step():
+        train._train_step(model, opt, batch, rargs)
+
+    if method_name(entry) == "lisa":  # every layer is alike: the lowest ones make backward the longest
+        return worst_case_peak(model, opt, step, None, sets=[list(range(_lisa_count(opt)))])
+    return worst_case_peak(model, opt, step, lambda: model.loss(batch))
+
+
+def _lisa_count(opt) -> int:
+    sizes = opt.sampler.sizes
+    return max(k for k in range(1, len(sizes) + 1) if sum(sorted(sizes)[:k]) <= opt.budget)
+
+
+def delta_at_peak(args, target: int, entry: str, base, data, device) -> Optional[Dict]:
+    """The largest delta whose worst set's measured step peak fits in `target` bytes (bisection over the
+    measured peaks), with the peaks on both sides of it; None if not even the smallest module fits."""
+    meta = train.build_model(run_args(args, 1e-3, 0, {}, Path(".")), "meta")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sizes = [m.numel for m in partition(meta).modules]
+    total = sum(p.numel() for p in meta.parameters())
+    lo, hi = min(sizes) / total * (1 + 1e-9), 1.0
+    probe = {}
+
+    def peak(delta):
+        probe[delta] = peak_at(args, entry, {"delta": delta}, base, data, device)
+        return probe[delta][0]
+
+    if peak(lo) > target:
+        return None
+    if peak(hi) <= target:
+        lo = hi
+    else:
+        for _ in range(EQUAL_PEAK_ITERATIONS):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if peak(mid) <= target else (lo, mid)
+    found = {"delta": lo, "peak_bytes": probe[lo][0], "parts": probe[lo][1], "target_bytes": target,
+             "worst_set": probe[lo][2]}
+    if hi in probe and hi != lo:
+        found.update(next_delta=hi, next_peak_bytes=probe[hi][0])
+    return found
+
+
+def lisa_layers_at_peak(args, target: int, base, data, device) -> Tuple[int, List[int]]:
+    """(the most LISA layers whose measured step peak fits in `target`, or 0; the peak of each count)."""
+    meta = train.build_model(run_args(args, 1e-3, 0, {}, Path(".")), "meta")
+    n_layers = sum(m.kind == "block" for m in partition(meta, granularity="layer").modules)
+    peaks = []
+    for k in range(1, n_layers + 1):
+        peaks.append(peak_at(args, "lisa", {"lisa_layers": k}, base, data, device)[0])
+        if peaks[-1] > target:
+            break
+    return sum(p <= target for p in peaks), peaks
+
+
 # ----------------------------------------------------------------------------------------- running
 def one_run(args, entry: str, lr: float, seed: int, out: Path, new: TokenDataset, base, device,
             overrides: Dict) -> Tuple[Dict, torch.nn.Module]:
     """One fine-tuning run, evaluated on the new domain's validation split only: (its row, its model)."""
     rargs = run_args(args, lr, seed, overrides, out)
     model, opt, base_params = build_method(entry, rargs, base, device)
-    meter = MemoryMeter(model, base_params)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    ledger = MemoryMeter(model, base_params)
     result = train.run(rargs, entry, out, new, device, progress=train.show_progress(args), model=model, opt=opt,
-                       meter=meter)
-    row = {"method": entry, "lr": lr, "seed": seed, "val_loss": result["summary"]["final_val_loss"],
-           "history": result["history"], "memory": meter.peak.as_dict()}
-    if device.type == "cuda":
-        row["memory"]["gpu_peak_bytes"] = torch.cuda.max_memory_allocated(device)
+                       ledger=ledger)
+    summary = result["summary"]
+    memory = dict(ledger.peak.as_dict(), step_peak_bytes=summary["step_peak_bytes"],
+                  step_peak_parts=summary["step_peak_parts"], metered_steps=summary["metered_steps"])
+    row = {"method": entry, "lr": lr, "seed": seed, "val_loss": summary["final_val_loss"],
+           "history": result["history"], "memory": memory, "step_ms": summary["step_ms"],
+           "tokens_per_s": summary["step_tokens_per_s"]}
     return row, model
 
 
@@ -352,6 +424,35 @@ def run_method(args, entry: str, rates, new, old, base, device, out: Path, overr
     tried = sorted(r["lr"] for r in grid)
     return summarize(entry, tried, sorted((({k: v for k, v in r.items() if k != "history"}) for r in grid),
                                           key=lambda r: r["lr"]), chosen, finals, overrides)
+
+
+def plot_loss_and_time(curves: Dict[str, List[Dict]], step_ms: Dict[str, Optional[float]], path: Path,
+                       title: str) -> None:
+    """Validation loss against optimizer steps and against wall-clock time (the paper's Figure 3): the time of
+    an evaluation point is its step times the method's median time per step (evaluations not counted)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for name, runs in curves.items():
+        steps = torch.tensor(runs[0]["val_step"], dtype=torch.float64)
+        values = torch.tensor([r["val_loss"] for r in runs], dtype=torch.float64)
+        line, = axes[0].plot(steps.tolist(), values.mean(0).tolist(), label=f"{name} (n={len(runs)})")
+        if step_ms.get(name):
+            axes[1].plot((steps * step_ms[name] / 1000).tolist(), values.mean(0).tolist(), color=line.get_color(),
+                         label=f"{name} ({step_ms[name]:.0f} ms/step)")
+    axes[0].set_xlabel("optimizer step")
+    axes[1].set_xlabel("training time (s): step x median ms per step")
+    for ax in axes:
+        ax.set_ylabel("validation loss (new domain)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -434,15 +535,42 @@ def finetune(args, argv, methods, grids, device, old_corpus, old, new, base) -> 
     for entry in methods:
         _, _, overrides = parse_entry(entry)
         rows.append(run_method(args, entry, grids[entry], new, old, base, device, runs, overrides))
-    notes = []
-    if args.equal_memory:
+    notes, equal_peak = [], {}
+    if args.equal_memory == "peak":
+        lora = next(r for r in rows if r["method"] == "lora")
+        target = lora["memory"]["step_peak_bytes"]
+        where = f"LoRA's measured step peak, {target / 2**20:.2f} MiB"
+        for spec in EQUAL_PEAK_FORMATS:
+            head, *switches = spec.split("+")
+            entry = "+".join([head + EQUAL["peak"]] + switches)
+            found = delta_at_peak(args, target, spec, base, new, device)
+            equal_peak[entry] = found
+            if found is None:
+                notes.append(f"{entry}: not even the smallest module's worst step fits in {where}.")
+                continue
+            rows.append(run_method(args, entry, grids.get("misa", DEFAULT_GRIDS["misa"]), new, old, base, device,
+                                   runs, {"delta": found["delta"]}))
+            notes.append(f"{entry}: delta {found['delta']:.4f}, the largest whose worst active set's step peak "
+                         f"({found['peak_bytes'] / 2**20:.2f} MiB) fits in {where}.")
+        layers, peaks = lisa_layers_at_peak(args, target, base, new, device)
+        equal_peak["lisa" + EQUAL["peak"]] = {"layers": layers, "peaks_by_layers": peaks, "target_bytes": target}
+        if layers == 0:
+            notes.append(f"LISA: one layer (with the embedding and head it trains at every step) peaks at "
+                         f"{peaks[0] / 2**20:.2f} MiB, more than {where}: no LISA row fits.")
+        else:
+            entry = "lisa" + EQUAL["peak"]
+            rows.append(run_method(args, entry, grids.get("lisa", DEFAULT_GRIDS["lisa"]), new, old, base, device,
+                                   runs, {"lisa_layers": layers}))
+            notes.append(f"{entry}: {layers} layer(s), the most whose step peak "
+                         f"({peaks[layers - 1] / 2**20:.2f} MiB) fits in {where}.")
+    if args.equal_memory == "accounted":
         lora = next(r for r in rows if r["method"] == "lora")
         budget = lora["memory"]["total_bytes"]
         delta = delta_at(args, budget, {})
         if delta is None:
             notes.append("MISA: not even the smallest module fits in LoRA's accounted memory.")
         else:
-            entry = "misa" + EQUAL
+            entry = "misa" + EQUAL["accounted"]
             rows.append(run_method(args, entry, grids.get("misa", DEFAULT_GRIDS["misa"]), new, old, base, device,
                                    runs, {"delta": delta}))
             notes.append(f"{entry}: delta {delta:.4f}, the largest whose bound fits in LoRA's "
@@ -452,7 +580,7 @@ def finetune(args, argv, methods, grids, device, old_corpus, old, new, base) -> 
             notes.append(f"LISA: one layer (with the embedding and head it trains at every step) holds "
                          f"{one / 2**20:.2f} MiB, more than LoRA's {budget / 2**20:.2f} MiB: no LISA row fits.")
         else:
-            entry = "lisa" + EQUAL
+            entry = "lisa" + EQUAL["accounted"]
             rows.append(run_method(args, entry, grids.get("lisa", DEFAULT_GRIDS["lisa"]), new, old, base, device,
                                    runs, {"lisa_layers": layers}))
             notes.append(f"{entry}: {layers} layer(s), the most whose bound fits in LoRA's {budget / 2**20:.2f} MiB.")
@@ -466,13 +594,15 @@ def finetune(args, argv, methods, grids, device, old_corpus, old, new, base) -> 
             "seq_len": args.seq_len, "batch_size": args.batch_size, "delta": args.delta, "eta": args.eta,
             "interval": args.interval, "embeddings": args.embeddings, "train_norms": args.train_norms,
             "lora_r": args.lora_r, "lora_alpha": args.lora_alpha or 2.0 * args.lora_r, "notes": notes,
-            "eval_batches": args.eval_batches}
+            "eval_batches": args.eval_batches, "checkpointing": args.checkpointing,
+            "equal_memory": args.equal_memory, "equal_peak": equal_peak, "threads": torch.get_num_threads()}
     curves = {r["method"]: r.pop("val_curves") for r in rows}
     (out / "finetune.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     text = table(rows, base_losses)
     (out / "finetune.md").write_text(f"Written by `{meta['command']}`\n\n" + "\n".join(notes) + "\n\n" + text
-                                     + "\n\n" + verdict(rows) + "\n\n" + advice(rows, base_losses["old"]) + "\n")
-    train.plot(curves, out / "finetune.png", title=f"fine-tuning {what} on {new_name}: validation loss")
+                                     + "\n\n" + verdict(rows) + "\n\n" + advice(rows, base_losses["old"], meta) + "\n")
+    plot_loss_and_time(curves, {r["method"]: r.get("step_ms") for r in rows}, out / "finetune.png",
+                       title=f"fine-tuning {what} on {new_name} ({regime(meta)})")
     if not args.keep_runs:
         import shutil
 

@@ -5,28 +5,42 @@ them, benchmarks/render_readme.py renders committed ones into the README), never
 
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
-EQUAL = "@lora-memory"  # the suffix of the rows sized to LoRA's accounted memory (--equal-memory)
+# --equal-memory's criteria and the suffix of the rows they size to LoRA's memory
+EQUAL = {"peak": "@lora-peak", "accounted": "@lora-memory"}
 
 
 def method_name(entry: str) -> str:
     return entry.split("+")[0].split("-")[0].split("@")[0]
 
 
+def bare_entry(entry: str) -> str:
+    """The entry without the suffix --equal-memory gave it: what train.build_optimizer takes."""
+    for suffix in EQUAL.values():
+        entry = entry.replace(suffix, "")
+    return entry
+
+
 def summarize(entry, rates, grid, chosen, finals, overrides) -> Dict:
     tests = torch.tensor([r["test_loss"] for r in finals], dtype=torch.float64)
     olds = torch.tensor([r["old_loss"] for r in finals], dtype=torch.float64)
-    memory = max((r["memory"] for r in finals), key=lambda m: m["total_bytes"])
+    memory = dict(max((r["memory"] for r in finals), key=lambda m: m["total_bytes"]))
+    if all(r["memory"].get("step_peak_bytes") for r in finals):  # the worst step of every seed's run
+        worst = max((r["memory"] for r in finals), key=lambda m: m["step_peak_bytes"])
+        memory.update(step_peak_bytes=worst["step_peak_bytes"], step_peak_parts=worst["step_peak_parts"])
+    times = [r["step_ms"] for r in finals if r.get("step_ms")]
+    step_ms = float(torch.tensor(times, dtype=torch.float64).median()) if times else None
     return {"method": entry, "overrides": overrides, "grid": {f"{r['lr']:g}": r["val_loss"] for r in grid},
             "lr": chosen, "lr_at_grid_edge": len(rates) > 1 and chosen in (min(rates), max(rates)),
             "seeds": len(finals), "test_loss_mean": float(tests.mean()),
             "test_loss_std": float(tests.std()) if len(finals) > 1 else 0.0,
             "test_loss_min": float(tests.min()), "test_loss_max": float(tests.max()),
             "test_sem_mean": float(sum(r["test_sem"] for r in finals) / len(finals)),
-            "old_loss_mean": float(olds.mean()), "memory": memory,
+            "old_loss_mean": float(olds.mean()), "memory": memory, "step_ms": step_ms,
+            "tokens_per_s": finals[0]["tokens_per_s"] * finals[0]["step_ms"] / step_ms if step_ms else None,
             "runs": [{k: v for k, v in r.items() if k != "history"} for r in finals],
             "val_curves": [r["history"] for r in finals]}
 
@@ -39,22 +53,47 @@ def paired_se(a_rows, b_rows) -> float:
     return float(diff.std() / diff.numel() ** 0.5) if diff.numel() > 1 else float("nan")
 
 
+def _peak(r: Dict) -> Optional[int]:
+    return r["memory"].get("step_peak_bytes")
+
+
+def _x_lora(r: Dict, lora: Optional[Dict]) -> str:
+    if lora is None or not _peak(r) or not _peak(lora):
+        return ""
+    return f" ({_peak(r) / _peak(lora):.2f}x)"
+
+
 def table(rows: List[Dict], base_losses: Dict) -> str:
-    gpu = any("gpu_peak_bytes" in r["memory"] for r in rows)
-    lines = ["| method | lr (grid: val loss) | seeds | test loss, mean ± std | old-domain loss (base "
-             f"{base_losses['old']:.4f}) | trainable params | adapters + grads + states + masters (MiB) | total MiB |"
-             + (" measured GPU peak MiB |" if gpu else ""),
-             "|---|---|---|---|---|---|---|---|" + ("---|" if gpu else "")]
+    """One row per method: quality, forgetting, the step's measured peak (x LoRA's), time per step, and the
+    accounted ledger beside them. Rows of runs older than the meter show only the ledger."""
+    by = {r["method"]: r for r in rows}
+    lora = by.get("lora")
+    measured = any(_peak(r) for r in rows)
+    head = ("| method | lr (grid: val loss) | seeds | test loss, mean ± std | old-domain loss (base "
+            f"{base_losses['old']:.4f}) | trainable params |")
+    if measured:
+        head += " step peak MiB (x LoRA) | ms / step | tokens/s |"
+    head += " accounted: adapters + grads + states + masters (MiB) | accounted MiB |"
+    lines = [head, "|" + "---|" * head.count(" |")]
     for r in sorted(rows, key=lambda r: r["test_loss_mean"]):
         m = r["memory"]
         grid = ", ".join(f"{k}: {v:.3f}" for k, v in r["grid"].items())
         edge = " (edge)" if r["lr_at_grid_edge"] else ""
         mib = " + ".join(f"{m[k] / 2**20:.2f}" for k in ("adapter_bytes", "grad_bytes", "state_bytes", "master_bytes"))
-        lines.append(f"| {r['method']} | {r['lr']:g}{edge} ({grid}) | {r['seeds']} | {r['test_loss_mean']:.4f} ± "
-                     f"{r['test_loss_std']:.4f} | {r['old_loss_mean']:.4f} | {m['trainable_params']:,} | {mib} | "
-                     f"{m['total_bytes'] / 2**20:.2f} |"
-                     + (f" {m.get('gpu_peak_bytes', float('nan')) / 2**20:.0f} |" if gpu else ""))
+        line = (f"| {r['method']} | {r['lr']:g}{edge} ({grid}) | {r['seeds']} | {r['test_loss_mean']:.4f} ± "
+                f"{r['test_loss_std']:.4f} | {r['old_loss_mean']:.4f} | {m['trainable_params']:,} |")
+        if measured:
+            peak = f"{_peak(r) / 2**20:.2f}{_x_lora(r, lora)}" if _peak(r) else ""
+            ms = f"{r['step_ms']:.0f}" if r.get("step_ms") else ""
+            tps = f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else ""
+            line += f" {peak} | {ms} | {tps} |"
+        lines.append(line + f" {mib} | {m['total_bytes'] / 2**20:.2f} |")
     return "\n".join(lines)
+
+
+def _mem(r: Dict) -> Tuple[float, str]:
+    """(bytes, what they are): the measured step peak where the run has one, else the accounted ledger."""
+    return (float(_peak(r)), "step peak") if _peak(r) else (float(r["memory"]["total_bytes"]), "accounted memory")
 
 
 def verdict(rows: List[Dict]) -> str:
@@ -68,11 +107,11 @@ def verdict(rows: List[Dict]) -> str:
             diff = b["test_loss_mean"] - a["test_loss_mean"]
             spread = max(a["test_loss_std"], b["test_loss_std"])
             noise = b.get("paired_se", {}).get(mine, float("nan"))
-            memory = a["memory"]["total_bytes"] / max(b["memory"]["total_bytes"], 1)
+            (mem_a, what), (mem_b, _) = _mem(a), _mem(b)
             out.append(f"{mine}'s mean test loss is {abs(diff):.4f} {'lower' if diff > 0 else 'higher'} than "
                        f"{other}'s, {'larger than' if abs(diff) > spread else 'within'} the spread over seeds "
                        f"(largest std {spread:.4f}; evaluation noise of the difference {noise:.4f}), at "
-                       f"{memory:.2f}x its accounted memory.")
+                       f"{mem_a / max(mem_b, 1):.2f}x its {what}.")
     return " ".join(out)
 
 
@@ -81,56 +120,67 @@ def _gap(a: Dict, b: Dict) -> Tuple[float, float]:
     return b["test_loss_mean"] - a["test_loss_mean"], max(a["test_loss_std"], b["test_loss_std"])
 
 
-def advice(rows: List[Dict], base_old: float) -> str:
-    """When to choose MISA, LoRA or LISA, read off these rows (computed, never typed)."""
+def regime(meta: Dict) -> str:
+    return "with activation checkpointing" if meta.get("checkpointing") else "without activation checkpointing"
+
+
+def _speed(a: Dict, b: Dict) -> str:
+    if not (a.get("step_ms") and b.get("step_ms")):
+        return ""
+    return f", at {a['step_ms']:.0f} ms per step against {b['step_ms']:.0f}"
+
+
+def advice(rows: List[Dict], base_old: float, meta: Optional[Dict] = None) -> str:
+    """When to choose MISA, LoRA or LISA, read off these rows (computed, never typed). With measured peaks
+    the memory compared is the step's peak, in the run's regime (checkpointing or not)."""
+    meta = meta or {}
     by = {r["method"]: r for r in rows}
+    lora = by.get("lora")
     out = []
+    measured = lora is not None and bool(_peak(lora))
 
     def mib(r):
-        return r["memory"]["total_bytes"] / 2**20
+        return _mem(r)[0] / 2**20
 
-    equal = by.get("misa" + EQUAL)
-    if equal is not None and "lora" in by:
-        d, spread = _gap(equal, by["lora"])
-        if abs(d) <= spread:
-            out.append(f"At LoRA's memory ({mib(by['lora']):.2f} MiB accounted) MISA and LoRA train alike here (test "
-                       f"losses {abs(d):.4f} apart, within the seed spread {spread:.4f}): choose on other grounds.")
-        else:
-            better, worse = ("MISA", "LoRA") if d > 0 else ("LoRA", "MISA")
-            out.append(f"At LoRA's memory ({mib(by['lora']):.2f} MiB accounted) {better} trains better than {worse} "
-                       f"(test loss {abs(d):.4f} lower, more than the seed spread {spread:.4f}): choose {better} "
-                       "when memory is what limits you.")
-    mine = sorted((r for r in rows if method_name(r["method"]) == "misa"), key=mib)
-    if "lora" in by and mine:
-        lora = by["lora"]
-        within = [r for r in mine if mib(r) <= mib(lora) * 1.001]
+    unit = "MiB step peak" if measured else "MiB accounted"
+    if lora is not None:
+        within = [r for r in rows if method_name(r["method"]) == "misa" and mib(r) <= mib(lora) * 1.001]
         if within:
             best = min(within, key=lambda r: r["test_loss_mean"])
             d, spread = _gap(best, lora)
-            out.append(f"Within LoRA's memory the best MISA row is {best['method']} ({best['test_loss_mean']:.4f}, "
-                       f"{abs(d):.4f} {'below' if d > 0 else 'above'} LoRA's {lora['test_loss_mean']:.4f}; seed "
-                       f"spread {spread:.4f}).")
+            if abs(d) <= spread:
+                said = (f"MISA and LoRA train alike (test losses {abs(d):.4f} apart, within the seed spread "
+                        f"{spread:.4f}): choose on speed and forgetting")
+            else:
+                better = "MISA" if d > 0 else "LoRA"
+                said = (f"{better} trains better (test loss {abs(d):.4f} lower, more than the seed spread "
+                        f"{spread:.4f}): choose {better} when memory is what limits you")
+            out.append(f"{regime(meta).capitalize() if measured else 'At'}{', at' if measured else ''} LoRA's "
+                       f"memory ({mib(lora):.2f} {unit}), the best MISA row is {best['method']} "
+                       f"({best['test_loss_mean']:.4f} against LoRA's {lora['test_loss_mean']:.4f}, "
+                       f"{mib(best):.2f} {unit}{_speed(best, lora)}): {said}.")
+        else:
+            out.append(f"No MISA row fits in LoRA's memory ({mib(lora):.2f} {unit}).")
+        mine = sorted((r for r in rows if method_name(r["method"]) == "misa"), key=mib)
         beating = [r for r in mine if _gap(r, lora)[0] > _gap(r, lora)[1]]
         if beating:
-            first = beating[0]
-            out.append(f"The least memory at which a MISA row beats LoRA beyond the seed spread: {first['method']} "
-                       f"at {mib(first) / mib(lora):.2f}x LoRA's accounted memory.")
+            out.append(f"The least memory at which a MISA row beats LoRA beyond the seed spread: "
+                       f"{beating[0]['method']} at {mib(beating[0]) / mib(lora):.2f}x LoRA's {_mem(lora)[1]}.")
         else:
             out.append("No MISA row here beats LoRA beyond the seed spread.")
     sampled = [r for r in rows if method_name(r["method"]) in ("misa", "lisa", "badam", "lora", "dora")]
     if sampled:
         best = min(sampled, key=lambda r: r["test_loss_mean"])
         line = (f"Of the memory-saving methods, {best['method']} reaches the lowest test loss "
-                f"({best['test_loss_mean']:.4f}, {mib(best):.2f} MiB accounted")
+                f"({best['test_loss_mean']:.4f}, {mib(best):.2f} {unit}")
         if "adamw" in by:
-            line += (f"; full fine-tuning {by['adamw']['test_loss_mean']:.4f} at {mib(by['adamw']):.2f} MiB")
+            line += f"; full fine-tuning {by['adamw']['test_loss_mean']:.4f} at {mib(by['adamw']):.2f}"
         out.append(line + ").")
-    if "misa" in by and "lisa" in by:
-        d, spread = _gap(by["misa"], by["lisa"])
-        word = "lower" if d > 0 else "higher"
-        out.append(f"MISA ({by['misa']['memory']['trainable_params']:,} parameters trained at a time) ends "
-                   f"{abs(d):.4f} {word} than LISA ({'beyond' if abs(d) > spread else 'within'} the seed spread), "
-                   f"at {mib(by['misa']) / max(mib(by['lisa']), 1e-9):.2f}x its memory.")
+        timed = [r for r in sampled if r.get("step_ms")]
+        if timed:
+            fast = min(timed, key=lambda r: r["step_ms"])
+            out.append(f"The fastest is {fast['method']} ({fast['step_ms']:.0f} ms per step"
+                       + (f"; LoRA {lora['step_ms']:.0f}" if lora is not None and lora.get("step_ms") else "") + ").")
     least = min(rows, key=lambda r: r["old_loss_mean"])
     out.append(f"{least['method']} forgets least: its loss on the old domain rises from {base_old:.4f} to "
                f"{least['old_loss_mean']:.4f}; " + ", ".join(f"{r['method']} {r['old_loss_mean']:.4f}" for r in

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -130,6 +131,20 @@ class LlamaForCausalLM(nn.Module):
         self.register_buffer("rope_cos", angles.cos(), persistent=False)
         self.register_buffer("rope_sin", angles.sin(), persistent=False)
         self.apply(self._init)
+        self.gradient_checkpointing = False
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
+        """Activation checkpointing per block (the Hugging Face name): each block keeps only its input and
+        is recomputed in backward. Non-reentrant (`torch.utils.checkpoint(use_reentrant=False)`), so blocks
+        behind a frozen embedding still receive gradients; a reentrant one would give them none."""
+        kwargs = dict(gradient_checkpointing_kwargs or {})
+        if kwargs.get("use_reentrant", False):
+            raise ValueError("gradient_checkpointing_kwargs: use_reentrant=True gives blocks behind a frozen "
+                             "embedding no gradients; this model checkpoints non-reentrantly")
+        self.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing = False
 
     def _init(self, module):
         # GPT-2/LLaMA-style init: N(0, 0.02), residual projections scaled by depth.
@@ -147,7 +162,10 @@ class LlamaForCausalLM(nn.Module):
         cos, sin = self.rope_cos[:t].to(self.lm_head.weight.dtype), self.rope_sin[:t].to(self.lm_head.weight.dtype)
         x = self.model.embed_tokens(ids)
         for layer in self.model.layers:
-            x = layer(x, cos, sin)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin)
         return self.lm_head(self.model.norm(x))
 
     def loss(self, batch):

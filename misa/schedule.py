@@ -45,6 +45,26 @@ class Schedule:
         """`hook(optimizer)` runs after every switch of the active set (used to rebuild DDP)."""
         self._switch_hooks.append(hook)
 
+    def set_active(self, modules: Sequence) -> None:
+        """Activate exactly `modules` (indices or names) now, as a switch would, instead of a drawn set: the
+        memory planner and the equal-peak search use it to measure the worst set a budget allows. The
+        period starts again from here; the sampler's estimates are kept."""
+        index = {name: b for b, name in enumerate(self.module_names)}
+        chosen = []
+        for m in modules:
+            b = index.get(m) if isinstance(m, str) else m
+            if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b < len(self.module_names):
+                raise ValueError(f"modules: {m!r} is not one of this optimizer's {len(self.module_names)} modules "
+                                 f"(an index, or a name such as {self.module_names[0]!r})")
+            chosen.append(b)
+        if len(set(chosen)) != len(chosen):
+            raise ValueError("modules: a module is named twice")
+        size = sum(self.sampler.sizes[b] for b in chosen)
+        if size > self.budget:
+            raise ValueError(f"modules: {size:,} parameters, more than the budget of {int(self.budget):,} "
+                             f"(delta={self.delta:g})")
+        self._switch(chosen)
+
     def _module_params(self, b: int) -> List[Tensor]:
         return [p for _, p in self.partition.modules[b].params]
 

@@ -8,10 +8,12 @@ data and draws them on one plot. Exit code 2 means bad input (nothing is written
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import resource
+import statistics
 import sys
 import time
 import warnings
@@ -26,6 +28,7 @@ from misa_kernels.backends import resolve as resolve_backend
 from . import provenance
 from .baselines import LISA, BAdam
 from .data import DataError, TokenDataset, describe, load_corpus, tokenize
+from .memory import StepPeakMeter
 from .model import SIZES, LlamaConfig, LlamaForCausalLM
 from .optimizer import MISA
 from .variants import PRESETS
@@ -36,6 +39,7 @@ SWITCHES = {"flush": "bool", "keep_states": "bool", "norm_power": "int", "logit_
             "warmup_interval": "int", "eta": "eta", "states": ("fp32", "8bit"), "masters": ("fp32", "kahan", "none"),
             "rounding": ("nearest", "stochastic")}
 CHECKPOINT = "checkpoint.pt"
+METER_EVERY = 50  # besides the steps that can hold the most, every 50th step's peak is measured
 
 
 class UsageError(ValueError):
@@ -114,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="sequences per optimizer step")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...; when omitted: cuda if available, else cpu")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="parameter dtype")
+    add_checkpointing_flag(p)
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "cuda"),
                    help="misa_kernels backend (auto: cuda > triton > torch on a GPU, torch on the CPU)")
     p.add_argument("--seed", type=int, default=0, help="seeds the model, the data order and the sampler")
@@ -213,6 +218,27 @@ def _transformers():
     return transformers
 
 
+def add_checkpointing_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpointing", action="store_true",
+                   help="activation checkpointing per block (non-reentrant torch.utils.checkpoint; "
+                        "gradient_checkpointing_enable for a Hugging Face model): each block keeps only its input "
+                        "and is recomputed in backward")
+
+
+def enable_checkpointing(model, args) -> None:
+    """Per-block activation checkpointing, non-reentrant: blocks behind a frozen embedding still get their
+    gradients (a reentrant checkpoint would give them none unless the inputs require grad)."""
+    if not getattr(args, "checkpointing", False):
+        return
+    if not getattr(model, "supports_gradient_checkpointing", True) or not hasattr(model,
+                                                                                  "gradient_checkpointing_enable"):
+        raise UsageError(f"--checkpointing: {type(model).__name__} cannot checkpoint its activations (it has no "
+                         "gradient_checkpointing_enable, or says it does not support it)")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "config") and hasattr(model.config, "use_cache"):
+        model.config.use_cache = False  # a cache is for generation, and transformers refuses it with checkpointing
+
+
 def build_model(args, device):
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     if args.model:
@@ -221,8 +247,10 @@ def build_model(args, device):
             config = transformers.AutoConfig.from_pretrained(args.model, local_files_only=True)
             with torch.device("meta"):
                 model = transformers.AutoModelForCausalLM.from_config(config)
+            enable_checkpointing(model, args)
             return model
         model = transformers.AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=dtype, local_files_only=True)
+        enable_checkpointing(model, args)
 
         def loss_fn(batch):
             logits = model(input_ids=batch[:, :-1]).logits
@@ -232,7 +260,9 @@ def build_model(args, device):
         return model.to(device)
     cfg = model_config(args)
     torch.manual_seed(args.seed)
-    return LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
+    model = LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
+    enable_checkpointing(model, args)
+    return model
 
 
 def model_config(args) -> LlamaConfig:
@@ -394,9 +424,14 @@ def peak_memory_mb(device) -> Dict[str, float]:
 
 
 def run(args, optimizer_name: str, out: Path, data: TokenDataset, device, progress: bool = True,
-        checkpoint: Optional[Dict] = None, model=None, opt=None, meter=None) -> Dict:
+        checkpoint: Optional[Dict] = None, model=None, opt=None, ledger=None) -> Dict:
     """Trains one run and writes its outputs to `out`. A caller may hand in the model and optimizer
-    (fine-tuning builds them from a base) and a `misa.memory.MemoryMeter` that reads every step."""
+    (fine-tuning builds them from a base) and a `misa.memory.MemoryMeter` (the ledger) that reads every step.
+
+    The step's peak memory is measured (`misa.memory.StepPeakMeter`) on the steps that can hold the most:
+    the first three (optimizer states appear), the first step of every new active set (a MISA-family
+    optimizer's peak depends on which modules are active), and every METER_EVERY-th. The time per step is
+    the median over the other steps, which run unmetered: the tracker slows the steps it watches."""
     model = build_model(args, device) if model is None else model
     opt = build_optimizer(optimizer_name, model, args) if opt is None else opt
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.warmup_steps))
@@ -417,23 +452,21 @@ def run(args, optimizer_name: str, out: Path, data: TokenDataset, device, progre
 
         bar = tqdm(total=args.max_steps, initial=start, desc=optimizer_name, dynamic_ncols=True, file=sys.stdout)
     t0, trained_steps = time.perf_counter(), 0
+    peak_meter, step_seconds = StepPeakMeter(model, opt), []
+    switches_seen = None
     model.train()
     for step in range(start, args.max_steps):
-        batch = data.batch(step, args.batch_size, args.seed)
-        loss = model.loss(batch)
-        loss.backward()
-        if args.max_grad_norm > 0:
-            if isinstance(opt, MISA):
-                opt.clip_grad_norm_(args.max_grad_norm)
-            else:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        if meter is not None:
-            meter.before_step()
-        opt.step()
-        if meter is not None:
-            meter.after_step(opt)
+        switches = len(opt.switch_log) if isinstance(opt, MISA) else 0
+        metered = step - start < 3 or switches != switches_seen or (step + 1) % METER_EVERY == 0
+        switches_seen = switches
+        began = time.perf_counter()
+        with peak_meter.step() if metered else contextlib.nullcontext():
+            loss = _train_step(model, opt, data.batch(step, args.batch_size, args.seed), args, ledger)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if not metered:
+            step_seconds.append(time.perf_counter() - began)
         sched.step()
-        opt.zero_grad(set_to_none=True)
         trained_steps += 1
         loss_value = float(loss.detach())
         history["step"].append(step + 1)
@@ -477,6 +510,12 @@ def run(args, optimizer_name: str, out: Path, data: TokenDataset, device, progre
         "params": sum(p.numel() for p in model.parameters()),
         "device": str(device), **peak_memory_mb(device),
     }
+    step_ms = 1000 * statistics.median(step_seconds) if step_seconds else None
+    if "peak_allocated_mb" in summary:  # the meter resets the allocator's peak at each metered step
+        summary["peak_allocated_mb"] = max(summary["peak_allocated_mb"], peak_meter.peak_bytes / 2**20)
+    summary.update(step_peak_bytes=peak_meter.peak_bytes, step_peak_parts=peak_meter.peak_parts,
+                   metered_steps=len(peak_meter.steps), step_ms=step_ms,
+                   step_tokens_per_s=tokens_per_step / step_ms * 1000 if step_ms else None)
     if isinstance(opt, MISA):
         summary.update(trainable_fraction=opt.trainable_fraction, switches=len(opt.switch_log),
                        skipped_steps=opt.skipped_steps, active_modules=opt.active_modules)
@@ -484,6 +523,24 @@ def run(args, optimizer_name: str, out: Path, data: TokenDataset, device, progre
     (out / "history.json").write_text(json.dumps(history))
     plot({optimizer_name: [history]}, out / "loss.png", title=f"{optimizer_name} on {describe(args.data)}")
     return {"summary": summary, "history": history}
+
+
+def _train_step(model, opt, batch, args, ledger=None):
+    """One optimizer step: forward, backward, clipping, the update, gradients freed. Returns the loss."""
+    loss = model.loss(batch)
+    loss.backward()
+    if args.max_grad_norm > 0:
+        if isinstance(opt, MISA):
+            opt.clip_grad_norm_(args.max_grad_norm)
+        else:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+    if ledger is not None:
+        ledger.before_step()
+    opt.step()
+    if ledger is not None:
+        ledger.after_step(opt)
+    opt.zero_grad(set_to_none=True)
+    return loss
 
 
 def save_checkpoint(out: Path, model, opt, sched, step: int, history, args) -> None:
@@ -556,20 +613,26 @@ def compare(args, data, device, out: Path, argv: Optional[List[str]] = None) -> 
                      "eval_sem_mean": float(torch.tensor([r["summary"].get("final_val_sem") or float("nan")
                                                           for r in runs]).mean()),
                      "eval_se_paired_vs_first": paired_eval_se(runs, results[names[0]]),
-                     "tokens_per_s": sum(r["summary"]["tokens_per_s"] for r in runs) / len(runs)})
+                     "tokens_per_s": sum(r["summary"]["tokens_per_s"] for r in runs) / len(runs),
+                     "step_peak_bytes": max(r["summary"]["step_peak_bytes"] for r in runs),
+                     "step_ms": statistics.median(r["summary"]["step_ms"] for r in runs if r["summary"]["step_ms"])
+                     if any(r["summary"]["step_ms"] for r in runs) else None})
     meta = {"command": provenance.command("misa.train", sys.argv[1:] if argv is None else argv), "device": str(device),
             "torch": torch.__version__, "commit": provenance.commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "variant_default": repr(PRESETS["default"]), "eval_batches": args.eval_batches,
             "model_size": args.model_size, "steps": args.max_steps,
             "delta": args.delta, "eta": args.eta, "interval": args.interval, "granularity": args.granularity,
-            "lr": args.lr, "seq_len": args.seq_len, "batch_size": args.batch_size, "data": describe(args.data)}
+            "lr": args.lr, "seq_len": args.seq_len, "batch_size": args.batch_size, "data": describe(args.data),
+            "checkpointing": getattr(args, "checkpointing", False)}
     (out / "compare.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = ["| optimizer | seeds | final val loss (mean ± std) | min | max | eval s.e. (paired vs first) | "
-             "val ppl | tokens/s |", "|---|---|---|---|---|---|---|---|"]
+             "val ppl | tokens/s | step peak MiB | ms / step |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: r["val_loss_mean"]):
+        ms = f"{r['step_ms']:.0f}" if r["step_ms"] else ""
         lines.append(f"| {r['optimizer']} | {r['seeds']} | {r['val_loss_mean']:.4f} ± {r['val_loss_std']:.4f} | "
                      f"{r['val_loss_min']:.4f} | {r['val_loss_max']:.4f} | {r['eval_sem_mean']:.4f} "
-                     f"({r['eval_se_paired_vs_first']:.4f}) | {r['val_ppl_mean']:.3f} | {r['tokens_per_s']:.0f} |")
+                     f"({r['eval_se_paired_vs_first']:.4f}) | {r['val_ppl_mean']:.3f} | {r['tokens_per_s']:.0f} | "
+                     f"{r['step_peak_bytes'] / 2**20:.2f} | {ms} |")
     settings = ", ".join(f"{k}={v}" for k, v in meta.items() if k != "command")
     (out / "compare.md").write_text(f"Written by `{meta['command']}`\n\n{settings}\n\n" + "\n".join(lines) + "\n")
     plot({n: [r["history"] for r in runs] for n, runs in results.items()}, out / "compare.png",

@@ -39,11 +39,11 @@ from .data import DOMAINS, DataError, TokenDataset, load_corpus, tokenize
 from .finetune_report import EQUAL, advice, bare_entry, method_name, paired_se, regime, summarize, table, verdict
 from .integrations.lora import PEFT_MISSING, PeftMissing, attach_lora, peft_available
 from .memory import MemoryMeter
-from .worst_set import worst_case_peak
 from .model import SIZES
 from .partition import partition
 from .pretrained import base_weights, check_fits, pretrained_base
 from .variants import PRESETS
+from .worst_set import worst_case_peak
 
 METHODS = ("misa", "lisa", "badam", "adamw", "lora", "dora")
 # Rates a small grid spans for each method, centred on each one's best in a wide pilot over 1e-4..1e-2 (the

@@ -64,7 +64,8 @@ def pretrained_base(args, old: TokenDataset, corpus: bytes, device: torch.device
     work = folder.parent / f".{folder.name}.{os.getpid()}.tmp"
     pre = SimpleNamespace(**{**vars(args), "lr": args.base_lr, "seed": 0, "max_steps": args.base_steps,
                              "warmup_steps": 10, "max_grad_norm": 1.0, "dtype": "fp32", "eval_every": args.base_steps,
-                             "weight_decay": 0.0, "model": None, "save_every": 0, "out": str(work)})
+                             "weight_decay": 0.0, "model": None, "save_every": 0, "out": str(work),
+                             "checkpointing": False})  # the same base whatever the fine-tuning regime
     print(f"misa-finetune: pretraining the base once ({args.base_steps} AdamW steps on the main job's corpus); "
           f"cached in {folder}", flush=True)
     model = train.build_model(pre, device)

@@ -39,6 +39,7 @@ def compare_section() -> str:
         data = json.loads(f.read_text())
         meta = data["meta"]
         rel = f.parent.relative_to(ROOT)
+        measured = all("step_peak_bytes" in r for r in data["rows"])  # runs since the step-peak meter
         lines = [f"**{rel.name}** ({meta['device']}, torch {meta['torch']}, commit {meta.get('commit', '?')[:10]}, "
                  f"{meta['date']}): "
                  f"model {meta['model_size']}, {meta['steps']} steps, delta={meta['delta']}, eta={meta['eta']}, "
@@ -46,14 +47,16 @@ def compare_section() -> str:
                  f"lr={meta['lr']}, seq {meta['seq_len']} x batch {meta['batch_size']}; written by "
                  f"`{meta['command']}`; plot `{rel}/compare.png`.", "",
                  "| optimizer | seeds | final val loss, mean ± std | min | max | eval s.e. (of the difference to "
-                 f"{data['rows'][0]['optimizer']}) | val perplexity |",
-                 "|---|---|---|---|---|---|---|"]
+                 f"{data['rows'][0]['optimizer']}) | val perplexity |" + (" step peak MiB | ms / step |" if measured
+                                                                           else ""),
+                 "|---|---|---|---|---|---|---|" + ("---|---|" if measured else "")]
         for r in sorted(data["rows"], key=lambda r: r["val_loss_mean"]):
             sem = r.get("eval_sem_mean", float("nan"))
             paired = r.get("eval_se_paired_vs_first", float("nan"))
             lines.append(f"| {r['optimizer']} | {r['seeds']} | {r['val_loss_mean']:.4f} ± {r['val_loss_std']:.4f} | "
                          f"{r['val_loss_min']:.4f} | {r['val_loss_max']:.4f} | {sem:.4f} ({paired:.4f}) | "
-                         f"{r['val_ppl_mean']:.2f} |")
+                         f"{r['val_ppl_mean']:.2f} |" + (f" {r['step_peak_bytes'] / 2**20:.2f} | "
+                                                        f"{r['step_ms'] or float('nan'):.0f} |" if measured else ""))
         if "variant_default" in meta:
             lines += ["", f"`misa` is `variant=\"default\"` as it stood for this run: `{meta['variant_default']}`; "
                           "`misa-<preset>+switch=value` rows override the named preset."]
@@ -85,9 +88,55 @@ def finetune_section() -> str:
         lines += [f"- {note}" for note in meta.get("notes", [])]
         lines += ["", finetune_report.table(rows, {"old": meta["base_loss_old"]}), "",
                   finetune_report.verdict(rows), "",
-                  "**When to choose what, from this run:** " + finetune_report.advice(rows, meta["base_loss_old"])]
+                  "**When to choose what, from this run:** "
+                  + finetune_report.advice(rows, meta["base_loss_old"], meta)]
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
+
+
+def equal_peak_section() -> str:
+    """MISA or LoRA at LoRA's measured step peak: one row per committed `--equal-memory` (peak) comparison, each
+    domain and regime, and the verdict sentences computed from them."""
+    from misa import finetune_report as fr
+
+    files = [f for f in sorted(RESULTS.glob("*/finetune.json"))
+             if json.loads(f.read_text())["meta"].get("equal_memory") == "peak"]
+    if not files:
+        return "_No equal-peak comparison is recorded yet._"
+
+    def cell(r, lora):
+        if r is None:
+            return "does not fit"
+        delta = r.get("overrides", {}).get("delta")
+        what = r["method"] + (f" (δ={delta:.3f})" if delta else "")
+        peak, lora_peak = r["memory"]["step_peak_bytes"], lora["memory"]["step_peak_bytes"]
+        return (f"{what}: {r['test_loss_mean']:.4f} ± {r['test_loss_std']:.4f}, {peak / 2**20:.1f} MiB "
+                f"({peak / lora_peak:.2f}x), {r['step_ms']:.0f} ms")
+
+    lines = ["| comparison | domain | checkpointing | LoRA r=8: test loss, step peak, ms/step | best MISA within "
+             "LoRA's peak | LISA at LoRA's peak | full AdamW | at LoRA's peak |", "|---|---|---|---|---|---|---|---|"]
+    sentences = []
+    for f in files:
+        data = json.loads(f.read_text())
+        meta, rows = data["meta"], data["rows"]
+        found = fr.at_lora_peak(rows)
+        if found is None:
+            continue
+        lora = found["lora"]
+        lines.append(f"| `{f.parent.relative_to(ROOT)}` | {meta['domain']} | "
+                     f"{'yes' if meta['checkpointing'] else 'no'} | "
+                     f"{lora['test_loss_mean']:.4f} ± {lora['test_loss_std']:.4f}, "
+                     f"{lora['memory']['step_peak_bytes'] / 2**20:.1f} MiB, {lora['step_ms']:.0f} ms | "
+                     f"{cell(found['misa'], lora)} | {cell(found['lisa'], lora)} | "
+                     f"{cell(found['adamw'], lora) if found['adamw'] else ''} | {found.get('winner', 'no MISA row')} |")
+        sentences.append(fr.equal_peak_line(meta, found))
+    first = json.loads(files[0].read_text())["meta"]
+    head = (f"{first['model']} ({first['dtype']}), {first['steps']} steps of {first['batch_size']} x "
+            f"{first['seq_len']}, "
+            f"{first['device']}, {first.get('threads', '?')} thread(s) per run; step peak: the worst step of every "
+            "seed's run, measured by `misa.memory.StepPeakMeter` (activations included); ms: median time of an "
+            "unmetered step.")
+    return "\n".join([head, ""] + lines + [""] + [f"- {s}" for s in sentences])
 
 
 def verdict(rows) -> str:
@@ -408,7 +457,8 @@ def host_section() -> str:
 
 def render(readme: Path) -> None:
     text = readme.read_text()
-    sections = (("compare", compare_section), ("finetune", finetune_section), ("kernels", kernels_section),
+    sections = (("compare", compare_section), ("equal_peak", equal_peak_section), ("finetune", finetune_section),
+                ("kernels", kernels_section),
                 ("train_step", train_step_section),
                 ("master", master_section), ("formats", formats_section), ("ddp", ddp_section),
                 ("host", host_section))

@@ -38,6 +38,7 @@ from . import provenance, train
 from .data import DOMAINS, DataError, TokenDataset, load_corpus, tokenize
 from .finetune_report import EQUAL, advice, bare_entry, method_name, paired_se, regime, summarize, table, verdict
 from .integrations.lora import PEFT_MISSING, PeftMissing, attach_lora, peft_available
+from .jobs import files
 from .memory import MemoryMeter
 from .model import SIZES
 from .partition import partition
@@ -55,6 +56,9 @@ DEFAULT_GRIDS = {"misa": (3e-3, 1e-2, 3e-2), "lisa": (1e-3, 3e-3, 1e-2), "badam"
 EXTRA_SWITCHES = {"delta": float, "interval": int, "embeddings": str, "train_norms": bool, "lisa_layers": int,
                   "warmup_steps": int}
 TEST_FRACTION = 0.1
+ROW_FILE, REPORT_FILE = "row.json", "report.json"  # a finished run's row, and its test and old-domain losses
+SETTINGS_FILE = "settings.json"  # what a comparison was started with: a resume must match it
+OUTPUTS = ("finetune.json", "finetune.md", "finetune.png")  # written last: a comparison that has them is done
 EQUAL_PEAK_ITERATIONS = 12  # bisection steps of delta for the equal peak: 1/4096 of the range
 # the MISA formats --equal-memory peak sizes to LoRA's peak: the default, and the compact one that buys a larger delta
 EQUAL_PEAK_FORMATS = ("misa", "misa+states=8bit+masters=kahan")
@@ -131,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=200, help="evaluate the new domain every N steps")
     p.add_argument("--eval-batches", type=int, default=32, help="batches of every evaluation (fixed windows)")
     p.add_argument("--out", default=None, help="output folder (default: runs/finetune-<time>)")
+    p.add_argument("--resume", default=None, metavar="OUT",
+                   help="continue the comparison in OUT: finished runs are read back, the run in progress resumes "
+                        "from its checkpoint; the settings must be those OUT was started with")
+    p.add_argument("--save-every", type=int, default=100,
+                   help="every run checkpoints every N steps into OUT/runs (what --resume continues from)")
     p.add_argument("--keep-runs", action="store_true",
                    help="keep every run's own outputs (checkpoint, history, plot) under OUT/runs")
     p.add_argument("--no-progress", action="store_true", help="plain log lines")
@@ -204,6 +213,8 @@ def validate(args) -> None:
                                         "eval_batches", "seeds", "lora_r", "base_steps"),
                           positive=("base_lr",), nonnegative=("weight_decay", "max_grad_norm"),
                           paths=("config", "model", "data", "base"))
+    if args.save_every < 0:
+        raise UsageError(f"--save-every: expected an integer >= 0 (0: only at the end), got {args.save_every}")
     if args.grid_extensions < 0:
         raise UsageError(f"--grid-extensions: expected an integer >= 0, got {args.grid_extensions}")
     if args.lora_alpha is not None and not (math.isfinite(args.lora_alpha) and args.lora_alpha > 0):
@@ -221,7 +232,8 @@ def validate(args) -> None:
 def run_args(args, lr: float, seed: int, overrides: Dict, out: Path) -> SimpleNamespace:
     """The settings train.run and train.build_optimizer read, for one fine-tuning run."""
     fields = dict(vars(args))
-    fields.update(lr=lr, seed=seed, save_every=0, resume=None, out=str(out), granularity="module", flush=None,
+    fields.update(lr=lr, seed=seed, save_every=getattr(args, "save_every", 0), resume=None, out=str(out),
+                  granularity="module", flush=None,
                   keep_states=None, norm_power=None, logit_cap=None, badam_order="descending", compare=None)
     fields.update(overrides)
     return SimpleNamespace(**fields)
@@ -353,27 +365,56 @@ def lisa_layers_at_peak(args, target: int, base, data, device) -> Tuple[int, Lis
 # ----------------------------------------------------------------------------------------- running
 def one_run(args, entry: str, lr: float, seed: int, out: Path, new: TokenDataset, base, device,
             overrides: Dict) -> Tuple[Dict, torch.nn.Module]:
-    """One fine-tuning run, evaluated on the new domain's validation split only: (its row, its model)."""
+    """One fine-tuning run, evaluated on the new domain's validation split only: (its row, its model). A run
+    a killed comparison finished is read back from its folder (its model None: `load_model` has it); one it
+    had begun resumes from its own checkpoint (saved every --save-every steps)."""
+    if (out / ROW_FILE).is_file():
+        return json.loads((out / ROW_FILE).read_text()), None
     rargs = run_args(args, lr, seed, overrides, out)
     model, opt, base_params = build_method(entry, rargs, base, device)
     ledger = MemoryMeter(model, base_params)
+    checkpoint = None
+    if (out / train.CHECKPOINT).is_file():
+        checkpoint = torch.load(out / train.CHECKPOINT, map_location="cpu", weights_only=False)
     result = train.run(rargs, entry, out, new, device, progress=train.show_progress(args), model=model, opt=opt,
-                       ledger=ledger)
+                       ledger=ledger, checkpoint=checkpoint)
     summary = result["summary"]
     memory = dict(ledger.peak.as_dict(), step_peak_bytes=summary["step_peak_bytes"],
                   step_peak_parts=summary["step_peak_parts"], metered_steps=summary["metered_steps"])
     row = {"method": entry, "lr": lr, "seed": seed, "val_loss": summary["final_val_loss"],
            "history": result["history"], "memory": memory, "step_ms": summary["step_ms"],
            "tokens_per_s": summary["step_tokens_per_s"]}
+    files.write_json(out / ROW_FILE, row)
     return row, model
 
 
-def report(args, row: Dict, model, new: TokenDataset, old: TokenDataset) -> Dict:
-    """Adds the test split and the old domain to a run's row: only for runs at the chosen rate."""
-    rargs = run_args(args, row["lr"], row["seed"], {}, Path("."))
-    row["test_loss"], row["test_sem"], row["test_batch_losses"] = train.evaluate_with_error(model, new, rargs,
-                                                                                           split="test")
-    row["old_loss"] = train.evaluate(model, old, rargs)
+def load_model(args, entry: str, lr: float, seed: int, folder: Path, base, device, overrides: Dict):
+    """The trained model of a finished run, from the checkpoint it left in its folder."""
+    rargs = run_args(args, lr, seed, overrides, folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, _, _ = build_method(entry, rargs, base, device)
+    model.load_state_dict(torch.load(folder / train.CHECKPOINT, map_location="cpu", weights_only=False)["model"])
+    return model
+
+
+def report(args, row: Dict, model, new: TokenDataset, old: TokenDataset, folder: Optional[Path] = None,
+           load=None) -> Dict:
+    """Adds the test split and the old domain to a run's row: only for runs at the chosen rate. Kept in the
+    run's folder, so that a resumed comparison reads it back; `load()` gives the model of a run read back."""
+    done = folder / REPORT_FILE if folder is not None else None
+    if done is not None and done.is_file():
+        row.update(json.loads(done.read_text()))
+    else:
+        model = load() if model is None else model
+        rargs = run_args(args, row["lr"], row["seed"], {}, Path("."))
+        found = dict(zip(("test_loss", "test_sem", "test_batch_losses"),
+                         train.evaluate_with_error(model, new, rargs, split="test")))
+        found["old_loss"] = train.evaluate(model, old, rargs)
+        row.update(found)
+        if done is not None:
+            done.parent.mkdir(parents=True, exist_ok=True)
+            files.write_json(done, found)
     print(f"[{row['method']} lr={row['lr']:g} seed={row['seed']}] val {row['val_loss']:.4f} test "
           f"{row['test_loss']:.4f} old-domain {row['old_loss']:.4f} accounted "
           f"{row['memory']['total_bytes'] / 2**20:.2f} MiB", flush=True)
@@ -394,9 +435,14 @@ def run_method(args, entry: str, rates, new, old, base, device, out: Path, overr
     rates = sorted(rates)
     grid, models = [], {}
 
+    def folder(lr, seed):
+        return out / f"{entry}-lr{lr:g}-seed{seed}"
+
+    def loader(lr, seed):
+        return lambda: load_model(args, entry, lr, seed, folder(lr, seed), base, device, overrides)
+
     def trial(lr):
-        row, models[lr] = one_run(args, entry, lr, args.seed, out / f"{entry}-lr{lr:g}-seed{args.seed}", new,
-                                  base, device, overrides)
+        row, models[lr] = one_run(args, entry, lr, args.seed, folder(lr, args.seed), new, base, device, overrides)
         print(f"[{entry} lr={lr:g} seed={args.seed}] val {row['val_loss']:.4f} (grid)", flush=True)
         grid.append(row)
 
@@ -414,13 +460,13 @@ def run_method(args, entry: str, rates, new, old, base, device, out: Path, overr
         models = {lr: m for lr, m in models.items() if lr == choose_rate(grid)}  # keep one model in memory
     chosen = choose_rate(grid)
     first = dict(next(r for r in grid if r["lr"] == chosen))
-    finals = [report(args, first, models.pop(chosen), new, old)]
+    finals = [report(args, first, models.pop(chosen), new, old, folder(chosen, args.seed),
+                     loader(chosen, args.seed))]
     models.clear()
     for k in range(1, args.seeds):
         seed = args.seed + k
-        row, model = one_run(args, entry, chosen, seed, out / f"{entry}-lr{chosen:g}-seed{seed}", new, base,
-                             device, overrides)
-        finals.append(report(args, row, model, new, old))
+        row, model = one_run(args, entry, chosen, seed, folder(chosen, seed), new, base, device, overrides)
+        finals.append(report(args, row, model, new, old, folder(chosen, seed), loader(chosen, seed)))
     tried = sorted(r["lr"] for r in grid)
     return summarize(entry, tried, sorted((({k: v for k, v in r.items() if k != "history"}) for r in grid),
                                           key=lambda r: r["lr"]), chosen, finals, overrides)
@@ -448,10 +494,11 @@ def plot_loss_and_time(curves: Dict[str, List[Dict]], step_ms: Dict[str, Optiona
     for ax in axes:
         ax.set_ylabel("validation loss (new domain)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    files.save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -460,11 +507,67 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     try:
+        command = resume_settings(args, argv)
+        if args.resume is not None and all((Path(args.out) / name).is_file() for name in OUTPUTS):
+            print(f"misa-finetune: {args.out} is finished ({', '.join(OUTPUTS)} written): nothing to do")
+            return 0
         prepared = prepare(args)
     except (UsageError, DataError, BackendUnavailable, PeftMissing, ValueError, TypeError) as exc:
         print(f"misa-finetune: error: {exc}", file=sys.stderr)
         return 2
-    return finetune(args, argv, *prepared)
+    return finetune(args, command, *prepared)
+
+
+# Options that may differ between a comparison and its resume: where it is, how it prints, what it keeps
+RESUMABLE = ("resume", "out", "no_progress", "keep_runs")
+
+
+def settings_of(args) -> Dict:
+    return {k: v for k, v in sorted(vars(args).items()) if k not in RESUMABLE}
+
+
+def _without_resume(argv: List[str]) -> List[str]:
+    out, skip = [], False
+    for tok in argv:
+        if skip:
+            skip = False
+        elif tok == "--resume":
+            skip = True
+        elif not tok.startswith("--resume="):
+            out.append(tok)
+    return out
+
+
+def resume_settings(args, argv: List[str]) -> List[str]:
+    """With --resume OUT: OUT must hold a comparison started with these settings (a requeued job runs the
+    same command plus --resume); they are compared by name. Returns the command line to record: the first
+    one, so that a resumed comparison writes what an uninterrupted one would."""
+    if args.resume is None:
+        return argv
+    folder = Path(args.resume)
+    path = folder / SETTINGS_FILE
+    if not folder.exists():  # a requeued job whose first attempt died before it wrote anything: start it
+        print(f"misa-finetune: {folder} does not exist yet: nothing to resume, the comparison starts there",
+              flush=True)
+        args.out, args.resume = str(folder), None
+        return _without_resume(argv)
+    if not path.is_file():
+        raise UsageError(f"--resume: {path} does not exist: {folder} holds no comparison of misa.finetune")
+    try:
+        saved = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--resume: {path} is not readable ({exc})") from None
+    if args.out is not None and Path(args.out).resolve() != folder.resolve():
+        raise UsageError(f"--out {args.out}: a resumed comparison stays in its folder, {folder}")
+    now = json.loads(json.dumps(settings_of(args)))
+    changed = [k for k in sorted(set(now) | set(saved["settings"])) if now.get(k) != saved["settings"].get(k)]
+    if changed:
+        detail = ", ".join(f"--{k.replace('_', '-')} (saved: {saved['settings'].get(k)!r}, now: {now.get(k)!r})"
+                           for k in changed)
+        raise UsageError(f"--resume: {folder} was started with other settings: {detail}; run the command it was "
+                         "started with (plus --resume), or start a new comparison")
+    args.out = str(folder)
+    return saved["argv"]
 
 
 def prepare(args):
@@ -504,6 +607,9 @@ def prepare(args):
 def finetune(args, argv, methods, grids, device, old_corpus, old, new, base) -> int:
     commit = provenance.commit()  # the code that runs, read before a long run gives time for edits
     out = Path(args.out or Path("runs") / f"finetune-{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.resume is None:
+        out.mkdir(parents=True, exist_ok=True)
+        files.write_json(out / SETTINGS_FILE, {"argv": argv, "settings": settings_of(args)}, indent=1)
     base_note = provenance.portable(str(Path(args.model or args.base).resolve())) if args.model or args.base else ""
     where = base_note
     if base is None and not args.model:
@@ -597,9 +703,9 @@ def finetune(args, argv, methods, grids, device, old_corpus, old, new, base) -> 
             "eval_batches": args.eval_batches, "checkpointing": args.checkpointing,
             "equal_memory": args.equal_memory, "equal_peak": equal_peak, "threads": torch.get_num_threads()}
     curves = {r["method"]: r.pop("val_curves") for r in rows}
-    (out / "finetune.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    files.write_json(out / "finetune.json", {"meta": meta, "rows": rows}, indent=2)
     text = table(rows, base_losses)
-    (out / "finetune.md").write_text(f"Written by `{meta['command']}`\n\n" + "\n".join(notes) + "\n\n" + text
+    files.write_text(out / "finetune.md", f"Written by `{meta['command']}`\n\n" + "\n".join(notes) + "\n\n" + text
                                      + "\n\n" + verdict(rows) + "\n\n" + advice(rows, base_losses["old"], meta) + "\n")
     plot_loss_and_time(curves, {r["method"]: r.get("step_ms") for r in rows}, out / "finetune.png",
                        title=f"fine-tuning {what} on {new_name} ({regime(meta)})")

@@ -143,6 +143,7 @@ def advice(rows: List[Dict], base_old: float, meta: Optional[Dict] = None) -> st
         return _mem(r)[0] / 2**20
 
     unit = "MiB step peak" if measured else "MiB accounted"
+    prefix = f"{regime(meta).capitalize()}, at" if measured else "At"
     if lora is not None:
         within = [r for r in rows if method_name(r["method"]) == "misa" and mib(r) <= mib(lora) * 1.001]
         if within:
@@ -155,12 +156,11 @@ def advice(rows: List[Dict], base_old: float, meta: Optional[Dict] = None) -> st
                 better = "MISA" if d > 0 else "LoRA"
                 said = (f"{better} trains better (test loss {abs(d):.4f} lower, more than the seed spread "
                         f"{spread:.4f}): choose {better} when memory is what limits you")
-            out.append(f"{regime(meta).capitalize() if measured else 'At'}{', at' if measured else ''} LoRA's "
-                       f"memory ({mib(lora):.2f} {unit}), the best MISA row is {best['method']} "
+            out.append(f"{prefix} LoRA's memory ({mib(lora):.2f} {unit}), the best MISA row is {best['method']} "
                        f"({best['test_loss_mean']:.4f} against LoRA's {lora['test_loss_mean']:.4f}, "
                        f"{mib(best):.2f} {unit}{_speed(best, lora)}): {said}.")
         else:
-            out.append(f"No MISA row fits in LoRA's memory ({mib(lora):.2f} {unit}).")
+            out.append(f"{prefix} LoRA's memory ({mib(lora):.2f} {unit}) no MISA row fits.")
         mine = sorted((r for r in rows if method_name(r["method"]) == "misa"), key=mib)
         beating = [r for r in mine if _gap(r, lora)[0] > _gap(r, lora)[1]]
         if beating:
@@ -186,3 +186,35 @@ def advice(rows: List[Dict], base_old: float, meta: Optional[Dict] = None) -> st
                f"{least['old_loss_mean']:.4f}; " + ", ".join(f"{r['method']} {r['old_loss_mean']:.4f}" for r in
                                                              sorted(rows, key=lambda r: r["old_loss_mean"])[1:]) + ".")
     return " ".join(out)
+
+
+def at_lora_peak(rows: List[Dict]) -> Optional[Dict]:
+    """LoRA, the best MISA row whose measured step peak fits in LoRA's (its equal-peak rows, or any other
+    that fits), and LISA's equal-peak row: the answer to "MISA or LoRA at the same memory", with the gap
+    held against the seed spread. None without a LoRA row with a measured peak."""
+    by = {r["method"]: r for r in rows}
+    lora = by.get("lora")
+    if lora is None or not _peak(lora):
+        return None
+    fits = [r for r in rows if method_name(r["method"]) == "misa" and _peak(r) and _peak(r) <= _peak(lora) * 1.01]
+    best = min(fits, key=lambda r: r["test_loss_mean"]) if fits else None
+    out = {"lora": lora, "misa": best, "lisa": by.get("lisa" + EQUAL["peak"]), "adamw": by.get("adamw")}
+    if best is not None:
+        d, spread = _gap(best, lora)
+        out["gap"], out["spread"] = d, spread
+        out["winner"] = "tie" if abs(d) <= spread else ("misa" if d > 0 else "lora")
+    return out
+
+
+def equal_peak_line(meta: Dict, found: Dict) -> str:
+    """One sentence per comparison: who trains better at LoRA's peak, in which regime, at what speed."""
+    lora, best = found["lora"], found["misa"]
+    where = f"{meta['new_domain']}, {regime(meta)}"
+    if best is None:
+        return f"{where}: no MISA row fits in LoRA's step peak ({_peak(lora) / 2**20:.1f} MiB)."
+    said = {"tie": "MISA and LoRA train alike (within the seed spread)",
+            "misa": "MISA trains better than LoRA (beyond the seed spread)",
+            "lora": "LoRA trains better than MISA (beyond the seed spread)"}[found["winner"]]
+    return (f"{where}: at LoRA's step peak ({_peak(lora) / 2**20:.1f} MiB) {said}: {best['method']} "
+            f"{best['test_loss_mean']:.4f} ± {best['test_loss_std']:.4f} against {lora['test_loss_mean']:.4f} ± "
+            f"{lora['test_loss_std']:.4f}{_speed(best, lora)} ms.")

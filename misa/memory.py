@@ -69,7 +69,8 @@ def _key(t: Tensor) -> Optional[int]:
 
 def optimizer_tensors(opt) -> List[Tensor]:
     """Every tensor an optimizer holds: its state, and what its own objects (those of misa, misa_kernels and
-    torch.optim) keep in attributes, lists and dicts. Modules and parameters are not walked into."""
+    torch.optim) keep in attributes, lists and dicts. Modules are not walked into, and parameters (the model's
+weights) are left out."""
     found: List[Tensor] = []
     seen = set()
     todo = deque([opt])
@@ -78,6 +79,8 @@ def optimizer_tensors(opt) -> List[Tensor]:
         if id(obj) in seen:
             continue
         seen.add(id(obj))
+        if isinstance(obj, nn.Parameter):  # the model's, counted as weights
+            continue
         if isinstance(obj, Tensor):
             found.append(obj)
         elif isinstance(obj, nn.Module):
@@ -168,6 +171,13 @@ class StepPeakMeter:
         """The bytes of each kind at the moment of the largest peak (None in mode 'cuda')."""
         return max(self.steps, key=lambda s: s.peak_bytes).parts if self.steps else None
 
+    def state_dict(self) -> List[Dict]:
+        """The metered steps' results (a resumed run continues from them)."""
+        return [s.as_dict() for s in self.steps]
+
+    def load_state_dict(self, steps: List[Dict]) -> None:
+        self.steps = [StepPeak(**s) for s in steps]
+
     @property
     def live_bytes(self) -> int:
         """Bytes the tracked storages hold now (mode 'track')."""
@@ -230,6 +240,7 @@ class StepPeakMeter:
         self._total += nbytes
 
     def _freed(self, key: int) -> None:
+        self._peak_temporaries.discard(key)  # a storage made later at the same address is another one
         entry = self._live.pop(key, None)
         if entry is not None:
             self._by_kind[entry[1]] -= entry[0]
@@ -250,8 +261,7 @@ class StepPeakMeter:
             self._register(b, "weights")
         if self.optimizer is not None:
             for t in optimizer_tensors(self.optimizer):
-                if not isinstance(t, nn.Parameter):
-                    self._register(t, "optimizer")
+                self._register(t, "optimizer")
         self._observe()
 
     def _grad_ready(self, p: Tensor) -> None:
@@ -312,6 +322,12 @@ class MemoryMeter:
         self.peak = Accounted()
         self._grads = 0
         self._trainable = 0
+
+    def state_dict(self) -> Dict[str, int]:
+        return asdict(self.peak)
+
+    def load_state_dict(self, peak: Dict[str, int]) -> None:
+        self.peak = Accounted(**peak)
 
     def before_step(self) -> None:
         params = list(self.model.parameters())

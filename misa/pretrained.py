@@ -5,6 +5,7 @@ weights the user brings (`--base`), checked against the model before anything ru
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import inspect
 import json
@@ -61,6 +62,17 @@ def pretrained_base(args, old: TokenDataset, corpus: bytes, device: torch.device
     if (folder / BASE_FILE).is_file():
         return folder, True
     folder.parent.mkdir(parents=True, exist_ok=True)
+    # Two comparisons started together make the base once: the second waits for the first's lock, then finds it.
+    locks = folder.parent.parent / "locks"
+    locks.mkdir(exist_ok=True)
+    with open(locks / f"{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (folder / BASE_FILE).is_file():
+            return folder, True
+        return _pretrain(args, old, key, folder, device), False
+
+
+def _pretrain(args, old: TokenDataset, key: Dict, folder: Path, device: torch.device) -> Path:
     work = folder.parent / f".{folder.name}.{os.getpid()}.tmp"
     pre = SimpleNamespace(**{**vars(args), "lr": args.base_lr, "seed": 0, "max_steps": args.base_steps,
                              "warmup_steps": 10, "max_grad_norm": 1.0, "dtype": "fp32", "eval_every": args.base_steps,
@@ -78,7 +90,7 @@ def pretrained_base(args, old: TokenDataset, corpus: bytes, device: torch.device
         os.replace(work, folder)
     except OSError:  # another process cached it meanwhile: theirs is the same weights
         shutil.rmtree(work, ignore_errors=True)
-    return folder, False
+    return folder
 
 
 def base_weights(path: Path) -> Dict[str, torch.Tensor]:

@@ -28,6 +28,7 @@ from misa_kernels.backends import resolve as resolve_backend
 from . import provenance
 from .baselines import LISA, BAdam
 from .data import DataError, TokenDataset, describe, load_corpus, tokenize
+from .jobs import files
 from .memory import StepPeakMeter
 from .model import SIZES, LlamaConfig, LlamaForCausalLM
 from .optimizer import MISA
@@ -429,19 +430,29 @@ def run(args, optimizer_name: str, out: Path, data: TokenDataset, device, progre
     (fine-tuning builds them from a base) and a `misa.memory.MemoryMeter` (the ledger) that reads every step.
 
     The step's peak memory is measured (`misa.memory.StepPeakMeter`) on the steps that can hold the most:
-    the first three (optimizer states appear), the first step of every new active set (a MISA-family
+    the first two (optimizer states appear in the first), the first step of every new active set (a MISA-family
     optimizer's peak depends on which modules are active), and every METER_EVERY-th. The time per step is
     the median over the other steps, which run unmetered: the tracker slows the steps it watches."""
     model = build_model(args, device) if model is None else model
     opt = build_optimizer(optimizer_name, model, args) if opt is None else opt
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.warmup_steps))
     start, history = 0, {"step": [], "train_loss": [], "val_step": [], "val_loss": []}
+    peak_meter = StepPeakMeter(model, opt)
+    # What the summary measures beyond the losses, kept in every checkpoint so that a resumed run (or one
+    # finished after a kill) reports what the uninterrupted run would have
+    measured = {"step_seconds": [], "elapsed_s": 0.0, "trained_steps": 0}
     if checkpoint is not None:
         ckpt = checkpoint
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         start, history = ckpt["step"], ckpt["history"]
+        saved = ckpt.get("measured")
+        if saved is not None:
+            measured = {k: saved[k] for k in measured}
+            peak_meter.load_state_dict(saved["step_peaks"])
+            if ledger is not None and saved.get("ledger") is not None:
+                ledger.load_state_dict(saved["ledger"])
     out.mkdir(parents=True, exist_ok=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -451,13 +462,20 @@ def run(args, optimizer_name: str, out: Path, data: TokenDataset, device, progre
         from tqdm import tqdm
 
         bar = tqdm(total=args.max_steps, initial=start, desc=optimizer_name, dynamic_ncols=True, file=sys.stdout)
-    t0, trained_steps = time.perf_counter(), 0
-    peak_meter, step_seconds = StepPeakMeter(model, opt), []
+    t0 = time.perf_counter()
+    step_seconds = measured["step_seconds"]
     switches_seen = None
+
+    def save(step):
+        measured.update(elapsed_s=elapsed0 + time.perf_counter() - t0, step_peaks=peak_meter.state_dict(),
+                        ledger=ledger.state_dict() if ledger is not None else None)
+        save_checkpoint(out, model, opt, sched, step, history, args, measured)
+
+    elapsed0 = measured["elapsed_s"]
     model.train()
     for step in range(start, args.max_steps):
         switches = len(opt.switch_log) if isinstance(opt, MISA) else 0
-        metered = step - start < 3 or switches != switches_seen or (step + 1) % METER_EVERY == 0
+        metered = step - start < 2 or switches != switches_seen or (step + 1) % METER_EVERY == 0
         switches_seen = switches
         began = time.perf_counter()
         with peak_meter.step() if metered else contextlib.nullcontext():
@@ -467,7 +485,7 @@ def run(args, optimizer_name: str, out: Path, data: TokenDataset, device, progre
         if not metered:
             step_seconds.append(time.perf_counter() - began)
         sched.step()
-        trained_steps += 1
+        measured["trained_steps"] += 1
         loss_value = float(loss.detach())
         history["step"].append(step + 1)
         history["train_loss"].append(loss_value)
@@ -478,8 +496,8 @@ def run(args, optimizer_name: str, out: Path, data: TokenDataset, device, progre
             history["val_loss"].append(val)
             history["final_val_sem"] = sem
             history["final_val_batch_losses"] = per_batch
-        elapsed = time.perf_counter() - t0
-        status = {"loss": f"{loss_value:.3f}", "tok/s": f"{trained_steps * tokens_per_step / elapsed:.0f}"}
+        elapsed = elapsed0 + time.perf_counter() - t0
+        status = {"loss": f"{loss_value:.3f}", "tok/s": f"{measured['trained_steps'] * tokens_per_step / elapsed:.0f}"}
         if device.type == "cuda":
             status["mem"] = f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f}MB"
         else:
@@ -495,18 +513,19 @@ def run(args, optimizer_name: str, out: Path, data: TokenDataset, device, progre
             print(f"[{optimizer_name}] step {done}/{args.max_steps} " + " ".join(f"{k}={v}" for k, v in status.items())
                   + f" val_loss={history['val_loss'][-1]:.4f}", flush=True)
         if args.save_every and done % args.save_every == 0 and done < args.max_steps:
-            save_checkpoint(out, model, opt, sched, done, history, args)
+            save(done)
     if bar is not None:
         bar.close()
-    elapsed = time.perf_counter() - t0
-    save_checkpoint(out, model, opt, sched, args.max_steps, history, args)
+    if start < args.max_steps:  # a run resumed at its last step (killed before its outputs) has it already
+        save(args.max_steps)
+    elapsed = measured["elapsed_s"]
     val_loss = history["val_loss"][-1] if history["val_loss"] else evaluate(model, data, args)
     summary = {
         "optimizer": optimizer_name, "seed": args.seed, "steps": args.max_steps,
         "final_train_loss": history["train_loss"][-1] if history["train_loss"] else None,
         "final_val_loss": val_loss, "final_val_perplexity": math.exp(min(val_loss, 50)),
         "final_val_sem": history.get("final_val_sem"),
-        "tokens_per_s": trained_steps * tokens_per_step / elapsed if elapsed > 0 else None,
+        "tokens_per_s": measured["trained_steps"] * tokens_per_step / elapsed if elapsed > 0 else None,
         "params": sum(p.numel() for p in model.parameters()),
         "device": str(device), **peak_memory_mb(device),
     }
@@ -519,8 +538,8 @@ def run(args, optimizer_name: str, out: Path, data: TokenDataset, device, progre
     if isinstance(opt, MISA):
         summary.update(trainable_fraction=opt.trainable_fraction, switches=len(opt.switch_log),
                        skipped_steps=opt.skipped_steps, active_modules=opt.active_modules)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "history.json").write_text(json.dumps(history))
+    files.write_json(out / "summary.json", summary, indent=2)
+    files.write_json(out / "history.json", history)
     plot({optimizer_name: [history]}, out / "loss.png", title=f"{optimizer_name} on {describe(args.data)}")
     return {"summary": summary, "history": history}
 
@@ -543,11 +562,9 @@ def _train_step(model, opt, batch, args, ledger=None):
     return loss
 
 
-def save_checkpoint(out: Path, model, opt, sched, step: int, history, args) -> None:
-    tmp = out / (CHECKPOINT + ".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "step": step, "history": history, "args": vars(args)}, tmp)
-    os.replace(tmp, out / CHECKPOINT)
+def save_checkpoint(out: Path, model, opt, sched, step: int, history, args, measured=None) -> None:
+    files.torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                      "step": step, "history": history, "args": vars(args), "measured": measured}, out / CHECKPOINT)
 
 
 def plot(curves: Dict[str, List[Dict]], path: Path, title: str) -> None:
@@ -578,7 +595,7 @@ def plot(curves: Dict[str, List[Dict]], path: Path, title: str) -> None:
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    files.save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -624,7 +641,7 @@ def compare(args, data, device, out: Path, argv: Optional[List[str]] = None) -> 
             "delta": args.delta, "eta": args.eta, "interval": args.interval, "granularity": args.granularity,
             "lr": args.lr, "seq_len": args.seq_len, "batch_size": args.batch_size, "data": describe(args.data),
             "checkpointing": getattr(args, "checkpointing", False)}
-    (out / "compare.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    files.write_json(out / "compare.json", {"meta": meta, "rows": rows}, indent=2)
     lines = ["| optimizer | seeds | final val loss (mean ± std) | min | max | eval s.e. (paired vs first) | "
              "val ppl | tokens/s | step peak MiB | ms / step |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: r["val_loss_mean"]):
@@ -634,7 +651,7 @@ def compare(args, data, device, out: Path, argv: Optional[List[str]] = None) -> 
                      f"({r['eval_se_paired_vs_first']:.4f}) | {r['val_ppl_mean']:.3f} | {r['tokens_per_s']:.0f} | "
                      f"{r['step_peak_bytes'] / 2**20:.2f} | {ms} |")
     settings = ", ".join(f"{k}={v}" for k, v in meta.items() if k != "command")
-    (out / "compare.md").write_text(f"Written by `{meta['command']}`\n\n{settings}\n\n" + "\n".join(lines) + "\n")
+    files.write_text(out / "compare.md", f"Written by `{meta['command']}`\n\n{settings}\n\n" + "\n".join(lines) + "\n")
     plot({n: [r["history"] for r in runs] for n, runs in results.items()}, out / "compare.png",
          title=f"{args.model_size} model, delta={args.delta}, {args.max_steps} steps, {args.seeds} seed(s)")
     print("\n".join(lines))
@@ -654,9 +671,24 @@ def explicit_options(parser: argparse.ArgumentParser, argv: List[str]) -> set:
     return given
 
 
+OUTPUTS = ("summary.json", "history.json", "loss.png")
+
+
+def finished(folder: Path, step: int) -> bool:
+    """Whether a run's outputs are all written for its checkpoint at `step` (a requeued job has nothing to do)."""
+    summary = folder / "summary.json"
+    if not all((folder / name).is_file() for name in OUTPUTS):
+        return False
+    try:
+        return json.loads(summary.read_text()).get("steps") == step
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
 def load_resume(args, parser, argv):
     """The saved run's settings and checkpoint. The checkpoint's settings win: options that would change
-    them are refused (start a new run for those), and the run must go beyond the saved step."""
+    them are refused (start a new run for those). A checkpoint at --max-steps whose outputs were not all
+    written (killed after its last checkpoint) is finished: the final evaluation and outputs, no step."""
     path = Path(args.resume) / CHECKPOINT
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
@@ -675,9 +707,9 @@ def load_resume(args, parser, argv):
         raise UsageError(f"--resume: the checkpoint's settings win and cannot change mid-run: {detail}; start a new "
                          f"run to change them (only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE)} "
                          "may differ)")
-    if args.max_steps <= ckpt["step"]:
-        raise UsageError(f"--max-steps {args.max_steps}: {path} is at step {ckpt['step']}; a resumed run must go "
-                         "further")
+    if args.max_steps < ckpt["step"]:
+        raise UsageError(f"--max-steps {args.max_steps}: {path} is at step {ckpt['step']}, past it; a resumed run "
+                         "cannot train fewer steps than it has done")
     keep = {k: getattr(args, k) for k in RESUMABLE}
     merged = argparse.Namespace(**{**saved, **keep})
     merged.out = merged.out or merged.resume
@@ -697,6 +729,8 @@ def prepare(args, parser, argv):
     checkpoint = None
     if args.resume:
         args, checkpoint = load_resume(args, parser, argv)
+        if checkpoint["step"] == args.max_steps and finished(Path(args.out), checkpoint["step"]):
+            return args, None, None, checkpoint, None
     device = pick_device(args)
     entries = [n.strip() for n in args.compare.split(",")] if args.compare is not None else [args.optimizer]
     if any(not e.startswith("adamw") for e in entries):
@@ -740,6 +774,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, TypeError) as exc:  # raised by a constructor on a bad combination of options
         print(f"misa-train: error: {exc}", file=sys.stderr)
         return 2
+    if header is None:  # resumed a run that is done: a requeue loop may resume unconditionally
+        print(f"misa-train: {args.out} is finished (step {checkpoint['step']} of {args.max_steps}; "
+              f"{', '.join(OUTPUTS)} written): nothing to do")
+        return 0
     name = args.compare.replace(",", "-").replace("+", "_") if args.compare else args.optimizer
     out = Path(args.out or Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     print(f"{header}; writing to {out}", flush=True)

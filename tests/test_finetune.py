@@ -173,6 +173,62 @@ def test_equal_memory_delta_fits_the_budget():
     assert (layers == 0) == (one > budget)
 
 
+def _new_domain(args):
+    return finetune.TokenDataset(finetune.tokenize(finetune.DOMAINS["unicode-names"]()), args.seq_len,
+                                 torch.device("cpu"), test_fraction=finetune.TEST_FRACTION)
+
+
+def test_the_equal_peak_delta_fits_and_is_tight():
+    args = parsed(FAST)
+    data = _new_domain(args)
+    target = finetune.peak_at(args, "misa", {"delta": 0.2}, None, data, torch.device("cpu"))[0]
+    found = finetune.delta_at_peak(args, target, "misa", None, data, torch.device("cpu"))
+    assert found["peak_bytes"] <= target < found["next_peak_bytes"]
+    assert found["next_delta"] - found["delta"] <= 2.0 ** -finetune.EQUAL_PEAK_ITERATIONS
+    assert found["delta"] >= 0.2 - 2.0 ** -finetune.EQUAL_PEAK_ITERATIONS  # 0.2's own worst peak fits
+    # the peak it reports is the worst set's, measured again
+    again = finetune.peak_at(args, "misa", {"delta": found["delta"]}, None, data, torch.device("cpu"))
+    assert again[0] == found["peak_bytes"]
+    assert finetune.delta_at_peak(args, 10, "misa", None, data, torch.device("cpu")) is None
+
+
+def test_lisa_layers_at_the_peak_are_counted_by_measurement():
+    args = parsed(FAST)
+    data = _new_domain(args)
+    layers, peaks = finetune.lisa_layers_at_peak(args, 10**12, None, data, torch.device("cpu"))
+    assert layers == SIZES["tiny"].num_layers and peaks == sorted(peaks)  # a layer more holds more
+    layers, peaks = finetune.lisa_layers_at_peak(args, peaks[0], None, data, torch.device("cpu"))
+    assert layers == 1
+    assert finetune.lisa_layers_at_peak(args, 10, None, data, torch.device("cpu"))[0] == 0
+
+
+@needs_peft
+@pytest.mark.parametrize("checkpointing", [True], ids=["checkpointing"])
+def test_equal_memory_at_the_peak_writes_peaks_times_and_the_criterion(tmp_path, checkpointing):
+    out = tmp_path / "ft"
+    argv = FAST + ["--max-steps", "12", "--methods", "lora,misa", "--lr-grid", "1e-3", "--seeds", "1",
+                   "--equal-memory", "--cache-dir", str(tmp_path / "c"), "--out", str(out)]
+    argv += ["--checkpointing"] if checkpointing else []
+    assert finetune.main(argv) == 0
+    data = json.loads((out / "finetune.json").read_text())
+    meta, rows = data["meta"], {r["method"]: r for r in data["rows"]}
+    assert meta["checkpointing"] is checkpointing and meta["equal_memory"] == "peak"
+    lora_peak = rows["lora"]["memory"]["step_peak_bytes"]
+    for r in rows.values():
+        m = r["memory"]
+        assert m["step_peak_bytes"] > m["total_bytes"] > 0  # activations and weights beyond the ledger
+        assert sum(m["step_peak_parts"].values()) == m["step_peak_bytes"]
+        assert r["step_ms"] > 0 and r["tokens_per_s"] == pytest.approx(2 * 32 / r["step_ms"] * 1000)
+    for entry in ("misa@lora-peak", "misa@lora-peak+states=8bit+masters=kahan"):
+        planned = meta["equal_peak"][entry]
+        if planned is not None:
+            assert planned["peak_bytes"] <= lora_peak == planned["target_bytes"]
+            assert rows[entry]["runs"][0]["lr"] == 1e-3
+    text = (out / "finetune.md").read_text()
+    assert "step peak MiB (x LoRA)" in text and "ms / step" in text
+    assert ("with activation checkpointing" if checkpointing else "without activation checkpointing") in text.lower()
+
+
 # ----------------------------------------------------------------------------------------- the learning rate
 def test_the_rate_is_chosen_on_validation_and_only_then_tested(monkeypatch, tmp_path):
     val = {1e-3: 2.0, 3e-3: 1.5, 1e-2: 1.8}
@@ -249,12 +305,14 @@ def refused(capsys, argv, text, workdir):
     (["--methods", "lora+delta=0.1"], "--methods"),
     (["--methods", "misa+flush=maybe"], "flush"),
     (["--equal-memory", "--methods", "misa"], "--equal-memory"),
+    (["--equal-memory", "sometimes"], "--equal-memory"),
     (["--delta", "0.0001"], "delta"),
     (["--base", "/does/not/exist"], "--base"),
     (["--data", "/does/not/exist"], "--data"),
     (["--grid-extensions", "-1"], "--grid-extensions"),
 ], ids=["zero-rate", "negative-rate", "not-a-rate", "grid-for-unknown-method", "unknown-method", "twice",
-        "switch-on-lora", "bad-switch", "equal-memory-without-lora", "delta-below-a-module", "missing-base",
+        "switch-on-lora", "bad-switch", "equal-memory-without-lora", "unknown-equal-memory-criterion",
+        "delta-below-a-module", "missing-base",
         "missing-data", "negative-extensions"])
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, monkeypatch, extra, text):
     monkeypatch.chdir(tmp_path)
@@ -271,6 +329,13 @@ def test_a_base_that_does_not_fit_the_model_is_refused(tmp_path, capsys, monkeyp
             "does not fit", tmp_path)
     (folder / pretrained.BASE_FILE).write_bytes(b"not a checkpoint")
     refused(capsys, FAST + ["--base", str(folder), "--out", str(tmp_path / "out")], "--base", tmp_path)
+
+
+def test_checkpointing_a_model_that_cannot_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(LlamaForCausalLM, "supports_gradient_checkpointing", False, raising=False)
+    refused(capsys, FAST + ["--methods", "misa", "--checkpointing", "--cache-dir", str(tmp_path / "c"),
+                            "--out", str(tmp_path / "out")], "--checkpointing", tmp_path)
 
 
 def test_missing_peft_is_one_clear_message(tmp_path, capsys, monkeypatch):
@@ -312,15 +377,26 @@ def tiny_hf_model(folder: Path) -> Path:
 
 @pytest.mark.hf
 @needs_peft
-def test_a_hugging_face_model_is_its_own_base(tmp_path):
+@pytest.mark.parametrize("criterion", ["accounted", "peak"])
+def test_a_hugging_face_model_is_its_own_base(tmp_path, criterion):
     pytest.importorskip("transformers")
     folder = tiny_hf_model(tmp_path / "hf")
     out = tmp_path / "ft"
     assert finetune.main(FAST[2:] + ["--model", str(folder), "--methods", "misa,lora", "--lr-grid", "1e-3",
-                                     "--seeds", "1", "--delta", "0.3", "--interval", "2", "--equal-memory",
-                                     "--cache-dir", str(tmp_path / "c"), "--out", str(out)]) == 0
+                                     "--seeds", "1", "--delta", "0.3", "--interval", "2", "--equal-memory", criterion,
+                                     "--cache-dir", str(tmp_path / "c"), "--out", str(out)]
+) == 0
     data = json.loads((out / "finetune.json").read_text())
     assert not (tmp_path / "c").exists() and data["meta"]["base"] == ".../hf"
     rows = {r["method"]: r for r in data["rows"]}
-    assert set(rows) == {"misa", "lora", "misa@lora-memory"}
-    assert rows["misa@lora-memory"]["memory"]["total_bytes"] <= rows["lora"]["memory"]["total_bytes"]
+    if criterion == "accounted":
+        assert set(rows) == {"misa", "lora", "misa@lora-memory"}
+        assert rows["misa@lora-memory"]["memory"]["total_bytes"] <= rows["lora"]["memory"]["total_bytes"]
+        return
+    planned = data["meta"]["equal_peak"]
+    assert set(planned) == {"misa@lora-peak", "misa@lora-peak+states=8bit+masters=kahan", "lisa@lora-peak"}
+    for entry in ("misa@lora-peak", "misa@lora-peak+states=8bit+masters=kahan"):
+        if planned[entry] is None:  # the note says so
+            assert any(note.startswith(entry + ": not even") for note in data["meta"]["notes"])
+        else:
+            assert entry in rows and planned[entry]["peak_bytes"] <= rows["lora"]["memory"]["step_peak_bytes"]

@@ -42,6 +42,44 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert a["optimizer"]["misa"]["active"] == b["optimizer"]["misa"]["active"]
 
 
+def _run_files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_a_run_killed_after_its_last_checkpoint_is_finished_by_resume(tmp_path, capsys):
+    out = tmp_path / "r"
+    argv = FAST + ["--max-steps", "6", "--save-every", "2", "--interval", "2", "--eval-every", "3", "--out", str(out)]
+    assert run(argv) == 0
+    summary, history = (json.loads((out / n).read_text()) for n in ("summary.json", "history.json"))
+    for name in train.OUTPUTS:  # killed after the step-6 checkpoint, before its outputs
+        (out / name).unlink()
+    assert run(argv + ["--resume", str(out)]) == 0  # the same command plus --resume, as a requeue loop runs it
+    again = json.loads((out / "summary.json").read_text())
+    assert json.loads((out / "history.json").read_text()) == history and (out / "loss.png").is_file()
+    # every number the run measured is the one it had measured (the process's own RSS aside)
+    assert {k: v for k, v in again.items() if k != "peak_rss_mb"} == {k: v for k, v in summary.items()
+                                                                        if k != "peak_rss_mb"}
+    capsys.readouterr()
+    # resumed again, the run is done: one line, exit 0, nothing changed
+    before = _run_files(out)
+    assert run(argv + ["--resume", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "nothing to do" in printed and len(printed.strip().splitlines()) == 1
+    assert _run_files(out) == before
+
+
+def test_a_run_killed_midway_resumes_with_the_numbers_it_had_measured(tmp_path):
+    out = tmp_path / "r"
+    common = FAST + ["--save-every", "2", "--interval", "2", "--eval-every", "3"]
+    assert run(common + ["--max-steps", "4", "--out", str(out)]) == 0
+    steps_then = torch.load(out / "checkpoint.pt", weights_only=False)["measured"]
+    assert steps_then["trained_steps"] == 4 and len(steps_then["step_peaks"]) >= 2
+    assert run(["--resume", str(out), "--max-steps", "8", "--no-progress"]) == 0
+    now = torch.load(out / "checkpoint.pt", weights_only=False)["measured"]
+    assert now["trained_steps"] == 8 and now["step_peaks"][:len(steps_then["step_peaks"])] == steps_then["step_peaks"]
+    assert now["step_seconds"][:len(steps_then["step_seconds"])] == steps_then["step_seconds"]
+
+
 def test_compare_writes_table_and_plot(tmp_path):
     out = tmp_path / "cmp"
     assert run(FAST + ["--compare", "misa,lisa", "--seeds", "2", "--max-steps", "3", "--eval-every", "3",

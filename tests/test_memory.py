@@ -1,0 +1,301 @@
+"""The step-peak meter (misa.memory.StepPeakMeter): exact bytes on cases computed by hand, what a frozen or a
+trainable layer and a LoRA adapter save for backward, views counted once, a step's peak against what it must
+at least hold; activation checkpointing (same loss, lower peak); the worst active set and MISA.set_active;
+and the meter against the CUDA allocator on a GPU."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import misa
+from misa import train
+from misa.integrations.lora import attach_lora, peft_available
+from misa.memory import StepPeakMeter, optimizer_tensors
+from misa.model import SIZES, LlamaForCausalLM
+from misa.worst_set import candidate_sets, module_inputs, worst_case_peak
+
+F32 = 4
+N, D_IN, D_OUT = 64, 96, 48  # a batch of 64 rows through a 96 -> 48 linear layer
+
+
+def _linear_case(trainable: bool):
+    torch.manual_seed(0)
+    layer = nn.Linear(D_IN, D_OUT, bias=False)
+    layer.weight.requires_grad_(trainable)
+    x = torch.randn(N, D_IN, requires_grad=not trainable)  # something must need a gradient
+    return layer, x
+
+
+def test_a_frozen_linear_layer_saves_nothing_for_its_weight():
+    layer, x = _linear_case(trainable=False)
+    meter = StepPeakMeter(layer)
+    with meter.step():
+        y = layer(x)
+    # y is the only new storage; nothing was saved for backward (x's grad needs the weight, already counted)
+    assert meter.steps[0].parts["activations"] == 0
+    assert meter.peak_bytes == D_IN * D_OUT * F32 + N * D_OUT * F32
+    del y
+
+
+def test_a_trainable_linear_layer_saves_its_input():
+    layer, x = _linear_case(trainable=True)
+    meter = StepPeakMeter(layer)
+    with meter.step():
+        x2 = x * 2  # a storage made in the step, then saved by the layer
+        y = layer(x2)
+    parts = meter.steps[0].parts
+    assert parts["activations"] == N * D_IN * F32
+    assert parts["weights"] == D_IN * D_OUT * F32
+    assert meter.peak_bytes == (D_IN * D_OUT + N * D_IN + N * D_OUT) * F32
+    del y
+
+
+def test_the_gradient_is_counted_as_a_gradient_and_activations_go_with_backward():
+    layer, x = _linear_case(trainable=True)
+    meter = StepPeakMeter(layer)
+    with meter.step():
+        layer(x * 2).sum().backward()
+    assert layer.weight.grad is not None
+    # at the peak (the weight's gradient is written while the incoming gradient and the input are alive)
+    parts = meter.steps[0].parts
+    assert parts["gradients"] == D_IN * D_OUT * F32
+    assert parts["activations"] == N * D_IN * F32
+    # after the step the saved input is gone: weights and the gradient remain
+    assert meter.live_bytes == 2 * D_IN * D_OUT * F32
+
+
+def test_two_views_of_one_storage_count_once():
+    meter = StepPeakMeter(nn.Linear(1, 1, bias=False))
+    with meter.step():
+        base = torch.empty(1000)
+        views = [base[:500], base[500:], base.view(10, 100), base.t() if base.dim() == 2 else base[::2]]
+    assert meter.steps[0].peak_bytes == 1000 * F32 + F32  # the storage once, beside the 1x1 weight
+    del views
+
+
+def test_memory_outside_the_step_seen_through_a_view_is_not_counted():
+    data = torch.arange(10_000, dtype=torch.int64)  # a data set: not the step's
+    meter = StepPeakMeter(nn.Linear(1, 1, bias=False))
+    with meter.step():
+        window = data[100:164]
+        batch = window + 0
+    assert meter.peak_bytes == F32 + 64 * 8
+    del batch
+
+
+@pytest.mark.skipif(not peft_available(), reason="needs peft")
+def test_a_lora_adapter_saves_its_input():
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("q_proj", nn.Linear(D_IN, D_OUT, bias=False))
+    attach_lora(model, r=4, alpha=8)
+    x = torch.randn(N, D_IN)
+    meter = StepPeakMeter(model)
+    with meter.step():
+        x2 = x * 2
+        y = model(x2)
+    # lora_A saves its input: the dropout-free path hands it x2 itself; lora_B saves A's output (N x r)
+    assert meter.steps[0].parts["activations"] == N * D_IN * F32 + N * 4 * F32
+    del y
+
+
+def _tiny(seed=0, **kw):
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(SIZES["tiny"])
+
+
+def _batch(seed=1):
+    return torch.randint(0, 256, (4, 33), generator=torch.Generator().manual_seed(seed))
+
+
+def _step(model, opt, batch):
+    model.loss(batch).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("method", ["adamw", "misa"])
+def test_a_step_peak_holds_at_least_weights_gradients_and_states(method):
+    model = _tiny()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = (torch.optim.AdamW(model.parameters(), lr=1e-3) if method == "adamw" else
+               misa.MISA(model, lr=1e-3, delta=0.3, interval=5, backend="torch"))
+    meter = StepPeakMeter(model, opt)
+    batch = _batch()
+    for _ in range(3):
+        with meter.step():
+            model.loss(batch).backward()
+            grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    states = sum(t.untyped_storage().nbytes() for t in {t.untyped_storage()._cdata: t for t in
+                                                          optimizer_tensors(opt)}.values())
+    last = meter.steps[-1]
+    assert last.peak_bytes >= weights + grads + states
+    assert last.parts["weights"] >= weights
+    assert last.parts["optimizer"] >= states * 0.99  # the states and counters the optimizer holds
+    assert sum(last.parts.values()) == last.peak_bytes
+
+
+def test_checkpointing_gives_the_same_loss_and_a_lower_peak():
+    peaks, losses, grads = {}, {}, {}
+    for ckpt in (False, True):
+        model = _tiny()
+        if ckpt:
+            model.gradient_checkpointing_enable()
+        meter = StepPeakMeter(model)
+        with meter.step():
+            loss = model.loss(_batch())
+            loss.backward()
+        peaks[ckpt], losses[ckpt] = meter.peak_bytes, float(loss.detach())
+        grads[ckpt] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert losses[True] == pytest.approx(losses[False], rel=1e-6)
+    torch.testing.assert_close(grads[True], grads[False], rtol=1e-5, atol=1e-7)
+    assert peaks[True] < 0.8 * peaks[False]
+
+
+def test_checkpointed_blocks_behind_a_frozen_embedding_receive_gradients():
+    model = _tiny()
+    model.gradient_checkpointing_enable()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = misa.MISA(model, lr=1e-3, delta=0.2, interval=5, backend="torch")  # embedding frozen
+    assert not model.model.embed_tokens.weight.requires_grad
+    model.loss(_batch()).backward()
+    active = [p for p in model.parameters() if p.requires_grad]
+    assert active and all(p.grad is not None and p.grad.abs().sum() > 0 for p in active)
+    del opt
+    with pytest.raises(ValueError, match="use_reentrant"):
+        model.gradient_checkpointing_enable({"use_reentrant": True})
+
+
+# ----------------------------------------------------------------------------------------- the worst set
+def _misa(model, delta=0.3):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return misa.MISA(model, lr=1e-3, delta=delta, interval=4, backend="torch")
+
+
+def test_set_active_activates_exactly_the_named_modules_and_checks_the_budget():
+    model = _tiny()
+    opt = _misa(model)
+    opt.set_active([0, opt.module_names[3]])
+    assert opt.active_modules == [opt.module_names[0], opt.module_names[3]]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {opt.module_names[0] + ".weight", opt.module_names[3] + ".weight"}
+    with pytest.raises(ValueError, match="budget"):
+        opt.set_active(range(len(opt.module_names)))
+    with pytest.raises(ValueError, match="modules"):
+        opt.set_active(["nope"])
+    with pytest.raises(ValueError, match="twice"):
+        opt.set_active([1, 1])
+
+
+def test_candidate_sets_fit_the_budget_and_start_at_the_lowest_module():
+    model = _tiny()
+    opt = _misa(model)
+    inputs = module_inputs(model, opt, lambda: model.loss(_batch()))
+    assert len(inputs) == len(opt.module_names)
+    first = min(inputs, key=lambda b: inputs[b].order)
+    assert opt.module_names[first].startswith("model.layers.0.")
+    # q, k and v read one tensor; so do gate and up
+    names = {opt.module_names[b].rsplit(".", 1)[-1]: inputs[b].storage for b in inputs if ".layers.0." in
+             opt.module_names[b]}
+    assert names["q_proj"] == names["k_proj"] == names["v_proj"] != names["o_proj"]
+    assert names["gate_proj"] == names["up_proj"] != names["down_proj"]
+    sets = candidate_sets(opt, inputs, grad_bytes_per_element=4)
+    assert sets
+    for s in sets:
+        assert first in s and sum(opt.sampler.sizes[b] for b in s) <= opt.budget
+        room = opt.budget - sum(opt.sampler.sizes[b] for b in s)
+        assert all(opt.sampler.sizes[b] > room for b in range(len(opt.sampler.sizes)) if b not in s)  # filled
+
+
+def test_the_worst_case_peak_is_at_least_every_drawn_set():
+    model = _tiny()
+    opt = _misa(model)
+    batch = _batch()
+    worst, parts, chosen = worst_case_peak(model, opt, lambda: _step(model, opt, batch), lambda: model.loss(batch))
+    assert sum(parts.values()) == worst and chosen
+    drawn = StepPeakMeter(model, opt)
+    for _ in range(12):  # drawn sets, the schedule running (interval 4)
+        with drawn.step():
+            _step(model, opt, batch)
+    assert drawn.peak_bytes <= worst * 1.02
+
+
+# ----------------------------------------------------------------------------------------- the GPU
+@pytest.mark.gpu
+def test_the_tracked_peak_matches_the_cuda_allocator_within_2_percent():
+    device = torch.device("cuda")
+    cfg = SIZES["base"]
+    model = LlamaForCausalLM(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batch = torch.randint(0, 256, (8, 257), device=device)
+    _step(model, opt, batch)  # states exist
+    tracked, allocator = StepPeakMeter(model, opt, mode="track"), StepPeakMeter(model, opt, mode="cuda")
+    with tracked.step():
+        _step(model, opt, batch)
+    torch.cuda.empty_cache()
+    with allocator.step():
+        _step(model, opt, batch)
+    assert tracked.peak_bytes == pytest.approx(allocator.peak_bytes, rel=0.02)
+
+
+def test_mode_cuda_needs_a_model_on_a_cuda_device():
+    with pytest.raises(ValueError, match="CUDA"):
+        StepPeakMeter(nn.Linear(2, 2), mode="cuda")
+    with pytest.raises(ValueError, match="mode"):
+        StepPeakMeter(nn.Linear(2, 2), mode="sometimes")
+
+
+def test_the_main_job_reports_its_step_peak_and_time(tmp_path):
+    args = train.build_parser().parse_args(["--model-size", "tiny", "--seq-len", "32", "--batch-size", "2",
+                                            "--max-steps", "8", "--eval-every", "8", "--eval-batches", "2",
+                                            "--interval", "2", "--no-progress"])
+    data = train.TokenDataset(train.tokenize(train.load_corpus(None)), 32, torch.device("cpu"))
+    summary = train.run(args, "misa", tmp_path, data, torch.device("cpu"), progress=False)["summary"]
+    assert summary["step_peak_bytes"] > 0 and sum(summary["step_peak_parts"].values()) == summary["step_peak_bytes"]
+    assert summary["step_ms"] > 0 and summary["metered_steps"] < 8
+
+
+@pytest.mark.hf
+def test_a_hugging_face_model_checkpoints_its_blocks_behind_a_frozen_embedding():
+    transformers = pytest.importorskip("transformers")
+    from types import SimpleNamespace
+
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)
+    losses, peaks = {}, {}
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(cfg)
+        train.enable_checkpointing(model, SimpleNamespace(checkpointing=ckpt))
+        assert model.is_gradient_checkpointing == ckpt
+        opt = _misa(model, delta=0.2)
+        ids = torch.randint(0, 64, (2, 48), generator=torch.Generator().manual_seed(0))
+        meter = StepPeakMeter(model, opt)
+        with meter.step():
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+        active = [p for p in model.parameters() if p.requires_grad]
+        assert active and all(p.grad is not None and p.grad.abs().sum() > 0 for p in active)
+        losses[ckpt], peaks[ckpt] = float(loss.detach()), meter.peak_bytes
+        del opt
+    assert losses[True] == pytest.approx(losses[False], rel=1e-6)
+    assert peaks[True] < peaks[False]
+
+
+def test_checkpointing_a_model_that_cannot_names_the_flag():
+    from types import SimpleNamespace
+
+    class Plain(nn.Linear):
+        supports_gradient_checkpointing = False
+
+    with pytest.raises(train.UsageError, match="--checkpointing"):
+        train.enable_checkpointing(Plain(2, 2), SimpleNamespace(checkpointing=True))
+    train.enable_checkpointing(Plain(2, 2), SimpleNamespace(checkpointing=False))  # nothing asked, nothing done

@@ -9,7 +9,9 @@ comparison, the planner) must therefore plan for the worst set its budget allows
 `candidate_sets` builds the sets that hold the most by construction: the lowest module that fits (the
 longest backward), then modules added greedily by the bytes they bring per parameter of budget (gradient
 plus an input not yet saved), by size (the most gradient bytes), in forward order (whole blocks from the
-bottom: what a checkpointed block recomputes), and a few random fills. `worst_case_peak` measures each with
+bottom: what a checkpointed block recomputes), from the top (the top block is recomputed first, while the
+gradient of the logits is still alive: measured the worst with checkpointing on the small model, 3.6% above
+the others), and a few random fills. `worst_case_peak` measures each with
 the step-peak meter and keeps the largest: the measurement, not the heuristic, is the answer.
 """
 
@@ -95,10 +97,13 @@ def candidate_sets(opt, inputs: Dict[int, ModuleInput], grad_bytes_per_element: 
     def in_forward_order(b, saved):  # whole blocks from the bottom: the most a checkpointed block recomputes
         return -order.index(b)
 
+    def from_the_top(b, saved):  # whole blocks from the top: recomputed first, while the loss's gradients live
+        return order.index(b)
+
     rng = torch.Generator().manual_seed(0)
     draws = [torch.randperm(len(sizes), generator=rng).tolist() for _ in range(RANDOM_FILLS)]
     out = []
-    for s in [fill(per_param), fill(by_size), fill(in_forward_order)] + [
+    for s in [fill(per_param), fill(by_size), fill(in_forward_order), fill(from_the_top)] + [
             fill(lambda b, saved, rank=d: -rank.index(b)) for d in draws]:
         if s not in out:
             out.append(s)

@@ -215,17 +215,20 @@ def test_candidate_sets_fit_the_budget_and_start_at_the_lowest_module():
         assert all(opt.sampler.sizes[b] > room for b in range(len(opt.sampler.sizes)) if b not in s)  # filled
 
 
-def test_the_worst_case_peak_is_at_least_every_drawn_set():
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["no-checkpointing", "checkpointing"])
+def test_the_worst_case_peak_is_at_least_every_drawn_set(checkpointing):
     model = _tiny()
+    if checkpointing:
+        model.gradient_checkpointing_enable()
     opt = _misa(model)
     batch = _batch()
     worst, parts, chosen = worst_case_peak(model, opt, lambda: _step(model, opt, batch), lambda: model.loss(batch))
     assert sum(parts.values()) == worst and chosen
     drawn = StepPeakMeter(model, opt)
-    for _ in range(12):  # drawn sets, the schedule running (interval 4)
+    for _ in range(40):  # drawn sets, the schedule running (interval 4)
         with drawn.step():
             _step(model, opt, batch)
-    assert drawn.peak_bytes <= worst * 1.02
+    assert drawn.peak_bytes <= worst * 1.005
 
 
 # ----------------------------------------------------------------------------------------- the GPU
@@ -236,14 +239,22 @@ def test_the_tracked_peak_matches_the_cuda_allocator_within_2_percent():
     model = LlamaForCausalLM(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batch = torch.randint(0, 256, (8, 257), device=device)
-    _step(model, opt, batch)  # states exist
-    tracked, allocator = StepPeakMeter(model, opt, mode="track"), StepPeakMeter(model, opt, mode="cuda")
-    with tracked.step():
+    tracked = StepPeakMeter(model, opt, mode="track")
+    with tracked.step():  # states exist, and the meter knows every storage the step begins with
         _step(model, opt, batch)
+    torch.cuda.synchronize()
     torch.cuda.empty_cache()
+    # what the device holds that the step does not (cuBLAS's workspace, the batch) stays out of the comparison
+    outside = torch.cuda.memory_allocated() - tracked.live_bytes
+    torch.cuda.reset_peak_memory_stats()
+    with tracked.step():  # the same step, seen by both
+        _step(model, opt, batch)
+    torch.cuda.synchronize()
+    assert tracked.steps[-1].peak_bytes == pytest.approx(torch.cuda.max_memory_allocated() - outside, rel=0.02)
+    allocator = StepPeakMeter(model, opt, mode="cuda")
     with allocator.step():
         _step(model, opt, batch)
-    assert tracked.peak_bytes == pytest.approx(allocator.peak_bytes, rel=0.02)
+    assert allocator.peak_bytes == pytest.approx(tracked.steps[-1].peak_bytes + outside, rel=0.02)
 
 
 def test_mode_cuda_needs_a_model_on_a_cuda_device():

@@ -123,11 +123,14 @@ def equal_peak_section() -> str:
         if found is None:
             continue
         lora = found["lora"]
+        best_cell = cell(found["misa"], lora) if found["misa"] or not found["over"] else \
+            "none; above it: " + cell(found["over"], lora)
         lines.append(f"| `{f.parent.relative_to(ROOT)}` | {meta['domain']} | "
                      f"{'yes' if meta['checkpointing'] else 'no'} | "
                      f"{lora['test_loss_mean']:.4f} ± {lora['test_loss_std']:.4f}, "
                      f"{lora['memory']['step_peak_bytes'] / 2**20:.1f} MiB, {lora['step_ms']:.0f} ms | "
-                     f"{cell(found['misa'], lora)} | {cell(found['lisa'], lora)} | "
+                     f"{best_cell} | "
+                     f"{cell(found['lisa'], lora)} | "
                      f"{cell(found['adamw'], lora) if found['adamw'] else ''} | {found.get('winner', 'no MISA row')} |")
         sentences.append(fr.equal_peak_line(meta, found))
     first = json.loads(files[0].read_text())["meta"]

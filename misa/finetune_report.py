@@ -198,7 +198,12 @@ def at_lora_peak(rows: List[Dict]) -> Optional[Dict]:
         return None
     fits = [r for r in rows if method_name(r["method"]) == "misa" and _peak(r) and _peak(r) <= _peak(lora) * 1.01]
     best = min(fits, key=lambda r: r["test_loss_mean"]) if fits else None
-    out = {"lora": lora, "misa": best, "lisa": by.get("lisa" + EQUAL["peak"]), "adamw": by.get("adamw")}
+    sized = [r for r in rows if method_name(r["method"]) == "misa" and EQUAL["peak"] in r["method"]]
+    over = min(sized, key=lambda r: r["test_loss_mean"]) if sized and best is None else None
+    out = {"lora": lora, "misa": best, "over": over, "lisa": by.get("lisa" + EQUAL["peak"]), "adamw": by.get("adamw")}
+    if over is not None:
+        d, spread = _gap(over, lora)
+        out["over_winner"] = "tie" if abs(d) <= spread else ("misa" if d > 0 else "lora")
     if best is not None:
         d, spread = _gap(best, lora)
         out["gap"], out["spread"] = d, spread
@@ -211,7 +216,15 @@ def equal_peak_line(meta: Dict, found: Dict) -> str:
     lora, best = found["lora"], found["misa"]
     where = f"{meta['new_domain']}, {regime(meta)}"
     if best is None:
-        return f"{where}: no MISA row fits in LoRA's step peak ({_peak(lora) / 2**20:.1f} MiB)."
+        line = f"{where}: no MISA row fits in LoRA's step peak ({_peak(lora) / 2**20:.1f} MiB)"
+        over = found.get("over")
+        if over is None:
+            return line + "."
+        said = {"tie": "trains like LoRA (within the seed spread)", "misa": "trains better than LoRA (beyond the seed "
+                "spread)", "lora": "trains worse than LoRA (beyond the seed spread)"}[found["over_winner"]]
+        return (f"{line}: the rows sized to it ran at {_peak(over) / _peak(lora):.2f}x and above, and the best, "
+                f"{over['method']}, {said}: {over['test_loss_mean']:.4f} ± {over['test_loss_std']:.4f} against "
+                f"{lora['test_loss_mean']:.4f} ± {lora['test_loss_std']:.4f}{_speed(over, lora)} ms.")
     said = {"tie": "MISA and LoRA train alike (within the seed spread)",
             "misa": "MISA trains better than LoRA (beyond the seed spread)",
             "lora": "LoRA trains better than MISA (beyond the seed spread)"}[found["winner"]]

@@ -10,7 +10,8 @@ comparison, the planner) must therefore plan for the worst set its budget allows
 longest backward), then modules added greedily by the bytes they bring per parameter of budget (gradient
 plus an input not yet saved), by size (the most gradient bytes), in forward order (whole blocks from the
 bottom: what a checkpointed block recomputes), from the top (the top block is recomputed first, while the
-gradient of the logits is still alive: the worst with checkpointing on the small model), and a few random fills. `worst_case_peak` measures each with
+gradient of the logits is still alive: the worst with checkpointing on the small model), and a few random
+fills. `worst_case_peak` measures each with
 the step-peak meter and keeps the largest: the measurement, not the heuristic, is the answer.
 """
 

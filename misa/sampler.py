@@ -1,25 +1,46 @@
 """Importance estimates, sampling probabilities and budgeted sampling (Algorithm 2 of the paper).
 
 Pure bookkeeping on the host: a few hundred numbers per model, updated once per outer loop. All
-randomness comes from the sampler's own seeded generator, saved in `state_dict`.
+randomness comes from the sampler's own seeded generator, saved in `state_dict`. The numbers stay real CPU
+tensors whatever the caller runs under: the memory planner runs MISA's training step on fake tensors
+(FakeTensorMode), and a `torch.device("meta")` context must not make the bookkeeping meta either.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from typing import Dict, List, Optional, Sequence
 
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 
 from .variants import Variant, resolve
 
 ORDERS = ("misa", "uniform", "ascending", "descending", "random")
 
 
+@contextlib.contextmanager
+def host():
+    """Real CPU tensors inside, whatever dispatch mode (a fake or tracking one) or default device is active."""
+    with _disable_current_modes(), torch.device("cpu"):
+        yield
+
+
+def _on_host(method):
+    @functools.wraps(method)
+    def wrapped(*args, **kwargs):
+        with host():
+            return method(*args, **kwargs)
+    return wrapped
+
+
 class ImportanceSampler:
     """`variant` supplies the switches that shape the estimate and the draw (norm_power, logit_cap,
     compounding_correction, skip_zero_statistic, sample_last); `sample_last` overrides the variant's."""
 
+    @_on_host
     def __init__(
         self,
         sizes: Sequence[int],
@@ -58,6 +79,7 @@ class ImportanceSampler:
         self.in_warmup = False  # whether the latest sample forced never-sampled modules in
 
     # ---- the estimate and the distribution ----
+    @_on_host
     def importance(self) -> torch.Tensor:
         """Ĝ: the bias-corrected estimate, or G itself when the correction compounds in place."""
         if self.v.compounding_correction:
@@ -65,6 +87,7 @@ class ImportanceSampler:
         corrected = self.G / (1 - self.beta ** self.k.double())
         return torch.where(self.k > 0, corrected, torch.zeros_like(self.G))
 
+    @_on_host
     def probabilities(self) -> torch.Tensor:
         n = len(self.sizes)
         if self.order != "misa":
@@ -75,6 +98,7 @@ class ImportanceSampler:
             logits = torch.clamp(logits, max=self.v.logit_cap)
         return torch.softmax(logits, dim=0)
 
+    @_on_host
     def effective_eta(self, energy: torch.Tensor) -> float:
         """eta, or for eta="auto" 1 / (mean energy of the modules with an estimate): scale-free logits."""
         if self.eta != "auto":
@@ -88,6 +112,7 @@ class ImportanceSampler:
         return self._unselected > 0
 
     # ---- sampling ----
+    @_on_host
     def sample(self) -> List[int]:
         if self.order in ("ascending", "descending", "random"):
             return self._sample_cyclic()
@@ -126,6 +151,7 @@ class ImportanceSampler:
             self.last[b] = self.loops
         return sorted(chosen)
 
+    @_on_host
     def _sample_cyclic(self) -> List[int]:
         # BAdam's switch modes: walk the modules in a fixed (or per-pass shuffled) order, taking the
         # next modules that fit in the budget; a new pass starts when the order is used up.
@@ -153,6 +179,7 @@ class ImportanceSampler:
         return torch.randperm(n, generator=self.generator).tolist()
 
     # ---- the estimate's update, once per outer loop ----
+    @_on_host
     def update(self, active: Sequence[int], s: Sequence[float]) -> None:
         """`s[i]` is module active[i]'s gradient statistic over the loop, already divided by the loop's
         length (or by T): its mean squared norm (norm_power 2) or mean norm (norm_power 1)."""
@@ -174,12 +201,14 @@ class ImportanceSampler:
         return min(range(len(self.sizes)), key=lambda b: self.sizes[b])
 
     # ---- checkpoints ----
+    @_on_host
     def state_dict(self) -> Dict:
         return {
             "G": self.G.clone(), "k": self.k.clone(), "last": self.last.clone(), "loops": self.loops,
             "rng": self.generator.get_state(), "cycle": list(self._cycle), "in_warmup": self.in_warmup,
         }
 
+    @_on_host
     def load_state_dict(self, state: Dict) -> None:
         if state["G"].numel() != len(self.sizes):
             raise ValueError(f"sampler state: expected {len(self.sizes)} modules, got {state['G'].numel()}")
@@ -193,6 +222,7 @@ class ImportanceSampler:
         self.in_warmup = bool(state["in_warmup"])
 
 
+@_on_host
 def entropy(p: torch.Tensor) -> float:
     p = p[p > 0]
     return float(-(p * p.log()).sum())

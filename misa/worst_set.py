@@ -1,9 +1,10 @@
 """The active set that makes a training step hold the most, among those a MISA budget allows.
 
 A MISA step's memory depends on which modules are active: a trainable linear layer saves its input for
-its weight's gradient (modules that read one tensor, such as q/k/v or gate/up, share it), a frozen one
-saves nothing, every active module holds its gradient, and backward runs down to the lowest active module,
-so every layer above it saves what its nonlinearities need. Sizing MISA to a memory limit (the equal-peak
+its weight's gradient (modules that read one tensor, such as q/k/v or gate/up, share it; o_proj's input,
+the attention kernel's output, is saved by the kernel anyway), a frozen one saves nothing, every active
+module holds its gradient, and backward runs down to the lowest active module, so every layer above it
+saves what its nonlinearities need. Sizing MISA to a memory limit (the equal-peak
 comparison, the planner) must therefore plan for the worst set its budget allows, not one lucky draw.
 
 `candidate_sets` builds the sets that hold the most by construction: the lowest module that fits (the
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from .memory import StepPeakMeter
+from .sampler import host
 
 RANDOM_FILLS = 3  # budget-filling random sets beside the constructed ones: what a draw may hold that they miss
 
@@ -34,15 +36,21 @@ class ModuleInput:
     order: int  # position in the forward pass (0: the first module to run)
     storage: int  # identity of its input's storage: modules that read one tensor share it
     nbytes: int
+    saved_anyway: bool = False  # another op saves this input for backward whatever the module's state
 
 
 def module_inputs(model: nn.Module, opt, forward: Callable[[], object]) -> Dict[int, ModuleInput]:
-    """{module index: its input} for every MISA module of `opt`, seen in one forward pass (`forward()`,
-    under no_grad): where it runs and which tensor it reads."""
+    """{module index: its input} for every MISA module of `opt`, seen in one forward pass (`forward()`
+    returns the loss): where it runs, which tensor it reads, and whether training it adds that tensor to
+    what backward keeps. It adds nothing when another op saves the same storage anyway: o_proj reads the
+    attention kernel's output as a view, and the kernel saves its output for its own backward. Which ops
+    save what is read off the autograd graph of that pass, run with every module trainable: above the
+    lowest active module every op sees inputs that need a gradient, as in any step that trains one."""
     owners = {}
     for b, m in enumerate(opt.partition.modules):
         name = m.params[0][0].rsplit(".", 1)[0]
         owners[b] = model.get_submodule(name) if name else model
+    weights = {p.untyped_storage()._cdata for m in opt.partition.modules for _, p in m.params}
     seen: Dict[int, ModuleInput] = {}
     held = []  # keeps each input alive through the pass, so no storage identity is reused
 
@@ -55,15 +63,60 @@ def module_inputs(model: nn.Module, opt, forward: Callable[[], object]) -> Dict[
                                       nbytes=x.numel() * x.element_size())
         return pre
 
+    params = [p for m in opt.partition.modules for _, p in m.params]
+    flags = [p.requires_grad for p in params]
     handles = [owners[b].register_forward_pre_hook(hook(b), with_kwargs=True) for b in owners]
     try:
-        with torch.no_grad():
-            forward()
+        for p in params:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            out = forward()
+        anyway = _saved_by_other_ops(out, weights)
+        for b in seen:
+            seen[b].saved_anyway = seen[b].storage in anyway
     finally:
         for h in handles:
             h.remove()
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
         held.clear()
     return seen
+
+
+def _saved_by_other_ops(out, weights: set) -> set:
+    """Storages that the autograd graph under `out` saves for an op that is not a module's product with its
+    weight (that product saves its input only for the weight's gradient)."""
+    roots = [t.grad_fn for t in (out if isinstance(out, (tuple, list)) else [out])
+             if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+    anyway, visited, stack = set(), set(), roots
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in visited:
+            continue
+        visited.add(fn)
+        stack.extend(f for f, _ in fn.next_functions)
+        if _is_weight_product(fn, weights):
+            continue
+        for name in dir(fn):
+            if name.startswith("_saved_"):
+                try:
+                    value = getattr(fn, name)
+                except RuntimeError:  # released, or not a tensor a Python object can hold
+                    continue
+                anyway |= {t.untyped_storage()._cdata for t in (value if isinstance(value, (tuple, list))
+                                                                 else [value]) if isinstance(t, torch.Tensor)}
+    return anyway
+
+
+def _is_weight_product(fn, weights: set) -> bool:
+    """Whether `fn` takes a module's weight as an operand, directly or through one view (the transpose that
+    a linear layer multiplies by)."""
+    for f, _ in fn.next_functions:
+        for g in [f] + ([h for h, _ in f.next_functions] if f is not None and len(f.next_functions) == 1 else []):
+            variable = getattr(g, "variable", None)
+            if variable is not None and variable.untyped_storage()._cdata in weights:
+                return True
+    return False
 
 
 def candidate_sets(opt, inputs: Dict[int, ModuleInput], grad_bytes_per_element: int) -> List[List[int]]:
@@ -88,7 +141,8 @@ def candidate_sets(opt, inputs: Dict[int, ModuleInput], grad_bytes_per_element: 
                 saved.add(inputs[best].storage)
 
     def per_param(b, saved):
-        new_input = inputs[b].nbytes if b in inputs and inputs[b].storage not in saved else 0
+        new_input = inputs[b].nbytes if b in inputs and inputs[b].storage not in saved \
+            and not inputs[b].saved_anyway else 0
         return (sizes[b] * grad_bytes_per_element + new_input) / sizes[b]
 
     def by_size(b, saved):
@@ -100,8 +154,9 @@ def candidate_sets(opt, inputs: Dict[int, ModuleInput], grad_bytes_per_element: 
     def from_the_top(b, saved):  # whole blocks from the top: recomputed first, while the loss's gradients live
         return order.index(b)
 
-    rng = torch.Generator().manual_seed(0)
-    draws = [torch.randperm(len(sizes), generator=rng).tolist() for _ in range(RANDOM_FILLS)]
+    with host():  # real draws under the planner's fake tensors too
+        rng = torch.Generator().manual_seed(0)
+        draws = [torch.randperm(len(sizes), generator=rng).tolist() for _ in range(RANDOM_FILLS)]
     out = []
     for s in [fill(per_param), fill(by_size), fill(in_forward_order), fill(from_the_top)] + [
             fill(lambda b, saved, rank=d: -rank.index(b)) for d in draws]:

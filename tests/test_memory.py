@@ -215,6 +215,25 @@ def test_candidate_sets_fit_the_budget_and_start_at_the_lowest_module():
         assert all(opt.sampler.sizes[b] > room for b in range(len(opt.sampler.sizes)) if b not in s)  # filled
 
 
+def test_an_input_another_op_saves_anyway_brings_no_bytes_when_its_module_trains():
+    # o_proj reads the attention kernel's output as a view, and the kernel saves that output for its own
+    # backward: training o_proj adds nothing there, so the worst set spends its budget elsewhere.
+    model = _tiny()
+    opt = _misa(model)
+    flags = [p.requires_grad for p in model.parameters()]
+    inputs = module_inputs(model, opt, lambda: model.loss(_batch()))
+    assert [p.requires_grad for p in model.parameters()] == flags  # the probe leaves the optimizer's state alone
+    kind = {b: opt.module_names[b].rsplit(".", 1)[-1] for b in inputs}
+    assert all(inputs[b].saved_anyway == (kind[b] == "o_proj") for b in inputs)
+    name = {n: b for b, n in enumerate(opt.module_names)}
+    anchor = name["model.layers.0.self_attn.q_proj"]  # backward runs through every layer above it
+    o, q = name["model.layers.1.self_attn.o_proj"], name["model.layers.1.self_attn.q_proj"]
+    assert opt.sampler.sizes[o] == opt.sampler.sizes[q]
+    peaks = {b: worst_case_peak(model, opt, lambda: _step(model, opt, _batch()), None, sets=[[anchor, b]])[0]
+             for b in (o, q)}  # measured: the same gradient bytes, and q_proj's input saved on top
+    assert peaks[o] < peaks[q]
+
+
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["no-checkpointing", "checkpointing"])
 def test_the_worst_case_peak_is_at_least_every_drawn_set(checkpointing):
     model = _tiny()

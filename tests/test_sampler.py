@@ -123,3 +123,29 @@ def test_every_order_respects_budget(order):
         a = s.sample()
         assert a and sum([2, 3, 4, 5][b] for b in a) <= 7
         s.update(a, [1.0] * len(a))
+
+
+@pytest.mark.parametrize("context", ["fake", "meta"])
+def test_the_bookkeeping_stays_real_under_fake_tensors_and_a_meta_default_device(context):
+    # The memory planner runs MISA's step on fake tensors; a meta device context builds models without
+    # memory. Neither may turn the sampler's host numbers into tensors that cannot be read.
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    def draws():
+        s = ImportanceSampler([3, 1, 2, 4, 2], budget=5, eta=1.0, seed=3)
+        out = []
+        for _ in range(6):
+            chosen = s.sample()
+            s.update(chosen, [float(b + 1) for b in chosen])
+            out.append(chosen)
+        return s, out
+
+    real, expected = draws()
+    with (FakeTensorMode(allow_non_fake_inputs=True) if context == "fake" else torch.device("meta")):
+        s, got = draws()
+        probs = s.probabilities()
+        state = s.state_dict()
+    assert got == expected
+    for t in (s.G, s.k, s.last, probs, state["G"]):
+        assert not isinstance(t, FakeTensor) and t.device.type == "cpu"
+    torch.testing.assert_close(s.G, real.G)

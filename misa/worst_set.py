@@ -50,7 +50,8 @@ def module_inputs(model: nn.Module, opt, forward: Callable[[], object]) -> Dict[
     for b, m in enumerate(opt.partition.modules):
         name = m.params[0][0].rsplit(".", 1)[0]
         owners[b] = model.get_submodule(name) if name else model
-    weights = {p.untyped_storage()._cdata for m in opt.partition.modules for _, p in m.params}
+    params = [p for m in opt.partition.modules for _, p in m.params]
+    weights = {p.untyped_storage()._cdata for p in params}
     seen: Dict[int, ModuleInput] = {}
     held = []  # keeps each input alive through the pass, so no storage identity is reused
 
@@ -63,7 +64,6 @@ def module_inputs(model: nn.Module, opt, forward: Callable[[], object]) -> Dict[
                                       nbytes=x.numel() * x.element_size())
         return pre
 
-    params = [p for m in opt.partition.modules for _, p in m.params]
     flags = [p.requires_grad for p in params]
     handles = [owners[b].register_forward_pre_hook(hook(b), with_kwargs=True) for b in owners]
     try:

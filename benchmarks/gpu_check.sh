@@ -5,14 +5,15 @@
 # and the fine-tuning summary one folder down: at most 8 files, at most 2 folders down, as the device tool
 # brings back. Run GPU jobs one after another: processes sharing the GPU get no speed-up.
 #
-# The default stages fit one 10-minute call (each has its own time limit; they add up to 565 s):
-#   build 90 s, tests 150 s, kernels (headline sizes) 140 s, host time 75 s, 8B memory rows 110 s.
+# The default stages fit one 10-minute call (each has its own time limit; they add up to 580 s):
+#   build 90 s, the planner's GPU terms 45 s, tests 150 s, kernels (headline sizes) 110 s, host time 75 s,
+#   8B memory rows 110 s.
 # A second call takes the rest:  STAGES=train,cap,arena,master bash benchmarks/gpu_check.sh
 # and a third the fine-tuning comparison on a larger model in bf16:  STAGES=finetune bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DEST="${OUT:-benchmarks/results/gpu-$(date +%Y%m%d-%H%M%S)}"
-STAGES=",${STAGES:-tests,kernels,host,mem8b},"
+STAGES=",${STAGES:-terms,tests,kernels,host,mem8b},"
 mkdir -p "$DEST"
 LOG="$DEST/gpu_check.log"
 export PYTHONUNBUFFERED=1
@@ -20,18 +21,22 @@ want() { [[ "$STAGES" == *",$1,"* ]]; }
 {
   echo "== $(date -u) $(git rev-parse HEAD 2>/dev/null || echo no-git) stages:$STAGES"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-  export MISA_FORCE_CUDA_BUILD=1 MISA_CUDA_ARCHS="${MISA_CUDA_ARCHS:-90}" MAX_JOBS="${MAX_JOBS:-8}"
+  export MISA_FORCE_CUDA_BUILD=1 MISA_CUDA_ARCHS="${MISA_CUDA_ARCHS:-90}" MAX_JOBS="${MAX_JOBS:-16}"
   timeout 90 python -m pip install -q --no-build-isolation --no-deps -e . || { echo "BUILD FAILED"; exit 1; }
   python -c "import misa_kernels as mk; print('backends:', mk.available_backends('cuda'))"
+  if want terms; then
+    # First after the build: the cuBLAS workspace shows only at a process's first product.
+    echo "== the planner's GPU terms"; timeout 45 python benchmarks/bench_gpu_terms.py --out "$DEST"
+  fi
   if want tests; then
     echo "== gpu tests (the kernels' oracle first: the rest is slower and less telling)"
     timeout 150 python -m pytest -q -m "not distributed" -p no:cacheprovider --junitxml="$DEST/gpu-tests.xml" \
-      tests/test_adamw_step.py tests/test_state_formats.py tests/test_cuda_graph.py tests/test_norms_and_flush.py \
+      tests/test_memory.py::test_the_tracked_peak_matches_the_cuda_allocator_within_2_percent tests/test_adamw_step.py tests/test_state_formats.py tests/test_cuda_graph.py tests/test_norms_and_flush.py \
       tests/test_master_weights.py tests/test_triton_tune.py tests/test_misa_optimizer.py tests/test_resume.py \
       tests/test_host_path.py tests/test_prepared.py
   fi
   if want kernels; then
-    echo "== kernels"; timeout 140 python benchmarks/bench_kernels.py --out "$DEST" --budget-s 110
+    echo "== kernels"; timeout 110 python benchmarks/bench_kernels.py --out "$DEST" --budget-s 85
   fi
   if want host; then
     echo "== host time"; timeout 75 python benchmarks/bench_host.py --out "$DEST"

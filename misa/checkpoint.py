@@ -106,11 +106,16 @@ class Checkpoint:
         if misa["module_names"] != self.module_names:
             raise ValueError("state_dict: saved for a model with different modules "
                              f"({len(misa['module_names'])} saved, {len(self.module_names)} here)")
+        # The variant decides which parameters a module holds (its biases, say): name it when it is the cause.
+        saved_variant = misa.get("variant", self.variant)
+        hint = (f" (saved with variant={saved_variant!r}, this optimizer has variant={self.variant!r})"
+                if saved_variant != self.variant else "")
         if len(state_dict["param_groups"]) != len(self.param_groups):
-            raise ValueError("state_dict: the number of param groups differs")
+            raise ValueError(f"state_dict: the number of param groups differs{hint}")
         for group, saved in zip(self.param_groups, state_dict["param_groups"]):
             if len(saved["params"]) != len(group["params"]):
-                raise ValueError("state_dict: a param group has a different number of parameters")
+                raise ValueError(f"state_dict: a param group has a different number of parameters "
+                                 f"({len(saved['params'])} saved, {len(group['params'])} here){hint}")
             for key, value in saved.items():
                 if key != "params":
                     group[key] = value

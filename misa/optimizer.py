@@ -27,13 +27,14 @@ import weakref
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from misa_kernels import StateArena
 
 from .active_set import STATE_FORMATS, ActiveSet, _local
 from .checkpoint import Checkpoint
+from .compiled_switch import SwitchTags
 from .cuda_graph import CudaGraphStep
 from .fused_step import FusedStep
 from .grad_release import GradRelease
@@ -267,6 +268,9 @@ class MISA(ActiveSet, Schedule, FusedStep, CudaGraphStep, GradRelease, Checkpoin
             self._acquire(p)
 
         self._active: List[int] = []
+        # compiled_switch.py: a switch marks the modules it changes, so that a compiled model retraces
+        self._switch_tags = SwitchTags(model_or_named_params if isinstance(model_or_named_params, nn.Module)
+                                       else None)
         self._t = 0  # optimizer steps into the current outer loop
         self._period_len = self.warmup_interval
         self._step_count = 0

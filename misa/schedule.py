@@ -89,6 +89,7 @@ class Schedule:
                 p.requires_grad_(True)
                 if b not in keep_states:
                     self._acquire(p)
+        self._switch_tags.touch(p for b in old ^ new_set for p in self._module_params(b))
         if self.arena.generation != generation:  # compaction moved blocks: re-point every state
             self._refresh_views(list(self.state.keys()))
         self._active = new

@@ -49,7 +49,8 @@ def momentum_flush(params, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, step
 
 
 def rel_err(got, want) -> float:
-    """||got - want|| / ||want|| over a whole list of tensors."""
-    num = sum(float(((g.double() - w.double()) ** 2).sum()) for g, w in zip(got, want))
-    den = sum(float((w.double() ** 2).sum()) for w in want)
+    """||got - want|| / ||want|| over a whole list of tensors, compared on the CPU (an oracle may be computed
+    there while the kernel's output stays on the GPU)."""
+    num = sum(float(((g.double().cpu() - w.double().cpu()) ** 2).sum()) for g, w in zip(got, want))
+    den = sum(float((w.double().cpu() ** 2).sum()) for w in want)
     return math.sqrt(num) / max(math.sqrt(den), 1e-30)

@@ -179,3 +179,26 @@ def test_a_compiled_training_step_calls_misa_step_eagerly():
     assert eager_log == compiled_log
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_switch_gives_the_switched_modules_parameters_a_new_dict_tag():
+    """torch 2.11's dynamo skips a parameter's guards (requires_grad among them) while its module's
+    `_parameters` keeps its dict tag: a compiled model then kept the graph of the first active set and no
+    parameter received a gradient after a switch (misa/compiled_switch.py). A switch must change the tag of
+    every module whose parameters it switched, leave the others' alone and keep the parameters' order."""
+    dict_version = pytest.importorskip("torch._C._dynamo.guards").dict_version
+    model = tiny_lm(seed=1)
+    opt = misa.MISA(model, lr=1e-2, delta=0.3, interval=3, seed=0, backend="torch")
+    owners = {n: m for n, m in model.named_modules() if m._parameters}
+    before = {n: dict_version(m._parameters) for n, m in owners.items()}
+    order = [n for n, _ in model.named_parameters()]
+    old = set(opt.active_modules)
+    new = [n for n in opt.module_names if n not in old][:2]
+    opt.set_active(new)
+    switched = old ^ set(new)
+    assert switched
+    for name, module in owners.items():
+        changed = dict_version(module._parameters) != before[name]
+        assert changed == (name in switched), name
+    assert [n for n, _ in model.named_parameters()] == order
+    assert all("_misa" not in k for m in owners.values() for k in m._parameters)

@@ -101,10 +101,23 @@ def test_load_rejects_another_model():
         opt.load_state_dict(torch.optim.AdamW(tiny_lm().parameters()).state_dict())
 
 
+def test_load_into_another_variant_names_the_variants():
+    """The default variant and "paper" partition the model differently (module biases): loading one into the
+    other must say so rather than only count parameters (the GPU run of 2026-12-04 met this)."""
+    model = tiny_lm(seed=7)
+    saved = misa.MISA(model, lr=5e-3, delta=0.15, interval=4, seed=11, backend="torch")
+    _, paper = make("paper")
+    if len(saved.param_groups[0]["params"]) == len(paper.param_groups[0]["params"]):
+        pytest.skip("the default variant partitions this model as 'paper' does")
+    with pytest.raises(ValueError, match=r"saved with variant=.*this optimizer has variant='paper'"):
+        paper.load_state_dict(saved.state_dict())
+
+
 @pytest.mark.gpu
 def test_saved_on_gpu_loads_on_cpu():
     model = tiny_lm(seed=7).cuda()
-    opt = misa.MISA(model, lr=5e-3, delta=0.15, interval=4, seed=11)
+    # make()'s settings but the device's default backend (the variant decides the partition, so it must match)
+    opt = misa.MISA(model, lr=5e-3, weight_decay=0.01, delta=0.15, interval=4, variant="paper", seed=11)
     train(model, opt, 6)
     ckpt = roundtrip({"model": model.state_dict(), "opt": opt.state_dict()})
     model_cpu, opt_cpu = make()

@@ -18,7 +18,7 @@ from misa_kernels.triton import kernels, tune
 
 POINTERS = {"chunk_tensor_ptr": "*i64", "chunk_start_ptr": "*i64", "numel_ptr": "*i64", "addr_ptr": "*i64",
             "chunk_begin_ptr": "*i64", "partials_ptr": "*fp32", "scalars_ptr": "*fp32", "out_ptr": "*fp32",
-            "skip_ptr": "*fp32"}
+            "skip_ptr": "*fp32", "qs_ptr": "*fp32", "qu_ptr": "*fp32"}
 SCALARS = {"n_tensors": "i32", "one_minus_beta1": "fp32", "beta2": "fp32", "one_minus_beta2": "fp32", "eps": "fp32",
            "step_size": "fp32", "bc2_sqrt": "fp32", "decay": "fp32", "seed": "i32"}
 
@@ -99,6 +99,18 @@ def main():
     out["candidates"] = {f"{b},{w}": registers(kernels.adamw_kernel, dict(adamw, BLOCK=b, PARAM_DTYPE=tl.bfloat16,
                                                                           MASTER=True), w)
                          for b, w in tune.CANDIDATES}
+    # The 8-bit kernels in each mode MISA calls them in (compiled code is stricter than the interpreter: a global
+    # the kernel reads must be a constexpr value).
+    eight = dict(CHUNK=65536, BLOCK=block, SCALARS_ON_DEVICE=False, ALIGNED=True, MASTER=False, KAHAN=False,
+                 STOCHASTIC=False, SOFT_BF16=False)
+    out["eight_bit"] = {}
+    for name, mode in (("plain-fp32", dict(PARAM_DTYPE=tl.float32)), ("kahan-bf16", dict(PARAM_DTYPE=tl.bfloat16,
+                                                                                          KAHAN=True)),
+                       ("master-bf16", dict(PARAM_DTYPE=tl.bfloat16, MASTER=True)),
+                       ("sr-bf16", dict(PARAM_DTYPE=tl.bfloat16, STOCHASTIC=True))):
+        out["eight_bit"][f"adamw8-{name}"] = registers(kernels.adamw8_kernel, dict(
+            eight, **mode, FRESH=False, NORMS=True, SKIP=True, ZERO_M=False, ZERO_V=False), warps)
+        out["eight_bit"][f"flush8-{name}"] = registers(kernels.flush8_kernel, dict(eight, **mode), warps)
     json.dump(out, sys.stdout)
 
 

@@ -23,6 +23,8 @@ written.
 import triton
 import triton.language as tl
 
+from .. import quant
+
 
 @triton.jit
 def _typed(address, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
@@ -311,7 +313,9 @@ def reduce_partials_kernel(partials_ptr, chunk_begin_ptr, out_ptr, BLOCK: tl.con
 
 
 # ---- 8-bit blockwise states (misa_kernels/quant.py): R x 256 tiles, one quantization block per row ----
-QBLOCK: tl.constexpr = 256
+# A jitted function reads a global only when it is a constexpr *value*: compiled Triton (3.6 on the H200)
+# rejects an annotated int (`QBLOCK: tl.constexpr = 256`), which the interpreter accepts.
+QBLOCK = tl.constexpr(quant.BLOCK)
 
 
 @triton.jit

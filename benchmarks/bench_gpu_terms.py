@@ -78,8 +78,8 @@ def sdpa(device: torch.device) -> list:
         k = torch.randn(1, 8, seq, 128, device=device, dtype=torch.bfloat16, requires_grad=True)
         v = torch.randn(1, 8, seq, 128, device=device, dtype=torch.bfloat16, requires_grad=True)
         cases = {
-            "gqa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
-            "repeated_kv": lambda: F.scaled_dot_product_attention(
+            "gqa": lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+            "repeated_kv": lambda q=q, k=k, v=v: F.scaled_dot_product_attention(
                 q, k.repeat_interleave(4, dim=1), v.repeat_interleave(4, dim=1), is_causal=True),
         }
         for name, fn in cases.items():

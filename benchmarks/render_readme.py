@@ -320,6 +320,10 @@ def formats_section() -> str:
         finetuned = {_format_key(_entry_formats(r["method"])): r for r in ft["rows"]}
     lrs = sorted({lr for e in errors.values() for lr in e})[1:3]
     lora = {seq: r["lora_r16_gib"] for (_, _, seq), r in ckpt.items()}
+    gpu = _gpu_file("train_step")  # the formats' own 8B peaks, where a GPU run measured them (gpu_check.sh mem8b)
+    measured = {(_format_key(r["formats"]), r.get("release_grads", False), r["seq_len"]): r["peak_allocated_gb"]
+                for r in (gpu[1]["rows"] if gpu else []) if r.get("bench") == "train_step" and r.get("model") == "8b"
+                and r.get("grad_checkpointing") and "formats" in r and not r.get("oom") and "peak_allocated_gb" in r}
     seqs = sorted(lora)
     lines = [f"Bytes per active element as MISA reports them (`MISA.formats`; tensors below 4096 elements keep fp32 "
              f"states). LLaMA-3-8B, δ=3%, batch 1, checkpointing: the arena sized by our own code on the meta device "
@@ -331,10 +335,12 @@ def formats_section() -> str:
              f"{meta['steps']} steps, {run['rows'][0]['seeds']} seeds, final validation loss mean ± std)" +
              (f"; fine-tuning: `{tuned[-1].parent.relative_to(ROOT)}` ({ft_meta['dtype']}, lr "
               f"{finetuned[next(iter(finetuned))]['lr']:g}, {ft_meta['steps']} steps, test loss mean ± std)"
-              if tuned else "") + ".", "",
+              if tuned else "") + "." + (f" Measured 8B peaks: `{gpu[0].relative_to(ROOT)}` ({gpu[1]['device']}, "
+                                         f"commit {gpu[1]['commit'][:10]}), GiB." if measured else ""), "",
              "| format | bytes / element | 8B arena | predicted 8B peak, " + ", ".join(f"seq {s}" for s in seqs) +
+             " (with `release_grads`) | measured 8B peak, " + ", ".join(f"seq {s}" for s in seqs) +
              " (with `release_grads`) | error at lr " + " / ".join(f"{lr:.0e}" for lr in lrs) +
-             " | main job loss | fine-tuning loss |", "|---|---|---|---|---|---|---|"]
+             " | main job loss | fine-tuning loss |", "|---|---|---|---|---|---|---|---|"]
     for key, name in FORMAT_NAMES.items():
         plain = ckpt.get((key, False, seqs[0]))
         if plain is None:
@@ -346,13 +352,20 @@ def formats_section() -> str:
             if released is not None:
                 text += f" ({released['predicted_peak_gib']:.2f})"
             peaks.append(text)
+        seen = []
+        for seq in seqs:
+            plain_m, released_m = measured.get((key, False, seq)), measured.get((key, True, seq))
+            text = f"{plain_m:.2f}" if plain_m is not None else "—"
+            if released_m is not None:
+                text += f" ({released_m:.2f})"
+            seen.append(text)
         err = " / ".join(f"{errors.get(key, {}).get(lr, float('nan')):.1%}" for lr in lrs)
         loss = losses.get(key)
         loss_text = f"{loss['val_loss_mean']:.4f} ± {loss['val_loss_std']:.4f}" if loss else "—"
         ft_row = finetuned.get(key)
         ft_text = f"{ft_row['test_loss_mean']:.4f} ± {ft_row['test_loss_std']:.4f}" if ft_row else "—"
         lines.append(f"| {name} | {plain['formats']['bytes_per_element']:.2f} | {plain['arena_gib']:.2f} GiB | "
-                     f"{', '.join(peaks)} | {err} | {loss_text} | {ft_text} |")
+                     f"{', '.join(peaks)} | {', '.join(seen)} | {err} | {loss_text} | {ft_text} |")
     return "\n".join(lines)
 
 

@@ -5,9 +5,9 @@
 # and the fine-tuning summary one folder down: at most 8 files, at most 2 folders down, as the device tool
 # brings back. Run GPU jobs one after another: processes sharing the GPU get no speed-up.
 #
-# The default stages fit one 10-minute call (each has its own time limit; they add up to 580 s):
-#   build 90 s, the planner's GPU terms 45 s, tests 150 s, kernels (headline sizes) 110 s, host time 75 s,
-#   8B memory rows 110 s.
+# The default stages fit one 10-minute call (each has its own time limit; they add up to 550 s):
+#   build 75 s (42 s on the H200), the planner's GPU terms 30 s, tests 150 s, kernels (headline sizes) 110 s,
+#   host time 75 s, 8B memory rows 110 s (the whole of it: 426 s there on 2026-12-04).
 # A second call takes the rest:  STAGES=train,cap,arena,master bash benchmarks/gpu_check.sh
 # and a third the fine-tuning comparison on a larger model in bf16:  STAGES=finetune bash benchmarks/gpu_check.sh
 set -uo pipefail
@@ -22,11 +22,11 @@ want() { [[ "$STAGES" == *",$1,"* ]]; }
   echo "== $(date -u) $(git rev-parse HEAD 2>/dev/null || echo no-git) stages:$STAGES"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
   export MISA_FORCE_CUDA_BUILD=1 MISA_CUDA_ARCHS="${MISA_CUDA_ARCHS:-90}" MAX_JOBS="${MAX_JOBS:-16}"
-  timeout 90 python -m pip install -q --no-build-isolation --no-deps -e . || { echo "BUILD FAILED"; exit 1; }
+  timeout 75 python -m pip install -q --no-build-isolation --no-deps -e . || { echo "BUILD FAILED"; exit 1; }
   python -c "import misa_kernels as mk; print('backends:', mk.available_backends('cuda'))"
   if want terms; then
     # First after the build: the cuBLAS workspace shows only at a process's first product.
-    echo "== the planner's GPU terms"; timeout 45 python benchmarks/bench_gpu_terms.py --out "$DEST"
+    echo "== the planner's GPU terms"; timeout 30 python benchmarks/bench_gpu_terms.py --out "$DEST"
   fi
   if want tests; then
     echo "== gpu tests (the kernels' oracle first: the rest is slower and less telling)"

@@ -8,6 +8,7 @@ A part of MISA (misa/optimizer.py composes the parts): public function -> this f
 from __future__ import annotations
 
 import functools
+import warnings
 from collections import defaultdict
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -101,6 +102,7 @@ class FusedStep:
         if planned is None:
             entries = self._grads()
             if not entries:
+                self._warn_no_gradient()
                 return loss
             if not (self._device_steps and self._fused_backend() is not None):
                 self._grouped_step(entries)
@@ -112,6 +114,19 @@ class FusedStep:
             self._planned_step(plan, grads)
         self._advance()
         return loss
+
+    def _warn_no_gradient(self) -> None:
+        """A step that finds no gradient on any active tensor trains nothing: say so, once per active set. The
+        causes seen or possible: a model compiled before a switch on a torch whose graph missed it
+        (compiled_switch.py), a backward that never reached the active modules, step() before any backward."""
+        if self._no_gradient_warned == self._plan_version:
+            return
+        self._no_gradient_warned = self._plan_version
+        names = [self.module_names[b] for b in self._active]
+        warnings.warn(f"MISA.step: none of the {len(names)} active modules ({', '.join(names[:3])}"
+                      f"{', ...' if len(names) > 3 else ''}) has a gradient, so this step trains nothing; call "
+                      "backward() on a loss that depends on them first (a compiled model must retrace after a "
+                      "switch: see misa/compiled_switch.py)", RuntimeWarning, stacklevel=3)
 
     def _grouped_step(self, entries) -> None:
         """The step on the torch backend (or with host step counts): one call per step count."""

@@ -58,6 +58,7 @@ class GradRelease:
     def _release_step(self, loss):
         """step() under release_grads: the updates ran in the hooks; keep the books."""
         if not self._released:
+            self._warn_no_gradient()
             return loss
         step_sq, self._release_sq = self._release_sq, torch.zeros_like(self._release_sq)
         self._released.clear()

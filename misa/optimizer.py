@@ -264,6 +264,7 @@ class MISA(ActiveSet, Schedule, FusedStep, CudaGraphStep, GradRelease, Checkpoin
         self._graph, self._lr_devices, self._graph_recordings = None, None, 0  # cuda_graph.py
         self._backend_resolved = None  # (fused backend or "",), resolved on the first step
         self._plan, self._plan_version = None, 0  # the planned path's calls (fused_step.py)
+        self._no_gradient_warned = -1  # the plan version of the last step warned of having no gradient
         for _, p in self._always:
             self._acquire(p)
 

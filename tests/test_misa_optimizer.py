@@ -653,3 +653,27 @@ def test_a_steady_planned_step_is_capturable_in_structure():
     # what invalidates: a switch (and the fresh step after it) makes the plan again
     opt._end_period()
     assert opt._plan_version > version
+
+
+@pytest.mark.parametrize("release_grads", [False, True])
+def test_a_step_without_any_active_gradient_says_it_trains_nothing(release_grads):
+    """A compiled model that missed a switch gave MISA steps without gradients, silently (torch 2.11): a step
+    that finds none warns, once per active set, and a step with gradients does not."""
+    import warnings
+
+    model = tiny_lm(seed=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = misa.MISA(model, lr=1e-3, delta=0.3, interval=100, backend="torch", release_grads=release_grads,
+                        check_finite=not release_grads)
+    with pytest.warns(RuntimeWarning, match="has a gradient, so this step trains nothing"):
+        opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()  # the same active set: said once
+        model.loss(torch.randint(0, 32, (2, 9))).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    opt.set_active([n for n in opt.module_names if n not in opt.active_modules][:1])
+    with pytest.warns(RuntimeWarning, match="active modules"):
+        opt.step()

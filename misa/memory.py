@@ -142,9 +142,14 @@ class StepPeakMeter:
     object: what a step leaves behind (new optimizer states) is counted from then on.
     """
 
-    def __init__(self, model: nn.Module, optimizer=None, *, mode: str = "auto"):
+    def __init__(self, model: nn.Module, optimizer=None, *, mode: str = "auto", block_bytes: int = 1):
         if mode not in ("auto", "track", "cuda"):
             raise ValueError(f"mode: expected 'auto', 'track' or 'cuda', got {mode!r}")
+        if isinstance(block_bytes, bool) or not isinstance(block_bytes, int) or block_bytes < 1:
+            raise ValueError(f"block_bytes: expected a positive integer, got {block_bytes!r}")
+        # mode "track": each storage counts as a whole number of blocks, as a caching allocator hands them out
+        # (512 B on CUDA: the planner's model of the GPU, misa/jobs/device_model.py); 1 counts exact bytes
+        self.block_bytes = block_bytes
         self.model, self.optimizer = model, optimizer
         first = next(iter(model.parameters()), None)
         on_cuda = first is not None and first.device.type == "cuda"
@@ -233,7 +238,7 @@ class StepPeakMeter:
                     self._step_parts[kind] += entry[0]
                 entry[1] = kind
             return
-        nbytes = st.nbytes()
+        nbytes = -(-st.nbytes() // self.block_bytes) * self.block_bytes
         ref = weakref.ref(st, lambda _, key=key: self._freed(key))
         self._live[key] = [nbytes, kind, ref]
         self._by_kind[kind] += nbytes

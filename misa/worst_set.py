@@ -18,6 +18,7 @@ the step-peak meter and keeps the largest: the measurement, not the heuristic, i
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -154,15 +155,46 @@ def candidate_sets(opt, inputs: Dict[int, ModuleInput], grad_bytes_per_element: 
     def from_the_top(b, saved):  # whole blocks from the top: recomputed first, while the loss's gradients live
         return order.index(b)
 
+    def top_block_first(b, saved):
+        # the same blocks, each from its last module (backward's first gradient, alive through the block's whole
+        # backward), then from its first: trainable attention inputs (q, k) make the recomputed block's backward
+        # hold the most
+        return (layer_of(b), b == last_of_layer.get(layer_of(b)), -order.index(b))
+
+    layers = [re.search(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.", n) for n in opt.module_names]
+
+    def layer_of(b):
+        return int(layers[b].group(1)) if layers[b] else -1
+
+    last_of_layer = {}
+    for b in order:
+        last_of_layer[layer_of(b)] = b
+
     with host():  # real draws under the planner's fake tensors too
         rng = torch.Generator().manual_seed(0)
         draws = [torch.randperm(len(sizes), generator=rng).tolist() for _ in range(RANDOM_FILLS)]
     out = []
-    for s in [fill(per_param), fill(by_size), fill(in_forward_order), fill(from_the_top)] + [
+    for s in [fill(per_param), fill(by_size), fill(in_forward_order), fill(from_the_top), fill(top_block_first)] + [
             fill(lambda b, saved, rank=d: -rank.index(b)) for d in draws]:
         if s not in out:
             out.append(s)
     return out
+
+
+def largest_set(opt) -> Optional[List[int]]:
+    """The largest set the budget allows with the lowest module that fits in it (backward runs down to it),
+    filled with the largest modules that fit (the most gradient bytes): the planner's worst set where the
+    search (`candidate_sets`, measured one by one) costs too much, an 8B model's. None if no module fits."""
+    sizes, budget = opt.sampler.sizes, opt.budget
+    anchor = next((b for b in range(len(sizes)) if sizes[b] <= budget), None)  # modules are in forward order
+    if anchor is None:
+        return None
+    chosen, used = [anchor], sizes[anchor]
+    for b in sorted(range(len(sizes)), key=lambda b: (-sizes[b], b)):
+        if b != anchor and used + sizes[b] <= budget:
+            chosen.append(b)
+            used += sizes[b]
+    return sorted(chosen)
 
 
 def measure_steps(meter: StepPeakMeter, train_step: Callable[[], None], steps: int,
@@ -179,18 +211,19 @@ def measure_steps(meter: StepPeakMeter, train_step: Callable[[], None], steps: i
 
 def worst_case_peak(model: nn.Module, opt, train_step: Callable[[], None], forward: Callable[[], object],
                     *, steps: int = 2, sets: Optional[Sequence[Sequence[int]]] = None,
-                    grad_bytes_per_element: Optional[int] = None) -> Tuple[int, Dict[str, int], List[int]]:
+                    grad_bytes_per_element: Optional[int] = None,
+                    block_bytes: int = 1) -> Tuple[int, Dict[str, int], List[int]]:
     """(peak bytes, its parts by kind, the set) of the worst of the candidate sets (or of `sets`), each
     measured over `steps` steps with the set forced before every step (a switch at a period's end is part
     of a step; the next step starts from the chosen set again). Trains `model` and `opt`: pass throwaway
-    copies."""
+    copies. `block_bytes`: the meter's (StepPeakMeter). (-1, {}, []) when no module fits the budget."""
     if sets is None:
         if grad_bytes_per_element is None:
             grad_bytes_per_element = next(iter(model.parameters())).element_size()
         sets = candidate_sets(opt, module_inputs(model, opt, forward), grad_bytes_per_element)
     worst = (-1, {}, [])
     for chosen in sets:
-        meter = StepPeakMeter(model, opt)
+        meter = StepPeakMeter(model, opt, block_bytes=block_bytes)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # short planned periods warn about what a real run would not do
             peak = measure_steps(meter, train_step, steps, before_step=lambda c=chosen: opt.set_active(c))

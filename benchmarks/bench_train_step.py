@@ -27,7 +27,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import misa  # noqa: E402
-from misa import memory  # noqa: E402
 
 import common  # noqa: E402
 
@@ -40,8 +39,8 @@ SHAPES = {  # LLaMA-3.2-1B and LLaMA-3-8B
                  num_key_value_heads=2, vocab_size=256),
 }
 METHODS = ("misa_kernels", "misa_torch", "adamw_fused", "lora_r16", "badam", "lisa")
-# MISA with the compact state formats (README "State formats"); each row also carries the peak predicted from
-# the same run's misa_kernels row (misa.memory.predict_peak), which the measured peak checks.
+# MISA with the compact state formats (README "State formats"); gpu_check.sh prints the memory planner's peak
+# beside each measured one (benchmarks/plan_vs_measured.py).
 FORMATS = {
     "misa_8bit": {"states": "8bit"},
     "misa_8bit_kahan": {"states": "8bit", "master_weights": "kahan"},
@@ -141,29 +140,14 @@ def measure(shape, seq, method, ckpt, args, device) -> Dict:
     masters = any("master" in st for st in getattr(opt, "state", {}).values())
     extra = {}
     if isinstance(opt, misa.MISA):
-        inputs = memory.peak_inputs(opt)
-        extra = {"formats": opt.formats, "release_grads": opt.release_grads, "arena_bytes": inputs.arena_bytes,
-                 "grad_bytes": inputs.grad_bytes}
+        extra = {"formats": opt.formats, "release_grads": opt.release_grads,
+                 "arena_bytes": sum(opt.memory_bytes().values())}
     return {"bench": bench_name(args), "impl": method, "model": shape, "seq_len": seq, "batch": args.batch,
             "grad_checkpointing": ckpt, "param_dtype": "bf16" if dtype == torch.bfloat16 else "fp32",
             "trainable_fraction": trainable, "delta": args.delta if method.startswith("misa") else None,
             "interval": args.interval, "fp32_masters": masters, "memory_method": MEMORY_METHOD,
             "memory_cap_gb": args.memory_cap_gb, "oom": False,
             "tokens_per_s": args.batch * seq / (t["ms_p50"] * 1e-3), **t, **mem, **extra}
-
-
-def add_predictions(rows: List[Dict]) -> None:
-    """Each compact-format row gets the peak predicted from the misa_kernels row of the same model, sequence
-    and checkpointing (misa.memory.predict_peak), beside its measured peak."""
-    reference = {(r["model"], r["seq_len"], r["grad_checkpointing"]): r for r in rows
-                 if r.get("impl") == "misa_kernels" and not r.get("oom") and "peak_allocated_gb" in r}
-    for r in rows:
-        ref = reference.get((r.get("model"), r.get("seq_len"), r.get("grad_checkpointing")))
-        if r.get("impl") in FORMATS and ref is not None and "arena_bytes" in r:
-            predicted = memory.predict_peak(ref["peak_allocated_gb"] * 2**30,
-                                            memory.PeakInputs(ref["arena_bytes"], ref["grad_bytes"]),
-                                            memory.PeakInputs(r["arena_bytes"], r["grad_bytes"]))
-            r["predicted_peak_gb"] = predicted / 2**30
 
 
 def main(argv=None) -> Path:
@@ -222,7 +206,6 @@ def main(argv=None) -> Path:
                     gc.collect()
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
-    add_predictions(rows)
     return common.save(device, args.out, rows)
 
 

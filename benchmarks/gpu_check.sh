@@ -5,9 +5,10 @@
 # and the fine-tuning summary one folder down: at most 8 files, at most 2 folders down, as the device tool
 # brings back. Run GPU jobs one after another: processes sharing the GPU get no speed-up.
 #
-# The default stages fit one 10-minute call (each has its own time limit; they add up to 550 s):
+# The default stages fit one 10-minute call (each has its own time limit; they add up to 560 s):
 #   build 75 s (42 s on the H200), the planner's GPU terms 30 s, tests 150 s, kernels (headline sizes) 110 s,
-#   host time 75 s, 8B memory rows 110 s (the whole of it: 426 s there on 2026-12-04).
+#   host time 75 s, 8B memory rows 110 s and the planner's figures beside them 10 s (the planner itself runs on
+#   the CPU beside the GPU stages); the whole of it: 426 s there on 2026-12-04.
 # A second call takes the rest:  STAGES=train,cap,arena,master bash benchmarks/gpu_check.sh
 # and a third the fine-tuning comparison on a larger model in bf16:  STAGES=finetune bash benchmarks/gpu_check.sh
 set -uo pipefail
@@ -24,6 +25,11 @@ want() { [[ "$STAGES" == *",$1,"* ]]; }
   export MISA_FORCE_CUDA_BUILD=1 MISA_CUDA_ARCHS="${MISA_CUDA_ARCHS:-90}" MAX_JOBS="${MAX_JOBS:-16}"
   timeout 75 python -m pip install -q --no-build-isolation --no-deps -e . || { echo "BUILD FAILED"; exit 1; }
   python -c "import misa_kernels as mk; print('backends:', mk.available_backends('cuda'))"
+  if want mem8b; then
+    # The memory planner needs only the CPU: it plans the mem8b rows while the GPU stages run.
+    timeout 400 python benchmarks/plan_vs_measured.py --save-plan "$DEST/planned-8b.json" &
+    PLANNER=$!
+  fi
   if want terms; then
     # First after the build: the cuBLAS workspace shows only at a process's first product.
     echo "== the planner's GPU terms"; timeout 30 python benchmarks/bench_gpu_terms.py --out "$DEST"
@@ -42,12 +48,15 @@ want() { [[ "$STAGES" == *",$1,"* ]]; }
     echo "== host time"; timeout 75 python benchmarks/bench_host.py --out "$DEST"
   fi
   if want mem8b; then
-    # The compact formats' rows carry the peak predicted from the misa_kernels row (benchmarks/predict_memory.py).
+    # Each measured row is printed beside the memory planner's peak (benchmarks/plan_vs_measured.py).
     echo "== 8B memory rows with checkpointing: MISA delta=3% (default, 8-bit + Kahan, 8-bit + stochastic + release)"
     echo "   against LoRA r=16"
     timeout 110 python benchmarks/bench_train_step.py --out "$DEST" --shapes 8b --seqs 512,2048 \
       --methods misa_kernels,misa_8bit_kahan,misa_8bit_sr_release,lora_r16 --no-checkpointing-runs --steps 6 \
       --warmup 2 --budget-s 90
+    echo "== the planner beside the measured peaks"; wait "$PLANNER"
+    timeout 10 python benchmarks/plan_vs_measured.py --measured "$(ls -t "$DEST"/*.json | grep -v planned | head -1)" \
+      --planned "$DEST/planned-8b.json"
   fi
   if want train; then
     echo "== train step"; timeout 220 python benchmarks/bench_train_step.py --out "$DEST" --budget-s 190

@@ -291,17 +291,17 @@ FORMAT_NAMES = {("fp32", "fp32"): "fp32 states + fp32 master (default)", ("fp32"
 def formats_section() -> str:
     """One row per state format: bytes per active element, the 8B arena and predicted peak, the error against
     fp32 AdamW on one weight, and the main job's loss over seeds; each from the file that measured it."""
-    prediction = RESULTS / "memory-8b-prediction.json"
+    planned = RESULTS / "plan-8b-formats" / "plan.json"
     weights = _latest_with("master_weights")
     runs = [f for f in sorted(RESULTS.glob("*/compare.json"))
             if any("states=" in r["optimizer"] or "masters=" in r["optimizer"]
                    for r in json.loads(f.read_text())["rows"])]
-    if not prediction.exists() or weights is None or not runs:
-        return "_Not measured yet: run `benchmarks/predict_memory.py`, `benchmarks/bench_master_weights.py` and the " \
-               "main job's `--compare` of the formats._"
-    pred = json.loads(prediction.read_text())
-    ckpt = {(_format_key(r["formats"]), r["release_grads"], r["seq_len"]): r for r in pred["rows"]
-            if r["grad_checkpointing"]}
+    if not planned.exists() or weights is None or not runs:
+        return "_Not measured yet: run `python benchmarks/plan_cards.py --formats`, " \
+               "`benchmarks/bench_master_weights.py` and the main job's `--compare` of the formats._"
+    pred = json.loads(planned.read_text())
+    ckpt = {(_format_key(r["formats"]), r["release_grads"], r["seq"]): r for r in pred["rows"]
+            if r["checkpointing"] and r["formats"]}
     wf, wdata, wrows = weights
     errors = {}
     for r in wrows:
@@ -319,17 +319,18 @@ def formats_section() -> str:
         ft_meta = ft["meta"]
         finetuned = {_format_key(_entry_formats(r["method"])): r for r in ft["rows"]}
     lrs = sorted({lr for e in errors.values() for lr in e})[1:3]
-    lora = {seq: r["lora_r16_gib"] for (_, _, seq), r in ckpt.items()}
+    lora = {r["seq"]: r["peak_bytes"] / 2**30 for r in pred["rows"] if r["method"] == "lora" and r["checkpointing"]}
     gpu = _gpu_file("train_step")  # the formats' own 8B peaks, where a GPU run measured them (gpu_check.sh mem8b)
     measured = {(_format_key(r["formats"]), r.get("release_grads", False), r["seq_len"]): r["peak_allocated_gb"]
                 for r in (gpu[1]["rows"] if gpu else []) if r.get("bench") == "train_step" and r.get("model") == "8b"
                 and r.get("grad_checkpointing") and "formats" in r and not r.get("oom") and "peak_allocated_gb" in r}
     seqs = sorted(lora)
     lines = [f"Bytes per active element as MISA reports them (`MISA.formats`; tensors below 4096 elements keep fp32 "
-             f"states). LLaMA-3-8B, δ=3%, batch 1, checkpointing: the arena sized by our own code on the meta device "
-             f"and the step's peak predicted from the peaks measured on an H200 "
-             f"(`{pred['measured_from']}`, `benchmarks/predict_memory.py` at {pred['commit'][:10]}); LoRA r=16 "
-             f"measured there: " + ", ".join(f"{lora[s]:.2f} GiB at seq {s}" for s in seqs) + ". Error: one bf16 "
+             f"states). LLaMA-3-8B, δ=3%, batch 1, checkpointing: the arena and the step's peak planned on fake "
+             f"tensors by the memory planner (`{planned.relative_to(ROOT)}`, `python -m misa.plan` at "
+             f"{pred['meta']['commit'][:10]}; within 1% of every peak measured on a GPU, `tests/test_plan.py`); "
+             "LoRA r=16 planned there: " + ", ".join(f"{lora[s]:.2f} GiB at seq {s}" for s in seqs) +
+             ". Error: one bf16 "
              f"weight after 50 steps, distance to fp32 AdamW over the distance it moved (`{wf.relative_to(ROOT)}`, "
              f"{wdata['device']}). Loss: the main job in bf16 (`{runs[-1].parent.relative_to(ROOT)}`, "
              f"{meta['steps']} steps, {run['rows'][0]['seeds']} seeds, final validation loss mean ± std)" +
@@ -337,7 +338,7 @@ def formats_section() -> str:
               f"{finetuned[next(iter(finetuned))]['lr']:g}, {ft_meta['steps']} steps, test loss mean ± std)"
               if tuned else "") + "." + (f" Measured 8B peaks: `{gpu[0].relative_to(ROOT)}` ({gpu[1]['device']}, "
                                          f"commit {gpu[1]['commit'][:10]}), GiB." if measured else ""), "",
-             "| format | bytes / element | 8B arena | predicted 8B peak, " + ", ".join(f"seq {s}" for s in seqs) +
+             "| format | bytes / element | 8B arena | planned 8B peak, " + ", ".join(f"seq {s}" for s in seqs) +
              " (with `release_grads`) | measured 8B peak, " + ", ".join(f"seq {s}" for s in seqs) +
              " (with `release_grads`) | error at lr " + " / ".join(f"{lr:.0e}" for lr in lrs) +
              " | main job loss | fine-tuning loss |", "|---|---|---|---|---|---|---|---|"]
@@ -347,10 +348,10 @@ def formats_section() -> str:
             continue
         peaks = []
         for seq in seqs:
-            text = f"{ckpt[(key, False, seq)]['predicted_peak_gib']:.2f}"
+            text = f"{ckpt[(key, False, seq)]['peak_bytes'] / 2**30:.2f}"
             released = ckpt.get((key, True, seq))
             if released is not None:
-                text += f" ({released['predicted_peak_gib']:.2f})"
+                text += f" ({released['peak_bytes'] / 2**30:.2f})"
             peaks.append(text)
         seen = []
         for seq in seqs:
@@ -364,8 +365,51 @@ def formats_section() -> str:
         loss_text = f"{loss['val_loss_mean']:.4f} ± {loss['val_loss_std']:.4f}" if loss else "—"
         ft_row = finetuned.get(key)
         ft_text = f"{ft_row['test_loss_mean']:.4f} ± {ft_row['test_loss_std']:.4f}" if ft_row else "—"
-        lines.append(f"| {name} | {plain['formats']['bytes_per_element']:.2f} | {plain['arena_gib']:.2f} GiB | "
+        lines.append(f"| {name} | {plain['formats']['bytes_per_element']:.2f} | "
+                     f"{plain['arena_bytes'] / 2**30:.2f} GiB | "
                      f"{', '.join(peaks)} | {', '.join(seen)} | {err} | {loss_text} | {ft_text} |")
+    return "\n".join(lines)
+
+
+def fits_section() -> str:
+    """What fits on a 24 GB card, from the planner's runs of benchmarks/plan_cards.py."""
+    found = sorted((RESULTS / "plan-24gib").glob("*/plan.json"))
+    if not found:
+        return "_Not planned yet: run `python benchmarks/plan_cards.py`._"
+    plans = [json.loads(f.read_text()) for f in found]
+    meta = plans[0]["meta"]
+    budget = plans[0]["budget_bytes"] / 2**30
+    lines = [f"Planned by `python -m misa.plan` (`benchmarks/plan_cards.py`, commit {meta['commit'][:10]}, "
+             f"{meta['date'][:10]}; files `benchmarks/results/plan-24gib/`): bf16 weights, batch 1, the step's peak "
+             f"on a Hopper-class GPU in GiB, fits in {budget:g} GiB or not (✗); for MISA the largest δ that "
+             "fits (its worst active set: the lowest layer active), then its peak at δ=3%. LoRA r=16 on the seven "
+             "projections; full AdamW with fp32 states (torch's default).", ""]
+    methods = [a["method"] for a in plans[0]["budget"]]
+    names = {m: m.replace("misa+delta=0.03", "MISA").replace("+check_finite=false", "").replace("+", " ")
+             for m in methods}
+    lines += ["| model | checkpointing | seq | " + " | ".join(names[m] for m in methods) + " |",
+              "|---|---|---|" + "---|" * len(methods)]
+    for data in plans:
+        ckpt = data["rows"][0]["checkpointing"]
+        answers = {a["method"]: {h["seq"]: h for h in a["at_seq"]} for a in data["budget"]}
+        rows = {(r["method"], r["seq"]): r for r in data["rows"]}
+        for seq in sorted({r["seq"] for r in data["rows"]}):
+            cells = []
+            for m in methods:
+                r, a = rows[(m, seq)], answers[m][seq]
+                text = f"{r['peak_bytes'] / 2**30:.2f}" + ("" if a["fits"] else " ✗")
+                if m.startswith("misa"):
+                    d = a.get("largest_delta")
+                    text = (f"δ≤{d:.3f}" if d else "no δ") + f"; {text}"
+                cells.append(text)
+            lines.append(f"| {data['model']} | {'yes' if ckpt else 'no'} | {seq} | " + " | ".join(cells) + " |")
+    longest = []
+    for data in plans:
+        ckpt = "with" if data["rows"][0]["checkpointing"] else "without"
+        words = [f"{names[a['method']]} {a['longest_seq'] or 'none'}" for a in data["budget"]]
+        longest.append(f"{data['model']} {ckpt} checkpointing: " + ", ".join(words))
+    lines += ["", f"Longest sequence that fits in {budget:g} GiB (MISA at δ=3%, in multiples of 64): "
+              + "; ".join(longest) + "."]
     return "\n".join(lines)
 
 
@@ -476,7 +520,7 @@ def render(readme: Path) -> None:
     sections = (("compare", compare_section), ("equal_peak", equal_peak_section), ("finetune", finetune_section),
                 ("kernels", kernels_section),
                 ("train_step", train_step_section),
-                ("master", master_section), ("formats", formats_section), ("ddp", ddp_section),
+                ("master", master_section), ("formats", formats_section), ("fits", fits_section), ("ddp", ddp_section),
                 ("host", host_section))
     for name, make in sections:
         begin, end = f"<!-- results:{name}:begin -->", f"<!-- results:{name}:end -->"

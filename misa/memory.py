@@ -346,31 +346,3 @@ class MemoryMeter:
         if now.total_bytes > self.peak.total_bytes:
             self.peak = now
         self.peak.trainable_params = max(self.peak.trainable_params, now.trainable_params)
-
-
-# ---------------------------------------------------------------- predicting a step's peak from a measured one
-@dataclass(frozen=True)
-class PeakInputs:
-    """What a MISA configuration adds to a training step's memory beyond everything else (weights,
-    activations, logits, workspace), all in bytes: its arena (states and masters, allocated up front for
-    the largest active set) and the gradients alive at once (every active one, or under release_grads
-    the largest single tensor's)."""
-    arena_bytes: int
-    grad_bytes: int
-
-
-def peak_inputs(opt, grad_dtype: torch.dtype = torch.bfloat16) -> PeakInputs:
-    """PeakInputs of a constructed MISA (construct it on the meta device to size a model that does not
-    fit here): its arena's real size, and gradient bytes of the largest active set its budget allows."""
-    size = torch.empty((), dtype=grad_dtype).element_size()
-    if opt.release_grads:
-        grads = max(p.numel() for m in opt.partition.modules for _, p in m.params) * size
-    else:
-        grads = int(opt.budget) * size
-    return PeakInputs(arena_bytes=sum(opt.memory_bytes().values()), grad_bytes=grads)
-
-
-def predict_peak(measured_peak: float, measured: PeakInputs, config: PeakInputs) -> float:
-    """The peak of a configuration from the measured peak of another on the same model, sequence, batch
-    and checkpointing: what differs between them is only the arena and the gradients alive at once."""
-    return measured_peak - measured.arena_bytes - measured.grad_bytes + config.arena_bytes + config.grad_bytes

@@ -275,6 +275,7 @@ class MISA(ActiveSet, Schedule, FusedStep, CudaGraphStep, GradRelease, Checkpoin
         self._t = 0  # optimizer steps into the current outer loop
         self._period_len = self.warmup_interval
         self._step_count = 0
+        self._held = False  # schedule.hold(): periods do not end, the active set changes only by set_active
         self._S = torch.zeros(0, device=self.device)
         self._cached_norms: Optional[Tuple[int, Tensor]] = None
         self.switch_log: List[Dict] = []

@@ -6,8 +6,9 @@ A part of MISA (misa/optimizer.py composes the parts); the sampling itself is mi
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import TYPE_CHECKING, Callable, List, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -65,6 +66,17 @@ class Schedule:
                              f"(delta={self.delta:g})")
         self._switch(chosen)
 
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Inside, no period ends: the active set changes only by `set_active`, and no step reads the
+        gradient statistics back (a period's end does, to sample). The memory planner steps on fake tensors,
+        whose values cannot be read, and plans its switches instead of drawing them."""
+        held, self._held = self._held, True
+        try:
+            yield
+        finally:
+            self._held = held
+
     def _module_params(self, b: int) -> List[Tensor]:
         return [p for _, p in self.partition.modules[b].params]
 
@@ -119,7 +131,7 @@ class Schedule:
             done = self._step_count % self.interval == 0 or self.sampler.never_selected()
         else:
             done = self._t >= self._period_len
-        if done:
+        if done and not self._held:
             self._end_period()
 
     def _end_period(self) -> None:

@@ -38,7 +38,7 @@ OPTIMIZERS = ("misa", "lisa", "badam", "adamw")
 # --compare entries: an optimizer, or misa with a preset and switches: misa-paper, misa-official+flush=true
 SWITCHES = {"flush": "bool", "keep_states": "bool", "norm_power": "int", "logit_cap": "float",
             "warmup_interval": "int", "eta": "eta", "states": ("fp32", "8bit"), "masters": ("fp32", "kahan", "none"),
-            "rounding": ("nearest", "stochastic")}
+            "rounding": ("nearest", "stochastic"), "release_grads": "bool", "check_finite": "bool"}
 CHECKPOINT = "checkpoint.pt"
 METER_EVERY = 50  # besides the steps that can hold the most, every 50th step's peak is measured
 

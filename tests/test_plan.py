@@ -145,10 +145,23 @@ def test_the_budget_answers_fit_and_plan_json(tmp_path):
     assert by["misa+delta=0.05"]["longest_seq"] >= 32
 
 
+def test_planning_side_by_side_gives_the_same_plan():
+    def plan(jobs):
+        result = P.plan(model="tiny", methods="misa+delta=0.05,lora", seqs=(16, 32), dtype="fp32", gpu="none",
+                        worst_set="largest", budget="1.5MiB", jobs=jobs)
+        for row in result["rows"]:
+            row.pop("seconds")
+        return result
+
+    alone, side_by_side = plan(1), plan(2)
+    assert side_by_side == alone and len(alone["rows"]) == 4 and len(alone["budget"]) == 2
+
+
 @pytest.mark.parametrize("argv, flag", [
     (["--model", "llama9-70b"], "--model"),
     (["--budget", "lots"], "--budget"),
     (["--seq", "512,x"], "--seq"),
+    (["--jobs", "0"], "--jobs"),
     (["--methods", "sgd"], "--methods"),
     (["--model", "tiny", "--methods", "misa+delta=1e-9", "--seq", "8", "--gpu", "none"], "--methods"),
 ])

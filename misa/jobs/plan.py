@@ -42,6 +42,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -225,8 +226,11 @@ def _build(model_spec: Model, method: Method, setting: Setting):
         if not targets:
             raise UsageError(f"--methods: {method.entry}: the model has none of the projections LoRA adapts "
                              f"({', '.join(PROJECTIONS)})")
+        # low_cpu_mem_usage: the adapters are made on meta like the model; otherwise peft initialises them on the
+        # CPU first (2.5 GB of real memory and seconds at rank 226 on 8B) only to move them to meta
         model = get_peft_model(model, LoraConfig(r=setting.lora_r, lora_alpha=setting.lora_alpha or 2 * setting.lora_r,
-                                                 target_modules=targets, use_dora=method.name == "dora"))
+                                                 target_modules=targets, use_dora=method.name == "dora"),
+                               low_cpu_mem_usage=True)
         if setting.checkpointing:
             model.enable_input_require_grads()
 
@@ -418,11 +422,62 @@ def _largest(plan: Callable[[float], Row], lo: float, hi: float, budget: int, *,
 
 
 def budget_answers(model_spec: Model, methods: Sequence[Method], setting: Setting, rows: Sequence[Row],
-                   budget: int) -> List[Dict]:
+                   budget: int, pool: Optional["Pool"] = None) -> List[Dict]:
     """Per method: at every planned sequence, whether it fits and the largest delta (MISA) or rank (LoRA,
-    DoRA) that does; and the longest sequence that fits at its own settings."""
-    return [_answer(model_spec, m, setting, sorted((r for r in rows if r.method == m.entry), key=lambda r: r.seq),
-                    budget) for m in methods]
+    DoRA) that does; and the longest sequence that fits at its own settings. Each of these searches is
+    independent of the others: with a `pool` they run side by side."""
+    pool = pool or Pool(1)
+    searches = []
+    for m in methods:
+        mine = sorted((r for r in rows if r.method == m.entry), key=lambda r: r.seq)
+        searches.append(([pool.submit(_answer_at_seq, model_spec, m, setting, r, budget) for r in mine],
+                         pool.submit(_longest_seq, model_spec, m, setting, mine, budget)))
+    return [{"method": m.entry, "at_seq": [f.result() for f in at_seq], **longest.result()}
+            for m, (at_seq, longest) in zip(methods, searches)]
+
+
+class Pool:
+    """Planned steps side by side, one process each (a planned step is Python-bound: threads would not help).
+    With one job everything runs here, in order, as it is submitted."""
+
+    def __init__(self, jobs: int):
+        self.jobs = jobs
+        self._executor = None
+        if jobs > 1:
+            import concurrent.futures
+            import multiprocessing
+            # spawn: a forked torch can deadlock on its thread pools; each worker imports torch once
+            self._executor = concurrent.futures.ProcessPoolExecutor(
+                jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init)
+
+    def submit(self, fn, *args, **kwargs):
+        if self._executor is not None:
+            return self._executor.submit(fn, *args, **kwargs)
+        import concurrent.futures
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        try:
+            done.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 - handed back through result(), as the executor does
+            done.set_exception(exc)
+        return done
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self._executor is not None:
+            self._executor.shutdown(cancel_futures=exc[0] is not None)
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)  # fake tensors compute nothing; one thread per process keeps them off each other
+
+
+def default_jobs() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
 
 
 def _cached(plan: Callable[[float], Row], known: Dict[float, Row]) -> Callable[[float], Row]:
@@ -433,29 +488,31 @@ def _cached(plan: Callable[[float], Row], known: Dict[float, Row]) -> Callable[[
     return planned
 
 
-def _answer(model_spec: Model, method: Method, setting: Setting, mine: List[Row], budget: int) -> Dict:
-    answer: Dict = {"method": method.entry, "at_seq": []}
-    for row in mine:
-        at = Setting(**{**asdict(setting), "seq": row.seq})
-        here: Dict = {"seq": row.seq, "fits": row.peak_bytes <= budget}
-        if method.name == "misa":
-            plan = _cached(lambda d, at=at: plan_step(model_spec, method, at, delta=d), {row.delta: row})
-            delta, best = _largest(plan, row.delta, min(1.0, 2 * row.delta), budget, quantum=1e-3, ceiling=1.0)
-            here.update(largest_delta=delta, peak_bytes_at_largest=best.peak_bytes if best else None)
-        elif method.name in ("lora", "dora"):
-            plan = _cached(lambda r, at=at: plan_step(model_spec, method, Setting(**{**asdict(at), "lora_r": int(r)})),
-                           {setting.lora_r: row})
-            rank, best = _largest(plan, setting.lora_r, 2 * setting.lora_r, budget, quantum=1, ceiling=65536)
-            here.update(largest_rank=rank, peak_bytes_at_largest=best.peak_bytes if best else None)
-        answer["at_seq"].append(here)
-    # the longest sequence: from the two longest planned ones when there are two, else from one more
+def _answer_at_seq(model_spec: Model, method: Method, setting: Setting, row: Row, budget: int) -> Dict:
+    """Whether `row` fits, and the largest delta (MISA) or rank (LoRA, DoRA) that does at its sequence."""
+    at = Setting(**{**asdict(setting), "seq": row.seq})
+    here: Dict = {"seq": row.seq, "fits": row.peak_bytes <= budget}
+    if method.name == "misa":
+        plan = _cached(lambda d: plan_step(model_spec, method, at, delta=d), {row.delta: row})
+        delta, best = _largest(plan, row.delta, min(1.0, 2 * row.delta), budget, quantum=1e-3, ceiling=1.0)
+        here.update(largest_delta=delta, peak_bytes_at_largest=best.peak_bytes if best else None)
+    elif method.name in ("lora", "dora"):
+        plan = _cached(lambda r: plan_step(model_spec, method, Setting(**{**asdict(at), "lora_r": int(r)})),
+                       {setting.lora_r: row})
+        rank, best = _largest(plan, setting.lora_r, 2 * setting.lora_r, budget, quantum=1, ceiling=65536)
+        here.update(largest_rank=rank, peak_bytes_at_largest=best.peak_bytes if best else None)
+    return here
+
+
+def _longest_seq(model_spec: Model, method: Method, setting: Setting, mine: List[Row], budget: int) -> Dict:
+    """The longest sequence that fits: from the two longest planned ones when there are two, else from one more."""
     longest = mine[-1]
     lo, hi = (mine[-2].seq, longest.seq) if len(mine) >= 2 else (longest.seq, 2 * longest.seq)
     plan = _cached(lambda s: plan_step(model_spec, method, Setting(**{**asdict(setting), "seq": int(s)}),
                                        delta=longest.delta), {r.seq: r for r in mine})
     seq, best = _largest(plan, lo, hi, budget, quantum=SEQ_MULTIPLE, ceiling=1 << 20)
-    answer.update(longest_seq=best.seq if best else None, peak_bytes_at_longest_seq=best.peak_bytes if best else None)
-    return answer
+    return {"longest_seq": best.seq if best else None,
+            "peak_bytes_at_longest_seq": best.peak_bytes if best else None}
 
 
 # ----------------------------------------------------------------------------------------- the command
@@ -482,6 +539,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", default=None, help="a GPU's memory (24GiB): what fits, the largest delta and rank, "
                                                   "the longest sequence")
     p.add_argument("--out", default=None, help="write plan.json and plan.png here")
+    p.add_argument("--jobs", type=int, default=default_jobs(),
+                   help="planned steps run side by side in this many processes (default: the CPUs available)")
     return p
 
 
@@ -491,6 +550,8 @@ def validate(args) -> Tuple[Model, List[Method], List[int], Optional[int]]:
         raise UsageError(f"--batch: expected a positive integer, got {args.batch}")
     if args.lora_r < 1:
         raise UsageError(f"--lora-r: expected a positive integer, got {args.lora_r}")
+    if getattr(args, "jobs", 1) < 1:
+        raise UsageError(f"--jobs: expected a positive integer, got {args.jobs}")
     budget = parse_size(args.budget) if args.budget is not None else None
     methods = parse_methods(args.methods)
     model_spec = load_model(args.model)
@@ -505,11 +566,12 @@ def validate(args) -> Tuple[Model, List[Method], List[int], Optional[int]]:
 def plan(model: str = "llama3-8b", methods: str = "misa+delta=0.03,lora", seqs: Sequence[int] = (512, 2048),
          batch: int = 1, dtype: str = "bf16", checkpointing: bool = False, lora_r: int = 16,
          lora_alpha: Optional[float] = None, gpu: str = "hopper", worst_set: str = "auto",
-         budget: Optional[str] = None) -> Dict:
-    """The plan as `python -m misa.plan` writes it to plan.json (`rows`, and `budget` when one is given)."""
+         budget: Optional[str] = None, jobs: int = 1) -> Dict:
+    """The plan as `python -m misa.plan` writes it to plan.json (`rows`, and `budget` when one is given).
+    jobs > 1 plans side by side in that many processes."""
     args = argparse.Namespace(model=model, methods=methods, seq=",".join(map(str, seqs)), batch=batch, dtype=dtype,
                               checkpointing=checkpointing, lora_r=lora_r, lora_alpha=lora_alpha, gpu=gpu,
-                              worst_set=worst_set, budget=budget)
+                              worst_set=worst_set, budget=budget, jobs=jobs)
     return run(args, *validate(args))
 
 
@@ -517,18 +579,21 @@ def run(args, model_spec: Model, methods: List[Method], seqs: List[int], budget:
         echo: Callable[[str], None] = lambda s: None) -> Dict:
     base = Setting(seq=seqs[0], batch=args.batch, dtype=args.dtype, checkpointing=args.checkpointing,
                    lora_r=args.lora_r, lora_alpha=args.lora_alpha, gpu=args.gpu, worst_set=args.worst_set)
-    rows = []
-    for method in methods:
-        for seq in seqs:
-            row = plan_step(model_spec, method, Setting(**{**asdict(base), "seq": seq}))
+    n_tasks = len(methods) * len(seqs)
+    with Pool(min(getattr(args, "jobs", 1), n_tasks)) as pool:
+        futures = [pool.submit(plan_step, model_spec, method, Setting(**{**asdict(base), "seq": seq}))
+                   for method in methods for seq in seqs]
+        rows = []
+        for future in futures:
+            row = future.result()
             if budget is not None:
                 row.fits = row.peak_bytes <= budget
             rows.append(row)
             echo(describe(row, budget))
-    out = {"model": model_spec.name, "gpu": args.gpu, "budget_bytes": budget,
-           "rows": [asdict(r) for r in rows]}
-    if budget is not None:
-        out["budget"] = budget_answers(model_spec, methods, base, rows, budget)
+        out = {"model": model_spec.name, "gpu": args.gpu, "budget_bytes": budget,
+               "rows": [asdict(r) for r in rows]}
+        if budget is not None:
+            out["budget"] = budget_answers(model_spec, methods, base, rows, budget, pool)
     return out
 
 

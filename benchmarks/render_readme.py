@@ -413,6 +413,37 @@ def fits_section() -> str:
     return "\n".join(lines)
 
 
+def fsdp_section() -> str:
+    """How many 24 GB cards 8B needs at seq 4096: one rank's planned peak under FSDP2, per number of ranks."""
+    found = sorted((RESULTS / "plan-8b-fsdp").glob("*/plan.json"))
+    if not found:
+        return "_Not planned yet: run `python benchmarks/plan_cards.py --fsdp`._"
+    plans = [json.loads(f.read_text()) for f in found]
+    budget = 24 * 2**30
+    meta = plans[0]["meta"]
+    methods = list(dict.fromkeys(r["method"] for r in plans[0]["rows"]))
+    names = {m: m.replace("misa+delta=0.03", "MISA").replace("+", " ") for m in methods}
+    peaks = {}  # (checkpointing, method) -> {ranks: peak bytes}
+    for data in plans:
+        for r in data["rows"]:
+            peaks.setdefault((r["checkpointing"], r["method"]), {})[r["fsdp"]] = r["peak_bytes"]
+    ranks = sorted({n for v in peaks.values() for n in v})
+    lines = [f"One rank's step peak (GiB) under FSDP2 over N ranks (every block and the root `fully_shard`-ed), "
+             f"LLaMA-3-8B bf16, seq 4096, batch 1 per rank, planned by `python -m misa.plan --fsdp N` "
+             f"(`benchmarks/plan_cards.py --fsdp`, commit {meta['commit'][:10]}, {meta['date'][:10]}; files "
+             f"`benchmarks/results/plan-8b-fsdp/`); ✗: more than 24 GiB. NCCL's own buffers are not in it.", "",
+             "| checkpointing | method | " + " | ".join(f"N={n}" for n in ranks) + " | fewest 24 GB cards |",
+             "|---|---|" + "---|" * len(ranks) + "---|"]
+    for ckpt in (False, True):
+        for m in methods:
+            row = peaks.get((ckpt, m), {})
+            cells = [(f"{row[n] / 2**30:.2f}" + ("" if row[n] <= budget else " ✗")) if n in row else "" for n in ranks]
+            fewest = next((n for n in ranks if n in row and row[n] <= budget), None)
+            lines.append(f"| {'yes' if ckpt else 'no'} | {names[m]} | " + " | ".join(cells)
+                         + f" | {fewest if fewest else f'more than {ranks[-1]}'} |")
+    return "\n".join(lines)
+
+
 def ddp_section() -> str:
     found = _latest_with("ddp_step")
     if found is None:
@@ -520,7 +551,8 @@ def render(readme: Path) -> None:
     sections = (("compare", compare_section), ("equal_peak", equal_peak_section), ("finetune", finetune_section),
                 ("kernels", kernels_section),
                 ("train_step", train_step_section),
-                ("master", master_section), ("formats", formats_section), ("fits", fits_section), ("ddp", ddp_section),
+                ("master", master_section), ("formats", formats_section), ("fits", fits_section),
+                ("fsdp", fsdp_section), ("ddp", ddp_section),
                 ("host", host_section))
     for name, make in sections:
         begin, end = f"<!-- results:{name}:begin -->", f"<!-- results:{name}:end -->"

@@ -14,7 +14,10 @@ projection, and backward stops at the lowest trainable layer.
   carries a kind: weights (parameters and buffers), gradients (a parameter's `.grad`, relabelled when
   autograd accumulates it), optimizer (held by the optimizer), activations (saved for backward: relabelled
   by a saved-tensors hook), temporaries (everything else). What a kernel allocates inside itself and frees
-  before it returns (a matmul's workspace) is not seen.
+  before it returns (a matmul's workspace) is not seen. A storage resized in place (FSDP2 frees and
+  re-allocates its unsharded parameters and all-gather buffers by resizing their storages to 0 and back, which
+  no op reports) is followed by wrapping `torch.UntypedStorage.resize_` during the step; one that grows from
+  outside the step's bookkeeping counts as a temporary. Sizes are read again when each step begins.
 - `mode="cuda"`: `torch.cuda.max_memory_allocated` after a reset at the start of the step, which counts
   everything on the device (the caching allocator's rounding included) and tells no kinds.
 
@@ -203,13 +206,15 @@ class StepPeakMeter:
                 torch.cuda.synchronize(device)
                 self.steps.append(StepPeak(torch.cuda.max_memory_allocated(device)))
                 return
+            self._refresh()
             self._register_roots()
             self._step_peak, self._step_parts = self._total, dict(self._by_kind)
             self._peak_temporaries = set()
             hooks = [p.register_post_accumulate_grad_hook(self._grad_ready)
                      for p in self.model.parameters() if p.requires_grad]
             try:
-                with torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack), _Tracker(self):
+                with torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack), _Tracker(self), \
+                        _storage_resizes(self):
                     yield
             finally:
                 for h in hooks:
@@ -222,8 +227,13 @@ class StepPeakMeter:
     # ---------------------------------------------------------------- bookkeeping
     def _register(self, t: Tensor, kind: str) -> None:
         st = _storage(t)
-        if st is None:
-            return
+        if st is not None:
+            self._register_storage(st, kind)
+
+    def _blocks(self, nbytes: int) -> int:
+        return -(-nbytes // self.block_bytes) * self.block_bytes
+
+    def _register_storage(self, st, kind: str) -> None:
         key = st._cdata
         entry = self._live.get(key)
         if entry is not None:
@@ -238,7 +248,7 @@ class StepPeakMeter:
                     self._step_parts[kind] += entry[0]
                 entry[1] = kind
             return
-        nbytes = -(-st.nbytes() // self.block_bytes) * self.block_bytes
+        nbytes = self._blocks(st.nbytes())
         ref = weakref.ref(st, lambda _, key=key: self._freed(key))
         self._live[key] = [nbytes, kind, ref]
         self._by_kind[kind] += nbytes
@@ -250,6 +260,26 @@ class StepPeakMeter:
         if entry is not None:
             self._by_kind[entry[1]] -= entry[0]
             self._total -= entry[0]
+
+    def _resized(self, st) -> None:
+        entry = self._live.get(st._cdata)
+        if entry is None:
+            self._register_storage(st, "temporaries")
+        else:
+            self._resize_entry(entry, self._blocks(st.nbytes()))
+        self._observe()
+
+    def _resize_entry(self, entry: list, nbytes: int) -> None:
+        self._by_kind[entry[1]] += nbytes - entry[0]
+        self._total += nbytes - entry[0]
+        entry[0] = nbytes
+
+    def _refresh(self) -> None:
+        """Sizes as they are now: a storage resized between steps, where no resize is followed."""
+        for entry in list(self._live.values()):
+            st = entry[2]()
+            if st is not None:
+                self._resize_entry(entry, self._blocks(st.nbytes()))
 
     def _observe(self) -> None:
         if self._total > self._step_peak:
@@ -280,6 +310,28 @@ class StepPeakMeter:
 
 def _unpack(t: Tensor) -> Tensor:
     return t
+
+
+@contextlib.contextmanager
+def _storage_resizes(meter: "StepPeakMeter") -> Iterator[None]:
+    """Reports every `UntypedStorage.resize_` to the meter while a step runs (module doc)."""
+    cls = torch.UntypedStorage
+    own = cls.__dict__.get("resize_")
+    original = cls.resize_  # torch._C.StorageBase's, found through the class
+
+    def resize_(storage, size):
+        out = original(storage, size)
+        meter._resized(storage)
+        return out
+
+    cls.resize_ = resize_
+    try:
+        yield
+    finally:
+        if own is None:
+            del cls.resize_
+        else:
+            cls.resize_ = own
 
 
 # ---------------------------------------------------------------- the accounted ledger

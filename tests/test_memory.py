@@ -75,6 +75,27 @@ def test_two_views_of_one_storage_count_once():
     del views
 
 
+def test_a_storage_resized_in_place_is_followed_as_fsdp2_frees_and_regathers_its_weights():
+    weight = F32  # the 1x1 layer's
+    held = torch.empty(300)  # made before the step, as FSDP2 makes its unsharded parameters
+    held.untyped_storage().resize_(0)
+    meter = StepPeakMeter(nn.Linear(1, 1, bias=False))
+    with meter.step():
+        temp = torch.empty(1000)
+        del temp  # peak so far: 1000 floats
+        held.untyped_storage().resize_(2000 * F32)  # gathered: grows from outside the step's bookkeeping
+        assert meter.live_bytes == weight + 2000 * F32
+        held.untyped_storage().resize_(0)  # freed again
+        assert meter.live_bytes == weight
+        held.untyped_storage().resize_(500 * F32)
+    assert meter.peak_bytes == weight + 2000 * F32
+    assert torch.UntypedStorage.resize_ is torch._C.StorageBase.resize_  # the wrapper is gone after the step
+    held.untyped_storage().resize_(800 * F32)  # between steps: read again when the next one begins
+    with meter.step():
+        pass
+    assert meter.steps[1].peak_bytes == weight + 800 * F32
+
+
 def test_memory_outside_the_step_seen_through_a_view_is_not_counted():
     data = torch.arange(10_000, dtype=torch.int64)  # a data set: not the step's
     meter = StepPeakMeter(nn.Linear(1, 1, bias=False))

@@ -162,6 +162,7 @@ def test_planning_side_by_side_gives_the_same_plan():
     (["--budget", "lots"], "--budget"),
     (["--seq", "512,x"], "--seq"),
     (["--jobs", "0"], "--jobs"),
+    (["--fsdp", "0"], "--fsdp"),
     (["--methods", "sgd"], "--methods"),
     (["--model", "tiny", "--methods", "misa+delta=1e-9", "--seq", "8", "--gpu", "none"], "--methods"),
 ])

@@ -34,6 +34,15 @@ Face config file or folder (config only, no weights), planned as the transformer
 With `--budget`, each method's row says whether it fits, and the planner answers the largest delta of each
 MISA entry, the largest LoRA/DoRA rank and the longest sequence that fit (each found from two planned points
 of a peak that is affine in it, then checked by planning it). Exit code 2 means bad input.
+
+`--fsdp N` plans rank 0's peak under FSDP2 over N ranks in this one process: torch's fake process group
+(whose collectives move no data) and a CPU device mesh over it, `fully_shard` on every block and then the root
+(`shard`), on meta before the model is materialised, MISA through `misa.distributed.prepare`. The meter
+follows FSDP2's storage resizes, by which it frees and re-gathers the unsharded weights. Checked against real
+2-rank gloo runs on the CPU (tests/test_plan_fsdp.py). What NCCL allocates for itself, and the caching
+allocator's per-stream reuse of the all-gather and reduce-scatter buffers on a GPU, are not modelled.
+
+Planned steps are independent of each other: `--jobs` runs them in that many processes side by side.
 """
 
 from __future__ import annotations
@@ -177,6 +186,7 @@ class Setting:
     lora_alpha: Optional[float] = None
     gpu: str = "hopper"
     worst_set: str = "auto"
+    fsdp: int = 1  # ranks FSDP2 shards over (1: no sharding); the plan is rank 0's, whose shards are the largest
 
 
 def _optimizer_args(method: Method, setting: Setting, delta: Optional[float]):
@@ -271,6 +281,7 @@ class Row:
     release_grads: bool = False
     seconds: float = 0.0
     fits: Optional[bool] = None
+    fsdp: int = 1  # ranks sharded over; peak_bytes is one rank's
 
     @property
     def peak_gib(self) -> float:
@@ -292,6 +303,39 @@ def gpu_terms(setting: Setting, n_layers: int, method: Method) -> Dict[str, int]
     return terms
 
 
+def blocks(model: nn.Module, n_layers: int) -> List[nn.Module]:
+    """The model's decoder blocks: its ModuleList of n_layers (misa.model's `layers`, transformers' and peft's
+    `model.layers`)."""
+    for m in model.modules():
+        if isinstance(m, nn.ModuleList) and len(m) == n_layers:
+            return list(m)
+    raise UsageError(f"--fsdp: found no list of the model's {n_layers} blocks to shard")
+
+
+def shard(model: nn.Module, n_layers: int, mesh=None) -> None:
+    """FSDP2 as a user applies it: `fully_shard` on every block, then on the root (its embedding, norm and
+    head). The planner and the real runs that check it (tests/test_plan_fsdp.py) shard with this one function."""
+    from torch.distributed.fsdp import fully_shard
+    for block in blocks(model, n_layers):
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def _fake_mesh(world: int):
+    """Rank 0 of `world` ranks in this one process: torch's fake process group (its own distributed tests'),
+    whose collectives move no data, and a CPU device mesh over it. Made once per world size."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    if dist.is_initialized() and (dist.get_backend() != "fake" or dist.get_world_size() != world):
+        if dist.get_backend() != "fake":
+            raise UsageError("--fsdp: plans in a process of its own; this one already has a real process group")
+        dist.destroy_process_group()
+    if not dist.is_initialized():
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    return init_device_mesh("cpu", (world,))
+
+
 def plan_step(model_spec: Model, method: Method, setting: Setting, delta: Optional[float] = None) -> Row:
     """One planned training step of `method` on `model_spec` (module doc)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -303,6 +347,8 @@ def plan_step(model_spec: Model, method: Method, setting: Setting, delta: Option
     with warnings.catch_warnings(), _quiet_transformers():
         warnings.simplefilter("ignore")  # deprecations, frozen-part notices and short planned periods
         model, loss_fn = _build(model_spec, method, setting)
+        if setting.fsdp > 1:
+            shard(model, model_spec.n_layers, _fake_mesh(setting.fsdp))  # on meta, as FSDP2's docs build
         block = device_model.BLOCK_BYTES if GPUS[setting.gpu] else 1
         with FakeTensorMode(allow_non_fake_inputs=True):
             model.to_empty(device="cpu")
@@ -311,6 +357,9 @@ def plan_step(model_spec: Model, method: Method, setting: Setting, delta: Option
                 opt = _optimizer(model, method, setting, delta)
             except ValueError as exc:  # a delta no module fits in, a method the model cannot take
                 raise UsageError(f"--methods: {method.entry}: {exc}") from None
+            if setting.fsdp > 1 and method.name == "misa":
+                from .. import distributed
+                distributed.prepare(opt)  # its norms summed over the ranks, as a user's MISA under FSDP2
             batch = torch.zeros(setting.batch, setting.seq + 1, dtype=torch.long)
 
             def train_step():
@@ -351,7 +400,7 @@ def plan_step(model_spec: Model, method: Method, setting: Setting, delta: Option
                gpu_terms=terms, delta=used_delta,
                lora_r=setting.lora_r if method.name in ("lora", "dora") else None, trainable=trainable,
                active_set=names, formats=formats, arena_bytes=arena, release_grads=release,
-               seconds=round(time.perf_counter() - start, 2))
+               seconds=round(time.perf_counter() - start, 2), fsdp=setting.fsdp)
 
 
 def _prime(model: nn.Module, opt) -> None:
@@ -536,6 +585,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worst-set", choices=("auto", "largest", "search"), default="auto",
                    help="MISA's planned set: the largest with the lowest layer, or the worst of the candidates "
                         "measured (auto: search below 1B parameters)")
+    p.add_argument("--fsdp", type=int, default=1, metavar="N",
+                   help="plan one rank's peak under FSDP2 over N ranks (every block and the root fully_shard-ed, "
+                        "MISA through misa.distributed.prepare); the batch is each rank's")
     p.add_argument("--budget", default=None, help="a GPU's memory (24GiB): what fits, the largest delta and rank, "
                                                   "the longest sequence")
     p.add_argument("--out", default=None, help="write plan.json and plan.png here")
@@ -550,6 +602,8 @@ def validate(args) -> Tuple[Model, List[Method], List[int], Optional[int]]:
         raise UsageError(f"--batch: expected a positive integer, got {args.batch}")
     if args.lora_r < 1:
         raise UsageError(f"--lora-r: expected a positive integer, got {args.lora_r}")
+    if getattr(args, "fsdp", 1) < 1:
+        raise UsageError(f"--fsdp: expected a number of ranks, 1 or more, got {args.fsdp}")
     if getattr(args, "jobs", 1) < 1:
         raise UsageError(f"--jobs: expected a positive integer, got {args.jobs}")
     budget = parse_size(args.budget) if args.budget is not None else None
@@ -566,19 +620,20 @@ def validate(args) -> Tuple[Model, List[Method], List[int], Optional[int]]:
 def plan(model: str = "llama3-8b", methods: str = "misa+delta=0.03,lora", seqs: Sequence[int] = (512, 2048),
          batch: int = 1, dtype: str = "bf16", checkpointing: bool = False, lora_r: int = 16,
          lora_alpha: Optional[float] = None, gpu: str = "hopper", worst_set: str = "auto",
-         budget: Optional[str] = None, jobs: int = 1) -> Dict:
+         budget: Optional[str] = None, jobs: int = 1, fsdp: int = 1) -> Dict:
     """The plan as `python -m misa.plan` writes it to plan.json (`rows`, and `budget` when one is given).
     jobs > 1 plans side by side in that many processes."""
     args = argparse.Namespace(model=model, methods=methods, seq=",".join(map(str, seqs)), batch=batch, dtype=dtype,
                               checkpointing=checkpointing, lora_r=lora_r, lora_alpha=lora_alpha, gpu=gpu,
-                              worst_set=worst_set, budget=budget, jobs=jobs)
+                              worst_set=worst_set, budget=budget, jobs=jobs, fsdp=fsdp)
     return run(args, *validate(args))
 
 
 def run(args, model_spec: Model, methods: List[Method], seqs: List[int], budget: Optional[int],
         echo: Callable[[str], None] = lambda s: None) -> Dict:
     base = Setting(seq=seqs[0], batch=args.batch, dtype=args.dtype, checkpointing=args.checkpointing,
-                   lora_r=args.lora_r, lora_alpha=args.lora_alpha, gpu=args.gpu, worst_set=args.worst_set)
+                   lora_r=args.lora_r, lora_alpha=args.lora_alpha, gpu=args.gpu, worst_set=args.worst_set,
+                   fsdp=getattr(args, "fsdp", 1))
     n_tasks = len(methods) * len(seqs)
     with Pool(min(getattr(args, "jobs", 1), n_tasks)) as pool:
         futures = [pool.submit(plan_step, model_spec, method, Setting(**{**asdict(base), "seq": seq}))
@@ -605,7 +660,8 @@ def describe(row: Row, budget: Optional[int]) -> str:
     parts = ", ".join(f"{k} {size(v)}" for k, v in row.parts.items() if v)
     gpu = f"; GPU {size(sum(row.gpu_terms.values()))}" if row.gpu_terms else ""
     fit = "" if row.fits is None else ("  fits" if row.fits else "  does not fit")
-    return (f"{row.method} seq {row.seq} batch {row.batch}{' ckpt' if row.checkpointing else ''}: "
+    ranks = f" fsdp {row.fsdp} (per rank)" if row.fsdp > 1 else ""
+    return (f"{row.method} seq {row.seq} batch {row.batch}{' ckpt' if row.checkpointing else ''}{ranks}: "
             f"peak {size(row.peak_bytes)} ({parts}{gpu}){fit}  [{row.seconds:.0f} s]")
 
 

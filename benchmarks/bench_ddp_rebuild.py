@@ -26,7 +26,7 @@ import common  # noqa: E402
 def worker(rank, world, init_file, out_file, size, steps, interval, delta, strategy):
     import misa
     from misa import distributed as mdist
-    from misa.model import SIZES, LlamaForCausalLM
+    from misa.jobs.model import SIZES, LlamaForCausalLM
 
     use_cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world
     device = torch.device("cuda", rank) if use_cuda else torch.device("cpu")

@@ -95,7 +95,7 @@ def sdpa(device: torch.device) -> list:
 
 def misa_step_scratch(device: torch.device) -> list:
     import misa
-    from misa.model import SIZES, LlamaForCausalLM
+    from misa.jobs.model import SIZES, LlamaForCausalLM
 
     rows = []
     for backend in ("cuda", "triton"):

@@ -161,7 +161,7 @@ def misa_rows(device, stub: bool) -> List[Dict]:
     active tensors with their states and masters (host step count, norms asked), and
     torch.optim.AdamW(fused=True).step() on the active parameters (bf16 states: not the same work, the
     same call count). `overhead_us` is the median over rounds of MISA.step minus that adamw_step_."""
-    from misa.model import LlamaConfig, LlamaForCausalLM
+    from misa.jobs.model import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=32, num_heads=2)

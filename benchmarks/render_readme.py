@@ -67,8 +67,7 @@ def compare_section() -> str:
 
 def finetune_section() -> str:
     """Every committed `python -m misa.finetune` run: its table, notes and computed verdict."""
-    from misa import finetune_report
-
+    from misa.jobs import finetune_report
     # The comparisons first, then the ablations.
     files = sorted(RESULTS.glob("*/finetune.json"), key=lambda f: ("ablation" in f.parent.name, f.parent.name))
     if not files:
@@ -97,8 +96,7 @@ def finetune_section() -> str:
 def equal_peak_section() -> str:
     """MISA or LoRA at LoRA's measured step peak: one row per committed `--equal-memory` (peak) comparison, each
     domain and regime, and the verdict sentences computed from them."""
-    from misa import finetune_report as fr
-
+    from misa.jobs import finetune_report as fr
     files = [f for f in sorted(RESULTS.glob("*/finetune.json"))
              if json.loads(f.read_text())["meta"].get("equal_memory") == "peak"]
     if not files:

@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import TYPE_CHECKING, Callable, Iterator, List, Optional, Sequence
+from typing import Callable, Iterator, List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from .sampler import entropy
-
-if TYPE_CHECKING:
-    from .optimizer import MISA
 
 
 class Schedule:
@@ -42,7 +39,7 @@ class Schedule:
     def steps_in_period(self) -> int:
         return self._t
 
-    def register_switch_hook(self, hook: Callable[["MISA"], None]) -> None:
+    def register_switch_hook(self, hook: Callable[["Schedule"], None]) -> None:  # the MISA optimizer, a Schedule
         """`hook(optimizer)` runs after every switch of the active set (used to rebuild DDP)."""
         self._switch_hooks.append(hook)
 

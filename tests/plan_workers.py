@@ -6,8 +6,8 @@ import os
 import torch
 import torch.distributed as dist
 
-from misa import worst_set
 from misa.jobs import plan as P
+from misa.jobs import worst_set
 from misa.memory import StepPeakMeter
 
 WARM_STEPS = 2

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from misa import train
+from misa.jobs import train
 
 from cli_checks import assert_refused
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from misa import finetune, pretrained, train
 from misa.integrations.lora import attach_lora, peft_available
+from misa.jobs import finetune, pretrained, train
+from misa.jobs.model import SIZES, LlamaForCausalLM
 from misa.memory import MemoryMeter
-from misa.model import SIZES, LlamaForCausalLM
 from misa.optimizer import MISA
 
 from cli_checks import assert_refused

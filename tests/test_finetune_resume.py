@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from misa import finetune, pretrained, train
 from misa.integrations.lora import peft_available
+from misa.jobs import finetune, pretrained, train
 
 from cli_checks import assert_refused, snapshot
 

@@ -88,7 +88,6 @@ def test_release_refuses_what_it_cannot_honour():
     with pytest.raises(RuntimeError, match="gradients cannot be accumulated"):
         model.loss(ids).backward()
     from misa import distributed
-
     with pytest.raises(ValueError, match="before DDP or FSDP2 reduce"):
         distributed.prepare(opt)
 

@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 import misa
-from misa import train
 from misa.integrations.lora import attach_lora, peft_available
+from misa.jobs import train
+from misa.jobs.model import SIZES, LlamaForCausalLM
+from misa.jobs.worst_set import candidate_sets, module_inputs, worst_case_peak
 from misa.memory import StepPeakMeter, optimizer_tensors
-from misa.model import SIZES, LlamaForCausalLM
-from misa.worst_set import candidate_sets, module_inputs, worst_case_peak
 
 F32 = 4
 N, D_IN, D_OUT = 64, 96, 48  # a batch of 64 rows through a 96 -> 48 linear layer

@@ -33,7 +33,7 @@ def test_the_8b_plans_are_within_1_percent_of_every_measured_peak():
 def _real_peak(method: str, seq: int, batch: int, checkpointing: bool):
     """The same step as the planner's, on real CPU tensors, metered exactly (no GPU terms)."""
     from misa.integrations.lora import attach_lora
-    from misa.model import SIZES, LlamaConfig, LlamaForCausalLM
+    from misa.jobs.model import SIZES, LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**SIZES["tiny"].to_dict()))
     model.gradient_checkpointing = checkpointing

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from misa import train
+from misa.jobs import train
 
 FAST = ["--model-size", "tiny", "--seq-len", "32", "--batch-size", "2", "--eval-batches", "2", "--no-progress"]
 

@@ -20,12 +20,12 @@ Nothing is fitted: a term that the validation (tests/test_plan.py, against the c
 missing is measured and modelled here.
 
 MISA's active set is planned, not drawn: its worst case is the largest set the budget allows with the lowest
-layer active (backward runs down to it), chosen by `misa.worst_set.largest_set`, or with `--worst-set search`
-the worst of `worst_set.candidate_sets` measured one by one (the default for models under 1B parameters,
-where the set changes the peak most). The optimizer holds its periods (`MISA.hold`): no period ends, no
+layer active (backward runs down to it), chosen by `worst_set.largest_set` (misa/jobs/worst_set.py), or with
+`--worst-set search` the worst of `worst_set.candidate_sets` measured one by one (the default for models under
+1B parameters, where the set changes the peak most). The optimizer holds its periods (`MISA.hold`): no period ends, no
 value of a fake tensor is read.
 
-Models: the built-in sizes (misa.model, trained with its own loss), a shipped config (llama3-8b, llama3.2-1b,
+Models: the built-in sizes (misa/jobs/model.py, trained with its own loss), a shipped config (llama3-8b, llama3.2-1b,
 qwen2.5-7b, mistral-7b: their public shapes; mistral-7b is v0.3, without a sliding window), or a Hugging
 Face config file or folder (config only, no weights), planned as the transformers model a user trains:
 `model(input_ids=ids, labels=ids).loss`, which upcasts the logits to fp32; LoRA and DoRA through
@@ -63,7 +63,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from . import device_model, files
+from . import device_model, extras, files
 
 CONFIGS = Path(__file__).parent / "configs"
 SHIPPED = sorted(p.stem for p in CONFIGS.glob("*.json"))
@@ -106,27 +106,27 @@ def parse_ints(text: str, flag: str) -> List[int]:
 class Model:
     """What to build: a built-in size, or a transformers config."""
     name: str
-    builtin: Optional[str] = None  # a key of misa.model.SIZES
+    builtin: Optional[str] = None  # a key of misa.jobs.model.SIZES
     hf_config: Optional[object] = None  # a transformers PretrainedConfig
 
     @property
     def n_layers(self) -> int:
         if self.builtin:
-            from ..model import SIZES
+            from .model import SIZES
             return SIZES[self.builtin].num_layers
         return self.hf_config.num_hidden_layers
 
     @property
     def vocab_size(self) -> int:
         if self.builtin:
-            from ..model import SIZES
+            from .model import SIZES
             return SIZES[self.builtin].vocab_size
         return self.hf_config.vocab_size
 
 
 def load_model(spec: str) -> Model:
     """A built-in size, a shipped config's name, or a path to a config JSON or a folder with config.json."""
-    from ..model import SIZES
+    from .model import SIZES
     if spec in SIZES:
         return Model(spec, builtin=spec)
     path = CONFIGS / f"{spec}.json" if spec in SHIPPED else Path(spec)
@@ -162,7 +162,7 @@ class Method:
 
 
 def parse_methods(text: str) -> List[Method]:
-    from .. import finetune
+    from . import finetune
     methods = []
     for entry in [e for e in text.split(",") if e.strip()]:
         try:
@@ -191,7 +191,7 @@ class Setting:
 
 def _optimizer_args(method: Method, setting: Setting, delta: Optional[float]):
     """The namespace train.build_optimizer reads, with misa.finetune's defaults."""
-    from .. import finetune
+    from . import finetune
     fargs = finetune.build_parser().parse_args([])
     fargs.dtype = setting.dtype
     fargs.backend = "torch"  # the kernels' own steps cannot run on fake tensors; the CUDA step's scratch is added
@@ -207,7 +207,7 @@ def _build(model_spec: Model, method: Method, setting: Setting):
     """(model on meta, its loss on a [batch, seq+1] batch of ids)."""
     dtype = DTYPES[setting.dtype]
     if model_spec.builtin:
-        from ..model import SIZES, LlamaConfig, LlamaForCausalLM
+        from .model import SIZES, LlamaConfig, LlamaForCausalLM
         fields = SIZES[model_spec.builtin].to_dict()
         fields["max_seq_len"] = max(fields["max_seq_len"], setting.seq)
         with torch.device("meta"):
@@ -252,12 +252,12 @@ def _build(model_spec: Model, method: Method, setting: Setting):
 
 
 def _optimizer(model, method: Method, setting: Setting, delta: Optional[float]):
-    from ..train import build_optimizer
+    from .train import build_optimizer
     if method.name in ("lora", "dora"):
         return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     if method.name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=1e-5)
-    from ..finetune import bare_entry
+    from .finetune import bare_entry
     return build_optimizer(bare_entry(method.inner), model, _optimizer_args(method, setting, delta))
 
 
@@ -304,7 +304,7 @@ def gpu_terms(setting: Setting, n_layers: int, method: Method) -> Dict[str, int]
 
 
 def blocks(model: nn.Module, n_layers: int) -> List[nn.Module]:
-    """The model's decoder blocks: its ModuleList of n_layers (misa.model's `layers`, transformers' and peft's
+    """The model's decoder blocks: its ModuleList of n_layers (the built-in model's `layers`, transformers' and peft's
     `model.layers`)."""
     for m in model.modules():
         if isinstance(m, nn.ModuleList) and len(m) == n_layers:
@@ -340,8 +340,8 @@ def plan_step(model_spec: Model, method: Method, setting: Setting, delta: Option
     """One planned training step of `method` on `model_spec` (module doc)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from .. import worst_set
     from ..memory import StepPeakMeter
+    from . import worst_set
 
     start = time.perf_counter()
     with warnings.catch_warnings(), _quiet_transformers():
@@ -566,7 +566,7 @@ def _longest_seq(model_spec: Model, method: Method, setting: Setting, mine: List
 
 # ----------------------------------------------------------------------------------------- the command
 def build_parser() -> argparse.ArgumentParser:
-    from ..train import _HelpFormatter
+    from .train import _HelpFormatter
     p = argparse.ArgumentParser(prog="python -m misa.plan", formatter_class=_HelpFormatter,
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="llama3-8b",
@@ -689,9 +689,11 @@ def plot(result: Dict, path: Path) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.out:  # the plot is the only use the planner has for the jobs' packages
+            extras.require()
         model_spec, methods, seqs, budget = validate(args)
         result = run(args, model_spec, methods, seqs, budget, echo=lambda s: print(s, flush=True))
-    except UsageError as exc:
+    except (UsageError, extras.ExtraMissing) as exc:
         print(f"misa-plan: error: {exc}", file=sys.stderr)
         return 2
     for answer in result.get("budget", []):
@@ -701,7 +703,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         import transformers
 
-        from .. import provenance
+        from . import provenance
         result["meta"] = {"command": provenance.command("misa.plan", sys.argv[1:] if argv is None else argv),
                           "commit": provenance.commit(), "torch": torch.__version__,
                           "transformers": transformers.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S"),

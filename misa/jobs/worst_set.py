@@ -26,8 +26,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .memory import StepPeakMeter
-from .sampler import host
+from ..memory import StepPeakMeter
+from ..sampler import host
 
 RANDOM_FILLS = 3  # budget-filling random sets beside the constructed ones: what a draw may hold that they miss
 

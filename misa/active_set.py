@@ -46,8 +46,11 @@ class ActiveSet:
         # an active small tensor costs its extra bytes over the large rate; all of them may be active
         small = sum(_local(p).numel() for p in module_tensors if self.states == "8bit" and not self._is_8bit(p))
         n_blocks = max((len(self._state_layout(p, 1)) for p in every), default=0)
-        module_bytes = (math.ceil(self.budget * ratio) * large + small * (self._bytes_per_element(large=False) - large)
-                        + ALIGN_ELEMENTS * 4 * n_blocks * len(module_tensors))
+        module_bytes = (
+            math.ceil(self.budget * ratio) * large
+            + small * (self._bytes_per_element(large=False) - large)
+            + ALIGN_ELEMENTS * 4 * n_blocks * len(module_tensors)
+        )
         always_bytes = sum(self.arena_bytes(p) for _, p in self._always)
         master_share = self._master_bytes() / large if large else 0.0
         self._arena_parts = {"masters": master_share}
@@ -79,8 +82,11 @@ class ActiveSet:
     def formats(self) -> Dict[str, object]:
         """The state formats and what they cost: {"states", "masters", "bytes_per_element"} (an active
         element of a tensor of at least quant.MIN_NUMEL elements; smaller ones keep fp32 states)."""
-        return {"states": self.states, "masters": self.master_format if self._master_bytes() else None,
-                "bytes_per_element": self._bytes_per_element(large=True)}
+        return {
+            "states": self.states,
+            "masters": self.master_format if self._master_bytes() else None,
+            "bytes_per_element": self._bytes_per_element(large=True),
+        }
 
     def _has_master(self, p: Tensor) -> bool:
         return self.master_weights and _local(p).dtype != torch.float32
@@ -93,9 +99,12 @@ class ActiveSet:
         shape = _local(p).shape if numel is None else numel
         n = _local(p).numel() if numel is None else numel
         if self._is_8bit(p):
-            layout = {"exp_avg": (shape, quant.CODE_DTYPE), "exp_avg_sq": (shape, quant.CODE_DTYPE),
-                      "exp_avg_absmax": (quant.n_blocks(n), torch.float32),
-                      "exp_avg_sq_absmax": (quant.n_blocks(n), torch.float32)}
+            layout = {
+                "exp_avg": (shape, quant.CODE_DTYPE),
+                "exp_avg_sq": (shape, quant.CODE_DTYPE),
+                "exp_avg_absmax": (quant.n_blocks(n), torch.float32),
+                "exp_avg_sq_absmax": (quant.n_blocks(n), torch.float32),
+            }
         else:
             layout = {"exp_avg": (shape, torch.float32), "exp_avg_sq": (shape, torch.float32)}
         if self._has_master(p):
@@ -142,19 +151,21 @@ class ActiveSet:
             rows.append(row)
         width = max((len(r) for r in rows), default=1)
         pad = len(self._slots)
-        self._seg_index = torch.tensor([r + [pad] * (width - len(r)) for r in rows] or [[pad]],
-                                       dtype=torch.int64, device=self.device)
+        self._seg_index = torch.tensor(
+            [r + [pad] * (width - len(r)) for r in rows] or [[pad]], dtype=torch.int64, device=self.device
+        )
         # Modules of one tensor each (a LLaMA projection without bias), numbered in order: the per-slot norms
         # are already the per-module ones, and a view replaces the gather (the same values).
         self._seg_identity = bool(rows) and width == 1 and [r[0] for r in rows] == list(range(len(rows)))
         # (group index, param, slot or None) of every tensor a step may update, in the step's order
         self._active_items = [(0, p, self._slots[p]) for b in self._active for p in self._module_params(b)] + [
-            (gi, p, None) for gi, p in self._always]
+            (gi, p, None) for gi, p in self._always
+        ]
 
     def _per_module(self, step_sq: Tensor) -> Tensor:
         """Per-slot squared norms (with the zero pad slot last) summed per active module."""
         if self._seg_identity:
-            return step_sq[:len(self._slots)]
+            return step_sq[: len(self._slots)]
         return step_sq[self._seg_index].sum(dim=1)
 
     def _index_tensor(self, indices: List[int]) -> Tensor:

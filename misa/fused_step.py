@@ -30,13 +30,18 @@ def _lean_step_hooks(step):
     from torch.optim import optimizer as torch_optimizer
 
     wrapped = torch.optim.Optimizer.profile_hook_step(step)
-    global_hooks = [getattr(torch_optimizer, name, None) for name in ("_global_optimizer_pre_hooks",
-                                                                       "_global_optimizer_post_hooks")]
+    global_hooks = [
+        getattr(torch_optimizer, name, None) for name in ("_global_optimizer_pre_hooks", "_global_optimizer_post_hooks")
+    ]
 
     @functools.wraps(step)
     def lean(self, *args, **kwargs):
-        if (torch._C._autograd._profiler_enabled() or self._optimizer_step_pre_hooks
-                or self._optimizer_step_post_hooks or any(h is None or h for h in global_hooks)):
+        if (
+            torch._C._autograd._profiler_enabled()
+            or self._optimizer_step_pre_hooks
+            or self._optimizer_step_post_hooks
+            or any(h is None or h for h in global_hooks)
+        ):
             return wrapped(self, *args, **kwargs)
         out = step(self, *args, **kwargs)
         self._optimizer_step_code()  # the profiler's Python tracer looks for this call
@@ -123,10 +128,14 @@ class FusedStep:
             return
         self._no_gradient_warned = self._plan_version
         names = [self.module_names[b] for b in self._active]
-        warnings.warn(f"MISA.step: none of the {len(names)} active modules ({', '.join(names[:3])}"
-                      f"{', ...' if len(names) > 3 else ''}) has a gradient, so this step trains nothing; call "
-                      "backward() on a loss that depends on them first (a compiled model must retrace after a "
-                      "switch: see misa/compiled_switch.py)", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"MISA.step: none of the {len(names)} active modules ({', '.join(names[:3])}"
+            f"{', ...' if len(names) > 3 else ''}) has a gradient, so this step trains nothing; call "
+            "backward() on a loss that depends on them first (a compiled model must retrace after a "
+            "switch: see misa/compiled_switch.py)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
     def _grouped_step(self, entries) -> None:
         """The step on the torch backend (or with host step counts): one call per step count."""
@@ -193,8 +202,9 @@ class FusedStep:
         # number - tensor launches one kernel; a tensor built from host data would copy and wait on a GPU
         return float(st["step"] + ahead) - (self._skips - st["skips0"])
 
-    def _fused_steps(self, entries, step_sq: Optional[Tensor], found: Optional[Tensor] = None,
-                     call_base: int = 0) -> None:
+    def _fused_steps(
+        self, entries, step_sq: Optional[Tensor], found: Optional[Tensor] = None, call_base: int = 0
+    ) -> None:
         """One fused kernel call per (group, dtype, step count, activation, module-or-not, state format).
         `call_base` numbers the calls for the stochastic-rounding seeds (a released tensor's own index).
         On the fused backends, with step counts on the device, step() takes the planned path below instead:
@@ -203,7 +213,8 @@ class FusedStep:
         for gi, p, g, slot in entries:
             st = self.state[p]
             calls[(gi, _local(p).dtype, st["step"], id(st["skips0"]), slot is not None, "exp_avg_absmax" in st)].append(
-                (p, g, slot))
+                (p, g, slot)
+            )
         for call, ((gi, _, step, _, is_module, _), items) in enumerate(calls.items()):
             group = self.param_groups[gi]
             beta1, beta2 = group["betas"]
@@ -213,16 +224,27 @@ class FusedStep:
             if step_sq is not None and is_module:
                 slots = [s for _, _, s in items]
                 if slots == list(range(slots[0], slots[0] + len(slots))):
-                    norms = step_sq[slots[0]:slots[0] + len(slots)]  # a contiguous view: accumulate in place
+                    norms = step_sq[slots[0] : slots[0] + len(slots)]  # a contiguous view: accumulate in place
                 else:
                     norms = torch.zeros(len(slots), dtype=torch.float32, device=self.device)
                     scatter = self._index_tensor(slots)
             misa_kernels.adamw_step_(
-                params, [g for _, g, _ in items], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                step=self._true_step(states[0], ahead=1), fresh=step == 0, grad_sq_norms=norms, skip=found,
+                params,
+                [g for _, g, _ in items],
+                [s["exp_avg"] for s in states],
+                [s["exp_avg_sq"] for s in states],
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                step=self._true_step(states[0], ahead=1),
+                fresh=step == 0,
+                grad_sq_norms=norms,
+                skip=found,
                 backend=self.backend,
-                **self._rounding_args(states, call_base + call))
+                **self._rounding_args(states, call_base + call),
+            )
             if scatter is not None:
                 step_sq.index_copy_(0, scatter, norms)
             for s in states:
@@ -295,19 +317,20 @@ class FusedStep:
         norms = plan.norms.zero_()  # the plan's own buffer and views: no allocation, no slicing per step
         for c in plan.calls:
             if c["norms"] is not None:
-                c["prepared"].grad_sq_norms_(grads[c["begin"]:c["end"]], c["norms"])
+                c["prepared"].grad_sq_norms_(grads[c["begin"] : c["end"]], c["norms"])
             else:  # slots out of order: gathered, then put in place
                 part = torch.zeros(c["end"] - c["begin"], dtype=torch.float32, device=self.device)
-                c["prepared"].grad_sq_norms_(grads[c["begin"]:c["end"]], part)
+                c["prepared"].grad_sq_norms_(grads[c["begin"] : c["end"]], part)
                 norms.index_copy_(0, c["out"], part)
         if self._reduce_sq_norms is not None:
             self._reduce_sq_norms(norms)
         n = len(self._slots)
-        every = plan.module_norms if plan.n_norms == n + 1 else torch.cat([norms[:n], norms[n + 1:]])
+        every = plan.module_norms if plan.n_norms == n + 1 else torch.cat([norms[:n], norms[n + 1 :]])
         return plan.step_sq, every.sum()
 
-    def _planned_calls(self, plan: "_Plan", grads: List[Tensor], step_sq: Optional[Tensor],
-                       found: Optional[Tensor], lrs) -> None:
+    def _planned_calls(
+        self, plan: "_Plan", grads: List[Tensor], step_sq: Optional[Tensor], found: Optional[Tensor], lrs
+    ) -> None:
         """The plan's kernel calls. `step_sq`: per-slot norms to accumulate in the update's pass (None when
         measured before it); `lrs`: a device lr per param group (cuda_graph=True), or None for the groups'
         numbers. The calls' step counts advance in `_account`, with the other counters."""
@@ -317,13 +340,27 @@ class FusedStep:
             beta1, beta2 = group["betas"]
             norms = None
             if step_sq is not None and c["slots"] is not None:
-                norms = step_sq[c["slots"]] if isinstance(c["slots"], slice) else torch.zeros(
-                    c["end"] - c["begin"], dtype=torch.float32, device=self.device)
+                norms = (
+                    step_sq[c["slots"]]
+                    if isinstance(c["slots"], slice)
+                    else torch.zeros(c["end"] - c["begin"], dtype=torch.float32, device=self.device)
+                )
             # the seed only matters to stochastic rounding; a constant keeps Triton from specializing on it
             seed = tensor_key(self.seed & 0x7FFFFFFF, self._step_count * 1024 + call) & 0x7FFFFFFF if stochastic else 0
-            c["prepared"](grads[c["begin"]:c["end"]], lr=group["lr"] if lrs is None else lrs[c["gi"]], beta1=beta1,
-                          beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], step=c["steps"],
-                          fresh=c["fresh"], grad_sq_norms=norms, skip=found, rounding=self.rounding, seed=seed)
+            c["prepared"](
+                grads[c["begin"] : c["end"]],
+                lr=group["lr"] if lrs is None else lrs[c["gi"]],
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                step=c["steps"],
+                fresh=c["fresh"],
+                grad_sq_norms=norms,
+                skip=found,
+                rounding=self.rounding,
+                seed=seed,
+            )
             if norms is not None and not isinstance(c["slots"], slice):
                 step_sq.index_copy_(0, c["slots"], norms)
 
@@ -343,8 +380,12 @@ class FusedStep:
         first = states[0] if states else {}
         seed = tensor_key(self.seed & 0x7FFFFFFF, self._step_count * 1024 + call) & 0x7FFFFFFF
         args = dict(rounding=self.rounding, seed=seed)
-        for key, arg in (("master", "master_params"), ("compensation", "compensation"),
-                         ("exp_avg_absmax", "exp_avg_absmax"), ("exp_avg_sq_absmax", "exp_avg_sq_absmax")):
+        for key, arg in (
+            ("master", "master_params"),
+            ("compensation", "compensation"),
+            ("exp_avg_absmax", "exp_avg_absmax"),
+            ("exp_avg_sq_absmax", "exp_avg_sq_absmax"),
+        ):
             if key in first:
                 args[arg] = [s[key] for s in states]
         return args
@@ -361,9 +402,17 @@ class FusedStep:
         for call, params in enumerate(calls.values()):
             states = [self.state[p] for p in params]
             misa_kernels.momentum_flush_(
-                [_local(p) for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], step=self._true_step(states[0]),
-                backend=self.backend, **self._rounding_args(states, 512 + call))
+                [_local(p) for p in params],
+                [s["exp_avg"] for s in states],
+                [s["exp_avg_sq"] for s in states],
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                step=self._true_step(states[0]),
+                backend=self.backend,
+                **self._rounding_args(states, 512 + call),
+            )
 
     def _steps_taken(self, st: Dict) -> int:
         """A state's true step count as a number (reads the device: for period ends and checkpoints)."""
@@ -382,8 +431,10 @@ class FusedStep:
         if norm_type != 2.0:
             raise ValueError(f"norm_type: MISA clips by the L2 norm only, got {norm_type}")
         if self.release_grads:
-            raise RuntimeError("MISA(release_grads=True) cannot clip by the global norm: each tensor was updated and "
-                               "its gradient freed during backward, before the norm of all of them existed")
+            raise RuntimeError(
+                "MISA(release_grads=True) cannot clip by the global norm: each tensor was updated and "
+                "its gradient freed during backward, before the norm of all of them existed"
+            )
         planned = self._current_plan()
         if planned is None:
             entries = self._grads()
@@ -441,23 +492,42 @@ class _Plan:
                     slots = out = opt._index_tensor(numbers)
             else:
                 self.n_norms += len(items)
-            formats = {arg: [st[key] for st in states] for key, arg in (
-                ("master", "master_params"), ("compensation", "compensation"), ("exp_avg_absmax", "exp_avg_absmax"),
-                ("exp_avg_sq_absmax", "exp_avg_sq_absmax")) if key in states[0]}
+            formats = {
+                arg: [st[key] for st in states]
+                for key, arg in (
+                    ("master", "master_params"),
+                    ("compensation", "compensation"),
+                    ("exp_avg_absmax", "exp_avg_absmax"),
+                    ("exp_avg_sq_absmax", "exp_avg_sq_absmax"),
+                )
+                if key in states[0]
+            }
             params = [_local(p) for p, _ in items]
             exp_avgs, exp_avg_sqs = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
-            self.calls.append(dict(
-                gi=gi, fresh=fresh, states=states, slots=slots, out=out, params=params, exp_avgs=exp_avgs,
-                exp_avg_sqs=exp_avg_sqs, begin=len(self.params), end=len(self.params) + len(items),
-                prepared=misa_kernels.prepare_adamw_step(params, exp_avgs, exp_avg_sqs, backend=opt._fused_backend(),
-                                                         **formats),
-                steps=self._steps(opt, states)))
+            self.calls.append(
+                dict(
+                    gi=gi,
+                    fresh=fresh,
+                    states=states,
+                    slots=slots,
+                    out=out,
+                    params=params,
+                    exp_avgs=exp_avgs,
+                    exp_avg_sqs=exp_avg_sqs,
+                    begin=len(self.params),
+                    end=len(self.params) + len(items),
+                    prepared=misa_kernels.prepare_adamw_step(
+                        params, exp_avgs, exp_avg_sqs, backend=opt._fused_backend(), **formats
+                    ),
+                    steps=self._steps(opt, states),
+                )
+            )
             self.params += [p for p, _ in items]
         self.fresh = any(c["fresh"] for c in self.calls)
         self.steady_steps = [c["steps"] for c in self.calls if not c["fresh"]]  # advanced after each step
         # The step's squared norms (zeroed at each step; a CUDA graph records these addresses) and its views.
         self.norms = torch.zeros(self.n_norms, dtype=torch.float32, device=opt.device)
-        self.step_sq, self.module_norms = self.norms[:len(opt._slots) + 1], self.norms[:len(opt._slots)]
+        self.step_sq, self.module_norms = self.norms[: len(opt._slots) + 1], self.norms[: len(opt._slots)]
         for c in self.calls:
             c["norms"] = self.norms[c["out"]] if isinstance(c["out"], slice) else None
 

@@ -39,10 +39,12 @@ class GradRelease:
             return
         if p in self._released:
             name = self._param_names.get(p, "a tensor")
-            raise RuntimeError(f"MISA(release_grads=True): a second backward reached {name} before step(): each "
-                               "gradient updates its tensor as soon as it exists, so gradients cannot be accumulated "
-                               "over several backward passes; call step() after each backward, or construct MISA "
-                               "without release_grads")
+            raise RuntimeError(
+                f"MISA(release_grads=True): a second backward reached {name} before step(): each "
+                "gradient updates its tensor as soon as it exists, so gradients cannot be accumulated "
+                "over several backward passes; call step() after each backward, or construct MISA "
+                "without release_grads"
+            )
         g = _local(p.grad)
         if g.is_sparse:
             raise RuntimeError(f"MISA does not support sparse gradients ({self._param_names.get(p, 'a param')})")

@@ -52,15 +52,18 @@ class Schedule:
         for m in modules:
             b = index.get(m) if isinstance(m, str) else m
             if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b < len(self.module_names):
-                raise ValueError(f"modules: {m!r} is not one of this optimizer's {len(self.module_names)} modules "
-                                 f"(an index, or a name such as {self.module_names[0]!r})")
+                raise ValueError(
+                    f"modules: {m!r} is not one of this optimizer's {len(self.module_names)} modules "
+                    f"(an index, or a name such as {self.module_names[0]!r})"
+                )
             chosen.append(b)
         if len(set(chosen)) != len(chosen):
             raise ValueError("modules: a module is named twice")
         size = sum(self.sampler.sizes[b] for b in chosen)
         if size > self.budget:
-            raise ValueError(f"modules: {size:,} parameters, more than the budget of {int(self.budget):,} "
-                             f"(delta={self.delta:g})")
+            raise ValueError(
+                f"modules: {size:,} parameters, more than the budget of {int(self.budget):,} (delta={self.delta:g})"
+            )
         self._switch(chosen)
 
     @contextlib.contextmanager
@@ -112,11 +115,16 @@ class Schedule:
         self._period_len = self.warmup_interval if self.sampler.in_warmup else self.interval
         if log:
             probs = self.probabilities
-            self.switch_log.append({
-                "step": self._step_count, "active_modules": self.active_modules,
-                "trainable_fraction": self.trainable_fraction, "entropy": entropy(probs),
-                "period_len": self._period_len, "warmup": self.sampler.in_warmup,
-            })
+            self.switch_log.append(
+                {
+                    "step": self._step_count,
+                    "active_modules": self.active_modules,
+                    "trainable_fraction": self.trainable_fraction,
+                    "entropy": entropy(probs),
+                    "period_len": self._period_len,
+                    "warmup": self.sampler.in_warmup,
+                }
+            )
         for hook in self._switch_hooks:
             hook(self)
 
@@ -135,8 +143,12 @@ class Schedule:
         length = self._t
         skipped = int(self._period_skips)  # the period's end reads the statistics anyway
         if skipped:
-            warnings.warn(f"MISA: {skipped} of the last {length} steps had non-finite gradients and were skipped "
-                          "(parameters and optimizer state untouched)", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"MISA: {skipped} of the last {length} steps had non-finite gradients and were skipped "
+                "(parameters and optimizer state untouched)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         if self.flush and length - skipped >= self.min_flush_steps:
             self._flush()
         counted = length if self.v.count_nonfinite_steps else max(length - skipped, 1)

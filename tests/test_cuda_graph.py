@@ -31,6 +31,7 @@ def _graphed(opt, record=True):
         def replay():
             replays.append(1)
             body()
+
         return replay
 
     opt.cuda_graph, opt._device_steps = True, True
@@ -173,8 +174,9 @@ def test_a_compiled_training_step_calls_misa_step_eagerly():
         fn = torch.compile(train_step) if compiled else train_step
         for s in range(8):
             fn(torch.randint(0, 32, (4, 9), generator=torch.Generator().manual_seed(s)))
-        results.append(([p.detach().clone() for p in model.parameters()], [x["active_modules"]
-                                                                             for x in opt.switch_log]))
+        results.append(
+            ([p.detach().clone() for p in model.parameters()], [x["active_modules"] for x in opt.switch_log])
+        )
     (eager, eager_log), (compiled, compiled_log) = results
     assert eager_log == compiled_log
     for a, b in zip(eager, compiled):

@@ -46,7 +46,7 @@ def test_no_import_circle():
 
     def visit(node):
         if node in path:
-            raise AssertionError("import circle: " + " -> ".join(path[path.index(node):] + [node]))
+            raise AssertionError("import circle: " + " -> ".join(path[path.index(node) :] + [node]))
         if node in done:
             return
         path.append(node)
@@ -77,7 +77,9 @@ for name in ("tqdm", "matplotlib"):
 def test_the_library_runs_without_the_jobs_packages():
     """`pip install misa-kernels` brings torch and numpy only: import it and train a step without matplotlib and
     tqdm, and load no job module."""
-    code = BLOCKED + """
+    code = (
+        BLOCKED
+        + """
 import torch, misa
 model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
 opt = misa.MISA(model, delta=0.6, interval=2, backend="torch", train_1d=True)
@@ -89,6 +91,7 @@ loaded = sorted(m for m in sys.modules if m.startswith(("misa.jobs", "misa.train
 assert not loaded, loaded
 print("ok")
 """
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
 
@@ -97,11 +100,14 @@ print("ok")
 def test_a_job_without_its_packages_says_what_to_install(job, tmp_path):
     """Before any work, not at the plot an hour later: exit 2 and the extra to install, nothing written."""
     out = tmp_path / "out"
-    code = BLOCKED + f"""
+    code = (
+        BLOCKED
+        + f"""
 import runpy
 sys.argv = [{job!r}, "--out", {str(out)!r}]
 runpy.run_module({job!r}, run_name="__main__")
 """
+    )
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2, run.stderr[-2000:]
     assert "pip install misa-kernels[jobs]" in run.stderr and "matplotlib" in run.stderr

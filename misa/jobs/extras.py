@@ -28,5 +28,7 @@ def require() -> None:
     """Raises ExtraMissing, naming what to install, unless every package of the `jobs` extra is importable."""
     absent = missing()
     if absent:
-        raise ExtraMissing(f"the jobs need {' and '.join(absent)}, which the library alone does not install: "
-                           "pip install misa-kernels[jobs]")
+        raise ExtraMissing(
+            f"the jobs need {' and '.join(absent)}, which the library alone does not install: "
+            "pip install misa-kernels[jobs]"
+        )

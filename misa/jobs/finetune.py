@@ -49,11 +49,23 @@ METHODS = ("misa", "lisa", "badam", "adamw", "lora", "dora")
 # Rates a small grid spans for each method, centred on each one's best in a wide pilot over 1e-4..1e-2 (the
 # built-in small model, 200 steps on the default domain): real LLMs fine-tune at far smaller rates, so pass
 # --lr-grid for them. Adapters and the sampled methods (few weights trained for a while) take larger rates.
-DEFAULT_GRIDS = {"misa": (3e-3, 1e-2, 3e-2), "lisa": (1e-3, 3e-3, 1e-2), "badam": (1e-3, 3e-3, 1e-2),
-                 "adamw": (1e-3, 3e-3, 1e-2), "lora": (3e-3, 1e-2, 3e-2), "dora": (3e-3, 1e-2, 3e-2)}
+DEFAULT_GRIDS = {
+    "misa": (3e-3, 1e-2, 3e-2),
+    "lisa": (1e-3, 3e-3, 1e-2),
+    "badam": (1e-3, 3e-3, 1e-2),
+    "adamw": (1e-3, 3e-3, 1e-2),
+    "lora": (3e-3, 1e-2, 3e-2),
+    "dora": (3e-3, 1e-2, 3e-2),
+}
 # Switches a method entry may carry beyond train.SWITCHES (misa+delta=0.1+interval=50+embeddings=frozen).
-EXTRA_SWITCHES = {"delta": float, "interval": int, "embeddings": str, "train_norms": bool, "lisa_layers": int,
-                  "warmup_steps": int}
+EXTRA_SWITCHES = {
+    "delta": float,
+    "interval": int,
+    "embeddings": str,
+    "train_norms": bool,
+    "lisa_layers": int,
+    "warmup_steps": int,
+}
 TEST_FRACTION = 0.1
 ROW_FILE, REPORT_FILE = "row.json", "report.json"  # a finished run's row, and its test and old-domain losses
 SETTINGS_FILE = "settings.json"  # what a comparison was started with: a resume must match it
@@ -72,35 +84,62 @@ def _bool(text: str) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m misa.finetune", description=__doc__.split("\n\n")[0],
-                                formatter_class=train._HelpFormatter)
-    p.add_argument("--methods", default=",".join(METHODS),
-                   help="comma-separated: misa, lisa, badam, adamw, lora, dora; misa may carry a preset and switches "
-                        "(misa-official, misa+delta=0.1+interval=50+embeddings=every-step+train_norms=true)")
-    p.add_argument("--lr-grid", default=None, metavar="GRID",
-                   help="learning rates to try: '1e-4,3e-4' for every method, or per method "
-                        "'misa=3e-4,1e-3;lora=1e-3,3e-3' (others keep their default grid, "
-                        + "; ".join(f"{m} {','.join(f'{r:g}' for r in g)}" for m, g in DEFAULT_GRIDS.items()) + ")")
+    p = argparse.ArgumentParser(
+        prog="python -m misa.finetune", description=__doc__.split("\n\n")[0], formatter_class=train._HelpFormatter
+    )
+    p.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help="comma-separated: misa, lisa, badam, adamw, lora, dora; misa may carry a preset and switches "
+        "(misa-official, misa+delta=0.1+interval=50+embeddings=every-step+train_norms=true)",
+    )
+    p.add_argument(
+        "--lr-grid",
+        default=None,
+        metavar="GRID",
+        help="learning rates to try: '1e-4,3e-4' for every method, or per method "
+        "'misa=3e-4,1e-3;lora=1e-3,3e-3' (others keep their default grid, "
+        + "; ".join(f"{m} {','.join(f'{r:g}' for r in g)}" for m, g in DEFAULT_GRIDS.items())
+        + ")",
+    )
     p.add_argument("--seeds", type=int, default=3, help="seeds at the chosen rate (the grid runs the first)")
-    p.add_argument("--grid-extensions", type=int, default=2,
-                   help="times a grid is extended past an edge that was chosen (by the grid's own ratio)")
-    p.add_argument("--equal-memory", nargs="?", const="peak", default=None, choices=tuple(EQUAL),
-                   help="add MISA, in the default format and in 8-bit states + Kahan, and LISA sized to LoRA's "
-                        "memory: 'peak' (the default when the flag is given) matches the measured step peak for "
-                        "the worst active set their budget allows (delta bisected, LISA's layers counted); "
-                        "'accounted' matches the ledger (adapters + gradients + states + masters)")
+    p.add_argument(
+        "--grid-extensions",
+        type=int,
+        default=2,
+        help="times a grid is extended past an edge that was chosen (by the grid's own ratio)",
+    )
+    p.add_argument(
+        "--equal-memory",
+        nargs="?",
+        const="peak",
+        default=None,
+        choices=tuple(EQUAL),
+        help="add MISA, in the default format and in 8-bit states + Kahan, and LISA sized to LoRA's "
+        "memory: 'peak' (the default when the flag is given) matches the measured step peak for "
+        "the worst active set their budget allows (delta bisected, LISA's layers counted); "
+        "'accounted' matches the ledger (adapters + gradients + states + masters)",
+    )
     p.add_argument("--lora-r", type=int, default=8, help="LoRA/DoRA rank, on all seven projections")
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA/DoRA alpha (default: 2 x rank)")
     p.add_argument("--delta", type=float, default=0.25, help="MISA's budget (fraction of all parameters)")
     p.add_argument("--eta", type=train._eta, default=100.0, help="MISA's sampling temperature, or 'auto'")
     p.add_argument("--interval", type=int, default=20, help="optimizer steps per outer loop (MISA, LISA, BAdam)")
     p.add_argument("--variant", default="default", choices=tuple(PRESETS), help="MISA preset")
-    p.add_argument("--embeddings", default="frozen", choices=("every-step", "module", "frozen"),
-                   help="embedding and LM head during fine-tuning: frozen (as LoRA leaves them), trained at every "
-                        "step, or sampled as MISA modules")
+    p.add_argument(
+        "--embeddings",
+        default="frozen",
+        choices=("every-step", "module", "frozen"),
+        help="embedding and LM head during fine-tuning: frozen (as LoRA leaves them), trained at every "
+        "step, or sampled as MISA modules",
+    )
     p.add_argument("--train-norms", action="store_true", help="MISA trains the norms at every step")
-    p.add_argument("--lisa-layers", type=int, default=None,
-                   help="layers LISA trains at once (default: as many as fit in --delta, at least 1)")
+    p.add_argument(
+        "--lisa-layers",
+        type=int,
+        default=None,
+        help="layers LISA trains at once (default: as many as fit in --delta, at least 1)",
+    )
     # 600 steps of 8 x 128 bytes are about 0.7 epoch of the default domain. At 200 steps MISA at LoRA's memory
     # had trained each weight matrix for too few steps and lost to LoRA (benchmarks/results/finetune-ablation-*).
     p.add_argument("--max-steps", type=int, default=600, help="fine-tuning steps of every run")
@@ -110,37 +149,64 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-size", default="small", choices=sorted(SIZES), help="built-in LLaMA-style model")
     p.add_argument("--config", default=None, help="JSON file with LlamaConfig fields (overrides --model-size)")
     p.add_argument("--model", default=None, help="a local Hugging Face causal-LM folder: the base itself")
-    p.add_argument("--base", default=None, metavar="DIR",
-                   help="pretrained weights for the built-in model: a folder with base.pt (this command's) or "
-                        "checkpoint.pt (misa.train's) (default: pretrain once and cache)")
+    p.add_argument(
+        "--base",
+        default=None,
+        metavar="DIR",
+        help="pretrained weights for the built-in model: a folder with base.pt (this command's) or "
+        "checkpoint.pt (misa.train's) (default: pretrain once and cache)",
+    )
     p.add_argument("--base-steps", type=int, default=1000, help="AdamW steps of the cached base's pretraining")
     p.add_argument("--base-lr", type=float, default=3e-3, help="learning rate of the cached base's pretraining")
-    p.add_argument("--cache-dir", default=None,
-                   help="where pretrained bases are cached (default: $MISA_CACHE_DIR, else ~/.cache/misa)")
-    p.add_argument("--domain", default="unicode-names", choices=tuple(DOMAINS),
-                   help="fine-tuning text shipped with Python: the Unicode character names (a register code does "
-                        "not hold) or the documentation topics (English prose the base already models about as "
-                        "well as code)")
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where pretrained bases are cached (default: $MISA_CACHE_DIR, else ~/.cache/misa)",
+    )
+    p.add_argument(
+        "--domain",
+        default="unicode-names",
+        choices=tuple(DOMAINS),
+        help="fine-tuning text shipped with Python: the Unicode character names (a register code does "
+        "not hold) or the documentation topics (English prose the base already models about as "
+        "well as code)",
+    )
     p.add_argument("--data", default=None, help="fine-tuning text of your own, a file or folder (replaces --domain)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per optimizer step")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...; when omitted: cuda if available, else cpu")
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"),
-                   help="weights during fine-tuning (bf16: MISA/LISA/BAdam keep fp32 masters, LoRA fp32 adapters)")
+    p.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=("fp32", "bf16"),
+        help="weights during fine-tuning (bf16: MISA/LISA/BAdam keep fp32 masters, LoRA fp32 adapters)",
+    )
     train.add_checkpointing_flag(p)
-    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "cuda"),
-                   help="misa_kernels backend")
+    p.add_argument(
+        "--backend", default="auto", choices=("auto", "torch", "triton", "cuda"), help="misa_kernels backend"
+    )
     p.add_argument("--seed", type=int, default=0, help="first seed (model-independent: data order, sampler)")
     p.add_argument("--eval-every", type=int, default=200, help="evaluate the new domain every N steps")
     p.add_argument("--eval-batches", type=int, default=32, help="batches of every evaluation (fixed windows)")
     p.add_argument("--out", default=None, help="output folder (default: runs/finetune-<time>)")
-    p.add_argument("--resume", default=None, metavar="OUT",
-                   help="continue the comparison in OUT: finished runs are read back, the run in progress resumes "
-                        "from its checkpoint; the settings must be those OUT was started with")
-    p.add_argument("--save-every", type=int, default=100,
-                   help="every run checkpoints every N steps into OUT/runs (what --resume continues from)")
-    p.add_argument("--keep-runs", action="store_true",
-                   help="keep every run's own outputs (checkpoint, history, plot) under OUT/runs")
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="OUT",
+        help="continue the comparison in OUT: finished runs are read back, the run in progress resumes "
+        "from its checkpoint; the settings must be those OUT was started with",
+    )
+    p.add_argument(
+        "--save-every",
+        type=int,
+        default=100,
+        help="every run checkpoints every N steps into OUT/runs (what --resume continues from)",
+    )
+    p.add_argument(
+        "--keep-runs",
+        action="store_true",
+        help="keep every run's own outputs (checkpoint, history, plot) under OUT/runs",
+    )
     p.add_argument("--no-progress", action="store_true", help="plain log lines")
     return p
 
@@ -183,8 +249,10 @@ def parse_entry(entry: str) -> Tuple[str, str, Dict]:
     train.build_optimizer takes (its own switches), and the settings this command overrides."""
     name = method_name(entry)
     if name not in METHODS or (name != "misa" and bare_entry(entry.split("+")[0]) != name):
-        raise UsageError(f"--methods: unknown method {entry!r}; choose from {', '.join(METHODS)} "
-                         "(misa may carry a preset and +switch=value)")
+        raise UsageError(
+            f"--methods: unknown method {entry!r}; choose from {', '.join(METHODS)} "
+            "(misa may carry a preset and +switch=value)"
+        )
     head, *switches = entry.split("+")
     kept, overrides = [head], {}
     for item in switches:
@@ -208,10 +276,23 @@ def parse_entry(entry: str) -> Tuple[str, str, Dict]:
 
 
 def validate(args) -> None:
-    train.validate_common(args, counts=("max_steps", "seq_len", "batch_size", "interval", "eval_every",
-                                        "eval_batches", "seeds", "lora_r", "base_steps"),
-                          positive=("base_lr",), nonnegative=("weight_decay", "max_grad_norm"),
-                          paths=("config", "model", "data", "base"))
+    train.validate_common(
+        args,
+        counts=(
+            "max_steps",
+            "seq_len",
+            "batch_size",
+            "interval",
+            "eval_every",
+            "eval_batches",
+            "seeds",
+            "lora_r",
+            "base_steps",
+        ),
+        positive=("base_lr",),
+        nonnegative=("weight_decay", "max_grad_norm"),
+        paths=("config", "model", "data", "base"),
+    )
     if args.save_every < 0:
         raise UsageError(f"--save-every: expected an integer >= 0 (0: only at the end), got {args.save_every}")
     if args.grid_extensions < 0:
@@ -231,9 +312,20 @@ def validate(args) -> None:
 def run_args(args, lr: float, seed: int, overrides: Dict, out: Path) -> SimpleNamespace:
     """The settings train.run and train.build_optimizer read, for one fine-tuning run."""
     fields = dict(vars(args))
-    fields.update(lr=lr, seed=seed, save_every=getattr(args, "save_every", 0), resume=None, out=str(out),
-                  granularity="module", flush=None,
-                  keep_states=None, norm_power=None, logit_cap=None, badam_order="descending", compare=None)
+    fields.update(
+        lr=lr,
+        seed=seed,
+        save_every=getattr(args, "save_every", 0),
+        resume=None,
+        out=str(out),
+        granularity="module",
+        flush=None,
+        keep_states=None,
+        norm_power=None,
+        logit_cap=None,
+        badam_order="descending",
+        compare=None,
+    )
     fields.update(overrides)
     return SimpleNamespace(**fields)
 
@@ -249,8 +341,7 @@ def build_method(entry: str, rargs, base: Dict[str, torch.Tensor], device):
     if name in ("lora", "dora"):
         adapters = attach_lora(model, rargs.lora_r, rargs.lora_alpha or 2.0 * rargs.lora_r, dora=name == "dora")
         model.to(device)
-        opt = torch.optim.AdamW(adapters, lr=rargs.lr, weight_decay=rargs.weight_decay,
-                                fused=device.type == "cuda")
+        opt = torch.optim.AdamW(adapters, lr=rargs.lr, weight_decay=rargs.weight_decay, fused=device.type == "cuda")
         return model, opt, base_params
     return model, train.build_optimizer(bare_entry(inner), model, rargs), base_params
 
@@ -342,8 +433,13 @@ def delta_at_peak(args, target: int, entry: str, base, data, device) -> Optional
         for _ in range(EQUAL_PEAK_ITERATIONS):
             mid = (lo + hi) / 2
             lo, hi = (mid, hi) if peak(mid) <= target else (lo, mid)
-    found = {"delta": lo, "peak_bytes": probe[lo][0], "parts": probe[lo][1], "target_bytes": target,
-             "worst_set": probe[lo][2]}
+    found = {
+        "delta": lo,
+        "peak_bytes": probe[lo][0],
+        "parts": probe[lo][1],
+        "target_bytes": target,
+        "worst_set": probe[lo][2],
+    }
     if hi in probe and hi != lo:
         found.update(next_delta=hi, next_peak_bytes=probe[hi][0])
     return found
@@ -362,8 +458,9 @@ def lisa_layers_at_peak(args, target: int, base, data, device) -> Tuple[int, Lis
 
 
 # ----------------------------------------------------------------------------------------- running
-def one_run(args, entry: str, lr: float, seed: int, out: Path, new: TokenDataset, base, device,
-            overrides: Dict) -> Tuple[Dict, torch.nn.Module]:
+def one_run(
+    args, entry: str, lr: float, seed: int, out: Path, new: TokenDataset, base, device, overrides: Dict
+) -> Tuple[Dict, torch.nn.Module]:
     """One fine-tuning run, evaluated on the new domain's validation split only: (its row, its model). A run
     a killed comparison finished is read back from its folder (its model None: `load_model` has it); one it
     had begun resumes from its own checkpoint (saved every --save-every steps)."""
@@ -375,14 +472,35 @@ def one_run(args, entry: str, lr: float, seed: int, out: Path, new: TokenDataset
     checkpoint = None
     if (out / train.CHECKPOINT).is_file():
         checkpoint = torch.load(out / train.CHECKPOINT, map_location="cpu", weights_only=False)
-    result = train.run(rargs, entry, out, new, device, progress=train.show_progress(args), model=model, opt=opt,
-                       ledger=ledger, checkpoint=checkpoint)
+    result = train.run(
+        rargs,
+        entry,
+        out,
+        new,
+        device,
+        progress=train.show_progress(args),
+        model=model,
+        opt=opt,
+        ledger=ledger,
+        checkpoint=checkpoint,
+    )
     summary = result["summary"]
-    memory = dict(ledger.peak.as_dict(), step_peak_bytes=summary["step_peak_bytes"],
-                  step_peak_parts=summary["step_peak_parts"], metered_steps=summary["metered_steps"])
-    row = {"method": entry, "lr": lr, "seed": seed, "val_loss": summary["final_val_loss"],
-           "history": result["history"], "memory": memory, "step_ms": summary["step_ms"],
-           "tokens_per_s": summary["step_tokens_per_s"]}
+    memory = dict(
+        ledger.peak.as_dict(),
+        step_peak_bytes=summary["step_peak_bytes"],
+        step_peak_parts=summary["step_peak_parts"],
+        metered_steps=summary["metered_steps"],
+    )
+    row = {
+        "method": entry,
+        "lr": lr,
+        "seed": seed,
+        "val_loss": summary["final_val_loss"],
+        "history": result["history"],
+        "memory": memory,
+        "step_ms": summary["step_ms"],
+        "tokens_per_s": summary["step_tokens_per_s"],
+    }
     files.write_json(out / ROW_FILE, row)
     return row, model
 
@@ -397,8 +515,9 @@ def load_model(args, entry: str, lr: float, seed: int, folder: Path, base, devic
     return model
 
 
-def report(args, row: Dict, model, new: TokenDataset, old: TokenDataset, folder: Optional[Path] = None,
-           load=None) -> Dict:
+def report(
+    args, row: Dict, model, new: TokenDataset, old: TokenDataset, folder: Optional[Path] = None, load=None
+) -> Dict:
     """Adds the test split and the old domain to a run's row: only for runs at the chosen rate. Kept in the
     run's folder, so that a resumed comparison reads it back; `load()` gives the model of a run read back."""
     done = folder / REPORT_FILE if folder is not None else None
@@ -407,16 +526,23 @@ def report(args, row: Dict, model, new: TokenDataset, old: TokenDataset, folder:
     else:
         model = load() if model is None else model
         rargs = run_args(args, row["lr"], row["seed"], {}, Path("."))
-        found = dict(zip(("test_loss", "test_sem", "test_batch_losses"),
-                         train.evaluate_with_error(model, new, rargs, split="test")))
+        found = dict(
+            zip(
+                ("test_loss", "test_sem", "test_batch_losses"),
+                train.evaluate_with_error(model, new, rargs, split="test"),
+            )
+        )
         found["old_loss"] = train.evaluate(model, old, rargs)
         row.update(found)
         if done is not None:
             done.parent.mkdir(parents=True, exist_ok=True)
             files.write_json(done, found)
-    print(f"[{row['method']} lr={row['lr']:g} seed={row['seed']}] val {row['val_loss']:.4f} test "
-          f"{row['test_loss']:.4f} old-domain {row['old_loss']:.4f} accounted "
-          f"{row['memory']['total_bytes'] / 2**20:.2f} MiB", flush=True)
+    print(
+        f"[{row['method']} lr={row['lr']:g} seed={row['seed']}] val {row['val_loss']:.4f} test "
+        f"{row['test_loss']:.4f} old-domain {row['old_loss']:.4f} accounted "
+        f"{row['memory']['total_bytes'] / 2**20:.2f} MiB",
+        flush=True,
+    )
     return row
 
 
@@ -459,20 +585,26 @@ def run_method(args, entry: str, rates, new, old, base, device, out: Path, overr
         models = {lr: m for lr, m in models.items() if lr == choose_rate(grid)}  # keep one model in memory
     chosen = choose_rate(grid)
     first = dict(next(r for r in grid if r["lr"] == chosen))
-    finals = [report(args, first, models.pop(chosen), new, old, folder(chosen, args.seed),
-                     loader(chosen, args.seed))]
+    finals = [report(args, first, models.pop(chosen), new, old, folder(chosen, args.seed), loader(chosen, args.seed))]
     models.clear()
     for k in range(1, args.seeds):
         seed = args.seed + k
         row, model = one_run(args, entry, chosen, seed, folder(chosen, seed), new, base, device, overrides)
         finals.append(report(args, row, model, new, old, folder(chosen, seed), loader(chosen, seed)))
     tried = sorted(r["lr"] for r in grid)
-    return summarize(entry, tried, sorted((({k: v for k, v in r.items() if k != "history"}) for r in grid),
-                                          key=lambda r: r["lr"]), chosen, finals, overrides)
+    return summarize(
+        entry,
+        tried,
+        sorted((({k: v for k, v in r.items() if k != "history"}) for r in grid), key=lambda r: r["lr"]),
+        chosen,
+        finals,
+        overrides,
+    )
 
 
-def plot_loss_and_time(curves: Dict[str, List[Dict]], step_ms: Dict[str, Optional[float]], path: Path,
-                       title: str) -> None:
+def plot_loss_and_time(
+    curves: Dict[str, List[Dict]], step_ms: Dict[str, Optional[float]], path: Path, title: str
+) -> None:
     """Validation loss against optimizer steps and against wall-clock time (the paper's Figure 3): the time of
     an evaluation point is its step times the method's median time per step (evaluations not counted)."""
     import matplotlib
@@ -484,10 +616,14 @@ def plot_loss_and_time(curves: Dict[str, List[Dict]], step_ms: Dict[str, Optiona
     for name, runs in curves.items():
         steps = torch.tensor(runs[0]["val_step"], dtype=torch.float64)
         values = torch.tensor([r["val_loss"] for r in runs], dtype=torch.float64)
-        line, = axes[0].plot(steps.tolist(), values.mean(0).tolist(), label=f"{name} (n={len(runs)})")
+        (line,) = axes[0].plot(steps.tolist(), values.mean(0).tolist(), label=f"{name} (n={len(runs)})")
         if step_ms.get(name):
-            axes[1].plot((steps * step_ms[name] / 1000).tolist(), values.mean(0).tolist(), color=line.get_color(),
-                         label=f"{name} ({step_ms[name]:.0f} ms/step)")
+            axes[1].plot(
+                (steps * step_ms[name] / 1000).tolist(),
+                values.mean(0).tolist(),
+                color=line.get_color(),
+                label=f"{name} ({step_ms[name]:.0f} ms/step)",
+            )
     axes[0].set_xlabel("optimizer step")
     axes[1].set_xlabel("training time (s): step x median ms per step")
     for ax in axes:
@@ -551,8 +687,7 @@ def resume_settings(args, argv: List[str]) -> List[str]:
     folder = Path(args.resume)
     path = folder / SETTINGS_FILE
     if not folder.exists():  # a requeued job whose first attempt died before it wrote anything: start it
-        print(f"misa-finetune: {folder} does not exist yet: nothing to resume, the comparison starts there",
-              flush=True)
+        print(f"misa-finetune: {folder} does not exist yet: nothing to resume, the comparison starts there", flush=True)
         args.out, args.resume = str(folder), None
         return _without_resume(argv)
     if not path.is_file():
@@ -566,10 +701,13 @@ def resume_settings(args, argv: List[str]) -> List[str]:
     now = json.loads(json.dumps(settings_of(args)))
     changed = [k for k in sorted(set(now) | set(saved["settings"])) if now.get(k) != saved["settings"].get(k)]
     if changed:
-        detail = ", ".join(f"--{k.replace('_', '-')} (saved: {saved['settings'].get(k)!r}, now: {now.get(k)!r})"
-                           for k in changed)
-        raise UsageError(f"--resume: {folder} was started with other settings: {detail}; run the command it was "
-                         "started with (plus --resume), or start a new comparison")
+        detail = ", ".join(
+            f"--{k.replace('_', '-')} (saved: {saved['settings'].get(k)!r}, now: {now.get(k)!r})" for k in changed
+        )
+        raise UsageError(
+            f"--resume: {folder} was started with other settings: {detail}; run the command it was "
+            "started with (plus --resume), or start a new comparison"
+        )
     args.out = str(folder)
     return saved["argv"]
 
@@ -603,8 +741,11 @@ def prepare(args):
         if method_name(m) not in ("lora", "dora"):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                train.build_optimizer(parse_entry(m)[1], train.build_model(rargs, "cpu").to("meta")
-                                      if not args.model else train.build_model(rargs, "meta"), rargs)
+                train.build_optimizer(
+                    parse_entry(m)[1],
+                    train.build_model(rargs, "cpu").to("meta") if not args.model else train.build_model(rargs, "meta"),
+                    rargs,
+                )
     return methods, grids, device, old_corpus, old, new, base
 
 
@@ -628,17 +769,27 @@ def finetune(args, argv, methods, grids, device, old_corpus, old, new, base) -> 
     base_losses = {"old": train.evaluate(model, old, probe), "new": train.evaluate(model, new, probe)}
     del model
     what = args.model or f"model {args.model_size}" + (f" + {args.config}" if args.config else "")
-    new_name = args.data or {"unicode-names": "the Unicode character names (unicodedata "
-                                              f"{unicodedata.unidata_version})",
-                             "python-docs": "Python's documentation topics (pydoc_data, English prose)"}[args.domain]
-    print(f"misa-finetune: {what} ({args.dtype}) from base {where}; fine-tuning on {new_name}, "
-          f"{args.max_steps} steps of {args.batch_size} x {args.seq_len}, device {device}; the base's loss: "
-          f"{base_losses['old']:.4f} on its own domain (Python sources), {base_losses['new']:.4f} on the new one; "
-          f"embeddings and head {args.embeddings}, norms {'trained' if args.train_norms else 'frozen'} (MISA); "
-          f"methods {', '.join(methods)}; writing to {out}", flush=True)
+    new_name = (
+        args.data
+        or {
+            "unicode-names": f"the Unicode character names (unicodedata {unicodedata.unidata_version})",
+            "python-docs": "Python's documentation topics (pydoc_data, English prose)",
+        }[args.domain]
+    )
+    print(
+        f"misa-finetune: {what} ({args.dtype}) from base {where}; fine-tuning on {new_name}, "
+        f"{args.max_steps} steps of {args.batch_size} x {args.seq_len}, device {device}; the base's loss: "
+        f"{base_losses['old']:.4f} on its own domain (Python sources), {base_losses['new']:.4f} on the new one; "
+        f"embeddings and head {args.embeddings}, norms {'trained' if args.train_norms else 'frozen'} (MISA); "
+        f"methods {', '.join(methods)}; writing to {out}",
+        flush=True,
+    )
     if base_losses["new"] <= base_losses["old"] + 0.1:
-        print(f"misa-finetune: note: the base models {new_name} about as well as its own domain or better: this "
-              "measures continued training more than adaptation to a new domain", flush=True)
+        print(
+            f"misa-finetune: note: the base models {new_name} about as well as its own domain or better: this "
+            "measures continued training more than adaptation to a new domain",
+            flush=True,
+        )
     out.mkdir(parents=True, exist_ok=True)
     runs = out / "runs"
     rows = []
@@ -658,21 +809,49 @@ def finetune(args, argv, methods, grids, device, old_corpus, old, new, base) -> 
             if found is None:
                 notes.append(f"{entry}: not even the smallest module's worst step fits in {where}.")
                 continue
-            rows.append(run_method(args, entry, grids.get("misa", DEFAULT_GRIDS["misa"]), new, old, base, device,
-                                   runs, {"delta": found["delta"]}))
-            notes.append(f"{entry}: delta {found['delta']:.4f}, the largest whose worst active set's step peak "
-                         f"({found['peak_bytes'] / 2**20:.2f} MiB) fits in {where}.")
+            rows.append(
+                run_method(
+                    args,
+                    entry,
+                    grids.get("misa", DEFAULT_GRIDS["misa"]),
+                    new,
+                    old,
+                    base,
+                    device,
+                    runs,
+                    {"delta": found["delta"]},
+                )
+            )
+            notes.append(
+                f"{entry}: delta {found['delta']:.4f}, the largest whose worst active set's step peak "
+                f"({found['peak_bytes'] / 2**20:.2f} MiB) fits in {where}."
+            )
         layers, peaks = lisa_layers_at_peak(args, target, base, new, device)
         equal_peak["lisa" + EQUAL["peak"]] = {"layers": layers, "peaks_by_layers": peaks, "target_bytes": target}
         if layers == 0:
-            notes.append(f"LISA: one layer (with the embedding and head it trains at every step) peaks at "
-                         f"{peaks[0] / 2**20:.2f} MiB, more than {where}: no LISA row fits.")
+            notes.append(
+                f"LISA: one layer (with the embedding and head it trains at every step) peaks at "
+                f"{peaks[0] / 2**20:.2f} MiB, more than {where}: no LISA row fits."
+            )
         else:
             entry = "lisa" + EQUAL["peak"]
-            rows.append(run_method(args, entry, grids.get("lisa", DEFAULT_GRIDS["lisa"]), new, old, base, device,
-                                   runs, {"lisa_layers": layers}))
-            notes.append(f"{entry}: {layers} layer(s), the most whose step peak "
-                         f"({peaks[layers - 1] / 2**20:.2f} MiB) fits in {where}.")
+            rows.append(
+                run_method(
+                    args,
+                    entry,
+                    grids.get("lisa", DEFAULT_GRIDS["lisa"]),
+                    new,
+                    old,
+                    base,
+                    device,
+                    runs,
+                    {"lisa_layers": layers},
+                )
+            )
+            notes.append(
+                f"{entry}: {layers} layer(s), the most whose step peak "
+                f"({peaks[layers - 1] / 2**20:.2f} MiB) fits in {where}."
+            )
     if args.equal_memory == "accounted":
         lora = next(r for r in rows if r["method"] == "lora")
         budget = lora["memory"]["total_bytes"]
@@ -681,38 +860,97 @@ def finetune(args, argv, methods, grids, device, old_corpus, old, new, base) -> 
             notes.append("MISA: not even the smallest module fits in LoRA's accounted memory.")
         else:
             entry = "misa" + EQUAL["accounted"]
-            rows.append(run_method(args, entry, grids.get("misa", DEFAULT_GRIDS["misa"]), new, old, base, device,
-                                   runs, {"delta": delta}))
-            notes.append(f"{entry}: delta {delta:.4f}, the largest whose bound fits in LoRA's "
-                         f"{budget / 2**20:.2f} MiB.")
+            rows.append(
+                run_method(
+                    args,
+                    entry,
+                    grids.get("misa", DEFAULT_GRIDS["misa"]),
+                    new,
+                    old,
+                    base,
+                    device,
+                    runs,
+                    {"delta": delta},
+                )
+            )
+            notes.append(
+                f"{entry}: delta {delta:.4f}, the largest whose bound fits in LoRA's {budget / 2**20:.2f} MiB."
+            )
         layers, one = lisa_layers_at(args, budget, {})
         if layers == 0:
-            notes.append(f"LISA: one layer (with the embedding and head it trains at every step) holds "
-                         f"{one / 2**20:.2f} MiB, more than LoRA's {budget / 2**20:.2f} MiB: no LISA row fits.")
+            notes.append(
+                f"LISA: one layer (with the embedding and head it trains at every step) holds "
+                f"{one / 2**20:.2f} MiB, more than LoRA's {budget / 2**20:.2f} MiB: no LISA row fits."
+            )
         else:
             entry = "lisa" + EQUAL["accounted"]
-            rows.append(run_method(args, entry, grids.get("lisa", DEFAULT_GRIDS["lisa"]), new, old, base, device,
-                                   runs, {"lisa_layers": layers}))
+            rows.append(
+                run_method(
+                    args,
+                    entry,
+                    grids.get("lisa", DEFAULT_GRIDS["lisa"]),
+                    new,
+                    old,
+                    base,
+                    device,
+                    runs,
+                    {"lisa_layers": layers},
+                )
+            )
             notes.append(f"{entry}: {layers} layer(s), the most whose bound fits in LoRA's {budget / 2**20:.2f} MiB.")
     for r in rows:
         r["paired_se"] = {o["method"]: paired_se(r["runs"], o["runs"]) for o in rows}
-    meta = {"command": provenance.command("misa.finetune", argv), "device": str(device), "torch": torch.__version__,
-            "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "model": what, "dtype": args.dtype, "base": base_note, "base_loss_old": base_losses["old"],
-            "base_loss_new": base_losses["new"], "new_domain": new_name, "domain": args.data or args.domain,
-            "steps": args.max_steps,
-            "seq_len": args.seq_len, "batch_size": args.batch_size, "delta": args.delta, "eta": args.eta,
-            "interval": args.interval, "embeddings": args.embeddings, "train_norms": args.train_norms,
-            "lora_r": args.lora_r, "lora_alpha": args.lora_alpha or 2.0 * args.lora_r, "notes": notes,
-            "eval_batches": args.eval_batches, "checkpointing": args.checkpointing,
-            "equal_memory": args.equal_memory, "equal_peak": equal_peak, "threads": torch.get_num_threads()}
+    meta = {
+        "command": provenance.command("misa.finetune", argv),
+        "device": str(device),
+        "torch": torch.__version__,
+        "commit": commit,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "model": what,
+        "dtype": args.dtype,
+        "base": base_note,
+        "base_loss_old": base_losses["old"],
+        "base_loss_new": base_losses["new"],
+        "new_domain": new_name,
+        "domain": args.data or args.domain,
+        "steps": args.max_steps,
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+        "delta": args.delta,
+        "eta": args.eta,
+        "interval": args.interval,
+        "embeddings": args.embeddings,
+        "train_norms": args.train_norms,
+        "lora_r": args.lora_r,
+        "lora_alpha": args.lora_alpha or 2.0 * args.lora_r,
+        "notes": notes,
+        "eval_batches": args.eval_batches,
+        "checkpointing": args.checkpointing,
+        "equal_memory": args.equal_memory,
+        "equal_peak": equal_peak,
+        "threads": torch.get_num_threads(),
+    }
     curves = {r["method"]: r.pop("val_curves") for r in rows}
     files.write_json(out / "finetune.json", {"meta": meta, "rows": rows}, indent=2)
     text = table(rows, base_losses)
-    files.write_text(out / "finetune.md", f"Written by `{meta['command']}`\n\n" + "\n".join(notes) + "\n\n" + text
-                                     + "\n\n" + verdict(rows) + "\n\n" + advice(rows, base_losses["old"], meta) + "\n")
-    plot_loss_and_time(curves, {r["method"]: r.get("step_ms") for r in rows}, out / "finetune.png",
-                       title=f"fine-tuning {what} on {new_name} ({regime(meta)})")
+    files.write_text(
+        out / "finetune.md",
+        f"Written by `{meta['command']}`\n\n"
+        + "\n".join(notes)
+        + "\n\n"
+        + text
+        + "\n\n"
+        + verdict(rows)
+        + "\n\n"
+        + advice(rows, base_losses["old"], meta)
+        + "\n",
+    )
+    plot_loss_and_time(
+        curves,
+        {r["method"]: r.get("step_ms") for r in rows},
+        out / "finetune.png",
+        title=f"fine-tuning {what} on {new_name} ({regime(meta)})",
+    )
     if not args.keep_runs:
         import shutil
 

@@ -35,9 +35,19 @@ from .model import SIZES, LlamaConfig, LlamaForCausalLM
 
 OPTIMIZERS = ("misa", "lisa", "badam", "adamw")
 # --compare entries: an optimizer, or misa with a preset and switches: misa-paper, misa-official+flush=true
-SWITCHES = {"flush": "bool", "keep_states": "bool", "norm_power": "int", "logit_cap": "float",
-            "warmup_interval": "int", "eta": "eta", "states": ("fp32", "8bit"), "masters": ("fp32", "kahan", "none"),
-            "rounding": ("nearest", "stochastic"), "release_grads": "bool", "check_finite": "bool"}
+SWITCHES = {
+    "flush": "bool",
+    "keep_states": "bool",
+    "norm_power": "int",
+    "logit_cap": "float",
+    "warmup_interval": "int",
+    "eta": "eta",
+    "states": ("fp32", "8bit"),
+    "masters": ("fp32", "kahan", "none"),
+    "rounding": ("nearest", "stochastic"),
+    "release_grads": "bool",
+    "check_finite": "bool",
+}
 CHECKPOINT = "checkpoint.pt"
 METER_EVERY = 50  # besides the steps that can hold the most, every 50th step's peak is measured
 
@@ -64,46 +74,97 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="misa-train", description=__doc__.split("\n\n")[0],
-                                formatter_class=_HelpFormatter)
-    p.add_argument("--optimizer", default="misa", choices=OPTIMIZERS,
-                   help="misa; lisa (LMFlow's layer sampling); badam (block coordinate, one layer at a time); "
-                        "adamw (full AdamW)")
-    p.add_argument("--compare", default=None, metavar="LIST",
-                   help="comma-separated optimizers to run with the same seeds and data, drawn on one plot")
+    p = argparse.ArgumentParser(prog="misa-train", description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter)
+    p.add_argument(
+        "--optimizer",
+        default="misa",
+        choices=OPTIMIZERS,
+        help="misa; lisa (LMFlow's layer sampling); badam (block coordinate, one layer at a time); adamw (full AdamW)",
+    )
+    p.add_argument(
+        "--compare",
+        default=None,
+        metavar="LIST",
+        help="comma-separated optimizers to run with the same seeds and data, drawn on one plot",
+    )
     p.add_argument("--seeds", type=int, default=1, help="with --compare: seeds per optimizer (seed, seed+1, ...)")
     p.add_argument("--delta", type=float, default=0.25, help="trainable-parameter budget (fraction of all params)")
     # Squared gradient norms of these small models are ~1e-5..1e-1 per module: eta=100 makes the
     # softmax over them informative (eta=1 would be nearly uniform). The authors pre-train with 500.
-    p.add_argument("--eta", type=_eta, default=100.0,
-                   help="sampling temperature on the raw gradient energies, or 'auto' (scaled by their mean)")
+    p.add_argument(
+        "--eta",
+        type=_eta,
+        default=100.0,
+        help="sampling temperature on the raw gradient energies, or 'auto' (scaled by their mean)",
+    )
     p.add_argument("--interval", type=int, default=20, help="optimizer steps per outer loop (T)")
-    p.add_argument("--granularity", default="module", choices=("module", "layer"),
-                   help="MISA's unit: each weight matrix, or each transformer layer")
-    p.add_argument("--variant", default="default", choices=tuple(PRESETS),
-                   help="MISA preset: default (best in our measurements), paper (Algorithm 1), official "
-                        "(authors' code)")
-    p.add_argument("--flush", default=None, action=argparse.BooleanOptionalAction,
-                   help="end-of-period momentum flush (default: the preset's)")
-    p.add_argument("--keep-states", default=None, action=argparse.BooleanOptionalAction,
-                   help="re-selected modules keep their Adam states (default: the preset's)")
-    p.add_argument("--norm-power", type=int, default=None, choices=(1, 2),
-                   help="importance from squared norms (2) or norms (1) (default: the preset's)")
+    p.add_argument(
+        "--granularity",
+        default="module",
+        choices=("module", "layer"),
+        help="MISA's unit: each weight matrix, or each transformer layer",
+    )
+    p.add_argument(
+        "--variant",
+        default="default",
+        choices=tuple(PRESETS),
+        help="MISA preset: default (best in our measurements), paper (Algorithm 1), official (authors' code)",
+    )
+    p.add_argument(
+        "--flush",
+        default=None,
+        action=argparse.BooleanOptionalAction,
+        help="end-of-period momentum flush (default: the preset's)",
+    )
+    p.add_argument(
+        "--keep-states",
+        default=None,
+        action=argparse.BooleanOptionalAction,
+        help="re-selected modules keep their Adam states (default: the preset's)",
+    )
+    p.add_argument(
+        "--norm-power",
+        type=int,
+        default=None,
+        choices=(1, 2),
+        help="importance from squared norms (2) or norms (1) (default: the preset's)",
+    )
     p.add_argument("--logit-cap", type=float, default=None, help="cap on the logits; inf: none (default: the preset's)")
-    p.add_argument("--states", default="fp32", choices=("fp32", "8bit"),
-                   help="MISA's Adam states: fp32, or blockwise 8-bit (2.03 B per element instead of 8)")
-    p.add_argument("--masters", default="fp32", choices=("fp32", "kahan", "none"),
-                   help="MISA's master copy of bf16 weights: fp32 (4 B per element), a bf16 Kahan compensation "
-                        "(2 B), or none (with --rounding stochastic)")
-    p.add_argument("--rounding", default="nearest", choices=("nearest", "stochastic"),
-                   help="how MISA writes fp32 results into bf16 weights")
-    p.add_argument("--lisa-layers", type=int, default=None,
-                   help="layers LISA trains at once (default: as many as fit in --delta, at least 1)")
-    p.add_argument("--badam-order", default="descending", choices=("descending", "ascending", "random"),
-                   help="BAdam's switch mode")
-    p.add_argument("--embeddings", default="every-step", choices=("every-step", "module", "frozen"),
-                   help="the embedding and LM head: trained at every step (as the authors' code does; a model "
-                        "trained from scratch needs them early), sampled as modules, or frozen (fine-tuning)")
+    p.add_argument(
+        "--states",
+        default="fp32",
+        choices=("fp32", "8bit"),
+        help="MISA's Adam states: fp32, or blockwise 8-bit (2.03 B per element instead of 8)",
+    )
+    p.add_argument(
+        "--masters",
+        default="fp32",
+        choices=("fp32", "kahan", "none"),
+        help="MISA's master copy of bf16 weights: fp32 (4 B per element), a bf16 Kahan compensation "
+        "(2 B), or none (with --rounding stochastic)",
+    )
+    p.add_argument(
+        "--rounding",
+        default="nearest",
+        choices=("nearest", "stochastic"),
+        help="how MISA writes fp32 results into bf16 weights",
+    )
+    p.add_argument(
+        "--lisa-layers",
+        type=int,
+        default=None,
+        help="layers LISA trains at once (default: as many as fit in --delta, at least 1)",
+    )
+    p.add_argument(
+        "--badam-order", default="descending", choices=("descending", "ascending", "random"), help="BAdam's switch mode"
+    )
+    p.add_argument(
+        "--embeddings",
+        default="every-step",
+        choices=("every-step", "module", "frozen"),
+        help="the embedding and LM head: trained at every step (as the authors' code does; a model "
+        "trained from scratch needs them early), sampled as modules, or frozen (fine-tuning)",
+    )
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay")
     p.add_argument("--warmup-steps", type=int, default=10, help="linear learning-rate warm-up")
@@ -111,21 +172,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=300, help="optimizer steps in all (a resumed run continues to it)")
     p.add_argument("--model-size", default="small", choices=sorted(SIZES), help="built-in LLaMA-style model")
     p.add_argument("--config", default=None, help="JSON file with LlamaConfig fields (overrides --model-size)")
-    p.add_argument("--model", default=None,
-                   help="a local Hugging Face causal-LM folder to train instead (needs transformers)")
+    p.add_argument(
+        "--model", default=None, help="a local Hugging Face causal-LM folder to train instead (needs transformers)"
+    )
     p.add_argument("--data", default=None, help="a text file or folder (default: Python's stdlib sources)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per training sequence")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per optimizer step")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...; when omitted: cuda if available, else cpu")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="parameter dtype")
     add_checkpointing_flag(p)
-    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "cuda"),
-                   help="misa_kernels backend (auto: cuda > triton > torch on a GPU, torch on the CPU)")
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=("auto", "torch", "triton", "cuda"),
+        help="misa_kernels backend (auto: cuda > triton > torch on a GPU, torch on the CPU)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seeds the model, the data order and the sampler")
     p.add_argument("--eval-every", type=int, default=50, help="evaluate every N steps (and after the last one)")
-    p.add_argument("--eval-batches", type=int, default=64,
-                   help="batches of every evaluation: the same fixed held-out windows each time; the standard "
-                        "error over batches is reported as the evaluation noise")
+    p.add_argument(
+        "--eval-batches",
+        type=int,
+        default=64,
+        help="batches of every evaluation: the same fixed held-out windows each time; the standard "
+        "error over batches is reported as the evaluation noise",
+    )
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: only at the end)")
     p.add_argument("--out", default=None, help="output folder (default: runs/<optimizer>-<time>)")
     p.add_argument("--resume", default=None, metavar="DIR", help="resume exactly from DIR/checkpoint.pt")
@@ -135,12 +205,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ----------------------------------------------------------------------------------------- validation
 def validate(args) -> None:
-    validate_common(args, counts=("max_steps", "seq_len", "batch_size", "interval", "eval_every", "eval_batches",
-                                  "seeds"), positive=("lr",), nonnegative=("weight_decay", "max_grad_norm"),
-                    paths=("config", "model"))
+    validate_common(
+        args,
+        counts=("max_steps", "seq_len", "batch_size", "interval", "eval_every", "eval_batches", "seeds"),
+        positive=("lr",),
+        nonnegative=("weight_decay", "max_grad_norm"),
+        paths=("config", "model"),
+    )
     if args.masters in ("fp32", "kahan") and args.masters != "fp32" and args.rounding == "stochastic":
-        raise UsageError("--masters kahan and --rounding stochastic exclude each other: stochastic rounding is the "
-                         "memory-free alternative to a master copy (use --masters none)")
+        raise UsageError(
+            "--masters kahan and --rounding stochastic exclude each other: stochastic rounding is the "
+            "memory-free alternative to a master copy (use --masters none)"
+        )
     if args.seeds != 1 and args.compare is None:
         raise UsageError("--seeds: runs several seeds only with --compare (e.g. --compare misa,lisa --seeds 3)")
     if args.compare is not None:
@@ -177,8 +253,10 @@ def validate_common(args, counts, positive, nonnegative, paths) -> None:
     for name in positive + nonnegative:
         value = getattr(args, name)
         if not math.isfinite(value) or value < 0 or (name in positive and value == 0):
-            raise UsageError(f"--{name.replace('_', '-')}: expected a finite number "
-                             f"{'> 0' if name in positive else '>= 0'}, got {value}")
+            raise UsageError(
+                f"--{name.replace('_', '-')}: expected a finite number "
+                f"{'> 0' if name in positive else '>= 0'}, got {value}"
+            )
     if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
         raise UsageError(f"--out: {args.out} is an existing file; name a folder")
     if args.config is not None and Path(args.config).is_file():
@@ -190,8 +268,10 @@ def validate_common(args, counts, positive, nonnegative, paths) -> None:
             raise UsageError(f"--config: {args.config} must hold a JSON object of LlamaConfig fields")
         unknown = set(fields) - set(LlamaConfig().to_dict())
         if unknown:
-            raise UsageError(f"--config: unknown field(s) {', '.join(sorted(unknown))}; LlamaConfig has "
-                             f"{', '.join(LlamaConfig().to_dict())}")
+            raise UsageError(
+                f"--config: unknown field(s) {', '.join(sorted(unknown))}; LlamaConfig has "
+                f"{', '.join(LlamaConfig().to_dict())}"
+            )
     for name in paths:
         path = getattr(args, name)
         if path is not None and not Path(path).exists():
@@ -219,10 +299,13 @@ def _transformers():
 
 
 def add_checkpointing_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpointing", action="store_true",
-                   help="activation checkpointing per block (non-reentrant torch.utils.checkpoint; "
-                        "gradient_checkpointing_enable for a Hugging Face model): each block keeps only its input "
-                        "and is recomputed in backward")
+    p.add_argument(
+        "--checkpointing",
+        action="store_true",
+        help="activation checkpointing per block (non-reentrant torch.utils.checkpoint; "
+        "gradient_checkpointing_enable for a Hugging Face model): each block keeps only its input "
+        "and is recomputed in backward",
+    )
 
 
 def enable_checkpointing(model, args) -> None:
@@ -230,10 +313,13 @@ def enable_checkpointing(model, args) -> None:
     gradients (a reentrant checkpoint would give them none unless the inputs require grad)."""
     if not getattr(args, "checkpointing", False):
         return
-    if not getattr(model, "supports_gradient_checkpointing", True) or not hasattr(model,
-                                                                                  "gradient_checkpointing_enable"):
-        raise UsageError(f"--checkpointing: {type(model).__name__} cannot checkpoint its activations (it has no "
-                         "gradient_checkpointing_enable, or says it does not support it)")
+    if not getattr(model, "supports_gradient_checkpointing", True) or not hasattr(
+        model, "gradient_checkpointing_enable"
+    ):
+        raise UsageError(
+            f"--checkpointing: {type(model).__name__} cannot checkpoint its activations (it has no "
+            "gradient_checkpointing_enable, or says it does not support it)"
+        )
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if hasattr(model, "config") and hasattr(model.config, "use_cache"):
         model.config.use_cache = False  # a cache is for generation, and transformers refuses it with checkpointing
@@ -284,8 +370,11 @@ def step_memory_bytes(cfg: LlamaConfig, args) -> Dict[str, float]:
     params = cfg.vocab_size * d * 2 + L * (4 * d * d + 3 * d * f + 2 * d) + d
     b, t = args.batch_size, args.seq_len
     size = 2 if args.dtype == "bf16" else 4
-    return {"states": params * (size * 2 + 8), "activations": b * t * L * (10 * d + 3 * f) * size + b * t * 256 * 12,
-            "attention": 2 * L * b * h * t * t * size}
+    return {
+        "states": params * (size * 2 + 8),
+        "activations": b * t * L * (10 * d + 3 * f) * size + b * t * 256 * 12,
+        "attention": 2 * L * b * h * t * t * size,
+    }
 
 
 def available_memory_bytes(device) -> float:
@@ -299,15 +388,19 @@ def parse_method(entry: str):
     head, *switches = entry.split("+")
     name, _, preset = head.partition("-")
     if name not in OPTIMIZERS or (preset and (name != "misa" or preset not in PRESETS)):
-        raise UsageError(f"--compare: unknown optimizer {entry!r}; choose from {', '.join(OPTIMIZERS)}, "
-                         f"misa-<{'|'.join(PRESETS)}>, with +switch=value ({', '.join(SWITCHES)})")
+        raise UsageError(
+            f"--compare: unknown optimizer {entry!r}; choose from {', '.join(OPTIMIZERS)}, "
+            f"misa-<{'|'.join(PRESETS)}>, with +switch=value ({', '.join(SWITCHES)})"
+        )
     options = {"variant": preset} if preset else {}
     for item in switches:
         key, _, value = item.partition("=")
         kind = SWITCHES.get(key)
         if kind is None or not value or name != "misa":
-            raise UsageError(f"--compare: {item!r} in {entry!r}: expected misa...+switch=value with a switch from "
-                             f"{', '.join(SWITCHES)}")
+            raise UsageError(
+                f"--compare: {item!r} in {entry!r}: expected misa...+switch=value with a switch from "
+                f"{', '.join(SWITCHES)}"
+            )
         try:
             if isinstance(kind, tuple):  # a choice: the state formats
                 if value not in kind:
@@ -344,28 +437,49 @@ def _build_misa(name: str, options: Dict, model, args):
     every_step = args.embeddings == "every-step"
     if name == "lisa":
         # LISA trains the embedding, head and final norm at every step by design.
-        layers = args.lisa_layers or max(1, int(args.delta * sum(p.numel() for p in model.parameters())
-                                                // max(sum(p.numel() for p in layer.parameters())
-                                                       for layer in model.model.layers)))
+        layers = args.lisa_layers or max(
+            1,
+            int(
+                args.delta
+                * sum(p.numel() for p in model.parameters())
+                // max(sum(p.numel() for p in layer.parameters()) for layer in model.model.layers)
+            ),
+        )
         return LISA(model, n_layers=min(layers, len(model.model.layers)), interval=args.interval, **common)
     if name == "badam":
-        return BAdam(model, interval=args.interval, switch_mode=args.badam_order, train_outside_layers=every_step,
-                     **common)
+        return BAdam(
+            model, interval=args.interval, switch_mode=args.badam_order, train_outside_layers=every_step, **common
+        )
     as_modules = args.embeddings == "module"
     always = [p for n, p in model.named_parameters() if "embed" in n or "lm_head" in n] if every_step else None
-    switches = dict(variant=args.variant, flush=args.flush, keep_states=args.keep_states,
-                    norm_power=args.norm_power, logit_cap=args.logit_cap, states=getattr(args, "states", "fp32"),
-                    rounding=getattr(args, "rounding", "nearest"))
+    switches = dict(
+        variant=args.variant,
+        flush=args.flush,
+        keep_states=args.keep_states,
+        norm_power=args.norm_power,
+        logit_cap=args.logit_cap,
+        states=getattr(args, "states", "fp32"),
+        rounding=getattr(args, "rounding", "nearest"),
+    )
     switches.update(options)
     eta = switches.pop("eta", args.eta)
     masters = switches.pop("masters", getattr(args, "masters", "fp32"))
     chosen = "masters" in options or getattr(args, "masters", "fp32") != "fp32"
     if chosen or switches["rounding"] == "nearest":  # stochastic rounding alone means no master copy
         switches["master_weights"] = False if masters == "none" else masters
-    return MISA(model, delta=args.delta, eta=eta, interval=args.interval, granularity=args.granularity,
-                include_embedding=as_modules, include_lm_head=as_modules, always_train=always,
-                train_1d=getattr(args, "train_norms", False), **switches,
-                **common)
+    return MISA(
+        model,
+        delta=args.delta,
+        eta=eta,
+        interval=args.interval,
+        granularity=args.granularity,
+        include_embedding=as_modules,
+        include_lm_head=as_modules,
+        always_train=always,
+        train_1d=getattr(args, "train_norms", False),
+        **switches,
+        **common,
+    )
 
 
 def frozen_in_words(opt) -> str:
@@ -408,9 +522,10 @@ def evaluate_with_error(model, data: TokenDataset, args, batches: Optional[int] 
     and the per-batch losses (the same windows every time, so methods can be compared batch by batch)."""
     was_training = model.training
     model.eval()
-    losses = torch.tensor([float(model.loss(b)) for b in data.val_batches(args.batch_size,
-                                                                           batches or args.eval_batches, split)],
-                          dtype=torch.float64)
+    losses = torch.tensor(
+        [float(model.loss(b)) for b in data.val_batches(args.batch_size, batches or args.eval_batches, split)],
+        dtype=torch.float64,
+    )
     model.train(was_training)
     sem = float(losses.std() / len(losses) ** 0.5) if len(losses) > 1 else float("nan")
     return float(losses.mean()), sem, losses.tolist()
@@ -418,13 +533,25 @@ def evaluate_with_error(model, data: TokenDataset, args, batches: Optional[int] 
 
 def peak_memory_mb(device) -> Dict[str, float]:
     if device.type == "cuda":
-        return {"peak_allocated_mb": torch.cuda.max_memory_allocated(device) / 2**20,
-                "peak_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20}
+        return {
+            "peak_allocated_mb": torch.cuda.max_memory_allocated(device) / 2**20,
+            "peak_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20,
+        }
     return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def run(args, optimizer_name: str, out: Path, data: TokenDataset, device, progress: bool = True,
-        checkpoint: Optional[Dict] = None, model=None, opt=None, ledger=None) -> Dict:
+def run(
+    args,
+    optimizer_name: str,
+    out: Path,
+    data: TokenDataset,
+    device,
+    progress: bool = True,
+    checkpoint: Optional[Dict] = None,
+    model=None,
+    opt=None,
+    ledger=None,
+) -> Dict:
     """Trains one run and writes its outputs to `out`. A caller may hand in the model and optimizer
     (fine-tuning builds them from a base) and a `misa.memory.MemoryMeter` (the ledger) that reads every step.
 
@@ -466,8 +593,11 @@ def run(args, optimizer_name: str, out: Path, data: TokenDataset, device, progre
     switches_seen = None
 
     def save(step):
-        measured.update(elapsed_s=elapsed0 + time.perf_counter() - t0, step_peaks=peak_meter.state_dict(),
-                        ledger=ledger.state_dict() if ledger is not None else None)
+        measured.update(
+            elapsed_s=elapsed0 + time.perf_counter() - t0,
+            step_peaks=peak_meter.state_dict(),
+            ledger=ledger.state_dict() if ledger is not None else None,
+        )
         save_checkpoint(out, model, opt, sched, step, history, args, measured)
 
     elapsed0 = measured["elapsed_s"]
@@ -509,8 +639,12 @@ def run(args, optimizer_name: str, out: Path, data: TokenDataset, device, progre
             bar.set_postfix(status, refresh=False)
             bar.update(1)
         elif done % args.eval_every == 0 or done == args.max_steps:
-            print(f"[{optimizer_name}] step {done}/{args.max_steps} " + " ".join(f"{k}={v}" for k, v in status.items())
-                  + f" val_loss={history['val_loss'][-1]:.4f}", flush=True)
+            print(
+                f"[{optimizer_name}] step {done}/{args.max_steps} "
+                + " ".join(f"{k}={v}" for k, v in status.items())
+                + f" val_loss={history['val_loss'][-1]:.4f}",
+                flush=True,
+            )
         if args.save_every and done % args.save_every == 0 and done < args.max_steps:
             save(done)
     if bar is not None:
@@ -520,23 +654,35 @@ def run(args, optimizer_name: str, out: Path, data: TokenDataset, device, progre
     elapsed = measured["elapsed_s"]
     val_loss = history["val_loss"][-1] if history["val_loss"] else evaluate(model, data, args)
     summary = {
-        "optimizer": optimizer_name, "seed": args.seed, "steps": args.max_steps,
+        "optimizer": optimizer_name,
+        "seed": args.seed,
+        "steps": args.max_steps,
         "final_train_loss": history["train_loss"][-1] if history["train_loss"] else None,
-        "final_val_loss": val_loss, "final_val_perplexity": math.exp(min(val_loss, 50)),
+        "final_val_loss": val_loss,
+        "final_val_perplexity": math.exp(min(val_loss, 50)),
         "final_val_sem": history.get("final_val_sem"),
         "tokens_per_s": measured["trained_steps"] * tokens_per_step / elapsed if elapsed > 0 else None,
         "params": sum(p.numel() for p in model.parameters()),
-        "device": str(device), **peak_memory_mb(device),
+        "device": str(device),
+        **peak_memory_mb(device),
     }
     step_ms = 1000 * statistics.median(step_seconds) if step_seconds else None
     if "peak_allocated_mb" in summary:  # the meter resets the allocator's peak at each metered step
         summary["peak_allocated_mb"] = max(summary["peak_allocated_mb"], peak_meter.peak_bytes / 2**20)
-    summary.update(step_peak_bytes=peak_meter.peak_bytes, step_peak_parts=peak_meter.peak_parts,
-                   metered_steps=len(peak_meter.steps), step_ms=step_ms,
-                   step_tokens_per_s=tokens_per_step / step_ms * 1000 if step_ms else None)
+    summary.update(
+        step_peak_bytes=peak_meter.peak_bytes,
+        step_peak_parts=peak_meter.peak_parts,
+        metered_steps=len(peak_meter.steps),
+        step_ms=step_ms,
+        step_tokens_per_s=tokens_per_step / step_ms * 1000 if step_ms else None,
+    )
     if isinstance(opt, MISA):
-        summary.update(trainable_fraction=opt.trainable_fraction, switches=len(opt.switch_log),
-                       skipped_steps=opt.skipped_steps, active_modules=opt.active_modules)
+        summary.update(
+            trainable_fraction=opt.trainable_fraction,
+            switches=len(opt.switch_log),
+            skipped_steps=opt.skipped_steps,
+            active_modules=opt.active_modules,
+        )
     files.write_json(out / "summary.json", summary, indent=2)
     files.write_json(out / "history.json", history)
     plot({optimizer_name: [history]}, out / "loss.png", title=f"{optimizer_name} on {describe(args.data)}")
@@ -562,8 +708,18 @@ def _train_step(model, opt, batch, args, ledger=None):
 
 
 def save_checkpoint(out: Path, model, opt, sched, step: int, history, args, measured=None) -> None:
-    files.torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                      "step": step, "history": history, "args": vars(args), "measured": measured}, out / CHECKPOINT)
+    files.torch_save(
+        {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "step": step,
+            "history": history,
+            "args": vars(args),
+            "measured": measured,
+        },
+        out / CHECKPOINT,
+    )
 
 
 def plot(curves: Dict[str, List[Dict]], path: Path, title: str) -> None:
@@ -580,12 +736,17 @@ def plot(curves: Dict[str, List[Dict]], path: Path, title: str) -> None:
             if key == "train_loss" and values.shape[1] > 20:  # smooth the noisy training curve
                 k = max(1, values.shape[1] // 50)
                 values = torch.nn.functional.avg_pool1d(values[:, None], k, 1, padding=0)[:, 0]
-                steps = steps[k - 1:]
+                steps = steps[k - 1 :]
             mean = values.mean(0)
-            line, = ax.plot(steps, mean.tolist(), label=f"{name} (n={len(runs)})")
+            (line,) = ax.plot(steps, mean.tolist(), label=f"{name} (n={len(runs)})")
             if len(runs) > 1:
-                ax.fill_between(steps, values.min(0).values.tolist(), values.max(0).values.tolist(),
-                                color=line.get_color(), alpha=0.2)
+                ax.fill_between(
+                    steps,
+                    values.min(0).values.tolist(),
+                    values.max(0).values.tolist(),
+                    color=line.get_color(),
+                    alpha=0.2,
+                )
     axes[0].set_title("training loss (smoothed)")
     axes[1].set_title("validation loss")
     for ax in axes:
@@ -622,37 +783,67 @@ def compare(args, data, device, out: Path, argv: Optional[List[str]] = None) -> 
     rows = []
     for name, runs in results.items():
         vals = torch.tensor([r["summary"]["final_val_loss"] for r in runs], dtype=torch.float64)
-        rows.append({"optimizer": name, "seeds": len(runs), "val_loss_mean": float(vals.mean()),
-                     "val_loss_std": float(vals.std()) if len(runs) > 1 else 0.0,
-                     "val_loss_min": float(vals.min()), "val_loss_max": float(vals.max()),
-                     "val_ppl_mean": float(vals.exp().mean()),
-                     "eval_sem_mean": float(torch.tensor([r["summary"].get("final_val_sem") or float("nan")
-                                                          for r in runs]).mean()),
-                     "eval_se_paired_vs_first": paired_eval_se(runs, results[names[0]]),
-                     "tokens_per_s": sum(r["summary"]["tokens_per_s"] for r in runs) / len(runs),
-                     "step_peak_bytes": max(r["summary"]["step_peak_bytes"] for r in runs),
-                     "step_ms": statistics.median(r["summary"]["step_ms"] for r in runs if r["summary"]["step_ms"])
-                     if any(r["summary"]["step_ms"] for r in runs) else None})
-    meta = {"command": provenance.command("misa.train", sys.argv[1:] if argv is None else argv), "device": str(device),
-            "torch": torch.__version__, "commit": provenance.commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "variant_default": repr(PRESETS["default"]), "eval_batches": args.eval_batches,
-            "model_size": args.model_size, "steps": args.max_steps,
-            "delta": args.delta, "eta": args.eta, "interval": args.interval, "granularity": args.granularity,
-            "lr": args.lr, "seq_len": args.seq_len, "batch_size": args.batch_size, "data": describe(args.data),
-            "checkpointing": getattr(args, "checkpointing", False)}
+        rows.append(
+            {
+                "optimizer": name,
+                "seeds": len(runs),
+                "val_loss_mean": float(vals.mean()),
+                "val_loss_std": float(vals.std()) if len(runs) > 1 else 0.0,
+                "val_loss_min": float(vals.min()),
+                "val_loss_max": float(vals.max()),
+                "val_ppl_mean": float(vals.exp().mean()),
+                "eval_sem_mean": float(
+                    torch.tensor([r["summary"].get("final_val_sem") or float("nan") for r in runs]).mean()
+                ),
+                "eval_se_paired_vs_first": paired_eval_se(runs, results[names[0]]),
+                "tokens_per_s": sum(r["summary"]["tokens_per_s"] for r in runs) / len(runs),
+                "step_peak_bytes": max(r["summary"]["step_peak_bytes"] for r in runs),
+                "step_ms": statistics.median(r["summary"]["step_ms"] for r in runs if r["summary"]["step_ms"])
+                if any(r["summary"]["step_ms"] for r in runs)
+                else None,
+            }
+        )
+    meta = {
+        "command": provenance.command("misa.train", sys.argv[1:] if argv is None else argv),
+        "device": str(device),
+        "torch": torch.__version__,
+        "commit": provenance.commit(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "variant_default": repr(PRESETS["default"]),
+        "eval_batches": args.eval_batches,
+        "model_size": args.model_size,
+        "steps": args.max_steps,
+        "delta": args.delta,
+        "eta": args.eta,
+        "interval": args.interval,
+        "granularity": args.granularity,
+        "lr": args.lr,
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+        "data": describe(args.data),
+        "checkpointing": getattr(args, "checkpointing", False),
+    }
     files.write_json(out / "compare.json", {"meta": meta, "rows": rows}, indent=2)
-    lines = ["| optimizer | seeds | final val loss (mean ± std) | min | max | eval s.e. (paired vs first) | "
-             "val ppl | tokens/s | step peak MiB | ms / step |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| optimizer | seeds | final val loss (mean ± std) | min | max | eval s.e. (paired vs first) | "
+        "val ppl | tokens/s | step peak MiB | ms / step |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in sorted(rows, key=lambda r: r["val_loss_mean"]):
         ms = f"{r['step_ms']:.0f}" if r["step_ms"] else ""
-        lines.append(f"| {r['optimizer']} | {r['seeds']} | {r['val_loss_mean']:.4f} ± {r['val_loss_std']:.4f} | "
-                     f"{r['val_loss_min']:.4f} | {r['val_loss_max']:.4f} | {r['eval_sem_mean']:.4f} "
-                     f"({r['eval_se_paired_vs_first']:.4f}) | {r['val_ppl_mean']:.3f} | {r['tokens_per_s']:.0f} | "
-                     f"{r['step_peak_bytes'] / 2**20:.2f} | {ms} |")
+        lines.append(
+            f"| {r['optimizer']} | {r['seeds']} | {r['val_loss_mean']:.4f} ± {r['val_loss_std']:.4f} | "
+            f"{r['val_loss_min']:.4f} | {r['val_loss_max']:.4f} | {r['eval_sem_mean']:.4f} "
+            f"({r['eval_se_paired_vs_first']:.4f}) | {r['val_ppl_mean']:.3f} | {r['tokens_per_s']:.0f} | "
+            f"{r['step_peak_bytes'] / 2**20:.2f} | {ms} |"
+        )
     settings = ", ".join(f"{k}={v}" for k, v in meta.items() if k != "command")
     files.write_text(out / "compare.md", f"Written by `{meta['command']}`\n\n{settings}\n\n" + "\n".join(lines) + "\n")
-    plot({n: [r["history"] for r in runs] for n, runs in results.items()}, out / "compare.png",
-         title=f"{args.model_size} model, delta={args.delta}, {args.max_steps} steps, {args.seeds} seed(s)")
+    plot(
+        {n: [r["history"] for r in runs] for n, runs in results.items()},
+        out / "compare.png",
+        title=f"{args.model_size} model, delta={args.delta}, {args.max_steps} steps, {args.seeds} seed(s)",
+    )
     print("\n".join(lines))
     return {"rows": rows, "meta": meta}
 
@@ -692,23 +883,32 @@ def load_resume(args, parser, argv):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # truncated, empty or foreign files fail in many ways
-        raise UsageError(f"--resume: {path} is not a readable checkpoint ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else 'empty'})") from None
+        raise UsageError(
+            f"--resume: {path} is not a readable checkpoint ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else 'empty'})"
+        ) from None
     needed = {"model", "optimizer", "scheduler", "step", "history", "args"}
     if not isinstance(ckpt, dict) or not needed <= set(ckpt):
-        raise UsageError(f"--resume: {path} is not a misa-train checkpoint (it lacks "
-                         f"{', '.join(sorted(needed - set(ckpt))) if isinstance(ckpt, dict) else 'everything'})")
+        raise UsageError(
+            f"--resume: {path} is not a misa-train checkpoint (it lacks "
+            f"{', '.join(sorted(needed - set(ckpt))) if isinstance(ckpt, dict) else 'everything'})"
+        )
     saved = ckpt["args"]
-    changed = [k for k in sorted(explicit_options(parser, argv)) if k not in RESUMABLE
-               and getattr(args, k) != saved.get(k)]
+    changed = [
+        k for k in sorted(explicit_options(parser, argv)) if k not in RESUMABLE and getattr(args, k) != saved.get(k)
+    ]
     if changed:
         detail = ", ".join(f"--{k.replace('_', '-')} (saved: {saved.get(k)!r})" for k in changed)
-        raise UsageError(f"--resume: the checkpoint's settings win and cannot change mid-run: {detail}; start a new "
-                         f"run to change them (only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE)} "
-                         "may differ)")
+        raise UsageError(
+            f"--resume: the checkpoint's settings win and cannot change mid-run: {detail}; start a new "
+            f"run to change them (only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE)} "
+            "may differ)"
+        )
     if args.max_steps < ckpt["step"]:
-        raise UsageError(f"--max-steps {args.max_steps}: {path} is at step {ckpt['step']}, past it; a resumed run "
-                         "cannot train fewer steps than it has done")
+        raise UsageError(
+            f"--max-steps {args.max_steps}: {path} is at step {ckpt['step']}, past it; a resumed run "
+            "cannot train fewer steps than it has done"
+        )
     keep = {k: getattr(args, k) for k in RESUMABLE}
     merged = argparse.Namespace(**{**saved, **keep})
     merged.out = merged.out or merged.resume
@@ -742,10 +942,12 @@ def prepare(args, parser, argv):
         need = step_memory_bytes(model_config(args), args)
         total, have = sum(need.values()), available_memory_bytes(device)
         if total > 0.8 * have:
-            raise UsageError(f"--seq-len {args.seq_len} --batch-size {args.batch_size}: one training step would need "
-                             f"about {total / 2**30:.1f} GiB (attention {need['attention'] / 2**30:.1f} GiB), "
-                             f"more than this {device.type} device's {have / 2**30:.1f} GiB; use a shorter --seq-len "
-                             "or a smaller --batch-size")
+            raise UsageError(
+                f"--seq-len {args.seq_len} --batch-size {args.batch_size}: one training step would need "
+                f"about {total / 2**30:.1f} GiB (attention {need['attention'] / 2**30:.1f} GiB), "
+                f"more than this {device.type} device's {have / 2**30:.1f} GiB; use a shorter --seq-len "
+                "or a smaller --batch-size"
+            )
         estimate = f", about {total / 2**30:.2f} GiB per step"
     model = build_model(args, "meta")
     params = sum(p.numel() for p in model.parameters())
@@ -754,10 +956,12 @@ def prepare(args, parser, argv):
         opt = build_optimizer(entry, build_model(args, "meta") if entry != entries[0] else model, args)
         described.append(f"{opt!r}, {frozen_in_words(opt)}" if isinstance(opt, MISA) else f"AdamW(lr={args.lr:g})")
     what = args.model or (f"model {args.model_size}" + (f" + {args.config}" if args.config else ""))
-    header = (f"misa-train: {what} ({params:,} params, {args.dtype}) on {describe(args.data)} "
-              f"({len(data.train):,} training tokens), device {device}, backend {args.backend}, "
-              f"{args.max_steps} steps of {args.batch_size} x {args.seq_len} tokens, lr {args.lr:g}{estimate}; "
-              + "; ".join(f"{e}: {d}" for e, d in zip(entries, described)))
+    header = (
+        f"misa-train: {what} ({params:,} params, {args.dtype}) on {describe(args.data)} "
+        f"({len(data.train):,} training tokens), device {device}, backend {args.backend}, "
+        f"{args.max_steps} steps of {args.batch_size} x {args.seq_len} tokens, lr {args.lr:g}{estimate}; "
+        + "; ".join(f"{e}: {d}" for e, d in zip(entries, described))
+    )
     return args, device, data, checkpoint, header
 
 
@@ -779,8 +983,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"misa-train: error: {exc}", file=sys.stderr)
         return 2
     if header is None:  # resumed a run that is done: a requeue loop may resume unconditionally
-        print(f"misa-train: {args.out} is finished (step {checkpoint['step']} of {args.max_steps}; "
-              f"{', '.join(OUTPUTS)} written): nothing to do")
+        print(
+            f"misa-train: {args.out} is finished (step {checkpoint['step']} of {args.max_steps}; "
+            f"{', '.join(OUTPUTS)} written): nothing to do"
+        )
         return 0
     name = args.compare.replace(",", "-").replace("+", "_") if args.compare else args.optimizer
     out = Path(args.out or Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -792,11 +998,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     result = run(args, args.optimizer, out, data, device, progress=show_progress(args), checkpoint=checkpoint)
     s = result["summary"]
     mem = ", ".join(f"{k} {v:.0f}" for k, v in s.items() if k.startswith("peak_"))
-    print(f"done: {s['steps']} steps of {args.optimizer} on {describe(args.data)} ({s['params']:,} params, {device})\n"
-          f"final train loss {s['final_train_loss']:.4f}, val loss {s['final_val_loss']:.4f} "
-          f"(± {s['final_val_sem']:.4f} eval s.e.), val perplexity {s['final_val_perplexity']:.3f}, "
-          f"{s['tokens_per_s']:.0f} tokens/s, {mem}\n"
-          f"wrote {out / 'summary.json'}, {out / 'history.json'}, {out / 'loss.png'}, {out / CHECKPOINT}")
+    print(
+        f"done: {s['steps']} steps of {args.optimizer} on {describe(args.data)} ({s['params']:,} params, {device})\n"
+        f"final train loss {s['final_train_loss']:.4f}, val loss {s['final_val_loss']:.4f} "
+        f"(± {s['final_val_sem']:.4f} eval s.e.), val perplexity {s['final_val_perplexity']:.3f}, "
+        f"{s['tokens_per_s']:.0f} tokens/s, {mem}\n"
+        f"wrote {out / 'summary.json'}, {out / 'history.json'}, {out / 'loss.png'}, {out / CHECKPOINT}"
+    )
     return 0
 
 

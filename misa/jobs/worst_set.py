@@ -61,8 +61,10 @@ def module_inputs(model: nn.Module, opt, forward: Callable[[], object]) -> Dict[
             x = next((a for a in list(args) + list((kwargs or {}).values()) if isinstance(a, torch.Tensor)), None)
             if x is not None and b not in seen:
                 held.append(x)
-                seen[b] = ModuleInput(order=len(seen), storage=x.untyped_storage()._cdata,
-                                      nbytes=x.numel() * x.element_size())
+                seen[b] = ModuleInput(
+                    order=len(seen), storage=x.untyped_storage()._cdata, nbytes=x.numel() * x.element_size()
+                )
+
         return pre
 
     flags = [p.requires_grad for p in params]
@@ -87,8 +89,11 @@ def module_inputs(model: nn.Module, opt, forward: Callable[[], object]) -> Dict[
 def _saved_by_other_ops(out, weights: set) -> set:
     """Storages that the autograd graph under `out` saves for an op that is not a module's product with its
     weight (that product saves its input only for the weight's gradient)."""
-    roots = [t.grad_fn for t in (out if isinstance(out, (tuple, list)) else [out])
-             if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+    roots = [
+        t.grad_fn
+        for t in (out if isinstance(out, (tuple, list)) else [out])
+        if isinstance(t, torch.Tensor) and t.grad_fn is not None
+    ]
     anyway, visited, stack = set(), set(), roots
     while stack:
         fn = stack.pop()
@@ -104,8 +109,11 @@ def _saved_by_other_ops(out, weights: set) -> set:
                     value = getattr(fn, name)
                 except RuntimeError:  # released, or not a tensor a Python object can hold
                     continue
-                anyway |= {t.untyped_storage()._cdata for t in (value if isinstance(value, (tuple, list))
-                                                                 else [value]) if isinstance(t, torch.Tensor)}
+                anyway |= {
+                    t.untyped_storage()._cdata
+                    for t in (value if isinstance(value, (tuple, list)) else [value])
+                    if isinstance(t, torch.Tensor)
+                }
     return anyway
 
 
@@ -142,8 +150,9 @@ def candidate_sets(opt, inputs: Dict[int, ModuleInput], grad_bytes_per_element: 
                 saved.add(inputs[best].storage)
 
     def per_param(b, saved):
-        new_input = inputs[b].nbytes if b in inputs and inputs[b].storage not in saved \
-            and not inputs[b].saved_anyway else 0
+        new_input = (
+            inputs[b].nbytes if b in inputs and inputs[b].storage not in saved and not inputs[b].saved_anyway else 0
+        )
         return (sizes[b] * grad_bytes_per_element + new_input) / sizes[b]
 
     def by_size(b, saved):
@@ -175,7 +184,8 @@ def candidate_sets(opt, inputs: Dict[int, ModuleInput], grad_bytes_per_element: 
         draws = [torch.randperm(len(sizes), generator=rng).tolist() for _ in range(RANDOM_FILLS)]
     out = []
     for s in [fill(per_param), fill(by_size), fill(in_forward_order), fill(from_the_top), fill(top_block_first)] + [
-            fill(lambda b, saved, rank=d: -rank.index(b)) for d in draws]:
+        fill(lambda b, saved, rank=d: -rank.index(b)) for d in draws
+    ]:
         if s not in out:
             out.append(s)
     return out
@@ -197,8 +207,9 @@ def largest_set(opt) -> Optional[List[int]]:
     return sorted(chosen)
 
 
-def measure_steps(meter: StepPeakMeter, train_step: Callable[[], None], steps: int,
-                  before_step: Optional[Callable[[], None]] = None) -> int:
+def measure_steps(
+    meter: StepPeakMeter, train_step: Callable[[], None], steps: int, before_step: Optional[Callable[[], None]] = None
+) -> int:
     """The largest peak of `steps` metered training steps (`before_step()` runs before each, unmetered)."""
     start = len(meter.steps)
     for _ in range(steps):
@@ -209,10 +220,17 @@ def measure_steps(meter: StepPeakMeter, train_step: Callable[[], None], steps: i
     return max(s.peak_bytes for s in meter.steps[start:])
 
 
-def worst_case_peak(model: nn.Module, opt, train_step: Callable[[], None], forward: Callable[[], object],
-                    *, steps: int = 2, sets: Optional[Sequence[Sequence[int]]] = None,
-                    grad_bytes_per_element: Optional[int] = None,
-                    block_bytes: int = 1) -> Tuple[int, Dict[str, int], List[int]]:
+def worst_case_peak(
+    model: nn.Module,
+    opt,
+    train_step: Callable[[], None],
+    forward: Callable[[], object],
+    *,
+    steps: int = 2,
+    sets: Optional[Sequence[Sequence[int]]] = None,
+    grad_bytes_per_element: Optional[int] = None,
+    block_bytes: int = 1,
+) -> Tuple[int, Dict[str, int], List[int]]:
     """(peak bytes, its parts by kind, the set) of the worst of the candidate sets (or of `sets`), each
     measured over `steps` steps with the set forced before every step (a switch at a period's end is part
     of a step; the next step starts from the chosen set again). Trains `model` and `opt`: pass throwaway

@@ -184,6 +184,58 @@ def equal_peak_section() -> str:
     return "\n".join([head, ""] + lines + [""] + [f"- {s}" for s in sentences])
 
 
+def choose_section() -> str:
+    """The README's "MISA or LoRA?": the default domain's equal-peak comparisons, one table per regime (method,
+    test loss, step peak and x LoRA, ms per step, forgetting), each with its verdict in at most three sentences."""
+    from misa.jobs import finetune_report as fr
+
+    files = [
+        f
+        for f in sorted(RESULTS.glob("*/finetune.json"))
+        if json.loads(f.read_text())["meta"].get("equal_memory") == "peak"
+        and json.loads(f.read_text())["meta"].get("domain") == "unicode-names"
+    ]
+    if not files:
+        return "_No equal-peak comparison is recorded yet: see docs/finetune.md._"
+    out = []
+    for f in sorted(files, key=lambda f: json.loads(f.read_text())["meta"]["checkpointing"]):
+        data = json.loads(f.read_text())
+        meta, rows = data["meta"], data["rows"]
+        found = fr.at_lora_peak(rows)
+        if found is None:
+            continue
+        lora_peak = found["lora"]["memory"]["step_peak_bytes"]
+        out += [
+            f"**{fr.regime(meta).capitalize()}** (`{f.parent.relative_to(ROOT)}`, {len(rows)} methods, "
+            f"{max(r.get('seeds', 0) for r in rows)} seeds, commit {meta['commit'][:10]}):",
+            "",
+            "| method | test loss | step peak MiB (x LoRA) | ms / step | old-domain loss (base "
+            f"{meta['base_loss_old']:.4f}) |",
+            "|---|---|---|---|---|",
+        ]
+        for r in sorted(rows, key=lambda r: r["test_loss_mean"]):
+            peak = r["memory"]["step_peak_bytes"]
+            ms = f"{r['step_ms']:.0f}" if r.get("step_ms") else ""
+            out.append(
+                f"| {r['method']} | {r['test_loss_mean']:.4f} ± {r['test_loss_std']:.4f} | {peak / 2**20:.2f} "
+                f"({peak / lora_peak:.2f}x) | {ms} | {r['old_loss_mean']:.4f} |"
+            )
+        line = fr.equal_peak_line(meta, found)
+        out += ["", line[:1].upper() + line[1:], ""]
+    first = json.loads(files[0].read_text())
+    meta = first["meta"]
+    rates = sorted({r["lr"] for f in files for r in json.loads(f.read_text())["rows"]})
+    rate = f"every method at lr {rates[0]:g}" if len(rates) == 1 else "every method at its own rate (its grid's)"
+    out.append(
+        f"The built-in {meta['model']} ({meta['dtype']}), pretrained on Python sources, fine-tuned for {meta['steps']} "
+        f"steps of {meta['batch_size']} x {meta['seq_len']} tokens on the Unicode character names, "
+        f"{meta['device']}, {meta.get('threads', '?')} thread(s) per run, {rate}; step peak: the worst metered step, "
+        "activations included (`misa.memory.StepPeakMeter`); ms: the median unmetered step. `misa@lora-peak` rows "
+        "are sized so that the worst active set their budget allows fits LoRA's peak."
+    )
+    return "\n".join(out)
+
+
 def verdict(rows) -> str:
     """Whether MISA beats each baseline here, judged against the spread over seeds (computed, not typed)."""
     by = {r["optimizer"]: r for r in rows}
@@ -711,6 +763,7 @@ def render(readme: Path) -> None:
     sections = (
         ("compare", compare_section),
         ("equal_peak", equal_peak_section),
+        ("choose", choose_section),
         ("finetune", finetune_section),
         ("kernels", kernels_section),
         ("train_step", train_step_section),
@@ -742,6 +795,9 @@ def main(argv=None) -> int:
         print("\n".join(problems) or "results files are well-formed")
         return 1 if problems else 0
     render(Path(args.readme))
+    if Path(args.readme).resolve() == (ROOT / "README.md").resolve():
+        for page in sorted((ROOT / "docs").glob("*.md")):  # the pages hold the rest, from the same files
+            render(page)
     return 0
 
 

@@ -112,3 +112,16 @@ runpy.run_module({job!r}, run_name="__main__")
     assert run.returncode == 2, run.stderr[-2000:]
     assert "pip install misa-kernels[jobs]" in run.stderr and "matplotlib" in run.stderr
     assert not out.exists()
+
+
+def test_the_readme_is_one_page_and_its_links_resolve():
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) < 200
+    for target in re.findall(r"\]\(([^)#]+)\)", text):
+        assert (ROOT / target).exists(), f"README links to {target}, which does not exist"
+    for page in (ROOT / "docs").glob("*.md"):
+        for target in re.findall(r"\]\(([^)#]+)\)", page.read_text()):
+            if not target.startswith("http"):
+                assert (page.parent / target).exists(), f"{page.name} links to {target}, which does not exist"

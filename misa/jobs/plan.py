@@ -12,8 +12,12 @@ expects a valid device index") that a machine without a GPU does not have. The C
 in a few known terms, added explicitly (`misa.jobs.device_model`, each tested against an H200 measurement):
 - the cuBLAS workspaces of the step's two threads (forward's and autograd's), 2 x 32 MiB on Hopper;
 - the caching allocator's rounding of every block to 512 B (the meter rounds each storage);
-- attention: the CPU's flash kernel saves the output and the log-sum-exp, as the GPU's flash and cuDNN kernels
-  do (never the S x S matrix); cuDNN's seed and offset add a 512-B block per layer whose backward is pending;
+- attention: the planned step calls SDPA causally without a mask (`model(input_ids=ids, labels=ids)`), which the
+  CPU runs with its flash kernel: it saves the output and the log-sum-exp, as every fused GPU kernel does (cuDNN
+  and flash for bf16/fp16, memory-efficient for fp32), never the S x S matrix. The kernel is then told apart by
+  dtype only: bf16/fp16 take cuDNN on Hopper (measured on the H200), whose seed and offset add a 512-B block
+  per layer whose backward is pending; fp32 takes the memory-efficient kernel, which adds none. The math path
+  (a mask or dtype the fused kernels refuse, which saves the S x S weights) is not planned;
 - MISA's CUDA step scratch (5 KiB at the first step). The Triton backend's tuner scratch (1 GiB, once per
   machine at the first launch) is left out: the plan is for the CUDA backend, the default on a GPU.
 Nothing is fitted: a term that the validation (tests/test_plan.py, against the committed H200 peaks) finds

@@ -123,7 +123,7 @@ class ActiveSet:
         for key, (shape, dtype) in self._state_layout(p).items():
             self.arena.acquire((key, i), shape, dtype)
         # "step" counts the steps attempted since activation; "skips0" is the skip count then
-        self.state[p] = {"step": 0, "skips0": self._skips_at_switch}
+        self.state[p] = {"step": 0, "skips0": self.period.skips_at_switch}
         self._refresh_views([p])
 
     def _refresh_views(self, params) -> None:

@@ -41,12 +41,7 @@ class Checkpoint:
             "variant": self.variant,
             "sampler": self.sampler.state_dict(),
             "active": list(self._active),
-            "t": self._t,
-            "period_len": self._period_len,
-            "step_count": self._step_count,
-            "S": self._S.detach().cpu().clone(),
-            "skipped_steps": self.skipped_steps,
-            "period_skips": int(self._period_skips),
+            **self.period.as_dict(),
             "switch_log": list(self.switch_log),
         }
         return sd
@@ -59,7 +54,7 @@ class Checkpoint:
                 raise ValueError(f"state_dict: state for {self._param_names.get(p, i)}, which is not active")
             self._load_states(p, self.state[p], st)
             self.state[p]["step"] = int(st["step"])
-        self._plan_version += 1
+        self._invalidate_plan()
 
     def _load_states(self, p: Tensor, here: Dict, saved: Dict) -> None:
         """Copy a saved parameter's states into its arena views, converting between formats: fp32 states
@@ -140,15 +135,8 @@ class Checkpoint:
         # Switch to the saved active set, dropping every current module state.
         self.sampler.load_state_dict(misa["sampler"])
         self._switch(misa["active"], log=False, keep_states=set())
-        self._t = int(misa["t"])
-        self._period_len = int(misa["period_len"])
-        self._step_count = int(misa["step_count"])
-        self._S = misa["S"].to(device=self.device, dtype=torch.float32).clone()
-        self._skips = torch.full((), float(misa["skipped_steps"]), dtype=torch.float32, device=self.device)
-        self._period_skips = torch.full((), float(misa.get("period_skips", 0)), dtype=torch.float32, device=self.device)
-        self._device_steps = self._device_steps or self.check_finite
-        self._skips_at_switch = self._skips.clone()
+        self.period.load(misa)
         for st in self.state.values():  # saved steps are true steps: no skips since "activation"
-            st["skips0"] = self._skips_at_switch
-        self._plan_version += 1  # the step counts a plan holds are made again from these
-        self.switch_log = list(misa["switch_log"])
+            st["skips0"] = self.period.skips_at_switch
+        self._states_loaded()  # the step counts a plan holds are made again from these
+        self._load_switch_log(misa["switch_log"])

@@ -71,7 +71,8 @@ def prepare(opt: MISA, group: Optional[dist.ProcessGroup] = None) -> MISA:
             if not torch.equal(other, gathered[0]):
                 names = lambda m: [opt.module_names[i] for i in torch.nonzero(m).flatten().tolist()]  # noqa: E731
                 raise ActiveSetMismatch(
-                    f"ranks disagree on the active modules at step {opt._step_count}: rank 0 has {names(gathered[0])}, "
+                    f"ranks disagree on the active modules at step {opt.period.step_count}: "
+                    f"rank 0 has {names(gathered[0])}, "
                     f"rank {rank} has {names(other)}; give every rank the same MISA seed"
                 )
 

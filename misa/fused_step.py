@@ -54,6 +54,23 @@ def _lean_step_hooks(step):
 class FusedStep:
     """MISA's step over the active set (a part of MISA)."""
 
+    def _init_step(self, check_finite: bool) -> None:
+        # step counts live on the device once steps may be skipped there, and for a recorded graph
+        self._device_steps = check_finite or self.cuda_graph
+        self._backend_resolved = None  # (fused backend or "",), resolved on the first step
+        self._plan, self._plan_version = None, 0  # the planned path's calls
+        self._no_gradient_warned = -1  # the plan version of the last step warned of having no gradient
+        self._cached_norms: Optional[Tuple[int, Tensor, Tensor]] = None  # clip_grad_norm_'s, for the next step
+
+    def _invalidate_plan(self) -> None:
+        """The next step makes its plan again (new states, views, slots or step counts)."""
+        self._plan_version += 1
+
+    def _states_loaded(self) -> None:
+        """Step counts a checkpoint wrote are true steps: kept on the device when steps may be skipped."""
+        self._device_steps = self._device_steps or self.check_finite
+        self._invalidate_plan()
+
     def _grads(self) -> List[Tuple[int, Tensor, Tensor, Optional[int]]]:
         """(group index, local param, local grad, slot or None) for every active param with a grad."""
         out = []
@@ -163,7 +180,7 @@ class FusedStep:
     def _take_cached_norms(self) -> Optional[Tuple[Tensor, Tensor]]:
         """(per-slot squared norms, total) that clip_grad_norm_ left for this step, or None."""
         cached, self._cached_norms = self._cached_norms, None
-        return cached[1:] if cached is not None and cached[0] == self._step_count else None
+        return cached[1:] if cached is not None and cached[0] == self.period.step_count else None
 
     def _account(self, step_sq: Tensor, found: Optional[Tensor], steps: Sequence[Tensor] = ()) -> None:
         """The step's share of the importance statistic and the skip counters, on the device; `steps`: the
@@ -174,7 +191,7 @@ class FusedStep:
         per_module = self._per_module(step_sq)
         stat = per_module.sqrt() if self.v.norm_power == 1 else per_module
         if found is None:
-            self._S += stat
+            self.period.S.add_(stat)
             if steps:
                 torch._foreach_add_(list(steps), 1.0)
             return
@@ -182,7 +199,8 @@ class FusedStep:
             stat = stat * (1.0 - found)  # a skipped step adds nothing to the statistic
         # one call for every counter (the host time of a launch each is what a step is made of)
         kept = [torch.rsub(found, 1.0)] * len(steps) if steps else []
-        torch._foreach_add_([self._S, self._skips, self._period_skips, *steps], [stat, found, found, *kept])
+        period = self.period
+        torch._foreach_add_([period.S, period.skips, period.period_skips, *steps], [stat, found, found, *kept])
 
     def _reduced(self, step_sq: Tensor, per_entry: Tensor) -> Tuple[Tensor, Tensor]:
         """Per-slot squared norms and the total over every gradient, summed over shards (FSDP2) so that
@@ -200,7 +218,7 @@ class FusedStep:
         if not self._device_steps:
             return st["step"] + ahead
         # number - tensor launches one kernel; a tensor built from host data would copy and wait on a GPU
-        return float(st["step"] + ahead) - (self._skips - st["skips0"])
+        return float(st["step"] + ahead) - (self.period.skips - st["skips0"])
 
     def _fused_steps(
         self, entries, step_sq: Optional[Tensor], found: Optional[Tensor] = None, call_base: int = 0
@@ -346,7 +364,8 @@ class FusedStep:
                     else torch.zeros(c["end"] - c["begin"], dtype=torch.float32, device=self.device)
                 )
             # the seed only matters to stochastic rounding; a constant keeps Triton from specializing on it
-            seed = tensor_key(self.seed & 0x7FFFFFFF, self._step_count * 1024 + call) & 0x7FFFFFFF if stochastic else 0
+            step_key = self.period.step_count * 1024 + call
+            seed = tensor_key(self.seed & 0x7FFFFFFF, step_key) & 0x7FFFFFFF if stochastic else 0
             c["prepared"](
                 grads[c["begin"] : c["end"]],
                 lr=group["lr"] if lrs is None else lrs[c["gi"]],
@@ -371,14 +390,14 @@ class FusedStep:
             for st in c["states"]:
                 st["step"] += 1
         if plan.fresh:
-            self._plan_version += 1
+            self._invalidate_plan()
 
     def _rounding_args(self, states, call: int) -> Dict:
         """master_params or compensation, block scales of 8-bit states, rounding and seed for one kernel
         call (every state of a call has one format). The stochastic seed is a function of (seed, step,
         call), so a resumed run rounds exactly as the uninterrupted one."""
         first = states[0] if states else {}
-        seed = tensor_key(self.seed & 0x7FFFFFFF, self._step_count * 1024 + call) & 0x7FFFFFFF
+        seed = tensor_key(self.seed & 0x7FFFFFFF, self.period.step_count * 1024 + call) & 0x7FFFFFFF
         args = dict(rounding=self.rounding, seed=seed)
         for key, arg in (
             ("master", "master_params"),
@@ -416,12 +435,12 @@ class FusedStep:
 
     def _steps_taken(self, st: Dict) -> int:
         """A state's true step count as a number (reads the device: for period ends and checkpoints)."""
-        return st["step"] - int(self._skips - st["skips0"]) if self._device_steps else st["step"]
+        return st["step"] - int(self.period.skips - st["skips0"]) if self._device_steps else st["step"]
 
     @property
     def skipped_steps(self) -> int:
         """Steps skipped for non-finite gradients so far (reads the device)."""
-        return int(self._skips)
+        return int(self.period.skips)
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> Tensor:
@@ -453,7 +472,7 @@ class FusedStep:
         # No host check of the norm: a non-finite norm makes coef non-finite, and step() skips on the device.
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         torch._foreach_mul_(grads, coef)
-        self._cached_norms = (self._step_count, step_sq * coef * coef, total_sq * coef * coef)
+        self._cached_norms = (self.period.step_count, step_sq * coef * coef, total_sq * coef * coef)
         return total
 
 

@@ -10,10 +10,14 @@ one file per concern, that MISA composes:
 
     active_set.py    state formats, the arena and its typed views, slots of the active tensors
     schedule.py      periods, switches, the importance update and the next sample (sampler.py)
+    period.py        the period's counters as one record (MISA.period), which checkpoints read and write
     fused_step.py    step(): norms, the non-finite check, the fused misa_kernels calls, flush, clipping
     cuda_graph.py    cuda_graph=True: the steady step recorded once and replayed
     grad_release.py  release_grads=True: updates in backward hooks
     checkpoint.py    state_dict / load_state_dict, conversion between state formats
+
+Each part makes the state it owns (`_init_*`) and is the only one to write it (tests/test_parts.py); a switch
+announces itself once (`_switched`), and each part resets its own.
 
 LISA and BAdam (baselines.py) are MISA configured from the same parts.
 """
@@ -39,6 +43,7 @@ from .cuda_graph import CudaGraphStep
 from .fused_step import FusedStep
 from .grad_release import GradRelease
 from .partition import Partition, partition
+from .period import Period
 from .sampler import ORDERS, ImportanceSampler
 from .schedule import Schedule
 from .variants import Variant, resolve
@@ -277,34 +282,19 @@ class MISA(ActiveSet, Schedule, FusedStep, CudaGraphStep, GradRelease, Checkpoin
         self._param_names.update({p: n for n, p in self.partition.always})
         self._always = [(gi, p) for gi, g in enumerate(self.param_groups) if gi > 0 for p in g["params"]]
         self.arena = StateArena(self._arena_capacity(modules), device=self.device)
-        # Non-finite steps are decided and skipped on the device (no host sync): a running count of
-        # skipped steps, its value when the current active set was drawn (a state's true step count is
-        # its attempted steps minus the skips since), and the skips of the current period.
-        self._skips = torch.zeros((), dtype=torch.float32, device=self.device)
-        self._skips_at_switch = self._skips.clone()
-        self._period_skips = torch.zeros((), dtype=torch.float32, device=self.device)
+        # the step counters, the importance statistic and the skip counts (period.py)
+        self.period = Period(self.device, self.warmup_interval)
         if self.cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph=True: CUDA graphs record CUDA kernels; the model is on {self.device}")
-        # step counts live on the device once steps may be skipped there, and for a recorded graph
-        self._device_steps = check_finite or self.cuda_graph
-        self._graph, self._lr_devices, self._graph_recordings = None, None, 0  # cuda_graph.py
-        self._backend_resolved = None  # (fused backend or "",), resolved on the first step
-        self._plan, self._plan_version = None, 0  # the planned path's calls (fused_step.py)
-        self._no_gradient_warned = -1  # the plan version of the last step warned of having no gradient
+        # each part makes the state it owns (and alone writes)
+        self._init_step(check_finite)  # fused_step.py
+        self._init_graph()  # cuda_graph.py
+        self._init_schedule()  # schedule.py
         for _, p in self._always:
             self._acquire(p)
 
-        self._active: List[int] = []
         # compiled_switch.py: a switch marks the modules it changes, so that a compiled model retraces
         self._switch_tags = SwitchTags(model_or_named_params if isinstance(model_or_named_params, nn.Module) else None)
-        self._t = 0  # optimizer steps into the current outer loop
-        self._period_len = self.warmup_interval
-        self._step_count = 0
-        self._held = False  # schedule.hold(): periods do not end, the active set changes only by set_active
-        self._S = torch.zeros(0, device=self.device)
-        self._cached_norms: Optional[Tuple[int, Tensor]] = None
-        self.switch_log: List[Dict] = []
-        self._switch_hooks: List[Callable[["MISA"], None]] = []
         # Distributed hooks (misa.distributed): sum per-tensor squared norms over shards, check agreement.
         self._reduce_sq_norms: Optional[Callable[[Tensor], None]] = None
         self._check_active_set: Optional[Callable[[List[int]], None]] = None
@@ -320,12 +310,15 @@ class MISA(ActiveSet, Schedule, FusedStep, CudaGraphStep, GradRelease, Checkpoin
                 p.grad = None
         for _, p in self._always:
             p.requires_grad_(True)
-        self._released: set = set()  # tensors updated by their hook since the last step()
-        self._release_sq = torch.zeros(1, dtype=torch.float32, device=self.device)
-        if self.release_grads:
-            self._install_release_hooks(every_param)
+        self._init_release(every_param)  # grad_release.py
         self._switch(self.sampler.sample())
         self._constructed = True
+
+    def _switched(self) -> None:
+        """A switch announces itself here, once (schedule.py); each part resets what it owns."""
+        self._invalidate_plan()  # new states, views and slots: the step's plan is made again
+        self._invalidate_graph()  # and a recorded step with it: its memory goes back now
+        self._reset_release()
 
     # ---------------------------------------------------------------- construction helpers (the rest: the parts)
     def _claim(self, params) -> None:

@@ -74,7 +74,7 @@ def test_replayed_steps_equal_the_eager_ones(lr_schedule, monkeypatch):
     # a learning-rate schedule is written into the device scalar before each replay: no new recording
     for a, b in zip(graphed.parameters(), eager.parameters()):
         assert torch.equal(a, b)
-    assert torch.equal(opt_g._S, opt_e._S) and opt_g.switch_log == opt_e.switch_log
+    assert torch.equal(opt_g.period.S, opt_e.period.S) and opt_g.switch_log == opt_e.switch_log
     assert opt_g.skipped_steps == opt_e.skipped_steps == 1
     assert [opt_g.state[p]["step"] for p in opt_g.state] == [opt_e.state[p]["step"] for p in opt_e.state]
 

@@ -277,7 +277,7 @@ def test_step_never_waits_for_the_device(monkeypatch):
         opt.clip_grad_norm_(1.0)
         opt.step()
         opt.zero_grad()
-    assert not opt.sampler.never_selected() and opt._step_count % 50 != 0
+    assert not opt.sampler.never_selected() and opt.period.step_count % 50 != 0
     syncs = []
     for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "new_tensor"):
         real = getattr(torch.Tensor, name)
@@ -298,7 +298,7 @@ def test_step_never_waits_for_the_device(monkeypatch):
         opt.zero_grad()
     monkeypatch.undo()
     assert syncs == []
-    assert opt.switch_log[-1]["step"] < opt._step_count - 5  # no switch happened in the counted steps
+    assert opt.switch_log[-1]["step"] < opt.period.step_count - 5  # no switch happened in the counted steps
 
 
 def test_a_steady_step_issues_few_small_operations():
@@ -325,7 +325,7 @@ def test_a_steady_step_issues_few_small_operations():
     model.loss(ids).backward()
     with Count():
         opt.step()
-    assert opt.switch_log[-1]["step"] < opt._step_count - 1  # a steady step, not a switch
+    assert opt.switch_log[-1]["step"] < opt.period.step_count - 1  # a steady step, not a switch
     assert len(Count.ops) <= 24, Count.ops
 
 
@@ -363,7 +363,7 @@ def test_clip_grad_norm_matches_torch_and_feeds_the_step():
     )
     assert float(clipped) == pytest.approx(1.0, rel=1e-4)
     opt.step()
-    assert float(opt._S.sum()) == pytest.approx(1.0, rel=1e-4)  # S saw the clipped norms
+    assert float(opt.period.S.sum()) == pytest.approx(1.0, rel=1e-4)  # S saw the clipped norms
 
 
 @pytest.mark.parametrize("order", ["uniform", "ascending", "descending", "random"])

@@ -125,15 +125,15 @@ def test_official_counts_a_nonfinite_step_and_skips_its_update():
     opt.check_finite = True
     active = opt._active
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    S_before, steps_before = opt._S.clone(), opt._step_count
+    S_before, steps_before = opt.period.S.clone(), opt.period.step_count
     for b in active:
         for _, p in opt.partition.modules[b].params:
             p.grad = torch.randn(p.shape)
     opt.partition.modules[active[0]].params[0][1].grad[0, 0] = float("nan")
     opt.step()  # decided on the device: no warning until the period ends
     assert opt.skipped_steps == 1
-    assert opt._step_count == steps_before + 1  # counted, as the authors' code does
-    assert float(opt._S[0] - S_before[0]) == pytest.approx(1.0)  # the NaN tensor's norm counts as 1.0
+    assert opt.period.step_count == steps_before + 1  # counted, as the authors' code does
+    assert float(opt.period.S[0] - S_before[0]) == pytest.approx(1.0)  # the NaN tensor's norm counts as 1.0
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # no update
 
 

@@ -75,7 +75,7 @@ def test_norm_power_switch(power):
         sq = sum(float(p.grad.double().square().sum()) for _, p in opt.partition.modules[b].params)
         want.append(sq if power == 2 else math.sqrt(sq))
     opt.step()
-    torch.testing.assert_close(opt._S.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=0)
+    torch.testing.assert_close(opt.period.S.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("cap", [None, 0.5, math.inf])

@@ -46,15 +46,34 @@ class ActiveSet:
         # an active small tensor costs its extra bytes over the large rate; all of them may be active
         small = sum(_local(p).numel() for p in module_tensors if self.states == "8bit" and not self._is_8bit(p))
         n_blocks = max((len(self._state_layout(p, 1)) for p in every), default=0)
-        module_bytes = (
-            math.ceil(self.budget * ratio) * large
-            + small * (self._bytes_per_element(large=False) - large)
+        # what does not depend on the budget, so that the capacity at any other delta is arithmetic (bytes_at)
+        fixed = (
+            small * (self._bytes_per_element(large=False) - large)
             + ALIGN_ELEMENTS * 4 * n_blocks * len(module_tensors)
+            + sum(self.arena_bytes(p) for _, p in self._always)
         )
-        always_bytes = sum(self.arena_bytes(p) for _, p in self._always)
-        master_share = self._master_bytes() / large if large else 0.0
-        self._arena_parts = {"masters": master_share}
-        return int(math.ceil((module_bytes + always_bytes) / 4))
+        self._capacity = (ratio, large, fixed)
+        self._arena_parts = {"masters": self._master_bytes() / large if large else 0.0}
+        return self._arena_numel(self.budget)
+
+    def _arena_numel(self, budget: float) -> int:
+        """fp32 elements of the arena for an active set of at most `budget` global elements (_arena_capacity)."""
+        ratio, large, fixed = self._capacity
+        return int(math.ceil((math.ceil(budget * ratio) * large + fixed) / 4))
+
+    def bytes_at(self, delta: float) -> Dict[str, int]:
+        """What this optimizer holds at `delta`, computed, not built: {"states", "masters"} as memory_bytes()
+        reports them (the arena its budget needs, rounded as the arena rounds), and "gradients", the most its
+        active set and the tensors trained at every step can hold at once. At its own delta "states" and
+        "masters" equal memory_bytes()."""
+        if not 0 < delta <= 1:
+            raise ValueError(f"delta: expected a fraction in (0, 1], got {delta!r}")
+        total = 4 * StateArena.required_numel([self._arena_numel(delta * self.partition.total_params)])
+        masters = int(total * self._arena_parts["masters"])
+        itemsize = max((_itemsize(_local(p).dtype) for g in self.param_groups for p in g["params"]), default=4)
+        always = sum(_local(p).numel() for _, p in self._always)
+        gradients = int(delta * self.partition.total_params + always) * itemsize
+        return {"states": total - masters, "masters": masters, "gradients": gradients}
 
     def _bytes_per_element(self, large: bool) -> float:
         states = quant.BYTES_PER_ELEMENT if (large and self.states == "8bit") else 8.0

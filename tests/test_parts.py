@@ -61,3 +61,31 @@ def test_the_period_counts_starts_and_round_trips_on_its_own():
     again.start(2, length=5)
     assert float(again.skips_at_switch) == 1.0 and again.t == 0 and again.S.tolist() == [0.0, 0.0]
     assert float(again.period_skips) == 0.0 and again.step_count == 2
+
+
+def test_the_bound_at_a_delta_is_computed_as_an_optimizer_built_there_holds():
+    import pytest
+
+    import misa
+
+    from models import tiny_lm
+
+    for dtype, formats in [
+        (torch.float32, {}),
+        (torch.bfloat16, {}),
+        (torch.bfloat16, {"master_weights": "kahan"}),
+        (torch.bfloat16, {"states": "8bit", "master_weights": "kahan"}),
+        (torch.bfloat16, {"rounding": "stochastic", "master_weights": False}),
+    ]:
+        kwargs = dict(backend="torch", train_1d=True, **formats)
+        with pytest.warns(UserWarning):  # the embedding and head stay frozen
+            once = misa.MISA(tiny_lm(seed=0, dtype=dtype, d=128, ff=128), delta=0.5, **kwargs)
+        for delta in (0.05, 0.2, 0.5, 1.0):
+            with pytest.warns(UserWarning):
+                built = misa.MISA(tiny_lm(seed=0, dtype=dtype, d=128, ff=128), delta=delta, **kwargs)
+            held = once.bytes_at(delta)
+            assert {k: held[k] for k in ("states", "masters")} == built.memory_bytes(), (dtype, formats, delta)
+            grads = int(built.budget + sum(p.numel() for g in built.param_groups[1:] for p in g["params"]))
+            assert held["gradients"] == grads * torch.empty((), dtype=dtype).element_size()
+    with pytest.raises(ValueError, match="delta"):
+        once.bytes_at(0)

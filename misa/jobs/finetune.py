@@ -346,33 +346,36 @@ def build_method(entry: str, rargs, base: Dict[str, torch.Tensor], device):
     return model, train.build_optimizer(bare_entry(inner), model, rargs), base_params
 
 
-def misa_bound(args, delta: float, overrides: Dict, layers: Optional[int] = None) -> int:
-    """The most MISA (or LISA with `layers`) can hold at `delta`: its arena, allocated up front, plus
-    gradients for a full budget of active parameters and whatever trains at every step."""
+def _bound_optimizer(args, overrides: Dict, delta: float = 1.0, layers: Optional[int] = None):
+    """MISA (or LISA with `layers`) on a meta model: what its bound at any delta is computed from."""
     rargs = run_args(args, 1e-3, 0, {**overrides, "delta": delta, "lisa_layers": layers}, Path("."))
     model = train.build_model(rargs, "meta") if args.model else train.build_model(rargs, "cpu").to("meta")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = train.build_optimizer("lisa" if layers else "misa", model, rargs)
-    held = opt.memory_bytes()
-    size = 2 if args.dtype == "bf16" else 4
-    always = sum(p.numel() for g in opt.param_groups[1:] for p in g["params"])
-    return held["states"] + held["masters"] + int(opt.budget + always) * size
+        return train.build_optimizer("lisa" if layers else "misa", model, rargs)
+
+
+def _bound(held: Dict[str, int]) -> int:
+    return held["states"] + held["masters"] + held["gradients"]
+
+
+def misa_bound(args, delta: float, overrides: Dict, layers: Optional[int] = None) -> int:
+    """The most MISA (or LISA with `layers`) can hold at `delta`: its arena, allocated up front, plus
+    gradients for a full budget of active parameters and whatever trains at every step."""
+    opt = _bound_optimizer(args, overrides, delta, layers)
+    return _bound(opt.bytes_at(opt.delta))
 
 
 def delta_at(args, budget_bytes: int, overrides: Dict) -> Optional[float]:
-    """The largest delta whose bound fits in `budget_bytes` (bisection), or None if no module fits."""
-    model = train.build_model(run_args(args, 1e-3, 0, overrides, Path(".")), "cpu")
-    total = sum(p.numel() for p in model.parameters())
-    sizes = [p.numel() for n, p in model.named_parameters() if p.dim() >= 2 and ".layers." in f".{n}"]
-    lo, hi = min(sizes) / total * (1 + 1e-9), 1.0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if misa_bound(args, lo, overrides) > budget_bytes:
-            return None
-        for _ in range(30):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if misa_bound(args, mid, overrides) <= budget_bytes else (lo, mid)
+    """The largest delta whose bound fits in `budget_bytes` (bisection over MISA.bytes_at, the bound as a
+    function of delta: one optimizer on a meta model, built once), or None if no module fits."""
+    opt = _bound_optimizer(args, overrides)
+    lo, hi = min(opt.sampler.sizes) / opt.partition.total_params * (1 + 1e-9), 1.0
+    if _bound(opt.bytes_at(lo)) > budget_bytes:
+        return None
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _bound(opt.bytes_at(mid)) <= budget_bytes else (lo, mid)
     return lo
 
 

@@ -105,7 +105,7 @@ def test_a_comparison_killed_and_resumed_writes_what_the_uninterrupted_one_write
     # second seed: step 10 is the fourth step of a grid run, step 33 the third of a seed run
     reference, cache = uninterrupted
     out = tmp_path / "out"
-    real, calls = train._train_step, [0]
+    real, calls = train.train_step, [0]
 
     def dying(*args, **kwargs):
         calls[0] += 1
@@ -113,20 +113,20 @@ def test_a_comparison_killed_and_resumed_writes_what_the_uninterrupted_one_write
             raise Killed()
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train, "_train_step", dying)
+    monkeypatch.setattr(train, "train_step", dying)
     monkeypatch.setattr(finetune, "peak_at", lambda *a, **k: pytest.fail("no equal-memory rows here"))
     argv = ARGV + ["--cache-dir", str(cache), "--out", str(out)]
     with pytest.raises(Killed):
         finetune.main(argv)
     assert not (out / "finetune.json").exists()
-    monkeypatch.setattr(train, "_train_step", real)
+    monkeypatch.setattr(train, "train_step", real)
     resumed_steps = [0]
 
     def counting(*args, **kwargs):
         resumed_steps[0] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train, "_train_step", counting)
+    monkeypatch.setattr(train, "train_step", counting)
     assert finetune.main(argv + ["--resume", str(out)]) == 0
     # finished runs were read back, the interrupted one went on from its step-8 (or step-2) checkpoint
     assert resumed_steps[0] == 36 - (kill_at - 1) + (kill_at - 1) % 6 % 2

@@ -38,7 +38,7 @@ from ..integrations.lora import PEFT_MISSING, PeftMissing, attach_lora, peft_ava
 from ..memory import MemoryMeter
 from ..partition import partition
 from ..variants import PRESETS
-from . import extras, files, provenance, train
+from . import cli, extras, files, provenance, train
 from .data import DOMAINS, DataError, TokenDataset, load_corpus, tokenize
 from .finetune_report import EQUAL, advice, bare_entry, method_name, paired_se, regime, summarize, table, verdict
 from .model import SIZES
@@ -73,7 +73,7 @@ OUTPUTS = ("finetune.json", "finetune.md", "finetune.png")  # written last: a co
 EQUAL_PEAK_ITERATIONS = 12  # bisection steps of delta for the equal peak: 1/4096 of the range
 # the MISA formats --equal-memory peak sizes to LoRA's peak: the default, and the compact one that buys a larger delta
 EQUAL_PEAK_FORMATS = ("misa", "misa+states=8bit+masters=kahan")
-UsageError = train.UsageError
+UsageError = cli.UsageError
 
 
 # ----------------------------------------------------------------------------------------- arguments
@@ -85,7 +85,7 @@ def _bool(text: str) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m misa.finetune", description=__doc__.split("\n\n")[0], formatter_class=train._HelpFormatter
+        prog="python -m misa.finetune", description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter
     )
     p.add_argument(
         "--methods",
@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-r", type=int, default=8, help="LoRA/DoRA rank, on all seven projections")
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA/DoRA alpha (default: 2 x rank)")
     p.add_argument("--delta", type=float, default=0.25, help="MISA's budget (fraction of all parameters)")
-    p.add_argument("--eta", type=train._eta, default=100.0, help="MISA's sampling temperature, or 'auto'")
+    p.add_argument("--eta", type=cli.eta_arg, default=100.0, help="MISA's sampling temperature, or 'auto'")
     p.add_argument("--interval", type=int, default=20, help="optimizer steps per outer loop (MISA, LISA, BAdam)")
     p.add_argument("--variant", default="default", choices=tuple(PRESETS), help="MISA preset")
     p.add_argument(
@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("fp32", "bf16"),
         help="weights during fine-tuning (bf16: MISA/LISA/BAdam keep fp32 masters, LoRA fp32 adapters)",
     )
-    train.add_checkpointing_flag(p)
+    cli.add_checkpointing_flag(p)
     p.add_argument(
         "--backend", default="auto", choices=("auto", "torch", "triton", "cuda"), help="misa_kernels backend"
     )
@@ -276,7 +276,7 @@ def parse_entry(entry: str) -> Tuple[str, str, Dict]:
 
 
 def validate(args) -> None:
-    train.validate_common(
+    cli.validate_common(
         args,
         counts=(
             "max_steps",
@@ -299,7 +299,7 @@ def validate(args) -> None:
         raise UsageError(f"--grid-extensions: expected an integer >= 0, got {args.grid_extensions}")
     if args.lora_alpha is not None and not (math.isfinite(args.lora_alpha) and args.lora_alpha > 0):
         raise UsageError(f"--lora-alpha: expected a finite number > 0, got {args.lora_alpha}")
-    methods = train.entry_list(args.methods, "--methods", METHODS, parse_entry)
+    methods = cli.entry_list(args.methods, "--methods", METHODS, parse_entry)
     if any(method_name(m) in ("lora", "dora") for m in methods) or args.equal_memory:
         if not peft_available():
             raise UsageError(f"--methods {args.methods}: {PEFT_MISSING}")
@@ -401,7 +401,7 @@ def peak_at(args, entry: str, overrides: Dict, base, data: TokenDataset, device)
     batch = data.batch(0, args.batch_size, args.seed)
 
     def step():
-        train._train_step(model, opt, batch, rargs)
+        train.train_step(model, opt, batch, rargs)
 
     if method_name(entry) == "lisa":  # every layer is alike: the lowest ones make backward the longest
         return worst_case_peak(model, opt, step, None, sets=[list(range(_lisa_count(opt)))])
@@ -481,7 +481,7 @@ def one_run(
         out,
         new,
         device,
-        progress=train.show_progress(args),
+        progress=cli.show_progress(args),
         model=model,
         opt=opt,
         ledger=ledger,
@@ -720,11 +720,11 @@ def prepare(args):
     validate(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     grids = parse_grid(args.lr_grid, methods)
-    device = train.pick_device(args)
+    device = cli.pick_device(args)
     if any(method_name(m) in ("misa", "lisa", "badam") for m in methods):
         resolve_backend(args.backend, device)
     if args.model:
-        train._transformers()
+        cli.transformers_module()
     old_corpus = load_corpus(None)
     new_corpus = load_corpus(args.data) if args.data else DOMAINS[args.domain]()
     if not new_corpus:

@@ -641,10 +641,10 @@ def _longest_seq(model_spec: Model, method: Method, setting: Setting, mine: List
 
 # ----------------------------------------------------------------------------------------- the command
 def build_parser() -> argparse.ArgumentParser:
-    from .train import _HelpFormatter
+    from .cli import HelpFormatter
 
     p = argparse.ArgumentParser(
-        prog="python -m misa.plan", formatter_class=_HelpFormatter, description=__doc__.split("\n\n")[0]
+        prog="python -m misa.plan", formatter_class=HelpFormatter, description=__doc__.split("\n\n")[0]
     )
     p.add_argument(
         "--model",

@@ -17,12 +17,12 @@ from typing import Dict, Tuple
 
 import torch
 
-from . import train
+from . import cli, train
 from .data import TokenDataset
 
 BASE_FILE = "base.pt"
 BASE_VERSION = 1  # bump when the pretraining recipe below changes
-UsageError = train.UsageError
+UsageError = cli.UsageError
 
 
 def cache_dir(args) -> Path:
@@ -114,7 +114,7 @@ def _pretrain(args, old: TokenDataset, key: Dict, folder: Path, device: torch.de
         flush=True,
     )
     model = train.build_model(pre, device)
-    train.run(pre, "adamw", work, old, device, progress=train.show_progress(args), model=model)
+    train.run(pre, "adamw", work, old, device, progress=cli.show_progress(args), model=model)
     torch.save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "key": key}, work / BASE_FILE)
     (work / "base.json").write_text(json.dumps({"key": key, "digest": key_digest(key)}, indent=2))
     for extra in ("checkpoint.pt", "loss.png"):

@@ -30,6 +30,17 @@ from ..memory import StepPeakMeter
 from ..optimizer import MISA
 from ..variants import PRESETS
 from . import extras, files, provenance
+from .cli import (  # noqa: F401  (train.UsageError, ...: the names the jobs used from here)
+    HelpFormatter,
+    UsageError,
+    add_checkpointing_flag,
+    entry_list,
+    eta_arg,
+    pick_device,
+    show_progress,
+    transformers_module,
+    validate_common,
+)
 from .data import DataError, TokenDataset, describe, load_corpus, tokenize
 from .model import SIZES, LlamaConfig, LlamaForCausalLM
 
@@ -52,29 +63,8 @@ CHECKPOINT = "checkpoint.pt"
 METER_EVERY = 50  # besides the steps that can hold the most, every 50th step's peak is measured
 
 
-class UsageError(ValueError):
-    pass
-
-
-def _eta(text: str):
-    if text == "auto":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    # Shows every real default, and no "(default: None)" where the help already says what None means.
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False or "(default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="misa-train", description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter)
+    p = argparse.ArgumentParser(prog="misa-train", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument(
         "--optimizer",
         default="misa",
@@ -93,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     # softmax over them informative (eta=1 would be nearly uniform). The authors pre-train with 500.
     p.add_argument(
         "--eta",
-        type=_eta,
+        type=eta_arg,
         default=100.0,
         help="sampling temperature on the raw gradient energies, or 'auto' (scaled by their mean)",
     )
@@ -227,87 +217,7 @@ def validate(args) -> None:
         raise UsageError(f"--resume: {Path(args.resume) / CHECKPOINT} does not exist")
 
 
-def entry_list(text: str, flag: str, choices, parse) -> List[str]:
-    """A comma-separated list of method entries (--compare, misa.finetune's --methods): not empty, no entry
-    twice (seeds are for repeats), each one parsed (parse raises UsageError naming what is wrong)."""
-    entries = [e.strip() for e in text.split(",") if e.strip()]
-    if not entries:
-        raise UsageError(f"{flag}: nothing given; choose from {', '.join(choices)}")
-    if len(set(entries)) != len(entries):
-        raise UsageError(f"{flag}: {text!r} names a method twice; use --seeds for repeats")
-    for entry in entries:
-        parse(entry)
-    return entries
-
-
-def validate_common(args, counts, positive, nonnegative, paths) -> None:
-    """The checks the main job and misa.finetune share: counts >= 1, finite rates, MISA's --delta and
-    --eta, --out, a readable --config, paths that exist, a usable --device."""
-    if not 0 < args.delta <= 1:
-        raise UsageError(f"--delta: expected a fraction in (0, 1], got {args.delta}")
-    if args.eta != "auto" and not (math.isfinite(args.eta) and args.eta >= 0):
-        raise UsageError(f"--eta: expected a finite eta >= 0 or 'auto', got {args.eta}")
-    for name in counts:
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)}")
-    for name in positive + nonnegative:
-        value = getattr(args, name)
-        if not math.isfinite(value) or value < 0 or (name in positive and value == 0):
-            raise UsageError(
-                f"--{name.replace('_', '-')}: expected a finite number "
-                f"{'> 0' if name in positive else '>= 0'}, got {value}"
-            )
-    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
-        raise UsageError(f"--out: {args.out} is an existing file; name a folder")
-    if args.config is not None and Path(args.config).is_file():
-        try:
-            fields = json.loads(Path(args.config).read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UsageError(f"--config: {args.config} is not valid JSON ({exc})") from None
-        if not isinstance(fields, dict):
-            raise UsageError(f"--config: {args.config} must hold a JSON object of LlamaConfig fields")
-        unknown = set(fields) - set(LlamaConfig().to_dict())
-        if unknown:
-            raise UsageError(
-                f"--config: unknown field(s) {', '.join(sorted(unknown))}; LlamaConfig has "
-                f"{', '.join(LlamaConfig().to_dict())}"
-            )
-    for name in paths:
-        path = getattr(args, name)
-        if path is not None and not Path(path).exists():
-            raise UsageError(f"--{name}: {path} does not exist")
-    if args.device is not None:
-        try:
-            dev = torch.device(args.device)
-        except RuntimeError as exc:
-            raise UsageError(f"--device: {exc}") from exc
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise UsageError(f"--device {args.device}: no CUDA device is available")
-
-
-def pick_device(args) -> torch.device:
-    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
 # ----------------------------------------------------------------------------------------- building
-def _transformers():
-    try:
-        import transformers
-    except ImportError:
-        raise UsageError("--model needs transformers: pip install misa-kernels[hf]") from None
-    return transformers
-
-
-def add_checkpointing_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--checkpointing",
-        action="store_true",
-        help="activation checkpointing per block (non-reentrant torch.utils.checkpoint; "
-        "gradient_checkpointing_enable for a Hugging Face model): each block keeps only its input "
-        "and is recomputed in backward",
-    )
-
-
 def enable_checkpointing(model, args) -> None:
     """Per-block activation checkpointing, non-reentrant: blocks behind a frozen embedding still get their
     gradients (a reentrant checkpoint would give them none unless the inputs require grad)."""
@@ -328,7 +238,7 @@ def enable_checkpointing(model, args) -> None:
 def build_model(args, device):
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     if args.model:
-        transformers = _transformers()
+        transformers = transformers_module()
         if torch.device(device).type == "meta":  # validation: the architecture, without the weights
             config = transformers.AutoConfig.from_pretrained(args.model, local_files_only=True)
             with torch.device("meta"):
@@ -608,7 +518,7 @@ def run(
         switches_seen = switches
         began = time.perf_counter()
         with peak_meter.step() if metered else contextlib.nullcontext():
-            loss = _train_step(model, opt, data.batch(step, args.batch_size, args.seed), args, ledger)
+            loss = train_step(model, opt, data.batch(step, args.batch_size, args.seed), args, ledger)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if not metered:
@@ -689,7 +599,7 @@ def run(
     return {"summary": summary, "history": history}
 
 
-def _train_step(model, opt, batch, args, ledger=None):
+def train_step(model, opt, batch, args, ledger=None):
     """One optimizer step: forward, backward, clipping, the update, gradients freed. Returns the loss."""
     loss = model.loss(batch)
     loss.backward()
@@ -915,11 +825,6 @@ def load_resume(args, parser, argv):
     return merged, ckpt
 
 
-def show_progress(args) -> bool:
-    # A progress bar on a terminal; plain lines in a log file or a pipe.
-    return not args.no_progress and sys.stdout.isatty()
-
-
 def prepare(args, parser, argv):
     """Everything that can fail on bad input, before anything is written: arguments, the checkpoint to
     resume, the data, the backend, the cost of a step, and each model and optimizer (built on the meta
@@ -935,7 +840,7 @@ def prepare(args, parser, argv):
     if any(not e.startswith("adamw") for e in entries):
         resolve_backend(args.backend, device)  # raises BackendUnavailable with the reason
     if args.model:
-        _transformers()
+        transformers_module()
     data = TokenDataset(tokenize(load_corpus(args.data), args.model), args.seq_len, device)
     estimate = ""
     if not args.model:

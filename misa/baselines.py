@@ -15,18 +15,29 @@ from .optimizer import MISA
 from .partition import partition
 
 
-def _layer_fraction(model: nn.Module, n_layers: int) -> float:
-    """delta that holds exactly `n_layers` of the largest transformer layers."""
+def _layers(model: nn.Module):
     layers = partition(model, granularity="layer")
     blocks = [m for m in layers.modules if m.kind == "block"]
     if not blocks:
         raise ValueError(
             "model: no transformer layers found (parameters named like 'layers.3.'): layer-wise baselines need them"
         )
-    if not 1 <= n_layers <= len(blocks):
-        raise ValueError(f"n_layers: expected 1..{len(blocks)}, got {n_layers}")
-    largest = max(m.numel for m in blocks)
-    return min(1.0, n_layers * largest / layers.total_params * (1 + 1e-9))
+    return layers.total_params, max(m.numel for m in blocks), len(blocks)
+
+
+def _layer_fraction(model: nn.Module, n_layers: int) -> float:
+    """delta that holds exactly `n_layers` of the largest transformer layers (the inverse of layers_within)."""
+    total, largest, count = _layers(model)
+    if not 1 <= n_layers <= count:
+        raise ValueError(f"n_layers: expected 1..{count}, got {n_layers}")
+    return min(1.0, n_layers * largest / total * (1 + 1e-9))
+
+
+def layers_within(model: nn.Module, delta: float) -> int:
+    """The most of the model's largest transformer layers that a budget of `delta` holds, at least one: how
+    many layers LISA trains at a MISA budget (the inverse of _layer_fraction)."""
+    total, largest, count = _layers(model)
+    return min(count, max(1, int(delta * total // largest)))
 
 
 def _outside_layers(model: nn.Module) -> List[nn.Parameter]:

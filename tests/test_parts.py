@@ -89,3 +89,15 @@ def test_the_bound_at_a_delta_is_computed_as_an_optimizer_built_there_holds():
             assert held["gradients"] == grads * torch.empty((), dtype=dtype).element_size()
     with pytest.raises(ValueError, match="delta"):
         once.bytes_at(0)
+
+
+def test_lisa_layers_and_delta_are_each_others_inverse():
+    from misa.baselines import _layer_fraction, layers_within
+    from misa.jobs.model import SIZES, LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(SIZES["small"])
+    n = len(model.model.layers)
+    for k in range(1, n + 1):
+        assert layers_within(model, _layer_fraction(model, k)) == k
+    assert layers_within(model, 1e-6) == 1 and layers_within(model, 1.0) == n

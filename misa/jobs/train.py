@@ -25,7 +25,7 @@ import torch
 from misa_kernels import BackendUnavailable
 from misa_kernels.backends import resolve as resolve_backend
 
-from ..baselines import LISA, BAdam
+from ..baselines import LISA, BAdam, layers_within
 from ..memory import StepPeakMeter
 from ..optimizer import MISA
 from ..variants import PRESETS
@@ -347,15 +347,11 @@ def _build_misa(name: str, options: Dict, model, args):
     every_step = args.embeddings == "every-step"
     if name == "lisa":
         # LISA trains the embedding, head and final norm at every step by design.
-        layers = args.lisa_layers or max(
-            1,
-            int(
-                args.delta
-                * sum(p.numel() for p in model.parameters())
-                // max(sum(p.numel() for p in layer.parameters()) for layer in model.model.layers)
-            ),
-        )
-        return LISA(model, n_layers=min(layers, len(model.model.layers)), interval=args.interval, **common)
+        if args.lisa_layers:
+            layers = min(args.lisa_layers, len(model.model.layers))
+        else:
+            layers = layers_within(model, args.delta)
+        return LISA(model, n_layers=layers, interval=args.interval, **common)
     if name == "badam":
         return BAdam(
             model, interval=args.interval, switch_mode=args.badam_order, train_outside_layers=every_step, **common

@@ -11,7 +11,8 @@ comparison, the planner) must therefore plan for the worst set its budget allows
 longest backward), then modules added greedily by the bytes they bring per parameter of budget (gradient
 plus an input not yet saved), by size (the most gradient bytes), in forward order (whole blocks from the
 bottom: what a checkpointed block recomputes), from the top (the top block is recomputed first, while the
-gradient of the logits is still alive: the worst with checkpointing on the small model), and a few random
+gradient of the logits is still alive), led by each module of the top block in turn (with checkpointing on the
+small model the worst set has the top block's gate_proj, which no fixed order found), and a few random
 fills. `worst_case_peak` measures each with
 the step-peak meter and keeps the largest: the measurement, not the heuristic, is the answer.
 """
@@ -182,10 +183,17 @@ def candidate_sets(opt, inputs: Dict[int, ModuleInput], grad_bytes_per_element: 
     with host():  # real draws under the planner's fake tensors too
         rng = torch.Generator().manual_seed(0)
         draws = [torch.randperm(len(sizes), generator=rng).tolist() for _ in range(RANDOM_FILLS)]
+    # each module of the top block first (its input saved, its gradient the first of backward), then the rest of
+    # the top blocks as top_block_first or per_param orders them: which top module makes the recomputed block's
+    # backward hold the most is measured, not guessed (the top block's gate_proj, on the small model)
+    top = max((layer_of(b) for b in range(len(sizes))), default=-1)
+    firsts = [b for b in order if layer_of(b) == top and top >= 0 and sizes[b] + sizes[anchor] <= budget]
+    led = [fill(lambda b, saved, m=m: (b == m,) + top_block_first(b, saved)) for m in firsts] + [
+        fill(lambda b, saved, m=m: (b == m, per_param(b, saved))) for m in firsts
+    ]
+    constructed = [fill(per_param), fill(by_size), fill(in_forward_order), fill(from_the_top), fill(top_block_first)]
     out = []
-    for s in [fill(per_param), fill(by_size), fill(in_forward_order), fill(from_the_top), fill(top_block_first)] + [
-        fill(lambda b, saved, rank=d: -rank.index(b)) for d in draws
-    ]:
+    for s in constructed + led + [fill(lambda b, saved, rank=d: -rank.index(b)) for d in draws]:
         if s not in out:
             out.append(s)
     return out

@@ -60,10 +60,14 @@ def cuda_extensions():
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
     except ImportError as exc:
         if force:
-            raise RuntimeError("MISA_FORCE_CUDA_BUILD=1 but torch is not importable in the build "
-                               "environment; use pip install --no-build-isolation") from exc
-        _say("torch is not importable at build time (pip's build isolation?): installing without the CUDA "
-             "backend. To build it: pip install --no-build-isolation .")
+            raise RuntimeError(
+                "MISA_FORCE_CUDA_BUILD=1 but torch is not importable in the build "
+                "environment; use pip install --no-build-isolation"
+            ) from exc
+        _say(
+            "torch is not importable at build time (pip's build isolation?): installing without the CUDA "
+            "backend. To build it: pip install --no-build-isolation ."
+        )
         return [], {}
     problem = None
     if torch.version.cuda is None:
@@ -82,8 +86,10 @@ def cuda_extensions():
         gencode += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
     gencode += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]  # PTX for newer GPUs
     nvcc_flags = ["-O3", "-std=c++17", "-lineinfo", f"--threads={os.environ.get('NVCC_THREADS', '4')}"] + gencode
-    _say(f"building the CUDA backend with {CUDA_HOME}/bin/nvcc for sm_{', sm_'.join(archs)} "
-         f"(MAX_JOBS={os.environ['MAX_JOBS']})")
+    _say(
+        f"building the CUDA backend with {CUDA_HOME}/bin/nvcc for sm_{', sm_'.join(archs)} "
+        f"(MAX_JOBS={os.environ['MAX_JOBS']})"
+    )
     ext = CUDAExtension(
         name="misa_kernels._C",
         sources=["csrc/misa_ops.cpp", "csrc/cuda/adamw.cu", "csrc/cuda/adamw8bit.cu", "csrc/cuda/norms.cu"],

@@ -57,8 +57,14 @@ def run(strategy: str, sets, budget, device) -> List[Dict]:
             held = None  # free the previous states, then allocate zeroed new ones (BAdam's switch)
             held = [torch.zeros(s, device=device) for s in active for _ in range(2)]
         common.synchronize(device)
-        rows.append({"switch": i, "ms": (time.perf_counter() - t0) * 1e3, "reserved_bytes": reserved(device),
-                     "state_bytes": sum(t.numel() * 4 for t in held)})
+        rows.append(
+            {
+                "switch": i,
+                "ms": (time.perf_counter() - t0) * 1e3,
+                "reserved_bytes": reserved(device),
+                "state_bytes": sum(t.numel() * 4 for t in held),
+            }
+        )
     return rows
 
 
@@ -82,11 +88,20 @@ def main(argv=None) -> Path:
             torch.cuda.empty_cache()
         per = run(strategy, sets, budget, device)
         ms = torch.tensor([r["ms"] for r in per[1:]] or [0.0])
-        rows.append({"bench": "arena_churn", "impl": strategy, "switches": len(per), "budget_numel": budget,
-                     "switch_ms_p50": float(ms.median()), "switch_ms_max": float(ms.max()),
-                     "reserved_first_bytes": per[0]["reserved_bytes"], "reserved_last_bytes": per[-1]["reserved_bytes"],
-                     "reserved_max_bytes": max(r["reserved_bytes"] for r in per),
-                     "reserved_per_switch": [r["reserved_bytes"] for r in per]})
+        rows.append(
+            {
+                "bench": "arena_churn",
+                "impl": strategy,
+                "switches": len(per),
+                "budget_numel": budget,
+                "switch_ms_p50": float(ms.median()),
+                "switch_ms_max": float(ms.max()),
+                "reserved_first_bytes": per[0]["reserved_bytes"],
+                "reserved_last_bytes": per[-1]["reserved_bytes"],
+                "reserved_max_bytes": max(r["reserved_bytes"] for r in per),
+                "reserved_per_switch": [r["reserved_bytes"] for r in per],
+            }
+        )
         print({k: v for k, v in rows[-1].items() if k != "reserved_per_switch"})
     return common.save(device, args.out, rows)
 

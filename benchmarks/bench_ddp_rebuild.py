@@ -26,14 +26,15 @@ import common  # noqa: E402
 def worker(rank, world, init_file, out_file, size, steps, interval, delta, strategy):
     import misa
     from misa import distributed as mdist
-    from misa.model import SIZES, LlamaForCausalLM
+    from misa.jobs.model import SIZES, LlamaForCausalLM
 
     use_cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world
     device = torch.device("cuda", rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if use_cuda else "gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
+    dist.init_process_group(
+        "nccl" if use_cuda else "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(SIZES[size]).to(device)
     kwargs = dict(lr=1e-3, delta=delta, interval=interval, seed=0, include_embedding=True, include_lm_head=True)
@@ -42,8 +43,9 @@ def worker(rank, world, init_file, out_file, size, steps, interval, delta, strat
         opt = misa.MISA(model, **kwargs)
         wrapped = mdist.DistributedDataParallel(model, opt, device_ids=[rank] if use_cuda else None)
     else:  # torch's DDP over every parameter, built before MISA freezes most of them
-        wrapped = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True,
-                                                            device_ids=[rank] if use_cuda else None)
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            model, find_unused_parameters=True, device_ids=[rank] if use_cuda else None
+        )
         opt = misa.MISA(model, **kwargs)
     times = []
     g = torch.Generator().manual_seed(rank)
@@ -62,9 +64,17 @@ def worker(rank, world, init_file, out_file, size, steps, interval, delta, strat
         error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
     reduced = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if rank == 0:
-        torch.save({"times": times, "error": error, "rebuild_seconds": getattr(wrapped, "rebuild_seconds", []),
-                    "params": sum(p.numel() for p in model.parameters()), "active_params": reduced,
-                    "device": str(device)}, out_file)
+        torch.save(
+            {
+                "times": times,
+                "error": error,
+                "rebuild_seconds": getattr(wrapped, "rebuild_seconds", []),
+                "params": sum(p.numel() for p in model.parameters()),
+                "active_params": reduced,
+                "device": str(device),
+            },
+            out_file,
+        )
     dist.destroy_process_group()
 
 
@@ -83,16 +93,33 @@ def main(argv=None) -> Path:
     for strategy in ("misa_rebuild", "ddp_find_unused_full_model"):
         with tempfile.TemporaryDirectory() as tmp:
             out_file = os.path.join(tmp, "result.pt")
-            mp.start_processes(worker, args=(2, os.path.join(tmp, "init"), out_file, size, steps, args.interval,
-                                             args.delta, strategy), nprocs=2, start_method="spawn")
+            mp.start_processes(
+                worker,
+                args=(2, os.path.join(tmp, "init"), out_file, size, steps, args.interval, args.delta, strategy),
+                nprocs=2,
+                start_method="spawn",
+            )
             r = torch.load(out_file, weights_only=False)
         t = torch.tensor(r["times"][2:] or [float("nan")], dtype=torch.float64)
-        rows.append({"bench": "ddp_step", "impl": strategy, "model": size, "world_size": 2, "steps": len(r["times"]),
-                     "interval": args.interval, "delta": args.delta, "step_ms_p50": float(t.median() * 1e3),
-                     "step_ms_mean": float(t.mean() * 1e3), "active_params_last": r["active_params"],
-                     "rebuild_ms_p50": float(torch.tensor(r["rebuild_seconds"][1:] or [float("nan")]).median() * 1e3),
-                     "rebuilds": len(r["rebuild_seconds"]), "params": r["params"], "error": r["error"],
-                     "process_device": r["device"]})
+        rows.append(
+            {
+                "bench": "ddp_step",
+                "impl": strategy,
+                "model": size,
+                "world_size": 2,
+                "steps": len(r["times"]),
+                "interval": args.interval,
+                "delta": args.delta,
+                "step_ms_p50": float(t.median() * 1e3),
+                "step_ms_mean": float(t.mean() * 1e3),
+                "active_params_last": r["active_params"],
+                "rebuild_ms_p50": float(torch.tensor(r["rebuild_seconds"][1:] or [float("nan")]).median() * 1e3),
+                "rebuilds": len(r["rebuild_seconds"]),
+                "params": r["params"],
+                "error": r["error"],
+                "process_device": r["device"],
+            }
+        )
         print(rows[-1], flush=True)
     device = torch.device(rows[0]["process_device"].split(":")[0])
     return common.save(device, args.out, rows)

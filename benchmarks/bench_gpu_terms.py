@@ -49,8 +49,14 @@ def allocator_rounding(device: torch.device) -> list:
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         x = torch.empty(n, dtype=torch.uint8, device=device)
-        rows.append({"bench": "gpu_terms", "term": "allocator_rounding", "request_bytes": n,
-                     "allocated_bytes": torch.cuda.memory_allocated() - before})
+        rows.append(
+            {
+                "bench": "gpu_terms",
+                "term": "allocator_rounding",
+                "request_bytes": n,
+                "allocated_bytes": torch.cuda.memory_allocated() - before,
+            }
+        )
         del x
     return rows
 
@@ -80,22 +86,39 @@ def sdpa(device: torch.device) -> list:
         cases = {
             "gqa": lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
             "repeated_kv": lambda q=q, k=k, v=v: F.scaled_dot_product_attention(
-                q, k.repeat_interleave(4, dim=1), v.repeat_interleave(4, dim=1), is_causal=True),
+                q, k.repeat_interleave(4, dim=1), v.repeat_interleave(4, dim=1), is_causal=True
+            ),
         }
         for name, fn in cases.items():
             try:
                 saved, node, out_bytes = _saved_bytes(fn, (q, k, v))
-                rows.append({"bench": "gpu_terms", "term": "sdpa", "case": name, "seq_len": seq, "kernel": node,
-                             "saved_beyond_inputs_bytes": saved, "output_bytes": out_bytes})
+                rows.append(
+                    {
+                        "bench": "gpu_terms",
+                        "term": "sdpa",
+                        "case": name,
+                        "seq_len": seq,
+                        "kernel": node,
+                        "saved_beyond_inputs_bytes": saved,
+                        "output_bytes": out_bytes,
+                    }
+                )
             except Exception as e:  # a case this torch refuses is a finding too
-                rows.append({"bench": "gpu_terms", "term": "sdpa", "case": name, "seq_len": seq,
-                             "error": f"{type(e).__name__}: {e}"[:300]})
+                rows.append(
+                    {
+                        "bench": "gpu_terms",
+                        "term": "sdpa",
+                        "case": name,
+                        "seq_len": seq,
+                        "error": f"{type(e).__name__}: {e}"[:300],
+                    }
+                )
     return rows
 
 
 def misa_step_scratch(device: torch.device) -> list:
     import misa
-    from misa.model import SIZES, LlamaForCausalLM
+    from misa.jobs.model import SIZES, LlamaForCausalLM
 
     rows = []
     for backend in ("cuda", "triton"):
@@ -106,8 +129,14 @@ def misa_step_scratch(device: torch.device) -> list:
             try:
                 opt = misa.MISA(model, lr=1e-4, delta=0.1, interval=1000, backend=backend)
             except Exception as e:
-                rows.append({"bench": "gpu_terms", "term": "misa_step_scratch", "backend": backend,
-                             "error": f"{type(e).__name__}: {e}"[:300]})
+                rows.append(
+                    {
+                        "bench": "gpu_terms",
+                        "term": "misa_step_scratch",
+                        "backend": backend,
+                        "error": f"{type(e).__name__}: {e}"[:300],
+                    }
+                )
                 continue
         batch = torch.randint(0, 256, (4, 129), device=device)
         scratch = []
@@ -120,9 +149,15 @@ def misa_step_scratch(device: torch.device) -> list:
             torch.cuda.synchronize()
             scratch.append(torch.cuda.max_memory_allocated() - before)
             opt.zero_grad(set_to_none=True)
-        rows.append({"bench": "gpu_terms", "term": "misa_step_scratch", "backend": backend,
-                     "scratch_bytes_per_step": scratch,
-                     "trainable_elements": sum(p.numel() for p in model.parameters() if p.requires_grad)})
+        rows.append(
+            {
+                "bench": "gpu_terms",
+                "term": "misa_step_scratch",
+                "backend": backend,
+                "scratch_bytes_per_step": scratch,
+                "trainable_elements": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            }
+        )
         del model, opt
         torch.cuda.empty_cache()
     return rows

@@ -73,8 +73,14 @@ class _StubbedLaunch:
         self.saved = [(cuda, "extension", cuda.extension), (backends, "resolve", backends.resolve)]
         norms = lambda first, *a, **k: torch.zeros(len(first))  # noqa: E731  (older bindings returned the norms)
         cuda.extension = lambda: types.SimpleNamespace(adamw_step_=noop, grad_sq_norms=norms, momentum_flush_=noop)
-        for name in ("adamw_kernel", "flush_kernel", "adamw8_kernel", "flush8_kernel", "reduce_partials_kernel",
-                     "sq_norm_partials_kernel"):
+        for name in (
+            "adamw_kernel",
+            "flush_kernel",
+            "adamw8_kernel",
+            "flush8_kernel",
+            "reduce_partials_kernel",
+            "sq_norm_partials_kernel",
+        ):
             self.saved.append((triton_ops, name, getattr(triton_ops, name)))
             setattr(triton_ops, name, _Launcher())
         backends.resolve = lambda requested, device: requested  # the backend asked for, on any device
@@ -101,27 +107,55 @@ def bench(args) -> Path:
         p, g, m, v, w = _inputs(n, numel, device)
         norms = torch.zeros(n, device=device)
         for impl in impls:
+
             def fn(impl=impl, p=p, g=g, m=m, v=v, w=w, norms=norms):
                 mk.adamw_step_(p, g, m, v, lr=1e-5, step=5, grad_sq_norms=norms, master_params=w, backend=impl)
+
             if stub:
                 with _StubbedLaunch():
                     us = per_call_us(fn, device, calls)
             else:
                 us = per_call_us(fn, device, calls)
-            rows.append(dict(bench="host_time", impl=impl, n_tensors=n, numel_each=numel, us_per_call=us,
-                             launch="stubbed" if stub else "real", what="adamw_step_ bf16 + fp32 masters + norms"))
+            rows.append(
+                dict(
+                    bench="host_time",
+                    impl=impl,
+                    n_tensors=n,
+                    numel_each=numel,
+                    us_per_call=us,
+                    launch="stubbed" if stub else "real",
+                    what="adamw_step_ bf16 + fp32 masters + norms",
+                )
+            )
         params = [torch.nn.Parameter(t.clone()) for t in p]
         for q, gg in zip(params, g):
             q.grad = gg.clone()
         opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
         grads = [q.grad for q in params]
-        rows.append(dict(bench="host_time", impl="torch_fused_adamw", n_tensors=n, numel_each=numel,
-                         us_per_call=per_call_us(opt.step, device, calls), launch="real",
-                         what="torch.optim.AdamW(fused=True).step, bf16 states"))
-        rows.append(dict(bench="host_time", impl="torch_fused_adamw+foreach_norm", n_tensors=n, numel_each=numel,
-                         us_per_call=per_call_us(lambda opt=opt, grads=grads: (opt.step(), torch._foreach_norm(grads)),
-                                                 device, calls),
-                         launch="real", what="the same + torch._foreach_norm(grads)"))
+        rows.append(
+            dict(
+                bench="host_time",
+                impl="torch_fused_adamw",
+                n_tensors=n,
+                numel_each=numel,
+                us_per_call=per_call_us(opt.step, device, calls),
+                launch="real",
+                what="torch.optim.AdamW(fused=True).step, bf16 states",
+            )
+        )
+        rows.append(
+            dict(
+                bench="host_time",
+                impl="torch_fused_adamw+foreach_norm",
+                n_tensors=n,
+                numel_each=numel,
+                us_per_call=per_call_us(
+                    lambda opt=opt, grads=grads: (opt.step(), torch._foreach_norm(grads)), device, calls
+                ),
+                launch="real",
+                what="the same + torch._foreach_norm(grads)",
+            )
+        )
     if args.misa:
         rows += misa_rows(device, stub)
     path = common.save(device, args.out, rows)
@@ -161,14 +195,14 @@ def misa_rows(device, stub: bool) -> List[Dict]:
     active tensors with their states and masters (host step count, norms asked), and
     torch.optim.AdamW(fused=True).step() on the active parameters (bf16 states: not the same work, the
     same call count). `overhead_us` is the median over rounds of MISA.step minus that adamw_step_."""
-    from misa.model import LlamaConfig, LlamaForCausalLM
+    from misa.jobs.model import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=32, num_heads=2)
     model = LlamaForCausalLM(config).to(device=device, dtype=torch.bfloat16)
     out = []
     for backend in ["cuda", "triton"] if stub else mk.available_backends(device):
-        with (_StubbedLaunch() if stub else contextlib.nullcontext()):
+        with _StubbedLaunch() if stub else contextlib.nullcontext():
             opt = _steady_misa(model, backend)
             switches = len(opt.switch_log)
             fns = {f"MISA.step[{backend}]": opt.step}
@@ -179,20 +213,30 @@ def misa_rows(device, stub: bool) -> List[Dict]:
             assert len(opt.switch_log) == switches, "a timed step switched the active set"
         misa_us = times[f"MISA.step[{backend}]"]
         bar = times.get(f"adamw_step_[{backend}] same tensors")
-        what = {f"MISA.step[{backend}]": "MISA.step, steady, default configuration, 32-layer toy model, bf16 with "
-                                         "masters",
-                f"adamw_step_[{backend}] same tensors": "one adamw_step_ over MISA's active tensors, their states and "
-                                                        "masters, host step count, norms asked",
-                f"adamw_step_[{backend}] same tensors, device step": "the same call with the step count (0-d, float64) "
-                                                                     "and the skip flag on the device, as MISA "
-                                                                     "passes them: the step scalars are folded there",
-                "torch_fused_adamw same params": "torch.optim.AdamW(fused=True).step on MISA's active parameters "
-                                                 "(bf16 states: not the same work)"}
+        what = {
+            f"MISA.step[{backend}]": "MISA.step, steady, default configuration, 32-layer toy model, bf16 with masters",
+            f"adamw_step_[{backend}] same tensors": "one adamw_step_ over MISA's active tensors, their states and "
+            "masters, host step count, norms asked",
+            f"adamw_step_[{backend}] same tensors, device step": "the same call with the step count (0-d, float64) "
+            "and the skip flag on the device, as MISA "
+            "passes them: the step scalars are folded there",
+            "torch_fused_adamw same params": "torch.optim.AdamW(fused=True).step on MISA's active parameters "
+            "(bf16 states: not the same work)",
+        }
         for name, us in times.items():
-            row = dict(bench="host_time", case="misa_step", backend=backend, impl=name, n_tensors=len(active),
-                       numel_each=None, us_per_call=_median(us),
-                       launch="real" if name.startswith("torch") else ("stubbed" if stub else "real"), what=what[name],
-                       rounds=len(us), us_rounds=[round(x, 1) for x in us])
+            row = dict(
+                bench="host_time",
+                case="misa_step",
+                backend=backend,
+                impl=name,
+                n_tensors=len(active),
+                numel_each=None,
+                us_per_call=_median(us),
+                launch="real" if name.startswith("torch") else ("stubbed" if stub else "real"),
+                what=what[name],
+                rounds=len(us),
+                us_rounds=[round(x, 1) for x in us],
+            )
             if name.startswith("MISA") and bar is not None:
                 row["overhead_us"] = _median([a - b for a, b in zip(misa_us, bar)])
             out.append(row)
@@ -230,9 +274,17 @@ def _graphed_row(model, backend: str, device) -> Dict:
     assert opt._graph_recordings == recordings, "a timed step recorded a graph again"
     n = sum(1 for p in model.parameters() if p.requires_grad)
     del opt
-    return dict(bench="host_time", case="misa_step", backend=backend, impl=f"MISA.step[{backend}, cuda_graph]",
-                n_tensors=n, numel_each=None, us_per_call=us, launch="real",
-                what="MISA(cuda_graph=True).step, steady: one graph replay, 32-layer toy model, bf16 with masters")
+    return dict(
+        bench="host_time",
+        case="misa_step",
+        backend=backend,
+        impl=f"MISA.step[{backend}, cuda_graph]",
+        n_tensors=n,
+        numel_each=None,
+        us_per_call=us,
+        launch="real",
+        what="MISA(cuda_graph=True).step, steady: one graph replay, 32-layer toy model, bf16 with masters",
+    )
 
 
 def _same_tensors(opt, active, backend: str, device) -> Dict[str, Callable[[], None]]:
@@ -247,20 +299,33 @@ def _same_tensors(opt, active, backend: str, device) -> Dict[str, Callable[[], N
     step, skip = torch.full((), 5.0, dtype=torch.float64, device=device), torch.zeros((), device=device)
 
     def one_call():
-        mk.adamw_step_(params, grads, m, v, lr=1e-5, step=5, grad_sq_norms=norms, master_params=masters,
-                       backend=backend)
+        mk.adamw_step_(
+            params, grads, m, v, lr=1e-5, step=5, grad_sq_norms=norms, master_params=masters, backend=backend
+        )
 
     def device_step():  # the step count and the skip flag on the device, as MISA hands them over
-        mk.adamw_step_(params, grads, m, v, lr=1e-5, step=step, grad_sq_norms=norms, master_params=masters,
-                       skip=skip, backend=backend)
+        mk.adamw_step_(
+            params,
+            grads,
+            m,
+            v,
+            lr=1e-5,
+            step=step,
+            grad_sq_norms=norms,
+            master_params=masters,
+            skip=skip,
+            backend=backend,
+        )
 
     twins = [torch.nn.Parameter(p.detach().clone()) for p in active]
     for t, g in zip(twins, grads):
         t.grad = g.clone()
     fused = torch.optim.AdamW(twins, lr=1e-5, fused=True)
-    return {f"adamw_step_[{backend}] same tensors": one_call,
-            f"adamw_step_[{backend}] same tensors, device step": device_step,
-            "torch_fused_adamw same params": fused.step}
+    return {
+        f"adamw_step_[{backend}] same tensors": one_call,
+        f"adamw_step_[{backend}] same tensors, device step": device_step,
+        "torch_fused_adamw same params": fused.step,
+    }
 
 
 def main(argv=None) -> Path:
@@ -268,8 +333,12 @@ def main(argv=None) -> Path:
     p.add_argument("--device", default=None)
     p.add_argument("--numel", type=int, default=256, help="elements per tensor on a GPU (tiny: host-bound)")
     p.add_argument("--calls", type=int, default=8192, help="calls per timing sample, divided by the tensor count")
-    p.add_argument("--cases", type=lambda t: [int(x) for x in t.split(",")], default=list(CASES),
-                   help="tensor counts, comma-separated")
+    p.add_argument(
+        "--cases",
+        type=lambda t: [int(x) for x in t.split(",")],
+        default=list(CASES),
+        help="tensor counts, comma-separated",
+    )
     p.add_argument("--stub-launch", action="store_true", help="no-op launches (default on a CPU)")
     p.add_argument("--no-misa", dest="misa", action="store_false", help="skip the MISA.step rows")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")

@@ -52,8 +52,10 @@ def active_set(target_numel: int) -> List[tuple]:
 def cases(quick: bool) -> List[Dict]:
     if quick:
         return [{"name": "uniform-64K", "shapes": [(16384,)] * 4}, {"name": "many-small", "shapes": [(256,)] * 64}]
-    out = [{"name": f"uniform-{n >> 20}M", "shapes": [(n // 4,)] * 4} for n in (1 << 20, 1 << 22, 1 << 24, 1 << 26,
-                                                                          1 << 28, 1 << 29)]
+    out = [
+        {"name": f"uniform-{n >> 20}M", "shapes": [(n // 4,)] * 4}
+        for n in (1 << 20, 1 << 22, 1 << 24, 1 << 26, 1 << 28, 1 << 29)
+    ]
     for delta in (0.01, 0.03):
         out.append({"name": f"llama3-8b-delta{int(delta * 100)}%", "shapes": active_set(int(delta * LLAMA3_8B_PARAMS))})
     layer = sum(r * c for r, c in LLAMA3_8B_LAYER)
@@ -63,14 +65,21 @@ def cases(quick: bool) -> List[Dict]:
     return out
 
 
-STATE_DTYPE = {"cuda": "fp32", "triton": "fp32", "torch_reference": "fp32", "torch_fused_adamw": "param",
-               "bnb_adamw32bit": "fp32", "torchao_adamw": "param"}
+STATE_DTYPE = {
+    "cuda": "fp32",
+    "triton": "fp32",
+    "torch_reference": "fp32",
+    "torch_fused_adamw": "param",
+    "bnb_adamw32bit": "fp32",
+    "torchao_adamw": "param",
+}
 SEPARATE_NORM_PASS = {"torch_reference", "torch_fused_adamw", "bnb_adamw32bit", "torchao_adamw"}
 PSIZE = {"bf16": 2, "fp32": 4}
 
 
-def adamw_bytes_per_element(impl: str, param_dtype: str, fresh: bool, master: bool = False, states: str = "fp32",
-                            kahan: bool = False) -> float:
+def adamw_bytes_per_element(
+    impl: str, param_dtype: str, fresh: bool, master: bool = False, states: str = "fp32", kahan: bool = False
+) -> float:
     """The bytes each implementation's own step must move per element (its floor): every
     implementation is counted with the state dtype it keeps and the passes it makes.
 
@@ -98,9 +107,14 @@ def adamw_bytes_per_element(impl: str, param_dtype: str, fresh: bool, master: bo
 def row_bytes(row: Dict) -> int:
     """Bytes of a saved kernel row, recomputed from what it ran (results files keep older counts)."""
     if row["bench"] == "adamw_step":
-        return row["numel"] * adamw_bytes_per_element(row["impl"], row["param_dtype"], row["fresh"],
-                                                       row.get("master", False), row.get("states", "fp32"),
-                                                       row.get("kahan", False))
+        return row["numel"] * adamw_bytes_per_element(
+            row["impl"],
+            row["param_dtype"],
+            row["fresh"],
+            row.get("master", False),
+            row.get("states", "fp32"),
+            row.get("kahan", False),
+        )
     if row["bench"] == "grad_sq_norms":
         return row["numel"] * PSIZE[row["param_dtype"]]
     if row["bench"] == "momentum_flush":
@@ -170,9 +184,21 @@ def adamw_runner(impl: str, sets, fresh: bool, master: bool = False, states: str
                 m, v, am, av = eight[i % len(sets)]
                 extra = dict(exp_avg_absmax=am, exp_avg_sq_absmax=av)
             norms = torch.zeros(len(p), device=p[0].device)
-            mk.adamw_step_(p, g, m, v, **hyper, step=1 if fresh else 10, fresh=fresh, grad_sq_norms=norms,
-                           master_params=masters[i % len(sets)] if master else None,
-                           compensation=comps[i % len(sets)] if kahan else None, backend=backend, **extra)
+            mk.adamw_step_(
+                p,
+                g,
+                m,
+                v,
+                **hyper,
+                step=1 if fresh else 10,
+                fresh=fresh,
+                grad_sq_norms=norms,
+                master_params=masters[i % len(sets)] if master else None,
+                compensation=comps[i % len(sets)] if kahan else None,
+                backend=backend,
+                **extra,
+            )
+
         return run
     # Peers: torch.optim-style optimizers over the same tensors, norms by torch._foreach_norm. A fresh
     # step for them means states that were just allocated (their first step zero-fills them).
@@ -201,6 +227,7 @@ def adamw_runner(impl: str, sets, fresh: bool, master: bool = False, states: str
             opt.state.clear()
         torch._foreach_norm(grads)
         opt.step()
+
     return run
 
 
@@ -260,8 +287,9 @@ def bench(args) -> Path:
                         print("time budget reached: remaining rows skipped")
                         break
                     try:
-                        t = common.time_ms(adamw_runner(impl, sets, fresh, master, states, kahan), device,
-                                           args.reps, args.warmup)
+                        t = common.time_ms(
+                            adamw_runner(impl, sets, fresh, master, states, kahan), device, args.reps, args.warmup
+                        )
                     except Exception as exc:  # a peer that cannot take this case (e.g. dtype)
                         print(f"{impl} {case['name']} {dname}: {type(exc).__name__}: {exc}")
                         continue
@@ -270,8 +298,10 @@ def bench(args) -> Path:
                     state_dtype = "8bit" if states == "8bit" else dname if STATE_DTYPE[impl] == "param" else "fp32"
                     r.update(master=master, states=states, kahan=kahan, state_dtype=state_dtype)
                     rows.append(r)
-            for impl in [b for b in ("cuda", "triton") if b in impls(device, args.quick)] + ["torch_reference",
-                                                                                             "torch_foreach_norm"]:
+            for impl in [b for b in ("cuda", "triton") if b in impls(device, args.quick)] + [
+                "torch_reference",
+                "torch_foreach_norm",
+            ]:
                 grads = [s[1] for s in sets]
                 if impl == "torch_foreach_norm":
                     fn = lambda i, grads=grads: torch._foreach_norm(grads[i % len(grads)])
@@ -286,19 +316,23 @@ def bench(args) -> Path:
                 def fn(i, b=backend, sets=sets):
                     p, _, m, v = sets[i % len(sets)]
                     mk.momentum_flush_(p, m, v, lr=1e-4, step=50, backend=b)
+
                 t = common.time_ms(fn, device, args.reps, args.warmup)
                 rows.append(row("momentum_flush", impl, dname, case, numel, False, t, numel * (2 * psize + 8), bw))
             del sets
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    path = common.save(device, args.out, rows, {"copy_bandwidth_gbps": bw, "quick": args.quick,
-                                                "triton_configs": triton_configs()})
+    path = common.save(
+        device, args.out, rows, {"copy_bandwidth_gbps": bw, "quick": args.quick, "triton_configs": triton_configs()}
+    )
     for r in rows:
         value = "+w" if r.get("master") else "+k" if r.get("kahan") else "  "
         fmt = " 8b" if r.get("states") == "8bit" else "   "
-        print(f"{r['bench']:15s} {r['impl']:18s} {r['param_dtype']:4s}{value}{fmt} "
-              f"{r['case']:22s} fresh={r['fresh']!s:5s} "
-              f"{r['ms_p50']:9.3f} ms  {r['gbps']:8.1f} GB/s  {r['pct_copy_bw']:5.1f}% of copy")
+        print(
+            f"{r['bench']:15s} {r['impl']:18s} {r['param_dtype']:4s}{value}{fmt} "
+            f"{r['case']:22s} fresh={r['fresh']!s:5s} "
+            f"{r['ms_p50']:9.3f} ms  {r['gbps']:8.1f} GB/s  {r['pct_copy_bw']:5.1f}% of copy"
+        )
     plot(rows, path.with_suffix(".kernels.png"), common.device_name(device))
     print(f"copy bandwidth {bw:.1f} GB/s")
     return path
@@ -316,17 +350,29 @@ def triton_configs() -> Dict[str, object]:
     out = {}
     for (kernel, _, dtype, master), config in tune.chosen().items():
         kind = (str(dtype).replace("torch.", ""), master)
-        out[f"{kernel}|{kind[0]}|master={master}"] = {"config": list(config),
-                                                      "timings_ms": saved.get(kernel, {}).get(kind),
-                                                      "decision": how.get(kernel, {}).get(kind)}
+        out[f"{kernel}|{kind[0]}|master={master}"] = {
+            "config": list(config),
+            "timings_ms": saved.get(kernel, {}).get(kind),
+            "decision": how.get(kernel, {}).get(kind),
+        }
     return out
 
 
 def row(bench_name, impl, dname, case, numel, fresh, t, nbytes, bw) -> Dict:
     gbps = nbytes / (t["ms_p50"] * 1e-3) / 1e9
-    return {"bench": bench_name, "impl": impl, "param_dtype": dname, "case": case["name"], "numel": numel,
-            "n_tensors": len(case["shapes"]), "fresh": fresh, **t, "bytes": nbytes, "gbps": gbps,
-            "pct_copy_bw": 100 * gbps / bw}
+    return {
+        "bench": bench_name,
+        "impl": impl,
+        "param_dtype": dname,
+        "case": case["name"],
+        "numel": numel,
+        "n_tensors": len(case["shapes"]),
+        "fresh": fresh,
+        **t,
+        "bytes": nbytes,
+        "gbps": gbps,
+        "pct_copy_bw": 100 * gbps / bw,
+    }
 
 
 def plot(rows, path: Path, device: str) -> None:
@@ -344,17 +390,24 @@ def plot(rows, path: Path, device: str) -> None:
     # A colour per implementation, a line style per parameter format.
     impls_seen = sorted({r["impl"] for r in sel})
     colours = {impl: f"C{i}" for i, impl in enumerate(impls_seen)}
+
     def kind(r):
         return r["impl"], r["param_dtype"], bool(r.get("master")), r.get("states", "fp32")
 
-    for (impl, dname, master, states) in sorted({kind(r) for r in sel}):
-        pts = sorted((r["numel"], r["ms_p50"], r["pct_copy_bw"]) for r in sel if kind(r) == (impl, dname, master,
-                                                                                              states))
-        label = f"{impl} {dname}" + (" + fp32 master" if master else "") + (
-            " 8-bit" + (" + Kahan" if dname == "bf16" else "") if states == "8bit" else "")
-        style = dict(color=colours[impl],
-                     linestyle="-." if states == "8bit" else ":" if master else ("-" if dname == "fp32" else "--"),
-                     marker="x" if states == "8bit" else "s" if master else ("o" if dname == "fp32" else "^"))
+    for impl, dname, master, states in sorted({kind(r) for r in sel}):
+        pts = sorted(
+            (r["numel"], r["ms_p50"], r["pct_copy_bw"]) for r in sel if kind(r) == (impl, dname, master, states)
+        )
+        label = (
+            f"{impl} {dname}"
+            + (" + fp32 master" if master else "")
+            + (" 8-bit" + (" + Kahan" if dname == "bf16" else "") if states == "8bit" else "")
+        )
+        style = dict(
+            color=colours[impl],
+            linestyle="-." if states == "8bit" else ":" if master else ("-" if dname == "fp32" else "--"),
+            marker="x" if states == "8bit" else "s" if master else ("o" if dname == "fp32" else "^"),
+        )
         axes[0].plot([p[0] for p in pts], [p[1] for p in pts], label=label, **style)
         axes[1].plot([p[0] for p in pts], [p[2] for p in pts], label=label, **style)
     axes[0].set(xscale="log", yscale="log", xlabel="elements", ylabel="ms (p50)", title="adamw_step (steady)")
@@ -376,8 +429,12 @@ def main(argv=None) -> Path:
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--budget-s", type=float, default=240.0, help="stop adding rows after this many seconds")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
-    p.add_argument("--replot", default=None, metavar="JSON",
-                   help="only redraw the plot of a results file this script wrote (beside it, .kernels.png)")
+    p.add_argument(
+        "--replot",
+        default=None,
+        metavar="JSON",
+        help="only redraw the plot of a results file this script wrote (beside it, .kernels.png)",
+    )
     args = p.parse_args(argv)
     if args.replot:
         path = Path(args.replot)

@@ -45,8 +45,7 @@ def run(method: str, lr: float, device, size: int, steps: int, seed: int) -> Dic
     w0 = weight.clone()
     reference = torch.nn.Parameter(w0.float().clone())
     adamw = torch.optim.AdamW([reference], lr=lr, weight_decay=0.0)
-    opt = misa.MISA(model, lr=lr, delta=1.0, interval=steps + 1, variant="paper", check_finite=False,
-                    **METHODS[method])
+    opt = misa.MISA(model, lr=lr, delta=1.0, interval=steps + 1, variant="paper", check_finite=False, **METHODS[method])
     gen = torch.Generator().manual_seed(seed + 1)
     direction = torch.randn(size, size, generator=gen)
     for _ in range(steps):
@@ -58,14 +57,22 @@ def run(method: str, lr: float, device, size: int, steps: int, seed: int) -> Dic
         opt.zero_grad()
     w, ref = model[0].weight.detach(), reference.detach()
     moved = float((ref - w0.float()).norm())
-    return {"bench": "master_weights", "impl": method, "lr": lr, "steps": steps, "numel": size * size,
-            "param_dtype": "bf16", "moved_vs_fp32": float((w.float() - w0.float()).norm()) / moved,
-            "error_vs_fp32": float((w.float() - ref).norm()) / moved,
-            "unchanged": float((w == w0).float().mean()),
-            "fp32_rounded_unchanged": float((ref.to(torch.bfloat16) == w0).float().mean()),
-            "fp32_rounded_error": float((ref.to(torch.bfloat16).float() - ref).norm()) / moved,
-            "state_bytes_per_element": opt.formats["bytes_per_element"], "formats": opt.formats,
-            "backend": misa_kernels_backend()}
+    return {
+        "bench": "master_weights",
+        "impl": method,
+        "lr": lr,
+        "steps": steps,
+        "numel": size * size,
+        "param_dtype": "bf16",
+        "moved_vs_fp32": float((w.float() - w0.float()).norm()) / moved,
+        "error_vs_fp32": float((w.float() - ref).norm()) / moved,
+        "unchanged": float((w == w0).float().mean()),
+        "fp32_rounded_unchanged": float((ref.to(torch.bfloat16) == w0).float().mean()),
+        "fp32_rounded_error": float((ref.to(torch.bfloat16).float() - ref).norm()) / moved,
+        "state_bytes_per_element": opt.formats["bytes_per_element"],
+        "formats": opt.formats,
+        "backend": misa_kernels_backend(),
+    }
 
 
 def misa_kernels_backend() -> str:
@@ -89,10 +96,13 @@ def main(argv=None) -> Path:
         for method in METHODS:
             r = run(method, lr, device, args.size, args.steps, args.seed)
             rows.append(r)
-            print(f"lr {lr:8.1e} {method:16s} moved {r['moved_vs_fp32']:.3f}  error {r['error_vs_fp32']:.3f}  "
-                  f"unchanged {r['unchanged']:.3f} (fp32 rounded: {r['fp32_rounded_unchanged']:.3f})")
-    return common.save(device, args.out, rows, {"master_weights_setup": {"size": args.size, "steps": args.steps,
-                                                                         "seed": args.seed}})
+            print(
+                f"lr {lr:8.1e} {method:16s} moved {r['moved_vs_fp32']:.3f}  error {r['error_vs_fp32']:.3f}  "
+                f"unchanged {r['unchanged']:.3f} (fp32 rounded: {r['fp32_rounded_unchanged']:.3f})"
+            )
+    return common.save(
+        device, args.out, rows, {"master_weights_setup": {"size": args.size, "steps": args.steps, "seed": args.seed}}
+    )
 
 
 if __name__ == "__main__":

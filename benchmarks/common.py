@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from misa import provenance
+from misa.jobs import provenance
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -55,8 +55,16 @@ def test_bench_train_step_quick(tmp_path):
     pytest.importorskip("transformers")
     import bench_train_step
 
-    path = bench_train_step.main(["--quick", "--methods", "misa_kernels,adamw_fused,badam,misa_8bit_kahan_release",
-                                  "--no-checkpointing-runs", "--out", str(tmp_path)])
+    path = bench_train_step.main(
+        [
+            "--quick",
+            "--methods",
+            "misa_kernels,adamw_fused,badam,misa_8bit_kahan_release",
+            "--no-checkpointing-runs",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     rows = json.loads(path.read_text())["rows"]
     assert {r["impl"] for r in rows} == {"misa_kernels", "adamw_fused", "badam", "misa_8bit_kahan_release"}
     assert all(r["ms_p50"] > 0 for r in rows)
@@ -69,12 +77,40 @@ def test_plan_vs_measured_reads_every_8b_row_of_a_train_step_file(tmp_path):
     import plan_vs_measured
     import render_readme
 
-    rows = [{"bench": "train_step", "impl": impl, "model": "8b", "seq_len": seq, "batch": 1, "grad_checkpointing": True,
-             "oom": False, "peak_allocated_gb": 20.0} for impl in plan_vs_measured.METHODS for seq in (512, 2048)]
-    rows += [{"bench": "train_step", "impl": "misa_kernels", "model": "1b", "seq_len": 512, "batch": 1,
-              "grad_checkpointing": True, "oom": False, "peak_allocated_gb": 5.0},
-             {"bench": "train_step", "impl": "lora_r16", "model": "8b", "seq_len": 4096, "grad_checkpointing": True,
-              "oom": True}]
+    rows = [
+        {
+            "bench": "train_step",
+            "impl": impl,
+            "model": "8b",
+            "seq_len": seq,
+            "batch": 1,
+            "grad_checkpointing": True,
+            "oom": False,
+            "peak_allocated_gb": 20.0,
+        }
+        for impl in plan_vs_measured.METHODS
+        for seq in (512, 2048)
+    ]
+    rows += [
+        {
+            "bench": "train_step",
+            "impl": "misa_kernels",
+            "model": "1b",
+            "seq_len": 512,
+            "batch": 1,
+            "grad_checkpointing": True,
+            "oom": False,
+            "peak_allocated_gb": 5.0,
+        },
+        {
+            "bench": "train_step",
+            "impl": "lora_r16",
+            "model": "8b",
+            "seq_len": 4096,
+            "grad_checkpointing": True,
+            "oom": True,
+        },
+    ]
     path = tmp_path / "gpu.json"
     path.write_text(json.dumps({"device": "NVIDIA H200", "rows": rows}))
     peaks = plan_vs_measured.train_step_peaks(path)
@@ -99,9 +135,11 @@ def test_render_readme_sections(tmp_path):
     import render_readme
 
     readme = tmp_path / "README.md"
-    readme.write_text("x\n<!-- results:compare:begin -->\nSTALE-TEXT\n<!-- results:compare:end -->\ny\n"
-                      "<!-- results:kernels:begin -->\n<!-- results:kernels:end -->\n"
-                      "<!-- results:finetune:begin -->\n<!-- results:finetune:end -->\n")
+    readme.write_text(
+        "x\n<!-- results:compare:begin -->\nSTALE-TEXT\n<!-- results:compare:end -->\ny\n"
+        "<!-- results:kernels:begin -->\n<!-- results:kernels:end -->\n"
+        "<!-- results:finetune:begin -->\n<!-- results:finetune:end -->\n"
+    )
     render_readme.render(readme)
     text = readme.read_text()
     assert "STALE-TEXT" not in text and text.startswith("x\n") and "results:kernels:end" in text
@@ -118,8 +156,11 @@ def test_adamw_step_torch_cpu(benchmark, fresh):
     m = [torch.randn(s) for s in shapes]
     v = [torch.rand(s) for s in shapes]
     norms = torch.zeros(len(shapes))
-    benchmark(lambda: mk.adamw_step_(p, g, m, v, lr=1e-3, step=1 if fresh else 5, fresh=fresh,
-                                     grad_sq_norms=norms, backend="torch"))
+    benchmark(
+        lambda: mk.adamw_step_(
+            p, g, m, v, lr=1e-3, step=1 if fresh else 5, fresh=fresh, grad_sq_norms=norms, backend="torch"
+        )
+    )
 
 
 def test_grad_sq_norms_torch_cpu(benchmark):
@@ -138,8 +179,13 @@ def test_gpu_check_default_stages_fit_one_ten_minute_call():
     limits = {"build": int(re.search(r"timeout (\d+) python -m pip install", script).group(1))}
     for stage in default:
         bodies = re.findall(r"want %s; then(.*?)\n  fi" % stage, script, re.S)
-        limits[stage] = sum(int(t) for body in bodies for line in body.splitlines()
-                            if not line.rstrip().endswith("&") for t in re.findall(r"timeout (\d+)", line))
+        limits[stage] = sum(
+            int(t)
+            for body in bodies
+            for line in body.splitlines()
+            if not line.rstrip().endswith("&")
+            for t in re.findall(r"timeout (\d+)", line)
+        )
     assert all(limits.values()) and sum(limits.values()) <= 570, limits
     named = re.findall(r"tests/(test_\w+\.py)", script)
     assert named and all((Path(__file__).parents[1] / "tests" / n).is_file() for n in named)

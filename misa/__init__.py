@@ -6,5 +6,15 @@ from .partition import Module, Partition, partition
 from .sampler import ImportanceSampler
 from .variants import PRESETS, Variant
 
-__all__ = ["MISA", "LISA", "BAdam", "BlockCoordinateDescentOptimizer", "ImportanceSampler", "Module", "Partition",
-           "partition", "Variant", "PRESETS"]
+__all__ = [
+    "MISA",
+    "LISA",
+    "BAdam",
+    "BlockCoordinateDescentOptimizer",
+    "ImportanceSampler",
+    "Module",
+    "Partition",
+    "partition",
+    "Variant",
+    "PRESETS",
+]

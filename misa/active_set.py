@@ -46,12 +46,34 @@ class ActiveSet:
         # an active small tensor costs its extra bytes over the large rate; all of them may be active
         small = sum(_local(p).numel() for p in module_tensors if self.states == "8bit" and not self._is_8bit(p))
         n_blocks = max((len(self._state_layout(p, 1)) for p in every), default=0)
-        module_bytes = (math.ceil(self.budget * ratio) * large + small * (self._bytes_per_element(large=False) - large)
-                        + ALIGN_ELEMENTS * 4 * n_blocks * len(module_tensors))
-        always_bytes = sum(self.arena_bytes(p) for _, p in self._always)
-        master_share = self._master_bytes() / large if large else 0.0
-        self._arena_parts = {"masters": master_share}
-        return int(math.ceil((module_bytes + always_bytes) / 4))
+        # what does not depend on the budget, so that the capacity at any other delta is arithmetic (bytes_at)
+        fixed = (
+            small * (self._bytes_per_element(large=False) - large)
+            + ALIGN_ELEMENTS * 4 * n_blocks * len(module_tensors)
+            + sum(self.arena_bytes(p) for _, p in self._always)
+        )
+        self._capacity = (ratio, large, fixed)
+        self._arena_parts = {"masters": self._master_bytes() / large if large else 0.0}
+        return self._arena_numel(self.budget)
+
+    def _arena_numel(self, budget: float) -> int:
+        """fp32 elements of the arena for an active set of at most `budget` global elements (_arena_capacity)."""
+        ratio, large, fixed = self._capacity
+        return int(math.ceil((math.ceil(budget * ratio) * large + fixed) / 4))
+
+    def bytes_at(self, delta: float) -> Dict[str, int]:
+        """What this optimizer holds at `delta`, computed, not built: {"states", "masters"} as memory_bytes()
+        reports them (the arena its budget needs, rounded as the arena rounds), and "gradients", the most its
+        active set and the tensors trained at every step can hold at once. At its own delta "states" and
+        "masters" equal memory_bytes()."""
+        if not 0 < delta <= 1:
+            raise ValueError(f"delta: expected a fraction in (0, 1], got {delta!r}")
+        total = 4 * StateArena.required_numel([self._arena_numel(delta * self.partition.total_params)])
+        masters = int(total * self._arena_parts["masters"])
+        itemsize = max((_itemsize(_local(p).dtype) for g in self.param_groups for p in g["params"]), default=4)
+        always = sum(_local(p).numel() for _, p in self._always)
+        gradients = int(delta * self.partition.total_params + always) * itemsize
+        return {"states": total - masters, "masters": masters, "gradients": gradients}
 
     def _bytes_per_element(self, large: bool) -> float:
         states = quant.BYTES_PER_ELEMENT if (large and self.states == "8bit") else 8.0
@@ -79,8 +101,11 @@ class ActiveSet:
     def formats(self) -> Dict[str, object]:
         """The state formats and what they cost: {"states", "masters", "bytes_per_element"} (an active
         element of a tensor of at least quant.MIN_NUMEL elements; smaller ones keep fp32 states)."""
-        return {"states": self.states, "masters": self.master_format if self._master_bytes() else None,
-                "bytes_per_element": self._bytes_per_element(large=True)}
+        return {
+            "states": self.states,
+            "masters": self.master_format if self._master_bytes() else None,
+            "bytes_per_element": self._bytes_per_element(large=True),
+        }
 
     def _has_master(self, p: Tensor) -> bool:
         return self.master_weights and _local(p).dtype != torch.float32
@@ -93,9 +118,12 @@ class ActiveSet:
         shape = _local(p).shape if numel is None else numel
         n = _local(p).numel() if numel is None else numel
         if self._is_8bit(p):
-            layout = {"exp_avg": (shape, quant.CODE_DTYPE), "exp_avg_sq": (shape, quant.CODE_DTYPE),
-                      "exp_avg_absmax": (quant.n_blocks(n), torch.float32),
-                      "exp_avg_sq_absmax": (quant.n_blocks(n), torch.float32)}
+            layout = {
+                "exp_avg": (shape, quant.CODE_DTYPE),
+                "exp_avg_sq": (shape, quant.CODE_DTYPE),
+                "exp_avg_absmax": (quant.n_blocks(n), torch.float32),
+                "exp_avg_sq_absmax": (quant.n_blocks(n), torch.float32),
+            }
         else:
             layout = {"exp_avg": (shape, torch.float32), "exp_avg_sq": (shape, torch.float32)}
         if self._has_master(p):
@@ -114,7 +142,7 @@ class ActiveSet:
         for key, (shape, dtype) in self._state_layout(p).items():
             self.arena.acquire((key, i), shape, dtype)
         # "step" counts the steps attempted since activation; "skips0" is the skip count then
-        self.state[p] = {"step": 0, "skips0": self._skips_at_switch}
+        self.state[p] = {"step": 0, "skips0": self.period.skips_at_switch}
         self._refresh_views([p])
 
     def _refresh_views(self, params) -> None:
@@ -142,19 +170,21 @@ class ActiveSet:
             rows.append(row)
         width = max((len(r) for r in rows), default=1)
         pad = len(self._slots)
-        self._seg_index = torch.tensor([r + [pad] * (width - len(r)) for r in rows] or [[pad]],
-                                       dtype=torch.int64, device=self.device)
+        self._seg_index = torch.tensor(
+            [r + [pad] * (width - len(r)) for r in rows] or [[pad]], dtype=torch.int64, device=self.device
+        )
         # Modules of one tensor each (a LLaMA projection without bias), numbered in order: the per-slot norms
         # are already the per-module ones, and a view replaces the gather (the same values).
         self._seg_identity = bool(rows) and width == 1 and [r[0] for r in rows] == list(range(len(rows)))
         # (group index, param, slot or None) of every tensor a step may update, in the step's order
         self._active_items = [(0, p, self._slots[p]) for b in self._active for p in self._module_params(b)] + [
-            (gi, p, None) for gi, p in self._always]
+            (gi, p, None) for gi, p in self._always
+        ]
 
     def _per_module(self, step_sq: Tensor) -> Tensor:
         """Per-slot squared norms (with the zero pad slot last) summed per active module."""
         if self._seg_identity:
-            return step_sq[:len(self._slots)]
+            return step_sq[: len(self._slots)]
         return step_sq[self._seg_index].sum(dim=1)
 
     def _index_tensor(self, indices: List[int]) -> Tensor:

@@ -25,20 +25,23 @@ class Checkpoint:
         # torch's state_dict hands out the live per-parameter dicts: copy them before replacing their
         # tensors, or this optimizer's states would stop being views of the arena.
         live = {i: self.param_by_index(int(i)) for i in sd["state"]}
-        sd["state"] = {i: {**{key: value.detach().clone() for key, value in st.items()
-                              if torch.is_tensor(value) and key != "skips0"},
-                           "step": self._steps_taken(self.state[live[i]])} for i, st in sd["state"].items()}
+        sd["state"] = {
+            i: {
+                **{
+                    key: value.detach().clone()
+                    for key, value in st.items()
+                    if torch.is_tensor(value) and key != "skips0"
+                },
+                "step": self._steps_taken(self.state[live[i]]),
+            }
+            for i, st in sd["state"].items()
+        }
         sd["misa"] = {
             "module_names": list(self.module_names),
             "variant": self.variant,
             "sampler": self.sampler.state_dict(),
             "active": list(self._active),
-            "t": self._t,
-            "period_len": self._period_len,
-            "step_count": self._step_count,
-            "S": self._S.detach().cpu().clone(),
-            "skipped_steps": self.skipped_steps,
-            "period_skips": int(self._period_skips),
+            **self.period.as_dict(),
             "switch_log": list(self.switch_log),
         }
         return sd
@@ -51,7 +54,7 @@ class Checkpoint:
                 raise ValueError(f"state_dict: state for {self._param_names.get(p, i)}, which is not active")
             self._load_states(p, self.state[p], st)
             self.state[p]["step"] = int(st["step"])
-        self._plan_version += 1
+        self._invalidate_plan()
 
     def _load_states(self, p: Tensor, here: Dict, saved: Dict) -> None:
         """Copy a saved parameter's states into its arena views, converting between formats: fp32 states
@@ -59,8 +62,10 @@ class Checkpoint:
         compensation (master - weight) and the reverse (weight + compensation); a checkpoint without
         either starts them from the weight, as an activation does."""
         maps = quant.maps(self.device)
-        for key, scale_key, qmap in (("exp_avg", "exp_avg_absmax", maps[0]), ("exp_avg_sq", "exp_avg_sq_absmax",
-                                                                               maps[1])):
+        for key, scale_key, qmap in (
+            ("exp_avg", "exp_avg_absmax", maps[0]),
+            ("exp_avg_sq", "exp_avg_sq_absmax", maps[1]),
+        ):
             if key not in saved:
                 continue
             value = saved[key].to(self.device)
@@ -73,8 +78,9 @@ class Checkpoint:
                 here[key].copy_(codes.reshape(here[key].shape))
                 here[scale_key].copy_(scales)
             else:
-                here[key].copy_(quant.dequantize(value, saved[scale_key].to(self.device), qmap).reshape(
-                    here[key].shape))
+                here[key].copy_(
+                    quant.dequantize(value, saved[scale_key].to(self.device), qmap).reshape(here[key].shape)
+                )
         weight = _local(p).detach().float().reshape(-1)
         if "master" in here:
             if "master" in saved:
@@ -104,34 +110,33 @@ class Checkpoint:
         if misa is None:
             raise ValueError("state_dict: not a MISA state_dict (no 'misa' entry)")
         if misa["module_names"] != self.module_names:
-            raise ValueError("state_dict: saved for a model with different modules "
-                             f"({len(misa['module_names'])} saved, {len(self.module_names)} here)")
+            raise ValueError(
+                "state_dict: saved for a model with different modules "
+                f"({len(misa['module_names'])} saved, {len(self.module_names)} here)"
+            )
         # The variant decides which parameters a module holds (its biases, say): name it when it is the cause.
         saved_variant = misa.get("variant", self.variant)
-        hint = (f" (saved with variant={saved_variant!r}, this optimizer has variant={self.variant!r})"
-                if saved_variant != self.variant else "")
+        hint = (
+            f" (saved with variant={saved_variant!r}, this optimizer has variant={self.variant!r})"
+            if saved_variant != self.variant
+            else ""
+        )
         if len(state_dict["param_groups"]) != len(self.param_groups):
             raise ValueError(f"state_dict: the number of param groups differs{hint}")
         for group, saved in zip(self.param_groups, state_dict["param_groups"]):
             if len(saved["params"]) != len(group["params"]):
-                raise ValueError(f"state_dict: a param group has a different number of parameters "
-                                 f"({len(saved['params'])} saved, {len(group['params'])} here){hint}")
+                raise ValueError(
+                    f"state_dict: a param group has a different number of parameters "
+                    f"({len(saved['params'])} saved, {len(group['params'])} here){hint}"
+                )
             for key, value in saved.items():
                 if key != "params":
                     group[key] = value
         # Switch to the saved active set, dropping every current module state.
         self.sampler.load_state_dict(misa["sampler"])
         self._switch(misa["active"], log=False, keep_states=set())
-        self._t = int(misa["t"])
-        self._period_len = int(misa["period_len"])
-        self._step_count = int(misa["step_count"])
-        self._S = misa["S"].to(device=self.device, dtype=torch.float32).clone()
-        self._skips = torch.full((), float(misa["skipped_steps"]), dtype=torch.float32, device=self.device)
-        self._period_skips = torch.full((), float(misa.get("period_skips", 0)), dtype=torch.float32,
-                                        device=self.device)
-        self._device_steps = self._device_steps or self.check_finite
-        self._skips_at_switch = self._skips.clone()
+        self.period.load(misa)
         for st in self.state.values():  # saved steps are true steps: no skips since "activation"
-            st["skips0"] = self._skips_at_switch
-        self._plan_version += 1  # the step counts a plan holds are made again from these
-        self.switch_log = list(misa["switch_log"])
+            st["skips0"] = self.period.skips_at_switch
+        self._states_loaded()  # the step counts a plan holds are made again from these
+        self._load_switch_log(misa["switch_log"])

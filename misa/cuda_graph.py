@@ -37,6 +37,15 @@ class CudaGraphStep:
 
     _capture = staticmethod(capture)  # tests on the CPU put a stand-in here
 
+    def _init_graph(self) -> None:
+        self._graph: Optional[Dict] = None  # the recording of the current plan, and its warm-up count
+        self._lr_devices: Optional[List[torch.Tensor]] = None
+        self._graph_recordings = 0
+
+    def _invalidate_graph(self) -> None:
+        """Drops the recorded step (a switch): its memory goes back now, and the next plan records anew."""
+        self._graph = None
+
     def _graph_lrs(self) -> Optional[List[torch.Tensor]]:
         """With cuda_graph=True the learning rates are device scalars (float64, exactly the groups' numbers),
         in the eager steps as in the replays, so that both fold them alike; None otherwise."""
@@ -52,7 +61,8 @@ class CudaGraphStep:
         """Runs this step from the recorded graph (recording it first when due) and returns True, or returns
         False for an eager step (warm-up, a fresh step, clipped gradients)."""
         cached = self._cached_norms
-        if (cached is not None and cached[0] == self._step_count) or self._reduce_sq_norms is not None or plan.fresh:
+        clipped = cached is not None and cached[0] == self.period.step_count
+        if clipped or self._reduce_sq_norms is not None or plan.fresh:
             return False
         key = (id(plan), tuple((g["betas"], g["eps"], g["weight_decay"]) for g in self.param_groups))
         rec: Optional[Dict] = self._graph

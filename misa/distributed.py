@@ -48,12 +48,16 @@ def prepare(opt: MISA, group: Optional[dist.ProcessGroup] = None) -> MISA:
     """Make `opt` safe under a process group: agreement check at every switch, and (FSDP2) norms summed
     over shards. Call it once, right after building the optimizer, on every rank."""
     if opt.release_grads:
-        raise ValueError("misa.distributed.prepare: MISA(release_grads=True) updates a tensor in a hook as soon as "
-                         "its local gradient exists, before DDP or FSDP2 reduce it over ranks: construct it without "
-                         "release_grads")
+        raise ValueError(
+            "misa.distributed.prepare: MISA(release_grads=True) updates a tensor in a hook as soon as "
+            "its local gradient exists, before DDP or FSDP2 reduce it over ranks: construct it without "
+            "release_grads"
+        )
     if opt.cuda_graph:
-        raise ValueError("misa.distributed.prepare: MISA(cuda_graph=True) records single-process steps; construct it "
-                         "without cuda_graph under torch.distributed")
+        raise ValueError(
+            "misa.distributed.prepare: MISA(cuda_graph=True) records single-process steps; construct it "
+            "without cuda_graph under torch.distributed"
+        )
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("misa.distributed.prepare: torch.distributed is not initialised")
     device = _comm_device(group)
@@ -67,14 +71,17 @@ def prepare(opt: MISA, group: Optional[dist.ProcessGroup] = None) -> MISA:
             if not torch.equal(other, gathered[0]):
                 names = lambda m: [opt.module_names[i] for i in torch.nonzero(m).flatten().tolist()]  # noqa: E731
                 raise ActiveSetMismatch(
-                    f"ranks disagree on the active modules at step {opt._step_count}: rank 0 has {names(gathered[0])}, "
-                    f"rank {rank} has {names(other)}; give every rank the same MISA seed")
+                    f"ranks disagree on the active modules at step {opt.period.step_count}: "
+                    f"rank 0 has {names(gathered[0])}, "
+                    f"rank {rank} has {names(other)}; give every rank the same MISA seed"
+                )
 
     # torch's fake process group (the memory planner's, misa/jobs/plan.py) moves no data: nothing to agree on
     if dist.get_backend(group) != "fake":
         opt._check_active_set = check
         check(opt._active)
     if _is_sharded(opt):
+
         def reduce(sq: torch.Tensor) -> None:
             if sq.device == device:
                 dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=group)
@@ -145,8 +152,14 @@ def _as_saved(tensor: torch.Tensor, param) -> torch.Tensor:
     if hasattr(param, "device_mesh"):  # FSDP2: this rank's shard of a global tensor shaped like param
         from torch.distributed.tensor import DTensor
 
-        return DTensor.from_local(tensor.view(param.to_local().shape), param.device_mesh, param.placements,
-                                  run_check=False, shape=param.shape, stride=param.stride())
+        return DTensor.from_local(
+            tensor.view(param.to_local().shape),
+            param.device_mesh,
+            param.placements,
+            run_check=False,
+            shape=param.shape,
+            stride=param.stride(),
+        )
     return tensor.view(param.shape)
 
 
@@ -183,8 +196,11 @@ def _state_tensors(optimizer: MISA, indices, saved=None):
             else:
                 values = torch.empty(st[key].shape, dtype=torch.float32, device=st[key].device)
                 entry[key] = _as_saved(values, p)
-                after.append(lambda st=st, key=key, scale_key=scale_key, q=maps[which], v=values: _requantize(
-                    st, key, scale_key, q, v))
+                after.append(
+                    lambda st=st, key=key, scale_key=scale_key, q=maps[which], v=values: _requantize(
+                        st, key, scale_key, q, v
+                    )
+                )
         for key in _VALUES:
             if key not in st:
                 continue
@@ -192,8 +208,9 @@ def _state_tensors(optimizer: MISA, indices, saved=None):
             if saved is None or name + key in saved:
                 entry[key] = _as_saved(st[key], p)
             elif name + other in saved:
-                value = torch.empty(st[key].shape, dtype=torch.float32 if other == "master" else torch.bfloat16,
-                                    device=st[key].device)
+                value = torch.empty(
+                    st[key].shape, dtype=torch.float32 if other == "master" else torch.bfloat16, device=st[key].device
+                )
                 entry[other] = _as_saved(value, p)
                 after.append(lambda st=st, key=key, p=p, v=value: _convert_value(st, key, _local_of(p), v))
             else:  # saved without either: start from the weight, as an activation does
@@ -236,8 +253,10 @@ def save_checkpoint(path, model: nn.Module, optimizer: MISA) -> None:
     blob = io.BytesIO()
     torch.save(sd, blob)
     blob.seek(0)
-    dcp.save({"model": model.state_dict(), "optimizer": _state_tensors(optimizer, sd["steps"])[0], _META: blob},
-             checkpoint_id=str(path))
+    dcp.save(
+        {"model": model.state_dict(), "optimizer": _state_tensors(optimizer, sd["steps"])[0], _META: blob},
+        checkpoint_id=str(path),
+    )
 
 
 def load_checkpoint(path, model: nn.Module, optimizer: MISA) -> None:

@@ -30,13 +30,18 @@ def _lean_step_hooks(step):
     from torch.optim import optimizer as torch_optimizer
 
     wrapped = torch.optim.Optimizer.profile_hook_step(step)
-    global_hooks = [getattr(torch_optimizer, name, None) for name in ("_global_optimizer_pre_hooks",
-                                                                       "_global_optimizer_post_hooks")]
+    global_hooks = [
+        getattr(torch_optimizer, name, None) for name in ("_global_optimizer_pre_hooks", "_global_optimizer_post_hooks")
+    ]
 
     @functools.wraps(step)
     def lean(self, *args, **kwargs):
-        if (torch._C._autograd._profiler_enabled() or self._optimizer_step_pre_hooks
-                or self._optimizer_step_post_hooks or any(h is None or h for h in global_hooks)):
+        if (
+            torch._C._autograd._profiler_enabled()
+            or self._optimizer_step_pre_hooks
+            or self._optimizer_step_post_hooks
+            or any(h is None or h for h in global_hooks)
+        ):
             return wrapped(self, *args, **kwargs)
         out = step(self, *args, **kwargs)
         self._optimizer_step_code()  # the profiler's Python tracer looks for this call
@@ -48,6 +53,23 @@ def _lean_step_hooks(step):
 
 class FusedStep:
     """MISA's step over the active set (a part of MISA)."""
+
+    def _init_step(self, check_finite: bool) -> None:
+        # step counts live on the device once steps may be skipped there, and for a recorded graph
+        self._device_steps = check_finite or self.cuda_graph
+        self._backend_resolved = None  # (fused backend or "",), resolved on the first step
+        self._plan, self._plan_version = None, 0  # the planned path's calls
+        self._no_gradient_warned = -1  # the plan version of the last step warned of having no gradient
+        self._cached_norms: Optional[Tuple[int, Tensor, Tensor]] = None  # clip_grad_norm_'s, for the next step
+
+    def _invalidate_plan(self) -> None:
+        """The next step makes its plan again (new states, views, slots or step counts)."""
+        self._plan_version += 1
+
+    def _states_loaded(self) -> None:
+        """Step counts a checkpoint wrote are true steps: kept on the device when steps may be skipped."""
+        self._device_steps = self._device_steps or self.check_finite
+        self._invalidate_plan()
 
     def _grads(self) -> List[Tuple[int, Tensor, Tensor, Optional[int]]]:
         """(group index, local param, local grad, slot or None) for every active param with a grad."""
@@ -123,10 +145,14 @@ class FusedStep:
             return
         self._no_gradient_warned = self._plan_version
         names = [self.module_names[b] for b in self._active]
-        warnings.warn(f"MISA.step: none of the {len(names)} active modules ({', '.join(names[:3])}"
-                      f"{', ...' if len(names) > 3 else ''}) has a gradient, so this step trains nothing; call "
-                      "backward() on a loss that depends on them first (a compiled model must retrace after a "
-                      "switch: see misa/compiled_switch.py)", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"MISA.step: none of the {len(names)} active modules ({', '.join(names[:3])}"
+            f"{', ...' if len(names) > 3 else ''}) has a gradient, so this step trains nothing; call "
+            "backward() on a loss that depends on them first (a compiled model must retrace after a "
+            "switch: see misa/compiled_switch.py)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
     def _grouped_step(self, entries) -> None:
         """The step on the torch backend (or with host step counts): one call per step count."""
@@ -154,7 +180,7 @@ class FusedStep:
     def _take_cached_norms(self) -> Optional[Tuple[Tensor, Tensor]]:
         """(per-slot squared norms, total) that clip_grad_norm_ left for this step, or None."""
         cached, self._cached_norms = self._cached_norms, None
-        return cached[1:] if cached is not None and cached[0] == self._step_count else None
+        return cached[1:] if cached is not None and cached[0] == self.period.step_count else None
 
     def _account(self, step_sq: Tensor, found: Optional[Tensor], steps: Sequence[Tensor] = ()) -> None:
         """The step's share of the importance statistic and the skip counters, on the device; `steps`: the
@@ -165,7 +191,7 @@ class FusedStep:
         per_module = self._per_module(step_sq)
         stat = per_module.sqrt() if self.v.norm_power == 1 else per_module
         if found is None:
-            self._S += stat
+            self.period.S.add_(stat)
             if steps:
                 torch._foreach_add_(list(steps), 1.0)
             return
@@ -173,7 +199,8 @@ class FusedStep:
             stat = stat * (1.0 - found)  # a skipped step adds nothing to the statistic
         # one call for every counter (the host time of a launch each is what a step is made of)
         kept = [torch.rsub(found, 1.0)] * len(steps) if steps else []
-        torch._foreach_add_([self._S, self._skips, self._period_skips, *steps], [stat, found, found, *kept])
+        period = self.period
+        torch._foreach_add_([period.S, period.skips, period.period_skips, *steps], [stat, found, found, *kept])
 
     def _reduced(self, step_sq: Tensor, per_entry: Tensor) -> Tuple[Tensor, Tensor]:
         """Per-slot squared norms and the total over every gradient, summed over shards (FSDP2) so that
@@ -191,10 +218,11 @@ class FusedStep:
         if not self._device_steps:
             return st["step"] + ahead
         # number - tensor launches one kernel; a tensor built from host data would copy and wait on a GPU
-        return float(st["step"] + ahead) - (self._skips - st["skips0"])
+        return float(st["step"] + ahead) - (self.period.skips - st["skips0"])
 
-    def _fused_steps(self, entries, step_sq: Optional[Tensor], found: Optional[Tensor] = None,
-                     call_base: int = 0) -> None:
+    def _fused_steps(
+        self, entries, step_sq: Optional[Tensor], found: Optional[Tensor] = None, call_base: int = 0
+    ) -> None:
         """One fused kernel call per (group, dtype, step count, activation, module-or-not, state format).
         `call_base` numbers the calls for the stochastic-rounding seeds (a released tensor's own index).
         On the fused backends, with step counts on the device, step() takes the planned path below instead:
@@ -203,7 +231,8 @@ class FusedStep:
         for gi, p, g, slot in entries:
             st = self.state[p]
             calls[(gi, _local(p).dtype, st["step"], id(st["skips0"]), slot is not None, "exp_avg_absmax" in st)].append(
-                (p, g, slot))
+                (p, g, slot)
+            )
         for call, ((gi, _, step, _, is_module, _), items) in enumerate(calls.items()):
             group = self.param_groups[gi]
             beta1, beta2 = group["betas"]
@@ -213,16 +242,27 @@ class FusedStep:
             if step_sq is not None and is_module:
                 slots = [s for _, _, s in items]
                 if slots == list(range(slots[0], slots[0] + len(slots))):
-                    norms = step_sq[slots[0]:slots[0] + len(slots)]  # a contiguous view: accumulate in place
+                    norms = step_sq[slots[0] : slots[0] + len(slots)]  # a contiguous view: accumulate in place
                 else:
                     norms = torch.zeros(len(slots), dtype=torch.float32, device=self.device)
                     scatter = self._index_tensor(slots)
             misa_kernels.adamw_step_(
-                params, [g for _, g, _ in items], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                step=self._true_step(states[0], ahead=1), fresh=step == 0, grad_sq_norms=norms, skip=found,
+                params,
+                [g for _, g, _ in items],
+                [s["exp_avg"] for s in states],
+                [s["exp_avg_sq"] for s in states],
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                step=self._true_step(states[0], ahead=1),
+                fresh=step == 0,
+                grad_sq_norms=norms,
+                skip=found,
                 backend=self.backend,
-                **self._rounding_args(states, call_base + call))
+                **self._rounding_args(states, call_base + call),
+            )
             if scatter is not None:
                 step_sq.index_copy_(0, scatter, norms)
             for s in states:
@@ -295,19 +335,20 @@ class FusedStep:
         norms = plan.norms.zero_()  # the plan's own buffer and views: no allocation, no slicing per step
         for c in plan.calls:
             if c["norms"] is not None:
-                c["prepared"].grad_sq_norms_(grads[c["begin"]:c["end"]], c["norms"])
+                c["prepared"].grad_sq_norms_(grads[c["begin"] : c["end"]], c["norms"])
             else:  # slots out of order: gathered, then put in place
                 part = torch.zeros(c["end"] - c["begin"], dtype=torch.float32, device=self.device)
-                c["prepared"].grad_sq_norms_(grads[c["begin"]:c["end"]], part)
+                c["prepared"].grad_sq_norms_(grads[c["begin"] : c["end"]], part)
                 norms.index_copy_(0, c["out"], part)
         if self._reduce_sq_norms is not None:
             self._reduce_sq_norms(norms)
         n = len(self._slots)
-        every = plan.module_norms if plan.n_norms == n + 1 else torch.cat([norms[:n], norms[n + 1:]])
+        every = plan.module_norms if plan.n_norms == n + 1 else torch.cat([norms[:n], norms[n + 1 :]])
         return plan.step_sq, every.sum()
 
-    def _planned_calls(self, plan: "_Plan", grads: List[Tensor], step_sq: Optional[Tensor],
-                       found: Optional[Tensor], lrs) -> None:
+    def _planned_calls(
+        self, plan: "_Plan", grads: List[Tensor], step_sq: Optional[Tensor], found: Optional[Tensor], lrs
+    ) -> None:
         """The plan's kernel calls. `step_sq`: per-slot norms to accumulate in the update's pass (None when
         measured before it); `lrs`: a device lr per param group (cuda_graph=True), or None for the groups'
         numbers. The calls' step counts advance in `_account`, with the other counters."""
@@ -317,13 +358,28 @@ class FusedStep:
             beta1, beta2 = group["betas"]
             norms = None
             if step_sq is not None and c["slots"] is not None:
-                norms = step_sq[c["slots"]] if isinstance(c["slots"], slice) else torch.zeros(
-                    c["end"] - c["begin"], dtype=torch.float32, device=self.device)
+                norms = (
+                    step_sq[c["slots"]]
+                    if isinstance(c["slots"], slice)
+                    else torch.zeros(c["end"] - c["begin"], dtype=torch.float32, device=self.device)
+                )
             # the seed only matters to stochastic rounding; a constant keeps Triton from specializing on it
-            seed = tensor_key(self.seed & 0x7FFFFFFF, self._step_count * 1024 + call) & 0x7FFFFFFF if stochastic else 0
-            c["prepared"](grads[c["begin"]:c["end"]], lr=group["lr"] if lrs is None else lrs[c["gi"]], beta1=beta1,
-                          beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], step=c["steps"],
-                          fresh=c["fresh"], grad_sq_norms=norms, skip=found, rounding=self.rounding, seed=seed)
+            step_key = self.period.step_count * 1024 + call
+            seed = tensor_key(self.seed & 0x7FFFFFFF, step_key) & 0x7FFFFFFF if stochastic else 0
+            c["prepared"](
+                grads[c["begin"] : c["end"]],
+                lr=group["lr"] if lrs is None else lrs[c["gi"]],
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                step=c["steps"],
+                fresh=c["fresh"],
+                grad_sq_norms=norms,
+                skip=found,
+                rounding=self.rounding,
+                seed=seed,
+            )
             if norms is not None and not isinstance(c["slots"], slice):
                 step_sq.index_copy_(0, c["slots"], norms)
 
@@ -334,17 +390,21 @@ class FusedStep:
             for st in c["states"]:
                 st["step"] += 1
         if plan.fresh:
-            self._plan_version += 1
+            self._invalidate_plan()
 
     def _rounding_args(self, states, call: int) -> Dict:
         """master_params or compensation, block scales of 8-bit states, rounding and seed for one kernel
         call (every state of a call has one format). The stochastic seed is a function of (seed, step,
         call), so a resumed run rounds exactly as the uninterrupted one."""
         first = states[0] if states else {}
-        seed = tensor_key(self.seed & 0x7FFFFFFF, self._step_count * 1024 + call) & 0x7FFFFFFF
+        seed = tensor_key(self.seed & 0x7FFFFFFF, self.period.step_count * 1024 + call) & 0x7FFFFFFF
         args = dict(rounding=self.rounding, seed=seed)
-        for key, arg in (("master", "master_params"), ("compensation", "compensation"),
-                         ("exp_avg_absmax", "exp_avg_absmax"), ("exp_avg_sq_absmax", "exp_avg_sq_absmax")):
+        for key, arg in (
+            ("master", "master_params"),
+            ("compensation", "compensation"),
+            ("exp_avg_absmax", "exp_avg_absmax"),
+            ("exp_avg_sq_absmax", "exp_avg_sq_absmax"),
+        ):
             if key in first:
                 args[arg] = [s[key] for s in states]
         return args
@@ -361,18 +421,26 @@ class FusedStep:
         for call, params in enumerate(calls.values()):
             states = [self.state[p] for p in params]
             misa_kernels.momentum_flush_(
-                [_local(p) for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], step=self._true_step(states[0]),
-                backend=self.backend, **self._rounding_args(states, 512 + call))
+                [_local(p) for p in params],
+                [s["exp_avg"] for s in states],
+                [s["exp_avg_sq"] for s in states],
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                step=self._true_step(states[0]),
+                backend=self.backend,
+                **self._rounding_args(states, 512 + call),
+            )
 
     def _steps_taken(self, st: Dict) -> int:
         """A state's true step count as a number (reads the device: for period ends and checkpoints)."""
-        return st["step"] - int(self._skips - st["skips0"]) if self._device_steps else st["step"]
+        return st["step"] - int(self.period.skips - st["skips0"]) if self._device_steps else st["step"]
 
     @property
     def skipped_steps(self) -> int:
         """Steps skipped for non-finite gradients so far (reads the device)."""
-        return int(self._skips)
+        return int(self.period.skips)
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> Tensor:
@@ -382,8 +450,10 @@ class FusedStep:
         if norm_type != 2.0:
             raise ValueError(f"norm_type: MISA clips by the L2 norm only, got {norm_type}")
         if self.release_grads:
-            raise RuntimeError("MISA(release_grads=True) cannot clip by the global norm: each tensor was updated and "
-                               "its gradient freed during backward, before the norm of all of them existed")
+            raise RuntimeError(
+                "MISA(release_grads=True) cannot clip by the global norm: each tensor was updated and "
+                "its gradient freed during backward, before the norm of all of them existed"
+            )
         planned = self._current_plan()
         if planned is None:
             entries = self._grads()
@@ -402,7 +472,7 @@ class FusedStep:
         # No host check of the norm: a non-finite norm makes coef non-finite, and step() skips on the device.
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         torch._foreach_mul_(grads, coef)
-        self._cached_norms = (self._step_count, step_sq * coef * coef, total_sq * coef * coef)
+        self._cached_norms = (self.period.step_count, step_sq * coef * coef, total_sq * coef * coef)
         return total
 
 
@@ -441,23 +511,42 @@ class _Plan:
                     slots = out = opt._index_tensor(numbers)
             else:
                 self.n_norms += len(items)
-            formats = {arg: [st[key] for st in states] for key, arg in (
-                ("master", "master_params"), ("compensation", "compensation"), ("exp_avg_absmax", "exp_avg_absmax"),
-                ("exp_avg_sq_absmax", "exp_avg_sq_absmax")) if key in states[0]}
+            formats = {
+                arg: [st[key] for st in states]
+                for key, arg in (
+                    ("master", "master_params"),
+                    ("compensation", "compensation"),
+                    ("exp_avg_absmax", "exp_avg_absmax"),
+                    ("exp_avg_sq_absmax", "exp_avg_sq_absmax"),
+                )
+                if key in states[0]
+            }
             params = [_local(p) for p, _ in items]
             exp_avgs, exp_avg_sqs = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
-            self.calls.append(dict(
-                gi=gi, fresh=fresh, states=states, slots=slots, out=out, params=params, exp_avgs=exp_avgs,
-                exp_avg_sqs=exp_avg_sqs, begin=len(self.params), end=len(self.params) + len(items),
-                prepared=misa_kernels.prepare_adamw_step(params, exp_avgs, exp_avg_sqs, backend=opt._fused_backend(),
-                                                         **formats),
-                steps=self._steps(opt, states)))
+            self.calls.append(
+                dict(
+                    gi=gi,
+                    fresh=fresh,
+                    states=states,
+                    slots=slots,
+                    out=out,
+                    params=params,
+                    exp_avgs=exp_avgs,
+                    exp_avg_sqs=exp_avg_sqs,
+                    begin=len(self.params),
+                    end=len(self.params) + len(items),
+                    prepared=misa_kernels.prepare_adamw_step(
+                        params, exp_avgs, exp_avg_sqs, backend=opt._fused_backend(), **formats
+                    ),
+                    steps=self._steps(opt, states),
+                )
+            )
             self.params += [p for p, _ in items]
         self.fresh = any(c["fresh"] for c in self.calls)
         self.steady_steps = [c["steps"] for c in self.calls if not c["fresh"]]  # advanced after each step
         # The step's squared norms (zeroed at each step; a CUDA graph records these addresses) and its views.
         self.norms = torch.zeros(self.n_norms, dtype=torch.float32, device=opt.device)
-        self.step_sq, self.module_norms = self.norms[:len(opt._slots) + 1], self.norms[:len(opt._slots)]
+        self.step_sq, self.module_norms = self.norms[: len(opt._slots) + 1], self.norms[: len(opt._slots)]
         for c in self.calls:
             c["norms"] = self.norms[c["out"]] if isinstance(c["out"], slice) else None
 

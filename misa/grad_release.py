@@ -17,6 +17,16 @@ from .active_set import _local
 class GradRelease:
     """Updates during backward (a part of MISA)."""
 
+    def _init_release(self, params) -> None:
+        self._released: set = set()  # tensors updated by their hook since the last step()
+        self._release_sq = torch.zeros(1, dtype=torch.float32, device=self.device)
+        if self.release_grads:
+            self._install_release_hooks(params)
+
+    def _reset_release(self) -> None:
+        """A new active set: one squared-norm accumulator per slot (and one for the rest)."""
+        self._release_sq = torch.zeros(len(self._slots) + 1, dtype=torch.float32, device=self.device)
+
     def _install_release_hooks(self, params) -> None:
         # The hook holds the optimizer weakly: a model must not keep a dropped optimizer alive.
         me = weakref.ref(self)
@@ -39,10 +49,12 @@ class GradRelease:
             return
         if p in self._released:
             name = self._param_names.get(p, "a tensor")
-            raise RuntimeError(f"MISA(release_grads=True): a second backward reached {name} before step(): each "
-                               "gradient updates its tensor as soon as it exists, so gradients cannot be accumulated "
-                               "over several backward passes; call step() after each backward, or construct MISA "
-                               "without release_grads")
+            raise RuntimeError(
+                f"MISA(release_grads=True): a second backward reached {name} before step(): each "
+                "gradient updates its tensor as soon as it exists, so gradients cannot be accumulated "
+                "over several backward passes; call step() after each backward, or construct MISA "
+                "without release_grads"
+            )
         g = _local(p.grad)
         if g.is_sparse:
             raise RuntimeError(f"MISA does not support sparse gradients ({self._param_names.get(p, 'a param')})")
@@ -65,6 +77,6 @@ class GradRelease:
         if self._reduce_sq_norms is not None:
             self._reduce_sq_norms(step_sq)
         per_module = self._per_module(step_sq)
-        self._S += per_module.sqrt() if self.v.norm_power == 1 else per_module
+        self.period.S.add_(per_module.sqrt() if self.v.norm_power == 1 else per_module)
         self._advance()
         return loss

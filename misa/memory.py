@@ -72,8 +72,8 @@ def _key(t: Tensor) -> Optional[int]:
 
 def optimizer_tensors(opt) -> List[Tensor]:
     """Every tensor an optimizer holds: its state, and what its own objects (those of misa, misa_kernels and
-    torch.optim) keep in attributes, lists and dicts. Modules are not walked into, and parameters (the model's
-weights) are left out."""
+        torch.optim) keep in attributes, lists and dicts. Modules are not walked into, and parameters (the model's
+    weights) are left out."""
     found: List[Tensor] = []
     seen = set()
     todo = deque([opt])
@@ -93,8 +93,9 @@ weights) are left out."""
             todo.extend(obj.values())
         elif isinstance(obj, (list, tuple, set, frozenset, deque)):
             todo.extend(obj)
-        elif type(obj).__module__.split(".")[0] in ("misa", "misa_kernels") or \
-                type(obj).__module__.startswith("torch.optim"):
+        elif type(obj).__module__.split(".")[0] in ("misa", "misa_kernels") or type(obj).__module__.startswith(
+            "torch.optim"
+        ):
             todo.extend(vars(obj).values() if hasattr(obj, "__dict__") else ())
             for slot in getattr(type(obj), "__slots__", ()):
                 if hasattr(obj, slot):
@@ -105,6 +106,7 @@ weights) are left out."""
 @dataclass
 class StepPeak:
     """One metered step: its peak bytes and, when tracked, the bytes of each kind at that moment."""
+
     peak_bytes: int
     parts: Optional[Dict[str, int]] = None
 
@@ -210,11 +212,17 @@ class StepPeakMeter:
             self._register_roots()
             self._step_peak, self._step_parts = self._total, dict(self._by_kind)
             self._peak_temporaries = set()
-            hooks = [p.register_post_accumulate_grad_hook(self._grad_ready)
-                     for p in self.model.parameters() if p.requires_grad]
+            hooks = [
+                p.register_post_accumulate_grad_hook(self._grad_ready)
+                for p in self.model.parameters()
+                if p.requires_grad
+            ]
             try:
-                with torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack), _Tracker(self), \
-                        _storage_resizes(self):
+                with (
+                    torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack),
+                    _Tracker(self),
+                    _storage_resizes(self),
+                ):
                     yield
             finally:
                 for h in hooks:
@@ -393,8 +401,13 @@ class MemoryMeter:
 
     def after_step(self, opt: torch.optim.Optimizer) -> None:
         held = optimizer_bytes(opt)
-        now = Accounted(trainable_params=self._trainable, adapter_bytes=sum(map(_nbytes, self._adapters)),
-                        grad_bytes=self._grads, state_bytes=held["states"], master_bytes=held["masters"])
+        now = Accounted(
+            trainable_params=self._trainable,
+            adapter_bytes=sum(map(_nbytes, self._adapters)),
+            grad_bytes=self._grads,
+            state_bytes=held["states"],
+            master_bytes=held["masters"],
+        )
         if now.total_bytes > self.peak.total_bytes:
             self.peak = now
         self.peak.trainable_params = max(self.peak.trainable_params, now.trainable_params)

@@ -10,10 +10,14 @@ one file per concern, that MISA composes:
 
     active_set.py    state formats, the arena and its typed views, slots of the active tensors
     schedule.py      periods, switches, the importance update and the next sample (sampler.py)
+    period.py        the period's counters as one record (MISA.period), which checkpoints read and write
     fused_step.py    step(): norms, the non-finite check, the fused misa_kernels calls, flush, clipping
     cuda_graph.py    cuda_graph=True: the steady step recorded once and replayed
     grad_release.py  release_grads=True: updates in backward hooks
     checkpoint.py    state_dict / load_state_dict, conversion between state formats
+
+Each part makes the state it owns (`_init_*`) and is the only one to write it (tests/test_parts.py); a switch
+announces itself once (`_switched`), and each part resets its own.
 
 LISA and BAdam (baselines.py) are MISA configured from the same parts.
 """
@@ -39,6 +43,7 @@ from .cuda_graph import CudaGraphStep
 from .fused_step import FusedStep
 from .grad_release import GradRelease
 from .partition import Partition, partition
+from .period import Period
 from .sampler import ORDERS, ImportanceSampler
 from .schedule import Schedule
 from .variants import Variant, resolve
@@ -62,8 +67,11 @@ def _check_config(lr, betas, eps, weight_decay, delta, eta, interval, warmup_int
         raise ValueError(f"delta: expected a fraction of all parameters in (0, 1], got {delta!r}")
     if eta != "auto" and not (isinstance(eta, (int, float)) and eta >= 0 and math.isfinite(eta)):
         raise ValueError(f"eta: expected a finite eta >= 0 or 'auto', got {eta!r}")
-    for name, value in (("interval", interval), ("warmup_interval", warmup_interval),
-                        ("min_flush_steps", min_flush_steps)):
+    for name, value in (
+        ("interval", interval),
+        ("warmup_interval", warmup_interval),
+        ("min_flush_steps", min_flush_steps),
+    ):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
 
@@ -179,17 +187,26 @@ class MISA(ActiveSet, Schedule, FusedStep, CudaGraphStep, GradRelease, Checkpoin
         if master_weights not in (None, True, False, "fp32", "kahan"):
             raise ValueError(f"master_weights: expected None, True, False, 'fp32' or 'kahan', got {master_weights!r}")
         if master_weights and rounding == "stochastic":
-            raise ValueError(f"master_weights={master_weights!r} and rounding='stochastic' exclude each other: "
-                             "stochastic rounding is the memory-free alternative to a master copy")
+            raise ValueError(
+                f"master_weights={master_weights!r} and rounding='stochastic' exclude each other: "
+                "stochastic rounding is the memory-free alternative to a master copy"
+            )
         if release_grads and check_finite:
-            raise ValueError("release_grads=True updates each tensor during backward, before every gradient exists, "
-                             "so a step with a non-finite gradient cannot be skipped as a whole: pass "
-                             "check_finite=False with it")
+            raise ValueError(
+                "release_grads=True updates each tensor during backward, before every gradient exists, "
+                "so a step with a non-finite gradient cannot be skipped as a whole: pass "
+                "check_finite=False with it"
+            )
         if cuda_graph and (rounding == "stochastic" or release_grads):
-            raise ValueError("cuda_graph=True records the steady step once and replays it: "
-                             + ("rounding='stochastic' changes its seed at every step" if rounding == "stochastic"
-                                else "release_grads=True updates during backward, outside any step")
-                             + "; use one or the other")
+            raise ValueError(
+                "cuda_graph=True records the steady step once and replays it: "
+                + (
+                    "rounding='stochastic' changes its seed at every step"
+                    if rounding == "stochastic"
+                    else "release_grads=True updates during backward, outside any step"
+                )
+                + "; use one or the other"
+            )
         self.rounding = rounding
         self.states = states
         self.release_grads = bool(release_grads)
@@ -203,9 +220,15 @@ class MISA(ActiveSet, Schedule, FusedStep, CudaGraphStep, GradRelease, Checkpoin
             raise ValueError(f"order: expected one of {', '.join(map(repr, ORDERS))}, got {order!r}")
         if backend not in ("auto", "torch", "triton", "cuda"):
             raise ValueError(f"backend: expected one of 'auto', 'torch', 'triton', 'cuda', got {backend!r}")
-        self.v: Variant = resolve(variant, flush=flush, keep_states=keep_states, norm_power=norm_power,
-                                  logit_cap=None if logit_cap is None or math.isinf(logit_cap) else logit_cap,
-                                  warmup_interval=warmup_interval, sample_last=sample_last)
+        self.v: Variant = resolve(
+            variant,
+            flush=flush,
+            keep_states=keep_states,
+            norm_power=norm_power,
+            logit_cap=None if logit_cap is None or math.isinf(logit_cap) else logit_cap,
+            warmup_interval=warmup_interval,
+            sample_last=sample_last,
+        )
         if logit_cap is not None and math.isinf(logit_cap) and self.v.logit_cap is not None:
             from dataclasses import replace
 
@@ -218,16 +241,20 @@ class MISA(ActiveSet, Schedule, FusedStep, CudaGraphStep, GradRelease, Checkpoin
         self.backend = backend
         self.check_finite = check_finite
         self.partition: Partition = partition(
-            model_or_named_params, granularity=granularity, include_embedding=include_embedding,
-            include_lm_head=include_lm_head, embedding_and_head_every_step=self.v.embedding_and_head_every_step,
-            train_1d=train_1d, module_biases=self.v.module_biases)
+            model_or_named_params,
+            granularity=granularity,
+            include_embedding=include_embedding,
+            include_lm_head=include_lm_head,
+            embedding_and_head_every_step=self.v.embedding_and_head_every_step,
+            train_1d=train_1d,
+            module_biases=self.v.module_biases,
+        )
         modules = self.partition.modules
         self.module_names: List[str] = [m.name for m in modules]
         sizes = [m.numel for m in modules]
         self.budget = self.delta * self.partition.total_params
         self._check_budget(sizes)
-        self.sampler = ImportanceSampler(
-            sizes, self.budget, eta=eta, beta=beta, order=order, variant=self.v, seed=seed)
+        self.sampler = ImportanceSampler(sizes, self.budget, eta=eta, beta=beta, order=order, variant=self.v, seed=seed)
 
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         groups = [{"params": [p for m in modules for _, p in m.params], "name": _MODULES_GROUP}]
@@ -240,46 +267,34 @@ class MISA(ActiveSet, Schedule, FusedStep, CudaGraphStep, GradRelease, Checkpoin
         every_param = [p for g in self.param_groups for p in g["params"]]
         devices = {_local(p).device for p in every_param}
         if len(devices) > 1:
-            raise ValueError(f"model_or_named_params: parameters on mixed devices ({', '.join(map(str, devices))}); "
-                             "MISA keeps one state arena per optimizer: move the model to one device")
+            raise ValueError(
+                f"model_or_named_params: parameters on mixed devices ({', '.join(map(str, devices))}); "
+                "MISA keeps one state arena per optimizer: move the model to one device"
+            )
         self.device = devices.pop()
         if rounding == "stochastic" and any(_local(p).dtype == torch.float16 for p in every_param):
-            raise ValueError("rounding='stochastic' supports bfloat16 parameters; the model has float16 ones: "
-                             "use master_weights=True instead")
+            raise ValueError(
+                "rounding='stochastic' supports bfloat16 parameters; the model has float16 ones: "
+                "use master_weights=True instead"
+            )
         self._index = {p: i for i, p in enumerate(every_param)}
         self._param_names = {p: n for m in modules for n, p in m.params}
         self._param_names.update({p: n for n, p in self.partition.always})
         self._always = [(gi, p) for gi, g in enumerate(self.param_groups) if gi > 0 for p in g["params"]]
         self.arena = StateArena(self._arena_capacity(modules), device=self.device)
-        # Non-finite steps are decided and skipped on the device (no host sync): a running count of
-        # skipped steps, its value when the current active set was drawn (a state's true step count is
-        # its attempted steps minus the skips since), and the skips of the current period.
-        self._skips = torch.zeros((), dtype=torch.float32, device=self.device)
-        self._skips_at_switch = self._skips.clone()
-        self._period_skips = torch.zeros((), dtype=torch.float32, device=self.device)
+        # the step counters, the importance statistic and the skip counts (period.py)
+        self.period = Period(self.device, self.warmup_interval)
         if self.cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph=True: CUDA graphs record CUDA kernels; the model is on {self.device}")
-        # step counts live on the device once steps may be skipped there, and for a recorded graph
-        self._device_steps = check_finite or self.cuda_graph
-        self._graph, self._lr_devices, self._graph_recordings = None, None, 0  # cuda_graph.py
-        self._backend_resolved = None  # (fused backend or "",), resolved on the first step
-        self._plan, self._plan_version = None, 0  # the planned path's calls (fused_step.py)
-        self._no_gradient_warned = -1  # the plan version of the last step warned of having no gradient
+        # each part makes the state it owns (and alone writes)
+        self._init_step(check_finite)  # fused_step.py
+        self._init_graph()  # cuda_graph.py
+        self._init_schedule()  # schedule.py
         for _, p in self._always:
             self._acquire(p)
 
-        self._active: List[int] = []
         # compiled_switch.py: a switch marks the modules it changes, so that a compiled model retraces
-        self._switch_tags = SwitchTags(model_or_named_params if isinstance(model_or_named_params, nn.Module)
-                                       else None)
-        self._t = 0  # optimizer steps into the current outer loop
-        self._period_len = self.warmup_interval
-        self._step_count = 0
-        self._held = False  # schedule.hold(): periods do not end, the active set changes only by set_active
-        self._S = torch.zeros(0, device=self.device)
-        self._cached_norms: Optional[Tuple[int, Tensor]] = None
-        self.switch_log: List[Dict] = []
-        self._switch_hooks: List[Callable[["MISA"], None]] = []
+        self._switch_tags = SwitchTags(model_or_named_params if isinstance(model_or_named_params, nn.Module) else None)
         # Distributed hooks (misa.distributed): sum per-tensor squared norms over shards, check agreement.
         self._reduce_sq_norms: Optional[Callable[[Tensor], None]] = None
         self._check_active_set: Optional[Callable[[List[int]], None]] = None
@@ -295,12 +310,15 @@ class MISA(ActiveSet, Schedule, FusedStep, CudaGraphStep, GradRelease, Checkpoin
                 p.grad = None
         for _, p in self._always:
             p.requires_grad_(True)
-        self._released: set = set()  # tensors updated by their hook since the last step()
-        self._release_sq = torch.zeros(1, dtype=torch.float32, device=self.device)
-        if self.release_grads:
-            self._install_release_hooks(every_param)
+        self._init_release(every_param)  # grad_release.py
         self._switch(self.sampler.sample())
         self._constructed = True
+
+    def _switched(self) -> None:
+        """A switch announces itself here, once (schedule.py); each part resets what it owns."""
+        self._invalidate_plan()  # new states, views and slots: the step's plan is made again
+        self._invalidate_graph()  # and a recorded step with it: its memory goes back now
+        self._reset_release()
 
     # ---------------------------------------------------------------- construction helpers (the rest: the parts)
     def _claim(self, params) -> None:
@@ -315,9 +333,11 @@ class MISA(ActiveSet, Schedule, FusedStep, CudaGraphStep, GradRelease, Checkpoin
         for p in params:
             other = owner(p)
             if other is not None and other is not self:
-                raise ValueError("model_or_named_params: these parameters already belong to another live MISA "
-                                 f"optimizer ({other!r}); two would fight over requires_grad. Delete the first one, "
-                                 "or give each optimizer its own parameters")
+                raise ValueError(
+                    "model_or_named_params: these parameters already belong to another live MISA "
+                    f"optimizer ({other!r}); two would fight over requires_grad. Delete the first one, "
+                    "or give each optimizer its own parameters"
+                )
         me = weakref.ref(self)
         for p in params:
             _OWNERS[p] = me
@@ -332,15 +352,21 @@ class MISA(ActiveSet, Schedule, FusedStep, CudaGraphStep, GradRelease, Checkpoin
             return
         n = sum(p.numel() for _, p in frozen)
         names = ", ".join(name for name, _ in frozen[:4]) + (", ..." if len(frozen) > 4 else "")
-        warnings.warn(f"MISA: {len(frozen)} parameter tensors ({n:,} parameters, {n / self.partition.total_params:.2%} "
-                      f"of the model: {names}) belong to no module and stay frozen for the whole run; train them at "
-                      "every step with always_train=[...] (train_1d=True for norms), or make the embedding and "
-                      "head modules with include_embedding/include_lm_head", UserWarning, stacklevel=3)
+        warnings.warn(
+            f"MISA: {len(frozen)} parameter tensors ({n:,} parameters, {n / self.partition.total_params:.2%} "
+            f"of the model: {names}) belong to no module and stay frozen for the whole run; train them at "
+            "every step with always_train=[...] (train_1d=True for norms), or make the embedding and "
+            "head modules with include_embedding/include_lm_head",
+            UserWarning,
+            stacklevel=3,
+        )
 
     def add_param_group(self, param_group) -> None:
         if getattr(self, "_constructed", False):
-            raise NotImplementedError("MISA.add_param_group: MISA decides which parameters train; pass extra "
-                                      "parameters (or param-group dicts) as always_train=... when constructing it")
+            raise NotImplementedError(
+                "MISA.add_param_group: MISA decides which parameters train; pass extra "
+                "parameters (or param-group dicts) as always_train=... when constructing it"
+            )
         super().add_param_group(param_group)
 
     def _check_budget(self, sizes: Sequence[int]) -> None:
@@ -350,19 +376,24 @@ class MISA(ActiveSet, Schedule, FusedStep, CudaGraphStep, GradRelease, Checkpoin
             raise ValueError(
                 f"delta={self.delta:g} is smaller than the smallest module ({self.module_names[smallest]}: "
                 f"{sizes[smallest]:,} parameters, {sizes[smallest] / total:.4%} of {total:,}); "
-                f"raise delta to at least {sizes[smallest] / total:.4g}")
+                f"raise delta to at least {sizes[smallest] / total:.4g}"
+            )
         largest = max(range(len(sizes)), key=lambda b: sizes[b])
         too_big = [self.module_names[b] for b in range(len(sizes)) if sizes[b] > self.budget]
         if too_big and self.order in ("misa", "uniform"):
-            warnings.warn(f"delta={self.delta:g}: {len(too_big)} module(s) are larger than the budget and will never "
-                          f"be trained (e.g. {too_big[0]}, {sizes[largest] / total:.4%} of all parameters)",
-                          UserWarning, stacklevel=3)
+            warnings.warn(
+                f"delta={self.delta:g}: {len(too_big)} module(s) are larger than the budget and will never "
+                f"be trained (e.g. {too_big[0]}, {sizes[largest] / total:.4%} of all parameters)",
+                UserWarning,
+                stacklevel=3,
+            )
         if self.order in ("ascending", "descending", "random"):
             if sizes[largest] > self.budget:
                 raise ValueError(
                     f"delta={self.delta:g}: order={self.order!r} visits every module, but "
                     f"{self.module_names[largest]} ({sizes[largest] / total:.4%} of all parameters) does not fit; "
-                    f"raise delta to at least {sizes[largest] / total:.4g}")
+                    f"raise delta to at least {sizes[largest] / total:.4g}"
+                )
 
     def _user_groups(self, always_train, groups) -> List[Dict]:
         if always_train is None:
@@ -383,13 +414,15 @@ class MISA(ActiveSet, Schedule, FusedStep, CudaGraphStep, GradRelease, Checkpoin
 
     def __repr__(self) -> str:
         frozen = sum(p.numel() for _, p in self._never_trained())
-        return (f"MISA(modules={len(self.module_names)}, delta={self.delta:g}, eta={self.eta}, "
-                f"interval={self.interval}, order={self.order!r}, variant={self.variant!r}, "
-                f"active={len(self._active)}, trainable={self.trainable_fraction:.2%}, "
-                f"never trained={frozen / self.partition.total_params:.2%}, "
-                f"states={self.formats['states']}, masters={self.formats['masters']}, "
-                f"bytes/element={self.formats['bytes_per_element']:.2f}, "
-                f"holds={sum(self.memory_bytes().values()) / 2**20:.2f} MiB)")
+        return (
+            f"MISA(modules={len(self.module_names)}, delta={self.delta:g}, eta={self.eta}, "
+            f"interval={self.interval}, order={self.order!r}, variant={self.variant!r}, "
+            f"active={len(self._active)}, trainable={self.trainable_fraction:.2%}, "
+            f"never trained={frozen / self.partition.total_params:.2%}, "
+            f"states={self.formats['states']}, masters={self.formats['masters']}, "
+            f"bytes/element={self.formats['bytes_per_element']:.2f}, "
+            f"holds={sum(self.memory_bytes().values()) / 2**20:.2f} MiB)"
+        )
 
 
 class BlockCoordinateDescentOptimizer(MISA):
@@ -399,15 +432,33 @@ class BlockCoordinateDescentOptimizer(MISA):
     runs on misa_kernels like MISA. Extra keyword arguments go to MISA (eta, interval, variant, ...).
     """
 
-    def __init__(self, base_optimizer: torch.optim.Optimizer, named_parameters_list, param_ratio_limit: float = 0.03,
-                 **misa_kwargs):
+    def __init__(
+        self,
+        base_optimizer: torch.optim.Optimizer,
+        named_parameters_list,
+        param_ratio_limit: float = 0.03,
+        **misa_kwargs,
+    ):
         if not isinstance(base_optimizer, (torch.optim.Adam, torch.optim.AdamW)):
             raise TypeError(f"base_optimizer: expected torch.optim.AdamW or Adam, got {type(base_optimizer).__name__}")
         d = base_optimizer.defaults
-        if isinstance(base_optimizer, torch.optim.Adam) and not isinstance(base_optimizer, torch.optim.AdamW) \
-                and d.get("weight_decay", 0.0) != 0.0 and not d.get("decoupled_weight_decay", False):
-            raise ValueError("base_optimizer: Adam with weight_decay is L2-regularised Adam; MISA implements "
-                             "AdamW's decoupled weight decay: pass torch.optim.AdamW")
+        if (
+            isinstance(base_optimizer, torch.optim.Adam)
+            and not isinstance(base_optimizer, torch.optim.AdamW)
+            and d.get("weight_decay", 0.0) != 0.0
+            and not d.get("decoupled_weight_decay", False)
+        ):
+            raise ValueError(
+                "base_optimizer: Adam with weight_decay is L2-regularised Adam; MISA implements "
+                "AdamW's decoupled weight decay: pass torch.optim.AdamW"
+            )
         self.base_optimizer = base_optimizer
-        super().__init__(list(named_parameters_list), lr=d["lr"], betas=d["betas"], eps=d["eps"],
-                         weight_decay=d.get("weight_decay", 0.0), delta=param_ratio_limit, **misa_kwargs)
+        super().__init__(
+            list(named_parameters_list),
+            lr=d["lr"],
+            betas=d["betas"],
+            eps=d["eps"],
+            weight_decay=d.get("weight_decay", 0.0),
+            delta=param_ratio_limit,
+            **misa_kwargs,
+        )

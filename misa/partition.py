@@ -55,16 +55,20 @@ def named_parameters(model_or_named_params) -> Tuple[NamedParams, Optional[nn.Mo
         seen = set()
         for item in model_or_named_params:
             if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], torch.Tensor)):
-                raise TypeError("model_or_named_params: expected an nn.Module or an iterable of (name, parameter) "
-                                f"pairs such as model.named_parameters(); got an item {type(item).__name__}")
+                raise TypeError(
+                    "model_or_named_params: expected an nn.Module or an iterable of (name, parameter) "
+                    f"pairs such as model.named_parameters(); got an item {type(item).__name__}"
+                )
             if id(item[1]) not in seen:
                 seen.add(id(item[1]))
                 items.append(item)
     if not items:
         if model is None:
-            raise ValueError("model_or_named_params: the iterable of (name, parameter) pairs was empty; a generator "
-                             "such as model.named_parameters() can be consumed only once: pass the model, or "
-                             "list(model.named_parameters())")
+            raise ValueError(
+                "model_or_named_params: the iterable of (name, parameter) pairs was empty; a generator "
+                "such as model.named_parameters() can be consumed only once: pass the model, or "
+                "list(model.named_parameters())"
+            )
         raise ValueError("model_or_named_params: the model has no parameters: nothing to partition")
     return items, model
 
@@ -138,6 +142,8 @@ def partition(
         groups.setdefault(key, Module(key, [], kind)).params.append((name, p))
     modules = list(groups.values())
     if not modules:
-        raise ValueError("model: nothing to partition: found no 2-D weight (nn.Linear, nn.Embedding, ...) to "
-                         "sample; MISA trains modules built of matrices")
+        raise ValueError(
+            "model: nothing to partition: found no 2-D weight (nn.Linear, nn.Embedding, ...) to "
+            "sample; MISA trains modules built of matrices"
+        )
     return Partition(modules=modules, always=always, frozen=frozen, total_params=total)

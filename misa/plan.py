@@ -1,8 +1,8 @@
-"""`python -m misa.plan`: the memory planner (misa/jobs/plan.py)."""
+"""`python -m misa.plan`: the memory planner lives in misa/jobs/plan.py (the library imports no job)."""
 
 import sys
 
-from .jobs.plan import main, plan  # noqa: F401
+from .jobs.plan import main, plan  # noqa: F401  (the planner as a function)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -33,6 +33,7 @@ def _on_host(method):
     def wrapped(*args, **kwargs):
         with host():
             return method(*args, **kwargs)
+
     return wrapped
 
 
@@ -204,8 +205,13 @@ class ImportanceSampler:
     @_on_host
     def state_dict(self) -> Dict:
         return {
-            "G": self.G.clone(), "k": self.k.clone(), "last": self.last.clone(), "loops": self.loops,
-            "rng": self.generator.get_state(), "cycle": list(self._cycle), "in_warmup": self.in_warmup,
+            "G": self.G.clone(),
+            "k": self.k.clone(),
+            "last": self.last.clone(),
+            "loops": self.loops,
+            "rng": self.generator.get_state(),
+            "cycle": list(self._cycle),
+            "in_warmup": self.in_warmup,
         }
 
     @_on_host

@@ -8,19 +8,24 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import TYPE_CHECKING, Callable, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
-import torch
 from torch import Tensor
 
 from .sampler import entropy
 
-if TYPE_CHECKING:
-    from .optimizer import MISA
-
 
 class Schedule:
     """Periods and switches of the active set (a part of MISA)."""
+
+    def _init_schedule(self) -> None:
+        self._active: List[int] = []
+        self._held = False  # hold(): periods do not end, the active set changes only by set_active
+        self.switch_log: List[Dict] = []
+        self._switch_hooks: List[Callable[["Schedule"], None]] = []
+
+    def _load_switch_log(self, log: Sequence[Dict]) -> None:
+        self.switch_log = list(log)
 
     @property
     def active_modules(self) -> List[str]:
@@ -40,9 +45,9 @@ class Schedule:
 
     @property
     def steps_in_period(self) -> int:
-        return self._t
+        return self.period.t
 
-    def register_switch_hook(self, hook: Callable[["MISA"], None]) -> None:
+    def register_switch_hook(self, hook: Callable[["Schedule"], None]) -> None:  # the MISA optimizer, a Schedule
         """`hook(optimizer)` runs after every switch of the active set (used to rebuild DDP)."""
         self._switch_hooks.append(hook)
 
@@ -55,15 +60,18 @@ class Schedule:
         for m in modules:
             b = index.get(m) if isinstance(m, str) else m
             if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b < len(self.module_names):
-                raise ValueError(f"modules: {m!r} is not one of this optimizer's {len(self.module_names)} modules "
-                                 f"(an index, or a name such as {self.module_names[0]!r})")
+                raise ValueError(
+                    f"modules: {m!r} is not one of this optimizer's {len(self.module_names)} modules "
+                    f"(an index, or a name such as {self.module_names[0]!r})"
+                )
             chosen.append(b)
         if len(set(chosen)) != len(chosen):
             raise ValueError("modules: a module is named twice")
         size = sum(self.sampler.sizes[b] for b in chosen)
         if size > self.budget:
-            raise ValueError(f"modules: {size:,} parameters, more than the budget of {int(self.budget):,} "
-                             f"(delta={self.delta:g})")
+            raise ValueError(
+                f"modules: {size:,} parameters, more than the budget of {int(self.budget):,} (delta={self.delta:g})"
+            )
         self._switch(chosen)
 
     @contextlib.contextmanager
@@ -95,7 +103,8 @@ class Schedule:
                     p.requires_grad_(False)
                     p.grad = None
         generation = self.arena.generation
-        self._skips_at_switch = self._skips.clone()
+        # the new period starts before the new states exist: they count their skips from here
+        self.period.start(len(new), self.warmup_interval if self.sampler.in_warmup else self.interval)
         for b in new:
             for p in self._module_params(b):
                 p.requires_grad_(True)
@@ -106,43 +115,46 @@ class Schedule:
             self._refresh_views(list(self.state.keys()))
         self._active = new
         self._build_slots()
-        self._plan_version += 1  # new states, views and slots: the step's plan is made again
-        self._graph = None  # and a recorded step (cuda_graph.py) with it: its memory goes back now
-        self._release_sq = torch.zeros(len(self._slots) + 1, dtype=torch.float32, device=self.device)
-        self._S = torch.zeros(len(new), dtype=torch.float32, device=self.device)
-        self._period_skips = torch.zeros((), dtype=torch.float32, device=self.device)
-        self._t = 0
-        self._period_len = self.warmup_interval if self.sampler.in_warmup else self.interval
+        self._switched()  # each part resets its own state (optimizer.py)
         if log:
             probs = self.probabilities
-            self.switch_log.append({
-                "step": self._step_count, "active_modules": self.active_modules,
-                "trainable_fraction": self.trainable_fraction, "entropy": entropy(probs),
-                "period_len": self._period_len, "warmup": self.sampler.in_warmup,
-            })
+            self.switch_log.append(
+                {
+                    "step": self.period.step_count,
+                    "active_modules": self.active_modules,
+                    "trainable_fraction": self.trainable_fraction,
+                    "entropy": entropy(probs),
+                    "period_len": self.period.length,
+                    "warmup": self.sampler.in_warmup,
+                }
+            )
         for hook in self._switch_hooks:
             hook(self)
 
     def _advance(self) -> None:
-        self._t += 1
-        self._step_count += 1
+        period = self.period
+        period.advance()
         if self.v.schedule == "global_step":
             # The authors' schedule: after every step while a module was never selected, then at multiples of T.
-            done = self._step_count % self.interval == 0 or self.sampler.never_selected()
+            done = period.step_count % self.interval == 0 or self.sampler.never_selected()
         else:
-            done = self._t >= self._period_len
+            done = period.t >= period.length
         if done and not self._held:
             self._end_period()
 
     def _end_period(self) -> None:
-        length = self._t
-        skipped = int(self._period_skips)  # the period's end reads the statistics anyway
+        length = self.period.t
+        skipped = int(self.period.period_skips)  # the period's end reads the statistics anyway
         if skipped:
-            warnings.warn(f"MISA: {skipped} of the last {length} steps had non-finite gradients and were skipped "
-                          "(parameters and optimizer state untouched)", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"MISA: {skipped} of the last {length} steps had non-finite gradients and were skipped "
+                "(parameters and optimizer state untouched)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         if self.flush and length - skipped >= self.min_flush_steps:
             self._flush()
         counted = length if self.v.count_nonfinite_steps else max(length - skipped, 1)
-        stats = (self._S / (self.interval if self.v.divide_by_interval else counted)).tolist()
+        stats = (self.period.S / (self.interval if self.v.divide_by_interval else counted)).tolist()
         self.sampler.update(self._active, stats)
         self._switch(self.sampler.sample())

@@ -55,8 +55,7 @@ class Variant:
         changed = {k: v for k, v in overrides.items() if v is not None and getattr(self, k) != v}
         if not changed:
             return self
-        return replace(self, name=f"{self.name}+" + ",".join(f"{k}={v}" for k, v in sorted(changed.items())),
-                       **changed)
+        return replace(self, name=f"{self.name}+" + ",".join(f"{k}={v}" for k, v in sorted(changed.items())), **changed)
 
     def check(self) -> "Variant":
         if self.norm_power not in (1, 2):
@@ -69,14 +68,38 @@ class Variant:
 
 
 PAPER = Variant(
-    name="paper", flush=True, keep_states=False, norm_power=2, logit_cap=None, compounding_correction=False,
-    divide_by_interval=False, schedule="periods", warmup_interval=None, sample_last=0, module_biases=True,
-    count_nonfinite_steps=False, skip_zero_statistic=False, embedding_and_head_every_step=False)
+    name="paper",
+    flush=True,
+    keep_states=False,
+    norm_power=2,
+    logit_cap=None,
+    compounding_correction=False,
+    divide_by_interval=False,
+    schedule="periods",
+    warmup_interval=None,
+    sample_last=0,
+    module_biases=True,
+    count_nonfinite_steps=False,
+    skip_zero_statistic=False,
+    embedding_and_head_every_step=False,
+)
 
 OFFICIAL = Variant(
-    name="official", flush=False, keep_states=True, norm_power=1, logit_cap=5.0, compounding_correction=True,
-    divide_by_interval=True, schedule="global_step", warmup_interval=1, sample_last=2, module_biases=False,
-    count_nonfinite_steps=True, skip_zero_statistic=True, embedding_and_head_every_step=True)
+    name="official",
+    flush=False,
+    keep_states=True,
+    norm_power=1,
+    logit_cap=5.0,
+    compounding_correction=True,
+    divide_by_interval=True,
+    schedule="global_step",
+    warmup_interval=1,
+    sample_last=2,
+    module_biases=False,
+    count_nonfinite_steps=True,
+    skip_zero_statistic=True,
+    embedding_and_head_every_step=True,
+)
 
 # Chosen by the ablation in benchmarks/results/ablation-cpu-small (main job, small model, 500 steps, 3
 # seeds): the authors' configuration had the lowest mean final validation loss (2.459 +- 0.012, against

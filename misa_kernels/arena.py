@@ -72,8 +72,9 @@ class StateArena:
     def keys(self):
         return self._blocks.keys()
 
-    def acquire(self, key: Hashable, numel_or_shape: Union[int, Sequence[int], torch.Size],
-                dtype: Optional[torch.dtype] = None) -> Tensor:
+    def acquire(
+        self, key: Hashable, numel_or_shape: Union[int, Sequence[int], torch.Size], dtype: Optional[torch.dtype] = None
+    ) -> Tensor:
         """A view of `numel_or_shape` elements of `dtype` (default: the buffer's) for `key`: the 8-bit
         states' codes and block scales and a bf16 compensation share one buffer with fp32 states. Its
         contents are undefined (the caller overwrites it, e.g. with a `fresh=True` step), which is why no
@@ -91,7 +92,8 @@ class StateArena:
         if slot is None:
             raise ArenaFull(
                 f"StateArena: no room for {key!r} ({numel} elements, {size} aligned): capacity {self.capacity}, "
-                f"used {self.used}, largest free block {self._largest_free()}")
+                f"used {self.used}, largest free block {self._largest_free()}"
+            )
         offset, hole = self._free.pop(slot)
         if hole > size:
             self._free.insert(slot, (offset + size, hole - size))
@@ -106,8 +108,8 @@ class StateArena:
         offset, size, shape, dtype = self._blocks[key]
         numel = math.prod(shape)
         if dtype == self.buffer.dtype:
-            return self.buffer[offset:offset + numel].view(shape)
-        return self.buffer[offset:offset + size].view(dtype)[:numel].view(shape)
+            return self.buffer[offset : offset + numel].view(shape)
+        return self.buffer[offset : offset + size].view(dtype)[:numel].view(shape)
 
     def release(self, key: Hashable) -> None:
         if key not in self._blocks:
@@ -134,10 +136,10 @@ class StateArena:
         cursor = 0
         for key, (offset, size, shape, dtype) in sorted(self._blocks.items(), key=lambda kv: kv[1][0]):
             if offset != cursor:
-                src = self.buffer[offset:offset + size]
+                src = self.buffer[offset : offset + size]
                 if offset - cursor < size:  # overlapping move
                     src = src.clone()
-                self.buffer[cursor:cursor + size].copy_(src)
+                self.buffer[cursor : cursor + size].copy_(src)
                 self._blocks[key] = (cursor, size, shape, dtype)
             cursor += size
         self._free = [(cursor, self.capacity - cursor)] if cursor < self.capacity else []

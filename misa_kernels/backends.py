@@ -39,8 +39,10 @@ def _triton_problem(device: torch.device) -> Optional[str]:
         return None
     if device.type == "cpu" and _interpreting():
         return None
-    return (f"triton runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 "
-            f"(set before triton is imported); got {device.type} tensors")
+    return (
+        f"triton runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 "
+        f"(set before triton is imported); got {device.type} tensors"
+    )
 
 
 def _cuda_problem(device: torch.device) -> Optional[str]:

@@ -39,8 +39,7 @@ def as_tensor_list(name: str, tensors) -> list:
         if t.is_sparse or t.layout != torch.strided:
             raise ValueError(f"{name}[{i}]: sparse tensors are not supported (layout {t.layout})")
         if not t.is_contiguous():
-            raise ValueError(f"{name}[{i}]: expected a contiguous tensor (shape {tuple(t.shape)}, "
-                             f"stride {t.stride()})")
+            raise ValueError(f"{name}[{i}]: expected a contiguous tensor (shape {tuple(t.shape)}, stride {t.stride()})")
     return list(tensors)
 
 
@@ -65,8 +64,10 @@ def check_params_and_grads(params: Sequence[Tensor], grads: Sequence[Tensor]) ->
         raise TypeError(f"params[0]: dtype {dtype} is not supported; expected one of float32, bfloat16, float16")
     for i, (p, g) in enumerate(zip(params, grads)):
         if p.dtype != dtype:
-            raise TypeError(f"params[{i}]: all params of one call must share a dtype; got {dtype} and "
-                            f"{p.dtype} (call once per dtype)")
+            raise TypeError(
+                f"params[{i}]: all params of one call must share a dtype; got {dtype} and "
+                f"{p.dtype} (call once per dtype)"
+            )
         if g.dtype != p.dtype:
             raise TypeError(f"grads[{i}]: expected dtype {p.dtype} (the parameter's), got {g.dtype}")
         if g.shape != p.shape:
@@ -83,14 +84,19 @@ def check_states(params: Sequence[Tensor], **states: Sequence[Tensor]) -> bool:
         for i, (p, s) in enumerate(zip(params, tensors)):
             if s.dtype != want:
                 if s.dtype in (STATE_DTYPE, quant.CODE_DTYPE):
-                    raise TypeError(f"{name}[{i}]: all states of one call share one format (float32, or uint8 "
-                                    f"codes of the 8-bit format); got {s.dtype} after {every[0].dtype} (call once "
-                                    "per format)")
-                raise TypeError(f"{name}[{i}]: optimizer states must be float32 (or uint8 codes of the 8-bit format), "
-                                f"got {s.dtype}")
+                    raise TypeError(
+                        f"{name}[{i}]: all states of one call share one format (float32, or uint8 "
+                        f"codes of the 8-bit format); got {s.dtype} after {every[0].dtype} (call once "
+                        "per format)"
+                    )
+                raise TypeError(
+                    f"{name}[{i}]: optimizer states must be float32 (or uint8 codes of the 8-bit format), got {s.dtype}"
+                )
             if s.numel() != p.numel():
-                raise ValueError(f"{name}[{i}]: expected {p.numel()} elements (shape {tuple(p.shape)}, "
-                                 f"the parameter's), got shape {tuple(s.shape)}")
+                raise ValueError(
+                    f"{name}[{i}]: expected {p.numel()} elements (shape {tuple(p.shape)}, "
+                    f"the parameter's), got shape {tuple(s.shape)}"
+                )
     return eight
 
 
@@ -106,8 +112,10 @@ def check_absmax(params: Sequence[Tensor], eight: bool, **absmaxes) -> list:
     out = []
     for name, value in absmaxes.items():
         if value is None:
-            raise ValueError(f"{name}: 8-bit (uint8) states need their fp32 block scales (one per "
-                             f"{quant.BLOCK} elements): pass a list of tensors")
+            raise ValueError(
+                f"{name}: 8-bit (uint8) states need their fp32 block scales (one per "
+                f"{quant.BLOCK} elements): pass a list of tensors"
+            )
         value = as_tensor_list(name, value)
         if len(value) != len(params):
             raise ValueError(f"{name}: expected {len(params)} tensors (one per parameter), got {len(value)}")
@@ -115,8 +123,10 @@ def check_absmax(params: Sequence[Tensor], eight: bool, **absmaxes) -> list:
             if a.dtype != torch.float32:
                 raise TypeError(f"{name}[{i}]: block scales must be float32, got {a.dtype}")
             if a.numel() != quant.n_blocks(p.numel()):
-                raise ValueError(f"{name}[{i}]: expected {quant.n_blocks(p.numel())} block scales (one per "
-                                 f"{quant.BLOCK} of the parameter's {p.numel()} elements), got {a.numel()}")
+                raise ValueError(
+                    f"{name}[{i}]: expected {quant.n_blocks(p.numel())} block scales (one per "
+                    f"{quant.BLOCK} of the parameter's {p.numel()} elements), got {a.numel()}"
+                )
         out.append(value)
     return out
 
@@ -131,14 +141,18 @@ def check_compensation(params: Sequence[Tensor], compensation, masters: list) ->
     if params and params[0].dtype == torch.float32:
         raise TypeError("compensation: the parameters are float32 and need no compensation; pass None")
     if masters:
-        raise ValueError("compensation and master_params exclude each other: the compensation is the compact "
-                         "alternative to an fp32 master copy")
+        raise ValueError(
+            "compensation and master_params exclude each other: the compensation is the compact "
+            "alternative to an fp32 master copy"
+        )
     for i, (p, c) in enumerate(zip(params, compensation)):
         if c.dtype != COMPENSATION_DTYPE:
             raise TypeError(f"compensation[{i}]: compensation buffers must be bfloat16, got {c.dtype}")
         if c.numel() != p.numel():
-            raise ValueError(f"compensation[{i}]: expected {p.numel()} elements (shape {tuple(p.shape)}, "
-                             f"the parameter's), got shape {tuple(c.shape)}")
+            raise ValueError(
+                f"compensation[{i}]: expected {p.numel()} elements (shape {tuple(p.shape)}, "
+                f"the parameter's), got shape {tuple(c.shape)}"
+            )
     return compensation
 
 
@@ -155,8 +169,10 @@ def check_master_params(params: Sequence[Tensor], masters: Optional[Sequence[Ten
         if w.dtype != torch.float32:
             raise TypeError(f"master_params[{i}]: master weights must be float32, got {w.dtype}")
         if w.numel() != p.numel():
-            raise ValueError(f"master_params[{i}]: expected {p.numel()} elements (shape {tuple(p.shape)}, "
-                             f"the parameter's), got shape {tuple(w.shape)}")
+            raise ValueError(
+                f"master_params[{i}]: expected {p.numel()} elements (shape {tuple(p.shape)}, "
+                f"the parameter's), got shape {tuple(w.shape)}"
+            )
     return masters
 
 
@@ -166,15 +182,19 @@ def check_rounding(rounding: str, dtype: torch.dtype, seed) -> bool:
         raise ValueError(f"rounding: expected 'nearest' or 'stochastic', got {rounding!r}")
     check_seed(seed)
     if rounding == "stochastic" and dtype == torch.float16:
-        raise TypeError("rounding='stochastic' supports bfloat16 parameters (float16 has too little range to "
-                        "train without a master copy): use master_params for float16")
+        raise TypeError(
+            "rounding='stochastic' supports bfloat16 parameters (float16 has too little range to "
+            "train without a master copy): use master_params for float16"
+        )
     return rounding == "stochastic" and dtype == torch.bfloat16
 
 
 def check_rounding_with(compensation, rounding: str) -> None:
     if compensation and rounding == "stochastic":
-        raise ValueError("compensation and rounding='stochastic' exclude each other: the compensation keeps the "
-                         "rounding error that stochastic rounding leaves to chance")
+        raise ValueError(
+            "compensation and rounding='stochastic' exclude each other: the compensation keeps the "
+            "rounding error that stochastic rounding leaves to chance"
+        )
 
 
 def check_distinct(**lists: Sequence[Tensor]) -> None:
@@ -189,8 +209,9 @@ def check_distinct(**lists: Sequence[Tensor]) -> None:
     for name, tensors in lists.items():
         for i, t in enumerate(tensors):
             if id(t) in seen:
-                raise ValueError(f"{name}[{i}] is the same tensor as {seen[id(t)]}: every operand must be its own "
-                                 "memory")
+                raise ValueError(
+                    f"{name}[{i}] is the same tensor as {seen[id(t)]}: every operand must be its own memory"
+                )
             seen[id(t)] = f"{name}[{i}]"
 
 
@@ -200,8 +221,10 @@ def check_grad_sq_norms(out: Optional[Tensor], n: int, device: torch.device) -> 
     if not isinstance(out, Tensor):
         raise TypeError(f"grad_sq_norms: expected a float32 tensor or None, got {type(out).__name__}")
     if out.dtype != torch.float32 or out.dim() != 1 or out.numel() != n or not out.is_contiguous():
-        raise ValueError(f"grad_sq_norms: expected a contiguous 1-D float32 tensor of {n} elements, "
-                         f"got dtype {out.dtype}, shape {tuple(out.shape)}")
+        raise ValueError(
+            f"grad_sq_norms: expected a contiguous 1-D float32 tensor of {n} elements, "
+            f"got dtype {out.dtype}, shape {tuple(out.shape)}"
+        )
     if out.device != device:
         raise ValueError(f"grad_sq_norms: expected a tensor on {device}, got one on {out.device}")
 
@@ -210,14 +233,17 @@ def check_skip(skip: Optional[Tensor], device: torch.device) -> None:
     if skip is None:
         return
     if not isinstance(skip, Tensor) or skip.dim() != 0 or skip.dtype != torch.float32:
-        raise TypeError(f"skip: expected None or a 0-d float32 tensor, got {type(skip).__name__} "
-                        f"{getattr(skip, 'dtype', '')} {tuple(getattr(skip, 'shape', ()))}")
+        raise TypeError(
+            f"skip: expected None or a 0-d float32 tensor, got {type(skip).__name__} "
+            f"{getattr(skip, 'dtype', '')} {tuple(getattr(skip, 'shape', ()))}"
+        )
     if skip.device != device:
         raise ValueError(f"skip: expected a tensor on {device}, got one on {skip.device}")
 
 
-def check_scalar_or_0d(name: str, value, device: torch.device, minimum: Optional[float] = None,
-                       integer: bool = False) -> None:
+def check_scalar_or_0d(
+    name: str, value, device: torch.device, minimum: Optional[float] = None, integer: bool = False
+) -> None:
     if isinstance(value, Tensor):
         if value.dim() != 0:
             raise ValueError(f"{name}: a tensor {name} must be 0-d, got shape {tuple(value.shape)}")
@@ -239,8 +265,10 @@ def check_step(step, n: int, device: torch.device) -> None:
     activated at different steps in one call)."""
     if isinstance(step, Tensor) and step.dim() == 1:
         if step.numel() != n or step.dtype != torch.float32 or not step.is_contiguous():
-            raise ValueError(f"step: a per-tensor step must be a contiguous 1-D float32 tensor of {n} entries (one per "
-                             f"parameter), got dtype {step.dtype}, shape {tuple(step.shape)}")
+            raise ValueError(
+                f"step: a per-tensor step must be a contiguous 1-D float32 tensor of {n} entries (one per "
+                f"parameter), got dtype {step.dtype}, shape {tuple(step.shape)}"
+            )
         if step.device != device:
             raise ValueError(f"step: expected a tensor on {device}, got one on {step.device}")
         return
@@ -319,10 +347,16 @@ def _grads_fit(grads, seen: "Validated") -> bool:
     if not isinstance(grads, (list, tuple)) or len(grads) != len(seen.shapes):
         return False
     try:
-        fits = (set(map(type, grads)) <= _PLAIN_SET and list(map(Tensor.size, grads)) == seen.shapes
-                and all(map(Tensor.is_contiguous, grads))  # raises for a sparse tensor: caught below
-                and (not grads or torch._C._group_tensors_by_device_and_dtype([list(grads)], False).keys()
-                     == {(seen.device, seen.dtype)}))
+        fits = (
+            set(map(type, grads)) <= _PLAIN_SET
+            and list(map(Tensor.size, grads)) == seen.shapes
+            and all(map(Tensor.is_contiguous, grads))  # raises for a sparse tensor: caught below
+            and (
+                not grads
+                or torch._C._group_tensors_by_device_and_dtype([list(grads)], False).keys()
+                == {(seen.device, seen.dtype)}
+            )
+        )
     except Exception:
         return False
     ids = set(map(id, grads))
@@ -345,10 +379,17 @@ def _check_kept(device, params, exp_avgs, exp_avg_sqs, optional, **other_lists) 
     masters = check_master_params(params, master_params)
     comp = check_compensation(params, compensation, masters)
     m_absmax, v_absmax = check_absmax(params, eight, exp_avg_absmax=m_absmax, exp_avg_sq_absmax=v_absmax)
-    check_device(device, master_params=masters, compensation=comp, exp_avg_absmax=m_absmax,
-                 exp_avg_sq_absmax=v_absmax)
-    check_distinct(params=params, **other_lists, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, master_params=masters,
-                   compensation=comp, exp_avg_absmax=m_absmax, exp_avg_sq_absmax=v_absmax)
+    check_device(device, master_params=masters, compensation=comp, exp_avg_absmax=m_absmax, exp_avg_sq_absmax=v_absmax)
+    check_distinct(
+        params=params,
+        **other_lists,
+        exp_avgs=exp_avgs,
+        exp_avg_sqs=exp_avg_sqs,
+        master_params=masters,
+        compensation=comp,
+        exp_avg_absmax=m_absmax,
+        exp_avg_sq_absmax=v_absmax,
+    )
     return [masters, comp, m_absmax, v_absmax]
 
 
@@ -366,13 +407,29 @@ def kept_operands(params, exp_avgs, exp_avg_sqs, optional=(None,) * 4):
     dtype = check_params_and_grads(params, params)
     rest = _check_kept(device, params, exp_avgs, exp_avg_sqs, optional)
     every = params + exp_avgs + exp_avg_sqs + [t for ts in rest for t in ts]
-    seen = Validated(device, dtype, [p.shape for p in params], set(map(id, every)),
-                     all(type(t) in PLAIN_TYPES for t in every))
+    seen = Validated(
+        device, dtype, [p.shape for p in params], set(map(id, every)), all(type(t) in PLAIN_TYPES for t in every)
+    )
     return [params, exp_avgs, exp_avg_sqs] + rest, seen
 
 
-def adamw_scalars(n: int, device, dtype, *, lr, beta1, beta2, eps, weight_decay, step, grad_sq_norms, skip,
-                  rounding, seed, compensation) -> bool:
+def adamw_scalars(
+    n: int,
+    device,
+    dtype,
+    *,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    step,
+    grad_sq_norms,
+    skip,
+    rounding,
+    seed,
+    compensation,
+) -> bool:
     """The checks of an `adamw_step_` call's scalars and small tensors; returns whether it rounds
     stochastically."""
     stochastic = check_rounding(rounding, dtype, seed)
@@ -396,8 +453,11 @@ def adamw_operands(params, grads, exp_avgs, exp_avg_sqs, optional=(None,) * 4, r
     key = _key(kept) if remember else None
     seen = _lookup(key)
     if seen is not None and _grads_fit(grads, seen):
-        return [list(params), list(grads), list(exp_avgs), list(exp_avg_sqs)] + _as_lists(optional), seen.device, \
-            seen.plain
+        return (
+            [list(params), list(grads), list(exp_avgs), list(exp_avg_sqs)] + _as_lists(optional),
+            seen.device,
+            seen.plain,
+        )
     params = as_tensor_list("params", params)
     grads = as_tensor_list("grads", grads)
     exp_avgs = as_tensor_list("exp_avgs", exp_avgs)

@@ -27,8 +27,10 @@ def _load():
         try:
             _ext = importlib.import_module("misa_kernels._C")
         except Exception as exc:  # ImportError, or an undefined symbol from a mismatched torch
-            _error = (f"the compiled extension misa_kernels._C is not available ({exc}); reinstall with "
-                      f"nvcc and a CUDA build of torch present (MISA_FORCE_CUDA_BUILD=1 pip install .)")
+            _error = (
+                f"the compiled extension misa_kernels._C is not available ({exc}); reinstall with "
+                f"nvcc and a CUDA build of torch present (MISA_FORCE_CUDA_BUILD=1 pip install .)"
+            )
     return _ext
 
 
@@ -54,8 +56,16 @@ _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # csrc/c
 def _scalar_args(sc, keep=None):
     # Exactly the host-folded values (scalars.py): the kernels do no arithmetic on hyperparameters.
     device = sc.device if sc.device is None or keep is None else tables.rows_of_kept(sc.device, keep, sc.per_tensor)
-    return (device, sc.one_minus_beta1, sc.beta2, sc.one_minus_beta2, sc.eps, sc.step_size,
-            sc.bias_correction2_sqrt, sc.decay)
+    return (
+        device,
+        sc.one_minus_beta1,
+        sc.beta2,
+        sc.one_minus_beta2,
+        sc.eps,
+        sc.step_size,
+        sc.bias_correction2_sqrt,
+        sc.decay,
+    )
 
 
 def _table_args(table: tables.ChunkTable, dtype: torch.dtype):
@@ -73,12 +83,33 @@ def _maps(device) -> Tensor:
     return found
 
 
-def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms: Optional[Tensor], master_params, *, lr,
-                beta1, beta2, eps, weight_decay, step, fresh, stochastic, seed, skip=None, compensation=(),
-                exp_avg_absmax=(), exp_avg_sq_absmax=(), prepared=None) -> None:
+def adamw_step_(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    grad_sq_norms: Optional[Tensor],
+    master_params,
+    *,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    step,
+    fresh,
+    stochastic,
+    seed,
+    skip=None,
+    compensation=(),
+    exp_avg_absmax=(),
+    exp_avg_sq_absmax=(),
+    prepared=None,
+) -> None:
     if prepared is None:  # a PreparedAdamW hands its own, made once for these operands
-        prepared = tables.prepare_formats([params, grads, exp_avgs, exp_avg_sqs], master_params, compensation,
-                                          (exp_avg_absmax, exp_avg_sq_absmax))
+        prepared = tables.prepare_formats(
+            [params, grads, exp_avgs, exp_avg_sqs], master_params, compensation, (exp_avg_absmax, exp_avg_sq_absmax)
+        )
     if prepared is None:
         return
     keep, lists, table, eight = prepared
@@ -86,9 +117,20 @@ def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms: Optional[Te
     sc = kernel_scalars(lr, step, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
     out = tables.norms_of_kept(grad_sq_norms, keep)
     partials = None if out is None else torch.empty(table.n_chunks, dtype=torch.float32, device=out.device)
-    extension().adamw_step_(*_table_args(table, lists[0][0].dtype), out, partials, *_scalar_args(sc, keep),
-                            bool(fresh), master, bool(stochastic), int(seed), skip, bool(compensation),
-                            _maps(lists[0][0].device) if eight else None, sc.per_tensor)
+    extension().adamw_step_(
+        *_table_args(table, lists[0][0].dtype),
+        out,
+        partials,
+        *_scalar_args(sc, keep),
+        bool(fresh),
+        master,
+        bool(stochastic),
+        int(seed),
+        skip,
+        bool(compensation),
+        _maps(lists[0][0].device) if eight else None,
+        sc.per_tensor,
+    )
     tables.scatter_norms(grad_sq_norms, out, keep)
 
 
@@ -107,15 +149,37 @@ def grad_sq_norms(tensors, out: Optional[Tensor] = None, prepared=None) -> Tenso
     return result
 
 
-def momentum_flush_(params, exp_avgs, exp_avg_sqs, master_params, *, lr, beta1, beta2, eps, step, stochastic,
-                    seed, compensation=(), exp_avg_absmax=(), exp_avg_sq_absmax=()) -> None:
-    prepared = tables.prepare_formats([params, exp_avgs, exp_avg_sqs], master_params, compensation,
-                        (exp_avg_absmax, exp_avg_sq_absmax))
+def momentum_flush_(
+    params,
+    exp_avgs,
+    exp_avg_sqs,
+    master_params,
+    *,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    step,
+    stochastic,
+    seed,
+    compensation=(),
+    exp_avg_absmax=(),
+    exp_avg_sq_absmax=(),
+) -> None:
+    prepared = tables.prepare_formats(
+        [params, exp_avgs, exp_avg_sqs], master_params, compensation, (exp_avg_absmax, exp_avg_sq_absmax)
+    )
     if prepared is None:
         return
     _, lists, table, eight = prepared
     master = bool(master_params)
     sc = kernel_scalars(lr, step, beta1=beta1, beta2=beta2, eps=eps, flush=True)
-    extension().momentum_flush_(*_table_args(table, lists[0][0].dtype), *_scalar_args(sc), master,
-                                bool(stochastic), int(seed), bool(compensation),
-                                _maps(lists[0][0].device) if eight else None)
+    extension().momentum_flush_(
+        *_table_args(table, lists[0][0].dtype),
+        *_scalar_args(sc),
+        master,
+        bool(stochastic),
+        int(seed),
+        bool(compensation),
+        _maps(lists[0][0].device) if eight else None,
+    )

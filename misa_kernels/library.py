@@ -23,9 +23,19 @@ def _number_or_tensor(value: float, tensor: Optional[Tensor]):
     return tensor if tensor is not None else value
 
 
-@torch.library.custom_op("misa::adamw_step_",
-                         mutates_args=("params", "exp_avgs", "exp_avg_sqs", "grad_sq_norms", "master_params",
-                                       "compensation", "exp_avg_absmax", "exp_avg_sq_absmax"))
+@torch.library.custom_op(
+    "misa::adamw_step_",
+    mutates_args=(
+        "params",
+        "exp_avgs",
+        "exp_avg_sqs",
+        "grad_sq_norms",
+        "master_params",
+        "compensation",
+        "exp_avg_absmax",
+        "exp_avg_sq_absmax",
+    ),
+)
 def adamw_step_op(
     params: List[Tensor],
     grads: List[Tensor],
@@ -51,17 +61,51 @@ def adamw_step_op(
     backend: str,
 ) -> None:
     backends.implementation(backend).adamw_step_(
-        params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms, master_params,
-        lr=_number_or_tensor(lr, lr_tensor), beta1=beta1, beta2=beta2, eps=eps,
-        weight_decay=weight_decay, step=_number_or_tensor(step, step_tensor), fresh=fresh,
-        stochastic=stochastic, seed=seed, skip=skip, **compact_kwargs(compensation, exp_avg_absmax, exp_avg_sq_absmax),
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        grad_sq_norms,
+        master_params,
+        lr=_number_or_tensor(lr, lr_tensor),
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        step=_number_or_tensor(step, step_tensor),
+        fresh=fresh,
+        stochastic=stochastic,
+        seed=seed,
+        skip=skip,
+        **compact_kwargs(compensation, exp_avg_absmax, exp_avg_sq_absmax),
     )
 
 
 @adamw_step_op.register_fake
-def _(params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms, master_params, compensation, exp_avg_absmax,
-      exp_avg_sq_absmax, lr, lr_tensor, step, step_tensor,
-      beta1, beta2, eps, weight_decay, fresh, stochastic, seed, skip, backend) -> None:
+def _(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    grad_sq_norms,
+    master_params,
+    compensation,
+    exp_avg_absmax,
+    exp_avg_sq_absmax,
+    lr,
+    lr_tensor,
+    step,
+    step_tensor,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    fresh,
+    stochastic,
+    seed,
+    skip,
+    backend,
+) -> None:
     return None
 
 
@@ -96,14 +140,39 @@ def momentum_flush_op(
     backend: str,
 ) -> None:
     backends.implementation(backend).momentum_flush_(
-        params, exp_avgs, exp_avg_sqs, master_params, lr=_number_or_tensor(lr, lr_tensor), beta1=beta1,
-        beta2=beta2, eps=eps, step=_number_or_tensor(step, step_tensor), stochastic=stochastic, seed=seed,
+        params,
+        exp_avgs,
+        exp_avg_sqs,
+        master_params,
+        lr=_number_or_tensor(lr, lr_tensor),
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        step=_number_or_tensor(step, step_tensor),
+        stochastic=stochastic,
+        seed=seed,
         **compact_kwargs(compensation, exp_avg_absmax, exp_avg_sq_absmax),
     )
 
 
 @momentum_flush_op.register_fake
-def _(params, exp_avgs, exp_avg_sqs, master_params, compensation, exp_avg_absmax, exp_avg_sq_absmax, lr, lr_tensor,
-      step, step_tensor, beta1, beta2, eps,
-      stochastic, seed, backend) -> None:
+def _(
+    params,
+    exp_avgs,
+    exp_avg_sqs,
+    master_params,
+    compensation,
+    exp_avg_absmax,
+    exp_avg_sq_absmax,
+    lr,
+    lr_tensor,
+    step,
+    step_tensor,
+    beta1,
+    beta2,
+    eps,
+    stochastic,
+    seed,
+    backend,
+) -> None:
     return None

@@ -87,24 +87,70 @@ def adamw_step_(
     as the rounding error. A fresh step reads neither codes, scales nor compensation.
     """
     optional = (master_params, compensation, exp_avg_absmax, exp_avg_sq_absmax)
-    lists, device, plain = checks.adamw_operands(params, grads, exp_avgs, exp_avg_sqs, optional,
-                                                 remember=not torch.compiler.is_compiling())
+    lists, device, plain = checks.adamw_operands(
+        params, grads, exp_avgs, exp_avg_sqs, optional, remember=not torch.compiler.is_compiling()
+    )
     if lists[0]:
-        run_adamw_step(lists, device, plain, backend, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                       weight_decay=weight_decay, step=step, fresh=fresh, grad_sq_norms=grad_sq_norms,
-                       rounding=rounding, seed=seed, skip=skip)
+        run_adamw_step(
+            lists,
+            device,
+            plain,
+            backend,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            step=step,
+            fresh=fresh,
+            grad_sq_norms=grad_sq_norms,
+            rounding=rounding,
+            seed=seed,
+            skip=skip,
+        )
 
 
-def run_adamw_step(lists, device, plain: bool, backend: str, *, lr, beta1, beta2, eps, weight_decay, step, fresh,
-                   grad_sq_norms, rounding, seed, skip, prepared=None, written=None) -> None:
+def run_adamw_step(
+    lists,
+    device,
+    plain: bool,
+    backend: str,
+    *,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    step,
+    fresh,
+    grad_sq_norms,
+    rounding,
+    seed,
+    skip,
+    prepared=None,
+    written=None,
+) -> None:
     """`adamw_step_` after its tensor lists were checked (by it, or once by a PreparedAdamW): the scalar
     checks, the backend, the launch. `prepared`: a callable giving the fused backends' chunk table tuple
     (tables.prepare_formats), or None to make it here; `written`: the tensors the call writes (kept by a
     PreparedAdamW), or None to list them here."""
     params, grads, exp_avgs, exp_avg_sqs, masters, comp, m_absmax, v_absmax = lists
-    stochastic = checks.adamw_scalars(len(params), device, params[0].dtype, lr=lr, beta1=beta1, beta2=beta2,
-                                      eps=eps, weight_decay=weight_decay, step=step, grad_sq_norms=grad_sq_norms,
-                                      skip=skip, rounding=rounding, seed=seed, compensation=comp)
+    stochastic = checks.adamw_scalars(
+        len(params),
+        device,
+        params[0].dtype,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        step=step,
+        grad_sq_norms=grad_sq_norms,
+        skip=skip,
+        rounding=rounding,
+        seed=seed,
+        compensation=comp,
+    )
     chosen = backends.resolve(backend, device)
     if _eager(plain):
         extra = library.compact_kwargs(comp, m_absmax, v_absmax)
@@ -112,18 +158,54 @@ def run_adamw_step(lists, device, plain: bool, backend: str, *, lr, beta1, beta2
             extra["prepared"] = prepared()
         with torch.no_grad():  # an update, as in torch.optim's step: the op is below autograd too
             backends.implementation(chosen).adamw_step_(
-                params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms, masters, lr=lr, beta1=beta1, beta2=beta2,
-                eps=eps, weight_decay=weight_decay, step=step, fresh=bool(fresh), stochastic=stochastic,
-                seed=int(seed), skip=skip, **extra)
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                grad_sq_norms,
+                masters,
+                lr=lr,
+                beta1=beta1,
+                beta2=beta2,
+                eps=eps,
+                weight_decay=weight_decay,
+                step=step,
+                fresh=bool(fresh),
+                stochastic=stochastic,
+                seed=int(seed),
+                skip=skip,
+                **extra,
+            )
         if written is None:
             written = [t for ts in (params, exp_avgs, exp_avg_sqs, masters, comp, m_absmax, v_absmax) for t in ts]
         _wrote(written if grad_sq_norms is None else written + [grad_sq_norms])
     else:
         lr_value, lr_tensor = _split(lr)
         step_value, step_tensor = _split(step)
-        torch.ops.misa.adamw_step_(params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms, masters, comp, m_absmax,
-                                   v_absmax, lr_value, lr_tensor, step_value, step_tensor, beta1, beta2, eps,
-                                   weight_decay, bool(fresh), stochastic, int(seed), skip, chosen)
+        torch.ops.misa.adamw_step_(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            grad_sq_norms,
+            masters,
+            comp,
+            m_absmax,
+            v_absmax,
+            lr_value,
+            lr_tensor,
+            step_value,
+            step_tensor,
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+            bool(fresh),
+            stochastic,
+            int(seed),
+            skip,
+            chosen,
+        )
     backends.record(chosen)
 
 
@@ -135,8 +217,9 @@ def grad_sq_norms(tensors: Sequence[Tensor], backend: str = "auto") -> Tensor:
     return run_grad_sq_norms(tensors, device, plain, backend)
 
 
-def run_grad_sq_norms(tensors, device, plain: bool, backend: str, out: Optional[Tensor] = None,
-                      prepared=None) -> Tensor:
+def run_grad_sq_norms(
+    tensors, device, plain: bool, backend: str, out: Optional[Tensor] = None, prepared=None
+) -> Tensor:
     """`grad_sq_norms` after its tensors were checked, the norms added to `out` when given (fp32, one per
     tensor); `prepared` as in `run_adamw_step` (a chunk table tuple of the tensors, tables.prepare)."""
     chosen = backends.resolve(backend, device)
@@ -178,8 +261,9 @@ def momentum_flush_(
     written as the rounded masters (`rounding` as in `adamw_step_`); the compact formats as in
     `adamw_step_` (8-bit states are only read, the compensation is updated)."""
     optional = (master_params, compensation, exp_avg_absmax, exp_avg_sq_absmax)
-    lists, device, plain = checks.flush_operands(params, exp_avgs, exp_avg_sqs, optional,
-                                                 remember=not torch.compiler.is_compiling())
+    lists, device, plain = checks.flush_operands(
+        params, exp_avgs, exp_avg_sqs, optional, remember=not torch.compiler.is_compiling()
+    )
     params, exp_avgs, exp_avg_sqs, masters, comp, m_absmax, v_absmax = lists
     if not params:
         return
@@ -191,17 +275,43 @@ def momentum_flush_(
     chosen = backends.resolve(backend, device)
     if _eager(plain):
         with torch.no_grad():
-            backends.implementation(chosen).momentum_flush_(params, exp_avgs, exp_avg_sqs, masters, lr=lr,
-                                                            beta1=beta1, beta2=beta2, eps=eps, step=step,
-                                                            stochastic=stochastic, seed=int(seed),
-                                                            **library.compact_kwargs(comp, m_absmax, v_absmax))
+            backends.implementation(chosen).momentum_flush_(
+                params,
+                exp_avgs,
+                exp_avg_sqs,
+                masters,
+                lr=lr,
+                beta1=beta1,
+                beta2=beta2,
+                eps=eps,
+                step=step,
+                stochastic=stochastic,
+                seed=int(seed),
+                **library.compact_kwargs(comp, m_absmax, v_absmax),
+            )
         _wrote(params + masters + comp)
     else:
         lr_value, lr_tensor = _split(lr)
         step_value, step_tensor = _split(step)
-        torch.ops.misa.momentum_flush_(params, exp_avgs, exp_avg_sqs, masters, comp, m_absmax, v_absmax, lr_value,
-                                       lr_tensor, step_value, step_tensor, beta1, beta2, eps, stochastic, int(seed),
-                                       chosen)
+        torch.ops.misa.momentum_flush_(
+            params,
+            exp_avgs,
+            exp_avg_sqs,
+            masters,
+            comp,
+            m_absmax,
+            v_absmax,
+            lr_value,
+            lr_tensor,
+            step_value,
+            step_tensor,
+            beta1,
+            beta2,
+            eps,
+            stochastic,
+            int(seed),
+            chosen,
+        )
     backends.record(chosen)
 
 

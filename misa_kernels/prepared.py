@@ -54,8 +54,9 @@ class PreparedAdamW:
         self._flat: List[Tensor] = [t for ts in self.lists for t in ts]  # every kept tensor is written
         # Views share their base's version counter: bumping each base once tells autograd of every write (the
         # states of an optimizer are views of one arena: one bump instead of one per tensor).
-        self._counters: List[Tensor] = list({id(b): b for b in (t if t._base is None else t._base
-                                                                 for t in self._flat)}.values())
+        self._counters: List[Tensor] = list(
+            {id(b): b for b in (t if t._base is None else t._base for t in self._flat)}.values()
+        )
         self._addresses = self._addresses_now()
         self._tables: "OrderedDict[tuple, tuple]" = OrderedDict()
         # (gradients, their addresses or None) that passed a norms call just now, for the step after it
@@ -82,9 +83,14 @@ class PreparedAdamW:
         if self._seen is not None and checks._grads_fit(grads, self._seen):
             return list(grads), self._seen.plain, None
         params, exp_avgs, exp_avg_sqs, masters, comp, m_absmax, v_absmax = self.lists
-        lists, _, plain = checks.adamw_operands(params, grads, exp_avgs, exp_avg_sqs,
-                                                (masters or None, comp or None, m_absmax or None, v_absmax or None),
-                                                remember=False)
+        lists, _, plain = checks.adamw_operands(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            (masters or None, comp or None, m_absmax or None, v_absmax or None),
+            remember=False,
+        )
         return lists[1], plain, None
 
     def _table(self, grads: List[Tensor], addresses: tuple, norms: bool):
@@ -96,8 +102,11 @@ class PreparedAdamW:
         found = self._tables.get(key)
         if found is None:
             params, exp_avgs, exp_avg_sqs, masters, comp, m_absmax, v_absmax = self.lists
-            made = tables.prepare([grads]) if norms else tables.prepare_formats(
-                [params, grads, exp_avgs, exp_avg_sqs], masters, comp, (m_absmax, v_absmax))
+            made = (
+                tables.prepare([grads])
+                if norms
+                else tables.prepare_formats([params, grads, exp_avgs, exp_avg_sqs], masters, comp, (m_absmax, v_absmax))
+            )
             if made is None:  # every tensor empty
                 return None
             keep = made[0]
@@ -131,9 +140,22 @@ class PreparedAdamW:
         self._checked = (grads, addresses[0] if addresses else None)
         return out
 
-    def __call__(self, grads: Sequence[Tensor], *, lr, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
-                 weight_decay: float = 0.0, step, fresh: bool = False, grad_sq_norms: Optional[Tensor] = None,
-                 rounding: str = "nearest", seed: int = 0, skip: Optional[Tensor] = None) -> None:
+    def __call__(
+        self,
+        grads: Sequence[Tensor],
+        *,
+        lr,
+        beta1: float = 0.9,
+        beta2: float = 0.999,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        step,
+        fresh: bool = False,
+        grad_sq_norms: Optional[Tensor] = None,
+        rounding: str = "nearest",
+        seed: int = 0,
+        skip: Optional[Tensor] = None,
+    ) -> None:
         """`adamw_step_(params, grads, exp_avgs, exp_avg_sqs, ..., **kept)` with the kept lists prepared."""
         if not self.lists[0]:
             checks.check_same_length(params=self.lists[0], grads=checks.as_tensor_list("grads", grads))
@@ -144,10 +166,25 @@ class PreparedAdamW:
         def table():
             return self._table(grads, addresses or tuple(map(Tensor.data_ptr, grads)), norms=False)
 
-        ops.run_adamw_step([params, grads, exp_avgs, exp_avg_sqs, masters, comp, m_absmax, v_absmax],
-                           self._seen.device, plain, self.backend, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                           weight_decay=weight_decay, step=step, fresh=fresh, grad_sq_norms=grad_sq_norms,
-                           rounding=rounding, seed=seed, skip=skip, prepared=table, written=self._counters)
+        ops.run_adamw_step(
+            [params, grads, exp_avgs, exp_avg_sqs, masters, comp, m_absmax, v_absmax],
+            self._seen.device,
+            plain,
+            self.backend,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            step=step,
+            fresh=fresh,
+            grad_sq_norms=grad_sq_norms,
+            rounding=rounding,
+            seed=seed,
+            skip=skip,
+            prepared=table,
+            written=self._counters,
+        )
 
 
 def prepare_adamw_step(
@@ -170,5 +207,6 @@ def prepare_adamw_step(
 
     It saves the host time of checking and tabling the kept tensors at every call. The backend is
     resolved at every call, as `adamw_step_` resolves it."""
-    return PreparedAdamW(params, exp_avgs, exp_avg_sqs,
-                         (master_params, compensation, exp_avg_absmax, exp_avg_sq_absmax), backend)
+    return PreparedAdamW(
+        params, exp_avgs, exp_avg_sqs, (master_params, compensation, exp_avg_absmax, exp_avg_sq_absmax), backend
+    )

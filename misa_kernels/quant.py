@@ -39,7 +39,7 @@ def _dynamic_map_values(signed: bool) -> Tuple[float, ...]:
     # evenly spaced in [0.1, 1], scaled by 10**(i-6); plus 0 and 1.
     values = []
     for i in range(7):
-        count = 2 ** i + 1 if signed else 2 ** (i + 1) + 1
+        count = 2**i + 1 if signed else 2 ** (i + 1) + 1
         edges = torch.linspace(0.1, 1, count, dtype=torch.float32)
         mids = ((edges[:-1] + edges[1:]) / 2.0).tolist()
         scale = 10 ** (i - 6)
@@ -62,8 +62,9 @@ _on_device: Dict[torch.device, Tuple[Tensor, Tensor]] = {}
 def _maps_on(device: torch.device) -> Tuple[Tensor, Tensor]:
     maps = _on_device.get(device)
     if maps is None:
-        maps = _on_device[device] = tuple(torch.tensor(_dynamic_map_values(s), dtype=torch.float32, device=device)
-                                          for s in (True, False))
+        maps = _on_device[device] = tuple(
+            torch.tensor(_dynamic_map_values(s), dtype=torch.float32, device=device) for s in (True, False)
+        )
     return maps
 
 
@@ -98,7 +99,7 @@ def quantize(x: Tensor, qmap: Tensor) -> Tuple[Tensor, Tensor]:
     absmax = blocks.abs().amax(dim=1)
     # An all-zero block would divide 0 by 0: its elements normalize to 0 (the zero code).
     scaled = torch.where(absmax[:, None] > 0, blocks / absmax[:, None], torch.zeros_like(blocks))
-    codes = nearest_code(scaled.reshape(-1)[:x.numel()], qmap).to(CODE_DTYPE)
+    codes = nearest_code(scaled.reshape(-1)[: x.numel()], qmap).to(CODE_DTYPE)
     return codes.view(x.shape), absmax
 
 

@@ -136,26 +136,80 @@ def adamw_step_(
         for i in range(len(params)):
             if params[i].numel() == 0:  # nothing to update, nothing added to its norm
                 continue
-            one = lambda xs, i=i: list(xs[i:i + 1]) if xs else []  # noqa: E731
-            adamw_step_(one(params), one(grads), one(exp_avgs), one(exp_avg_sqs),
-                        None if grad_sq_norms is None else grad_sq_norms[i:i + 1], one(master_params), lr=lr,
-                        beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step[i], fresh=fresh,
-                        stochastic=stochastic, seed=(seed + index * GOLDEN) & _MASK32, skip=skip,
-                        compensation=one(compensation), exp_avg_absmax=one(exp_avg_absmax),
-                        exp_avg_sq_absmax=one(exp_avg_sq_absmax))
+            one = lambda xs, i=i: list(xs[i : i + 1]) if xs else []  # noqa: E731
+            adamw_step_(
+                one(params),
+                one(grads),
+                one(exp_avgs),
+                one(exp_avg_sqs),
+                None if grad_sq_norms is None else grad_sq_norms[i : i + 1],
+                one(master_params),
+                lr=lr,
+                beta1=beta1,
+                beta2=beta2,
+                eps=eps,
+                weight_decay=weight_decay,
+                step=step[i],
+                fresh=fresh,
+                stochastic=stochastic,
+                seed=(seed + index * GOLDEN) & _MASK32,
+                skip=skip,
+                compensation=one(compensation),
+                exp_avg_absmax=one(exp_avg_absmax),
+                exp_avg_sq_absmax=one(exp_avg_sq_absmax),
+            )
             index += 1
         return
     if compensation or exp_avg_absmax:
-        _compact(params, exp_avgs, exp_avg_sqs, master_params, compensation, exp_avg_absmax, exp_avg_sq_absmax,
-                 fresh=fresh, skip=skip,
-                 step=lambda m, v, w: adamw_step_(params, grads, m, v, grad_sq_norms, w, lr=lr, beta1=beta1,
-                                                  beta2=beta2, eps=eps, weight_decay=weight_decay, step=step,
-                                                  fresh=fresh, stochastic=stochastic, seed=seed, skip=skip))
+        _compact(
+            params,
+            exp_avgs,
+            exp_avg_sqs,
+            master_params,
+            compensation,
+            exp_avg_absmax,
+            exp_avg_sq_absmax,
+            fresh=fresh,
+            skip=skip,
+            step=lambda m, v, w: adamw_step_(
+                params,
+                grads,
+                m,
+                v,
+                grad_sq_norms,
+                w,
+                lr=lr,
+                beta1=beta1,
+                beta2=beta2,
+                eps=eps,
+                weight_decay=weight_decay,
+                step=step,
+                fresh=fresh,
+                stochastic=stochastic,
+                seed=seed,
+                skip=skip,
+            ),
+        )
         return
     if skip is not None:
-        _skippable_step(params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms, master_params, skip, lr=lr,
-                        beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step, fresh=fresh,
-                        stochastic=stochastic, seed=seed)
+        _skippable_step(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            grad_sq_norms,
+            master_params,
+            skip,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            step=step,
+            fresh=fresh,
+            stochastic=stochastic,
+            seed=seed,
+        )
         return
     bias_correction1, bc2_sqrt = _bias_corrections(beta1, beta2, step)
     step_size = lr / bias_correction1
@@ -184,8 +238,9 @@ def adamw_step_(
     _write_back(params, p, stochastic, seed)
 
 
-def _skippable_step(params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms, master_params, skip: Tensor, *, fresh,
-                    **hyper) -> None:
+def _skippable_step(
+    params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms, master_params, skip: Tensor, *, fresh, **hyper
+) -> None:
     """The step, then every written tensor selected back on the device where `skip` is set (no host
     sync): a skipped step leaves everything as it was, except that a fresh one leaves zero states and
     masters equal to the weights."""
@@ -198,8 +253,12 @@ def _skippable_step(params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms, master_
     }
     norms_before = grad_sq_norms.clone() if grad_sq_norms is not None else None
     adamw_step_(params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms, master_params, fresh=fresh, **hyper)
-    for name, tensors in (("params", params), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs),
-                          ("master_params", master_params)):
+    for name, tensors in (
+        ("params", params),
+        ("exp_avgs", exp_avgs),
+        ("exp_avg_sqs", exp_avg_sqs),
+        ("master_params", master_params),
+    ):
         for t, old in zip(tensors, before[name]):
             t.copy_(torch.where(keep, t, old))
     if grad_sq_norms is not None:
@@ -232,10 +291,21 @@ def momentum_flush_(
     exp_avg_sq_absmax: Sequence[Tensor] = (),
 ) -> None:
     if compensation or exp_avg_absmax:
-        _compact(params, exp_avgs, exp_avg_sqs, master_params, compensation, exp_avg_absmax, exp_avg_sq_absmax,
-                 fresh=False, skip=None, writes_states=False,
-                 step=lambda m, v, w: momentum_flush_(params, m, v, w, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                                                      step=step, stochastic=stochastic, seed=seed))
+        _compact(
+            params,
+            exp_avgs,
+            exp_avg_sqs,
+            master_params,
+            compensation,
+            exp_avg_absmax,
+            exp_avg_sq_absmax,
+            fresh=False,
+            skip=None,
+            writes_states=False,
+            step=lambda m, v, w: momentum_flush_(
+                params, m, v, w, lr=lr, beta1=beta1, beta2=beta2, eps=eps, step=step, stochastic=stochastic, seed=seed
+            ),
+        )
         return
     bias_correction1, bc2_sqrt = _bias_corrections(beta1, beta2, step)
     step_size = lr * (beta1 / (1 - beta1)) / bias_correction1
@@ -249,8 +319,20 @@ def momentum_flush_(
     _write_back(params, p, stochastic, seed)
 
 
-def _compact(params, exp_avgs, exp_avg_sqs, master_params, compensation, m_absmax, v_absmax, *, fresh: bool,
-             skip: Optional[Tensor], step: Callable, writes_states: bool = True) -> None:
+def _compact(
+    params,
+    exp_avgs,
+    exp_avg_sqs,
+    master_params,
+    compensation,
+    m_absmax,
+    v_absmax,
+    *,
+    fresh: bool,
+    skip: Optional[Tensor],
+    step: Callable,
+    writes_states: bool = True,
+) -> None:
     """The compact formats, defined by the fp32 step they stand for: 8-bit states (codes + absmax,
     quant.py) are dequantized into fp32, a Kahan compensation `c` (bf16) makes the fp32 value `p + c`
     the master; `step(m, v, masters)` runs the fp32 update on them; then the new fp32 states are
@@ -269,8 +351,10 @@ def _compact(params, exp_avgs, exp_avg_sqs, master_params, compensation, m_absma
     else:
         m32, v32 = list(exp_avgs), list(exp_avg_sqs)
     if compensation:
-        working = [p.float().reshape(-1) if fresh else p.float().reshape(-1) + c.float().reshape(-1)
-                   for p, c in zip(params, compensation)]
+        working = [
+            p.float().reshape(-1) if fresh else p.float().reshape(-1) + c.float().reshape(-1)
+            for p, c in zip(params, compensation)
+        ]
     else:
         working = master_params
     step(m32, v32, working)
@@ -282,8 +366,10 @@ def _compact(params, exp_avgs, exp_avg_sqs, master_params, compensation, m_absma
 
     if eight and writes_states:
         for i in range(len(params)):
-            for codes, absmax, value, qmap in ((exp_avgs[i], m_absmax[i], m32[i], qs),
-                                               (exp_avg_sqs[i], v_absmax[i], v32[i], qu)):
+            for codes, absmax, value, qmap in (
+                (exp_avgs[i], m_absmax[i], m32[i], qs),
+                (exp_avg_sqs[i], v_absmax[i], v32[i], qu),
+            ):
                 new_codes, new_absmax = quant.quantize(value, qmap)
                 write(codes, new_codes)
                 write(absmax, new_absmax)

@@ -70,13 +70,15 @@ def kernel_scalars(
     betas = _betas(beta1, beta2, eps)
     if not isinstance(lr, torch.Tensor) and not isinstance(step, torch.Tensor):
         step_size, bc2_sqrt, decay = _fold(float(lr), float(step), beta1, beta2, weight_decay, flush)
-        return KernelScalars(**betas, step_size=fp32(step_size), bias_correction2_sqrt=fp32(bc2_sqrt),
-                             decay=fp32(decay))
+        return KernelScalars(
+            **betas, step_size=fp32(step_size), bias_correction2_sqrt=fp32(bc2_sqrt), decay=fp32(decay)
+        )
     device = lr.device if isinstance(lr, torch.Tensor) else step.device
     per_tensor = isinstance(step, torch.Tensor) and step.dim() == 1
     if not isinstance(lr, torch.Tensor):
-        return KernelScalars(**betas, device=_fold_device_step(float(lr), step, beta1, beta2, weight_decay, flush),
-                             per_tensor=per_tensor)
+        return KernelScalars(
+            **betas, device=_fold_device_step(float(lr), step, beta1, beta2, weight_decay, flush), per_tensor=per_tensor
+        )
 
     def on_device(x):
         # torch.full launches a fill; a tensor built from host data would be a copy that waits on a GPU
@@ -87,8 +89,11 @@ def kernel_scalars(
     step_size, bc2_sqrt, decay = _fold(on_device(lr), on_device(step), beta1, beta2, weight_decay, flush)
     bc2_sqrt, decay = on_device(bc2_sqrt), on_device(decay)
     if per_tensor:  # rows [step_size, bc2_sqrt, decay] per tensor
-        packed = torch.stack([step_size.expand(step.shape), bc2_sqrt.expand(step.shape), decay.expand(step.shape)],
-                             dim=1).to(torch.float32).reshape(-1)
+        packed = (
+            torch.stack([step_size.expand(step.shape), bc2_sqrt.expand(step.shape), decay.expand(step.shape)], dim=1)
+            .to(torch.float32)
+            .reshape(-1)
+        )
         return KernelScalars(**betas, device=packed, per_tensor=True)
     packed = torch.stack([step_size, bc2_sqrt, decay]).to(torch.float32)
     return KernelScalars(**betas, device=packed)
@@ -97,8 +102,9 @@ def kernel_scalars(
 _FOLD_CONSTANTS: dict = {}
 
 
-def _fold_device_step(lr: float, step: torch.Tensor, beta1: float, beta2: float, weight_decay: float,
-                      flush: bool) -> torch.Tensor:
+def _fold_device_step(
+    lr: float, step: torch.Tensor, beta1: float, beta2: float, weight_decay: float, flush: bool
+) -> torch.Tensor:
     """[step_size, bias_correction2_sqrt, decay] for a number lr and a device step (MISA's step once
     skips are counted on the device), in float64, in 6 small launches rather than one per operation:
 
@@ -112,8 +118,10 @@ def _fold_device_step(lr: float, step: torch.Tensor, beta1: float, beta2: float,
     consts = _FOLD_CONSTANTS.get(key)
     if consts is None:
         scale = beta1 / (1.0 - beta1) if flush else 1.0  # the flush's lr multiplier (no decay there)
-        rows = torch.tensor([[beta1, beta2, 0.0], [-1.0, 0.5, 0.0], [0.0, 1.0, 1.0],
-                             [scale, 0.0, 0.0 if flush else -weight_decay]], dtype=torch.float64).to(step.device)
+        rows = torch.tensor(
+            [[beta1, beta2, 0.0], [-1.0, 0.5, 0.0], [0.0, 1.0, 1.0], [scale, 0.0, 0.0 if flush else -weight_decay]],
+            dtype=torch.float64,
+        ).to(step.device)
         consts = _FOLD_CONSTANTS[key] = [*rows.unbind(), None, None]  # bases, powers, base_a, per_lr, (lr, vector)
     bases, powers, base_a, per_lr, lr_seen, per_lr_vector = consts
     if lr_seen != lr:

@@ -72,8 +72,12 @@ def prepare(lists: Sequence[Sequence[Tensor]], masters: Sequence[Tensor] = (), c
     return keep, kept, build(kept, chunk)
 
 
-def prepare_formats(lists: Sequence[Sequence[Tensor]], master_params: Sequence[Tensor],
-                    compensation: Sequence[Tensor], absmaxes: Tuple[Sequence[Tensor], Sequence[Tensor]]):
+def prepare_formats(
+    lists: Sequence[Sequence[Tensor]],
+    master_params: Sequence[Tensor],
+    compensation: Sequence[Tensor],
+    absmaxes: Tuple[Sequence[Tensor], Sequence[Tensor]],
+):
     """`prepare` for the state formats: the operands in the fused kernels' order (the lists, the block scales
     of 8-bit states, then the master or the compensation) and a chunk that holds whole quantization blocks
     when the states are 8-bit. Returns prepare's tuple plus whether the states are 8-bit, or None."""
@@ -130,10 +134,16 @@ def build(operands: Sequence[Sequence[Tensor]], chunk: Optional[int] = None) -> 
     n_chunks, n_tensors = len(chunk_tensor), len(numels)
     offsets = split_points(n_chunks, n_tensors)
     table = ChunkTable(
-        n_chunks=n_chunks, n_tensors=n_tensors, n_operands=len(operands), chunk=chunk, flat=flat,
-        chunk_tensor=flat[offsets[0]:offsets[1]], chunk_start=flat[offsets[1]:offsets[2]],
-        numels=flat[offsets[2]:offsets[3]], chunk_begin=flat[offsets[3]:offsets[4]],
-        addresses=flat[offsets[4]:].view(len(operands), n_tensors),
+        n_chunks=n_chunks,
+        n_tensors=n_tensors,
+        n_operands=len(operands),
+        chunk=chunk,
+        flat=flat,
+        chunk_tensor=flat[offsets[0] : offsets[1]],
+        chunk_start=flat[offsets[1] : offsets[2]],
+        numels=flat[offsets[2] : offsets[3]],
+        chunk_begin=flat[offsets[3] : offsets[4]],
+        addresses=flat[offsets[4] :].view(len(operands), n_tensors),
         aligned16=all(a % 16 == 0 for a in addresses),
     )
     _cache[h] = (key, table)

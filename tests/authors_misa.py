@@ -15,9 +15,22 @@ import torch
 
 
 class AuthorsMISA:
-    def __init__(self, modules: Sequence[List[torch.Tensor]], total_params: int, *, ratio: float, interval: int,
-                 eta: float, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 beta: float = 0.8, sample_last: int = 2, cap: float = 5.0):
+    def __init__(
+        self,
+        modules: Sequence[List[torch.Tensor]],
+        total_params: int,
+        *,
+        ratio: float,
+        interval: int,
+        eta: float,
+        lr: float,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        beta: float = 0.8,
+        sample_last: int = 2,
+        cap: float = 5.0,
+    ):
         self.params = [[p.detach().double().clone() for p in ps] for ps in modules]
         self.sizes = [sum(p.numel() for p in ps) for ps in modules]
         self.total, self.ratio, self.T, self.eta, self.beta = total_params, ratio, interval, eta, beta

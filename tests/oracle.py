@@ -6,8 +6,22 @@ import math
 import torch
 
 
-def adamw_step(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay, step, fresh,
-               grad_sq_norms=None, master_params=None):
+def adamw_step(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    *,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    step,
+    fresh,
+    grad_sq_norms=None,
+    master_params=None,
+):
     """With master_params the update starts from the master (from the parameter when fresh); the
     returned parameters are then the updated masters, which the kernel must round into the weights."""
     out_p, out_m, out_v = [], [], []

@@ -6,8 +6,8 @@ import os
 import torch
 import torch.distributed as dist
 
-from misa import worst_set
 from misa.jobs import plan as P
+from misa.jobs import worst_set
 from misa.memory import StepPeakMeter
 
 WARM_STEPS = 2
@@ -34,6 +34,7 @@ def worker(rank, world, init_file, out_dir, model_name, entry, setting_fields):
     held = None
     if method.name == "misa":
         from misa import distributed
+
         distributed.prepare(opt)
         held = opt.hold()
         held.__enter__()
@@ -53,7 +54,6 @@ def worker(rank, world, init_file, out_dir, model_name, entry, setting_fields):
     worst_set.measure_steps(meter, train_step, 1)
     if held is not None:
         held.__exit__(None, None, None)
-    torch.save({"peak_bytes": meter.peak_bytes, "parts": meter.peak_parts},
-               os.path.join(out_dir, f"peak{rank}.pt"))
+    torch.save({"peak_bytes": meter.peak_bytes, "parts": meter.peak_parts}, os.path.join(out_dir, f"peak{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()

@@ -58,8 +58,10 @@ def make_masters(params, seed):
     """fp32 masters that differ from their rounded weights (as after a few steps), so that a kernel
     reading the weight instead of the master is caught."""
     g = torch.Generator().manual_seed(seed + 2)
-    return [(p.float() + torch.randn(p.shape, generator=g).to(p.device) * 1e-3 * p.float().abs()).reshape(-1)
-            for p in params]
+    return [
+        (p.float() + torch.randn(p.shape, generator=g).to(p.device) * 1e-3 * p.float().abs()).reshape(-1)
+        for p in params
+    ]
 
 
 def run_case(backend, device, shapes, dtype, *, fresh, step, with_norms, seed=0, lr=None, master=False, hyper=None):
@@ -71,19 +73,39 @@ def run_case(backend, device, shapes, dtype, *, fresh, step, with_norms, seed=0,
     masters = make_masters(params, seed) if master else None
     norms0 = torch.rand(len(shapes), generator=torch.Generator().manual_seed(seed + 1)).to(device) + 1.0
     want_p, want_m, want_v, want_n = oracle_adamw(
-        params, grads, exp_avgs, exp_avg_sqs, **{**hyper, "lr": lr_value}, step=float(step), fresh=fresh,
-        grad_sq_norms=norms0 if with_norms else None, master_params=masters)
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        **{**hyper, "lr": lr_value},
+        step=float(step),
+        fresh=fresh,
+        grad_sq_norms=norms0 if with_norms else None,
+        master_params=masters,
+    )
     p, m, v = clone(params), clone(exp_avgs), clone(exp_avg_sqs)
     w = clone(masters) if master else None
     if fresh:  # fresh states (and masters) must never be read: poison them
         for t in m + v + (w or []):
             t.fill_(float("nan"))
     norms = norms0.clone() if with_norms else None
-    mk.adamw_step_(p, grads, m, v, **hyper, step=step, fresh=fresh, grad_sq_norms=norms, master_params=w,
-                   backend=backend)
+    mk.adamw_step_(
+        p, grads, m, v, **hyper, step=step, fresh=fresh, grad_sq_norms=norms, master_params=w, backend=backend
+    )
     assert mk.last_backend() == backend
-    return dict(p=p, m=m, v=v, w=w, norms=norms, want_p=want_p, want_m=want_m, want_v=want_v, want_n=want_n,
-                inputs=(params, grads, exp_avgs, exp_avg_sqs), hyper=hyper)
+    return dict(
+        p=p,
+        m=m,
+        v=v,
+        w=w,
+        norms=norms,
+        want_p=want_p,
+        want_m=want_m,
+        want_v=want_v,
+        want_n=want_n,
+        inputs=(params, grads, exp_avgs, exp_avg_sqs),
+        hyper=hyper,
+    )
 
 
 def param_tolerance(case, dtype, shapes, device, fresh, step, with_norms):
@@ -132,8 +154,16 @@ def test_lr_and_step_as_device_tensors(backend):
     params, grads, exp_avgs, exp_avg_sqs = want["inputs"]
     p, m, v = clone(params), clone(exp_avgs), clone(exp_avg_sqs)
     norms = torch.rand(len(shapes), generator=torch.Generator().manual_seed(1)).to(device) + 1.0
-    mk.adamw_step_(p, grads, m, v, **{**HYPER, "lr": torch.tensor(HYPER["lr"], device=device)},
-                   step=torch.tensor(5, device=device), grad_sq_norms=norms, backend=backend)
+    mk.adamw_step_(
+        p,
+        grads,
+        m,
+        v,
+        **{**HYPER, "lr": torch.tensor(HYPER["lr"], device=device)},
+        step=torch.tensor(5, device=device),
+        grad_sq_norms=norms,
+        backend=backend,
+    )
     assert rel_err(p, want["want_p"]) <= 1e-6
     assert rel_err(m, want["want_m"]) <= 1e-6
     assert rel_err([norms], [want["want_n"]]) <= 1e-5
@@ -148,8 +178,7 @@ def test_matches_torch_optim_adamw_over_steps(backend, weight_decay):
     params, _, _, _ = make_inputs(shapes, torch.float32, device, seed=3)
     ours = clone(params)
     theirs = [torch.nn.Parameter(t.clone()) for t in params]
-    opt = torch.optim.AdamW(theirs, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay,
-                            foreach=False)
+    opt = torch.optim.AdamW(theirs, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay, foreach=False)
     m = [torch.empty(s, device=device) for s in shapes]
     v = [torch.empty(s, device=device) for s in shapes]
     gen = torch.Generator().manual_seed(4)
@@ -158,8 +187,9 @@ def test_matches_torch_optim_adamw_over_steps(backend, weight_decay):
         for t, g in zip(theirs, grads):
             t.grad = g.clone()
         opt.step()
-        mk.adamw_step_(ours, grads, m, v, lr=1e-2, weight_decay=weight_decay, step=step, fresh=step == 1,
-                       backend=backend)
+        mk.adamw_step_(
+            ours, grads, m, v, lr=1e-2, weight_decay=weight_decay, step=step, fresh=step == 1, backend=backend
+        )
     assert rel_err(ours, [t.detach() for t in theirs]) <= 1e-6
     assert rel_err(m, [opt.state[t]["exp_avg"] for t in theirs]) <= 1e-6
     assert rel_err(v, [opt.state[t]["exp_avg_sq"] for t in theirs]) <= 1e-6
@@ -233,8 +263,9 @@ def test_gpu_cuda_graph_capture_with_tensor_lr_and_step(backend):
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm-up outside the graph: tables, compilation
-        mk.adamw_step_(clone(p), grads, clone(m), clone(v), lr=lr, step=step, grad_sq_norms=norms.clone(),
-                       backend=backend)
+        mk.adamw_step_(
+            clone(p), grads, clone(m), clone(v), lr=lr, step=step, grad_sq_norms=norms.clone(), backend=backend
+        )
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -270,8 +301,16 @@ def test_one_minus_beta_is_folded_on_the_host(backend, betas):
     require(backend, device)
     hyper = dict(HYPER, beta1=betas[0], beta2=betas[1])
     for fresh in (True, False):
-        case = run_case(backend, device, SHAPES["mixed"], torch.float32, fresh=fresh, step=1 if fresh else 4,
-                        with_norms=False, hyper=hyper)
+        case = run_case(
+            backend,
+            device,
+            SHAPES["mixed"],
+            torch.float32,
+            fresh=fresh,
+            step=1 if fresh else 4,
+            with_norms=False,
+            hyper=hyper,
+        )
         assert rel_err(case["m"], case["want_m"]) <= 1e-6
         assert rel_err(case["v"], case["want_v"]) <= 1e-6
         assert rel_err(case["p"], case["want_p"]) <= 1e-6
@@ -281,15 +320,30 @@ def test_kernel_scalars_are_fp32_values_folded_in_float64():
     sc = kernel_scalars(1e-3, 3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
     assert sc.one_minus_beta2 == fp32(1 - 0.999) and sc.one_minus_beta2 != fp32(1 - fp32(0.999))
     assert sc.one_minus_beta1 == fp32(1 - 0.9)
-    for value in (sc.one_minus_beta1, sc.beta2, sc.one_minus_beta2, sc.eps, sc.step_size, sc.bias_correction2_sqrt,
-                  sc.decay):
+    for value in (
+        sc.one_minus_beta1,
+        sc.beta2,
+        sc.one_minus_beta2,
+        sc.eps,
+        sc.step_size,
+        sc.bias_correction2_sqrt,
+        sc.decay,
+    ):
         assert value == fp32(value)  # what a GPU launch would receive
     assert sc.step_size == fp32(1e-3 / (1 - 0.9**3)) and sc.decay == fp32(1 - 1e-4)
 
 
-@pytest.mark.parametrize("lr,step,beta1,beta2,wd,flush", [
-    (1e-3, 3, 0.9, 0.999, 0.1, False), (3e-5, 1000, 0.9, 0.9999, 0.0, False), (1e-3, 7, 0.9, 0.999, 0.0, True),
-    (1e-4, 1, 0.0, 0.99, 0.01, False), (2e-4, 123456, 0.95, 0.99999, 0.05, False), (5e-6, 2, 0.8, 0.95, 0.3, True)])
+@pytest.mark.parametrize(
+    "lr,step,beta1,beta2,wd,flush",
+    [
+        (1e-3, 3, 0.9, 0.999, 0.1, False),
+        (3e-5, 1000, 0.9, 0.9999, 0.0, False),
+        (1e-3, 7, 0.9, 0.999, 0.0, True),
+        (1e-4, 1, 0.0, 0.99, 0.01, False),
+        (2e-4, 123456, 0.95, 0.99999, 0.05, False),
+        (5e-6, 2, 0.8, 0.95, 0.3, True),
+    ],
+)
 def test_device_step_folds_to_the_host_values_in_few_launches(lr, step, beta1, beta2, wd, flush):
     """MISA hands a device step (skips are counted on the device): the folded scalars must be the host
     path's, to the bit, and cost a handful of small launches per call, not one per operation."""
@@ -327,8 +381,23 @@ def test_cuda_binding_receives_the_host_folded_scalars(monkeypatch):
     monkeypatch.setattr(cuda, "extension", lambda: Recorder())
     p, g, m, v = make_inputs([(4,)], torch.bfloat16, torch.device("cpu"), seed=0)
     w = [t.float() for t in p]
-    cuda.adamw_step_(p, g, m, v, None, w, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, step=3,
-                     fresh=False, stochastic=True, seed=7)
+    cuda.adamw_step_(
+        p,
+        g,
+        m,
+        v,
+        None,
+        w,
+        lr=1e-3,
+        beta1=0.9,
+        beta2=0.999,
+        eps=1e-8,
+        weight_decay=0.1,
+        step=3,
+        fresh=False,
+        stochastic=True,
+        seed=7,
+    )
     cuda.momentum_flush_(p, m, v, w, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, step=3, stochastic=False, seed=0)
     (_, a), (_, f) = calls
     want = kernel_scalars(1e-3, 3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
@@ -337,13 +406,27 @@ def test_cuda_binding_receives_the_host_folded_scalars(monkeypatch):
     assert table[-5:].tolist() == [t.data_ptr() for t in (p[0], g[0], m[0], v[0], w[0])]
     assert a[5] is None and a[6] is None  # no norms asked, so no partials
     assert a[7] is None  # no device scalars for a number lr
-    assert a[8:15] == (want.one_minus_beta1, want.beta2, want.one_minus_beta2, want.eps, want.step_size,
-                       want.bias_correction2_sqrt, want.decay)
+    assert a[8:15] == (
+        want.one_minus_beta1,
+        want.beta2,
+        want.one_minus_beta2,
+        want.eps,
+        want.step_size,
+        want.bias_correction2_sqrt,
+        want.decay,
+    )
     # fresh, master, stochastic, seed, skip, kahan, maps, per-tensor steps
     assert a[15:] == (False, True, True, 7, None, False, None, False)
     flush = kernel_scalars(1e-3, 3, beta1=0.9, beta2=0.999, eps=1e-8, flush=True)
-    assert f[6:13] == (flush.one_minus_beta1, flush.beta2, flush.one_minus_beta2, flush.eps, flush.step_size,
-                       flush.bias_correction2_sqrt, flush.decay)
+    assert f[6:13] == (
+        flush.one_minus_beta1,
+        flush.beta2,
+        flush.one_minus_beta2,
+        flush.eps,
+        flush.step_size,
+        flush.bias_correction2_sqrt,
+        flush.decay,
+    )
     assert f[13:] == (True, False, 0, False, None)
     cuda_dir = Path(__file__).resolve().parents[1] / "csrc" / "cuda"
     source = "".join((cuda_dir / name).read_text() for name in ("adamw.cu", "adamw8bit.cu", "adam_element.cuh"))
@@ -405,8 +488,9 @@ def test_stochastic_rounding_is_reproducible_and_between_neighbours(backend):
         params, grads, m, v = make_inputs(shapes, torch.bfloat16, device, seed=3)
         masters = make_masters(params, 3)
         w = clone(masters)
-        mk.adamw_step_(params, grads, m, v, **HYPER, step=4, master_params=w, rounding="stochastic", seed=1234,
-                       backend=b)
+        mk.adamw_step_(
+            params, grads, m, v, **HYPER, step=4, master_params=w, rounding="stochastic", seed=1234, backend=b
+        )
         results[b] = (params, w)
     for got, want in zip(results[backend][0], results["torch"][0]):
         assert torch.equal(got, want)  # the same hash on every backend: the same decisions
@@ -459,15 +543,25 @@ def test_skip_flag_read_by_the_kernel(backend, dtype, fresh, flag):
     require(backend, device)
     master = dtype != torch.float32
     shapes = SHAPES["mixed"]
-    want = run_case("torch", device, shapes, dtype, fresh=fresh, step=1 if fresh else 4, with_norms=True,
-                    master=master)
+    want = run_case("torch", device, shapes, dtype, fresh=fresh, step=1 if fresh else 4, with_norms=True, master=master)
     params, grads, exp_avgs, exp_avg_sqs = want["inputs"]
     p, m, v = clone(params), clone(exp_avgs), clone(exp_avg_sqs)
     w = make_masters(params, 0) if master else None
     w0 = clone(w) if master else None
     norms = torch.ones(len(shapes), device=device)
-    mk.adamw_step_(p, grads, m, v, **HYPER, step=1 if fresh else 4, fresh=fresh, grad_sq_norms=norms,
-                   master_params=w, skip=torch.tensor(flag, device=device), backend=backend)
+    mk.adamw_step_(
+        p,
+        grads,
+        m,
+        v,
+        **HYPER,
+        step=1 if fresh else 4,
+        fresh=fresh,
+        grad_sq_norms=norms,
+        master_params=w,
+        skip=torch.tensor(flag, device=device),
+        backend=backend,
+    )
     if flag == 0.0:
         assert rel_err(p, want["p"]) <= 1e-6 and rel_err(m, want["m"]) <= 1e-6 and rel_err(v, want["v"]) <= 1e-6
         from oracle import grad_sq_norms as oracle_norms
@@ -498,14 +592,45 @@ def test_cuda_python_side_matches_the_compiled_binding(monkeypatch):
     p, g, m, v = make_inputs([(4,), (130,)], torch.bfloat16, torch.device("cpu"), seed=0)
     w = [t.float() for t in p]
     calls = [
-        lambda: cuda.adamw_step_(p, g, m, v, torch.zeros(2), w, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
-                                 weight_decay=0.1, step=3, fresh=False, stochastic=True, seed=7,
-                                 skip=torch.zeros(())),
-        lambda: cuda.adamw_step_(p, g, m, v, None, [], lr=torch.tensor(1e-3), beta1=0.9, beta2=0.999, eps=1e-8,
-                                 weight_decay=0.0, step=torch.tensor(3.0), fresh=True, stochastic=False, seed=0),
+        lambda: cuda.adamw_step_(
+            p,
+            g,
+            m,
+            v,
+            torch.zeros(2),
+            w,
+            lr=1e-3,
+            beta1=0.9,
+            beta2=0.999,
+            eps=1e-8,
+            weight_decay=0.1,
+            step=3,
+            fresh=False,
+            stochastic=True,
+            seed=7,
+            skip=torch.zeros(()),
+        ),
+        lambda: cuda.adamw_step_(
+            p,
+            g,
+            m,
+            v,
+            None,
+            [],
+            lr=torch.tensor(1e-3),
+            beta1=0.9,
+            beta2=0.999,
+            eps=1e-8,
+            weight_decay=0.0,
+            step=torch.tensor(3.0),
+            fresh=True,
+            stochastic=False,
+            seed=0,
+        ),
         lambda: cuda.grad_sq_norms(g),
-        lambda: cuda.momentum_flush_(p, m, v, w, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, step=3,
-                                     stochastic=False, seed=0),
+        lambda: cuda.momentum_flush_(
+            p, m, v, w, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, step=3, stochastic=False, seed=0
+        ),
     ]
     for call in calls:
         with pytest.raises(RuntimeError, match="table must be a CUDA tensor"):
@@ -527,18 +652,36 @@ def test_a_step_per_tensor_equals_one_call_per_step(backend, dtype):
     one = make_inputs(shapes, kind, device, seed=3)
     many = [clone(t) for t in one]
     norms = [torch.ones(len(shapes), device=device) for _ in range(2)]
-    mk.adamw_step_(*one, lr=1e-3, weight_decay=0.1, step=torch.tensor(steps, device=device), grad_sq_norms=norms[0],
-                   backend=backend, **extra)
+    mk.adamw_step_(
+        *one,
+        lr=1e-3,
+        weight_decay=0.1,
+        step=torch.tensor(steps, device=device),
+        grad_sq_norms=norms[0],
+        backend=backend,
+        **extra,
+    )
     from misa_kernels import reference
 
     for i, step in enumerate(steps):  # the same tensors, one call each, keyed as the i-th non-empty tensor
-        pick = [ts[i:i + 1] for ts in many]
+        pick = [ts[i : i + 1] for ts in many]
         if not pick[0][0].numel():
             continue
         index = sum(1 for t in many[0][:i] if t.numel())
-        reference.adamw_step_(*pick, norms[1][i:i + 1], [], lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
-                              weight_decay=0.1, step=torch.tensor(step, device=device), fresh=False,
-                              stochastic=kind == torch.bfloat16, seed=(11 + index * 0x9E3779B9) % 2**32)
+        reference.adamw_step_(
+            *pick,
+            norms[1][i : i + 1],
+            [],
+            lr=1e-3,
+            beta1=0.9,
+            beta2=0.999,
+            eps=1e-8,
+            weight_decay=0.1,
+            step=torch.tensor(step, device=device),
+            fresh=False,
+            stochastic=kind == torch.bfloat16,
+            seed=(11 + index * 0x9E3779B9) % 2**32,
+        )
     for a, b in zip(one[0] + one[2] + one[3], many[0] + many[2] + many[3]):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(norms[0], norms[1])

@@ -129,8 +129,17 @@ def bad_calls():
 @pytest.mark.parametrize("name,mutate,exc,text", bad_calls(), ids=[c[0] for c in bad_calls()])
 def test_adamw_step_rejects(name, mutate, exc, text):
     params, grads, m, v = inputs()
-    args = dict(params=list(params), grads=list(grads), exp_avgs=list(m), exp_avg_sqs=list(v), lr=1e-3, step=1,
-                beta2=0.999, grad_sq_norms=torch.zeros(3), backend="torch")
+    args = dict(
+        params=list(params),
+        grads=list(grads),
+        exp_avgs=list(m),
+        exp_avg_sqs=list(v),
+        lr=1e-3,
+        step=1,
+        beta2=0.999,
+        grad_sq_norms=torch.zeros(3),
+        backend="torch",
+    )
     before = snapshot(params, m, v)
     mutate(args)
     with pytest.raises(exc, match=re.escape(text)):

@@ -103,8 +103,9 @@ def _roundtrip(obj):
     return torch.load(buf, weights_only=False)
 
 
-@pytest.mark.parametrize("source,target", [("fp32+master", "8bit+kahan"), ("8bit+kahan", "fp32+master"),
-                                           ("8bit+stochastic", "8bit+kahan")])
+@pytest.mark.parametrize(
+    "source,target", [("fp32+master", "8bit+kahan"), ("8bit+kahan", "fp32+master"), ("8bit+stochastic", "8bit+kahan")]
+)
 def test_a_checkpoint_loads_into_another_format(source, target):
     """Converted, not refused: fp32 states are quantized and 8-bit ones dequantized; an fp32 master becomes
     the compensation (master - weight) and the reverse; no master at all starts from the weight."""
@@ -118,7 +119,7 @@ def test_a_checkpoint_loads_into_another_format(source, target):
     opt2.load_state_dict(ckpt["opt"])
     assert opt2.active_modules == opt.active_modules
     qs, qu = quant.maps("cpu")
-    for (p, p2) in zip(model.parameters(), model2.parameters()):
+    for p, p2 in zip(model.parameters(), model2.parameters()):
         if p not in opt.state:
             continue
         a, b = opt.state[p], opt2.state[p2]
@@ -147,8 +148,12 @@ def test_eight_bit_states_drift_little_from_fp32_states_over_a_long_run():
         ids = torch.randint(0, 32, (16, 9), generator=torch.Generator().manual_seed(99))
         with torch.no_grad():
             loss = model.loss(ids).item()
-        runs[states] = (loss, [p.detach().clone() for p in model.parameters()], w0,
-                        [s["active_modules"] for s in opt.switch_log])
+        runs[states] = (
+            loss,
+            [p.detach().clone() for p in model.parameters()],
+            w0,
+            [s["active_modules"] for s in opt.switch_log],
+        )
     (loss32, w32, w0, log32), (loss8, w8, _, log8) = runs["fp32"], runs["8bit"]
     moved = math.sqrt(sum(float(((a - b) ** 2).sum()) for a, b in zip(w32, w0)))
     apart = math.sqrt(sum(float(((a - b) ** 2).sum()) for a, b in zip(w32, w8)))

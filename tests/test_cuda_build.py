@@ -26,8 +26,17 @@ def test_cu_file_compiles_without_torch_headers(source, tmp_path):
         pytest.skip("nvcc not found")
     text = (CSRC / "cuda" / source).read_text()
     assert "torch/" not in text and "ATen/" not in text, "kernels must not include torch headers"
-    cmd = [nvcc, "-std=c++17", "-O3", "-gencode", "arch=compute_90,code=sm_90", "-c",
-           str(CSRC / "cuda" / source), "-o", str(tmp_path / "out.o")]
+    cmd = [
+        nvcc,
+        "-std=c++17",
+        "-O3",
+        "-gencode",
+        "arch=compute_90,code=sm_90",
+        "-c",
+        str(CSRC / "cuda" / source),
+        "-o",
+        str(tmp_path / "out.o"),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
 
@@ -56,8 +65,12 @@ def test_cuda_kernels_use_16_byte_accesses(tmp_path):
     if nvcc is None:
         pytest.skip("nvcc not found")
     ptx = tmp_path / "adamw.ptx"
-    result = subprocess.run([nvcc, "-std=c++17", "-O3", "-arch=sm_90", "-ptx", str(CSRC / "cuda" / "adamw.cu"),
-                             "-o", str(ptx)], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [nvcc, "-std=c++17", "-O3", "-arch=sm_90", "-ptx", str(CSRC / "cuda" / "adamw.cu"), "-o", str(ptx)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     text = ptx.read_text()
     assert "ld.global.v4.f32" in text and "st.global.v4.f32" in text  # fp32 params and the fp32 states
@@ -111,23 +124,29 @@ def test_cuda_kernels_read_the_chunk_table_as_python_lays_it_out(tmp_path):
     source = tmp_path / "decode.cu"
     source.write_text(DECODER)
     exe = tmp_path / "decode"
-    result = subprocess.run([nvcc, "-std=c++17", "-I", str(CSRC), str(source), "-o", str(exe)],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [nvcc, "-std=c++17", "-I", str(CSRC), str(source), "-o", str(exe)], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     chunk = 64
     sizes = [1, 127, 64, 4097, 3 * 64 + 5]
-    lists = [[torch.empty(n, dtype=dt) for n in sizes] for dt in (torch.bfloat16, torch.bfloat16, torch.float32,
-                                                                   torch.float32, torch.float32)]
+    lists = [
+        [torch.empty(n, dtype=dt) for n in sizes]
+        for dt in (torch.bfloat16, torch.bfloat16, torch.float32, torch.float32, torch.float32)
+    ]
     table = tables.build(lists, chunk)
     header = f"{table.n_chunks} {table.n_tensors} {chunk} {len(lists)}\n"
-    run = subprocess.run([str(exe)], input=header + " ".join(map(str, table.flat.tolist())), capture_output=True,
-                         text=True, timeout=60)
+    run = subprocess.run(
+        [str(exe)], input=header + " ".join(map(str, table.flat.tolist())), capture_output=True, text=True, timeout=60
+    )
     assert run.returncode == 0, run.stderr
     want = []
     for t, n in enumerate(sizes):
         for begin in range(0, n, chunk):
-            want.append("chunk " + " ".join(map(str, [t, begin, min(chunk, n - begin)] +
-                                               [ts[t].data_ptr() + begin for ts in lists])))
+            want.append(
+                "chunk "
+                + " ".join(map(str, [t, begin, min(chunk, n - begin)] + [ts[t].data_ptr() + begin for ts in lists]))
+            )
     first = 0
     for n in sizes:
         count = -(-n // chunk)

@@ -31,6 +31,7 @@ def _graphed(opt, record=True):
         def replay():
             replays.append(1)
             body()
+
         return replay
 
     opt.cuda_graph, opt._device_steps = True, True
@@ -73,7 +74,7 @@ def test_replayed_steps_equal_the_eager_ones(lr_schedule, monkeypatch):
     # a learning-rate schedule is written into the device scalar before each replay: no new recording
     for a, b in zip(graphed.parameters(), eager.parameters()):
         assert torch.equal(a, b)
-    assert torch.equal(opt_g._S, opt_e._S) and opt_g.switch_log == opt_e.switch_log
+    assert torch.equal(opt_g.period.S, opt_e.period.S) and opt_g.switch_log == opt_e.switch_log
     assert opt_g.skipped_steps == opt_e.skipped_steps == 1
     assert [opt_g.state[p]["step"] for p in opt_g.state] == [opt_e.state[p]["step"] for p in opt_e.state]
 
@@ -173,8 +174,9 @@ def test_a_compiled_training_step_calls_misa_step_eagerly():
         fn = torch.compile(train_step) if compiled else train_step
         for s in range(8):
             fn(torch.randint(0, 32, (4, 9), generator=torch.Generator().manual_seed(s)))
-        results.append(([p.detach().clone() for p in model.parameters()], [x["active_modules"]
-                                                                             for x in opt.switch_log]))
+        results.append(
+            ([p.detach().clone() for p in model.parameters()], [x["active_modules"] for x in opt.switch_log])
+        )
     (eager, eager_log), (compiled, compiled_log) = results
     assert eager_log == compiled_log
     for a, b in zip(eager, compiled):

@@ -14,8 +14,7 @@ MEASURED = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "nvi
 
 
 def _rows(term):
-    rows = [r for r in json.loads(MEASURED.read_text())["rows"] if r.get("bench") == "gpu_terms"
-            and r["term"] == term]
+    rows = [r for r in json.loads(MEASURED.read_text())["rows"] if r.get("bench") == "gpu_terms" and r["term"] == term]
     assert rows, f"{MEASURED.name} holds no {term} rows"
     return rows
 
@@ -60,8 +59,9 @@ def test_attention_saves_what_the_h200_saved_and_the_cpu_kernel_saves_all_but_th
     q = torch.randn(1, 4, 64, 32, dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(1, 2, 64, 32, dtype=torch.bfloat16, requires_grad=True)
     v = torch.randn(1, 2, 64, 32, dtype=torch.bfloat16, requires_grad=True)
-    saved, _, _ = _saved_bytes(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
-                               (q, k, v))
+    saved, _, _ = _saved_bytes(
+        lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), (q, k, v)
+    )
     assert saved == dm.sdpa_saved_bytes(1, 4, 64, 32, torch.bfloat16) - dm.SDPA_CUDNN_EXTRA_BYTES
 
 

@@ -16,8 +16,13 @@ def launch(kind, tmp_path):
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available")
     init_file = tmp_path / "init"
-    ctx = mp.start_processes(dist_workers.worker, args=(WORLD, str(init_file), str(tmp_path), kind), nprocs=WORLD,
-                             join=False, start_method="spawn")
+    ctx = mp.start_processes(
+        dist_workers.worker,
+        args=(WORLD, str(init_file), str(tmp_path), kind),
+        nprocs=WORLD,
+        join=False,
+        start_method="spawn",
+    )
     for _ in range(1200):  # bounded: 120 s
         if ctx.join(timeout=0.1):
             break
@@ -85,7 +90,8 @@ def test_distributed_matches_single_process(kind, tmp_path, references):
     if kind.startswith("ddp"):
         assert r0["rebuilds"] == r0["switches"]  # one reducer per active set
     # the checkpoint is a torch.distributed.checkpoint: one process reads it back, resharded, and finishes
-    params, active = dist_workers.single_process_run(checkpoint=str(tmp_path / "ckpt"), start=dist_workers.SAVE_AT,
-                                                     kind=kind)
+    params, active = dist_workers.single_process_run(
+        checkpoint=str(tmp_path / "ckpt"), start=dist_workers.SAVE_AT, kind=kind
+    )
     assert active == ref_active
     close_to(params, ref_params, dtype)

@@ -9,16 +9,31 @@ from pathlib import Path
 import pytest
 import torch
 
-from misa import finetune, pretrained, train
 from misa.integrations.lora import attach_lora, peft_available
+from misa.jobs import finetune, pretrained, train
+from misa.jobs.model import SIZES, LlamaForCausalLM
 from misa.memory import MemoryMeter
-from misa.model import SIZES, LlamaForCausalLM
 from misa.optimizer import MISA
 
 from cli_checks import assert_refused
 
-FAST = ["--model-size", "tiny", "--seq-len", "32", "--batch-size", "2", "--eval-batches", "2", "--max-steps", "3",
-        "--eval-every", "3", "--base-steps", "3", "--no-progress"]
+FAST = [
+    "--model-size",
+    "tiny",
+    "--seq-len",
+    "32",
+    "--batch-size",
+    "2",
+    "--eval-batches",
+    "2",
+    "--max-steps",
+    "3",
+    "--eval-every",
+    "3",
+    "--base-steps",
+    "3",
+    "--no-progress",
+]
 needs_peft = pytest.mark.skipif(not peft_available(), reason="needs peft (pip install misa-kernels[hf])")
 
 
@@ -54,10 +69,30 @@ def test_base_is_made_once_reused_and_keyed_by_its_settings(tmp_path):
 
 def test_a_run_starts_from_the_base_and_reports_both_domains(tmp_path, capsys):
     out = tmp_path / "ft"
-    assert finetune.main(FAST + ["--methods", "misa,adamw", "--lr-grid", "1e-3,3e-3", "--grid-extensions", "0",
-                                 "--seeds", "2", "--delta",
-                                 "0.3", "--interval", "2", "--cache-dir", str(tmp_path / "c"), "--out",
-                                 str(out)]) == 0
+    assert (
+        finetune.main(
+            FAST
+            + [
+                "--methods",
+                "misa,adamw",
+                "--lr-grid",
+                "1e-3,3e-3",
+                "--grid-extensions",
+                "0",
+                "--seeds",
+                "2",
+                "--delta",
+                "0.3",
+                "--interval",
+                "2",
+                "--cache-dir",
+                str(tmp_path / "c"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "on its own domain" in printed and "on the new one" in printed
     data = json.loads((out / "finetune.json").read_text())
@@ -98,8 +133,26 @@ def test_adapters_train_and_the_base_stays_frozen(dora):
 @needs_peft
 def test_lora_and_dora_rows_in_the_comparison(tmp_path):
     out = tmp_path / "ft"
-    assert finetune.main(FAST + ["--methods", "lora,dora", "--lr-grid", "1e-2", "--seeds", "1", "--lora-r", "2",
-                                 "--cache-dir", str(tmp_path / "c"), "--out", str(out)]) == 0
+    assert (
+        finetune.main(
+            FAST
+            + [
+                "--methods",
+                "lora,dora",
+                "--lr-grid",
+                "1e-2",
+                "--seeds",
+                "1",
+                "--lora-r",
+                "2",
+                "--cache-dir",
+                str(tmp_path / "c"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = {r["method"]: r for r in json.loads((out / "finetune.json").read_text())["rows"]}
     cfg = SIZES["tiny"]
     d, f, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
@@ -174,8 +227,12 @@ def test_equal_memory_delta_fits_the_budget():
 
 
 def _new_domain(args):
-    return finetune.TokenDataset(finetune.tokenize(finetune.DOMAINS["unicode-names"]()), args.seq_len,
-                                 torch.device("cpu"), test_fraction=finetune.TEST_FRACTION)
+    return finetune.TokenDataset(
+        finetune.tokenize(finetune.DOMAINS["unicode-names"]()),
+        args.seq_len,
+        torch.device("cpu"),
+        test_fraction=finetune.TEST_FRACTION,
+    )
 
 
 def test_the_equal_peak_delta_fits_and_is_tight():
@@ -184,8 +241,8 @@ def test_the_equal_peak_delta_fits_and_is_tight():
     target = finetune.peak_at(args, "misa", {"delta": 0.2}, None, data, torch.device("cpu"))[0]
     found = finetune.delta_at_peak(args, target, "misa", None, data, torch.device("cpu"))
     assert found["peak_bytes"] <= target < found["next_peak_bytes"]
-    assert found["next_delta"] - found["delta"] <= 2.0 ** -finetune.EQUAL_PEAK_ITERATIONS
-    assert found["delta"] >= 0.2 - 2.0 ** -finetune.EQUAL_PEAK_ITERATIONS  # 0.2's own worst peak fits
+    assert found["next_delta"] - found["delta"] <= 2.0**-finetune.EQUAL_PEAK_ITERATIONS
+    assert found["delta"] >= 0.2 - 2.0**-finetune.EQUAL_PEAK_ITERATIONS  # 0.2's own worst peak fits
     # the peak it reports is the worst set's, measured again
     again = finetune.peak_at(args, "misa", {"delta": found["delta"]}, None, data, torch.device("cpu"))
     assert again[0] == found["peak_bytes"]
@@ -206,8 +263,21 @@ def test_lisa_layers_at_the_peak_are_counted_by_measurement():
 @pytest.mark.parametrize("checkpointing", [True], ids=["checkpointing"])
 def test_equal_memory_at_the_peak_writes_peaks_times_and_the_criterion(tmp_path, checkpointing):
     out = tmp_path / "ft"
-    argv = FAST + ["--max-steps", "12", "--methods", "lora,misa", "--lr-grid", "1e-3", "--seeds", "1",
-                   "--equal-memory", "--cache-dir", str(tmp_path / "c"), "--out", str(out)]
+    argv = FAST + [
+        "--max-steps",
+        "12",
+        "--methods",
+        "lora,misa",
+        "--lr-grid",
+        "1e-3",
+        "--seeds",
+        "1",
+        "--equal-memory",
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--out",
+        str(out),
+    ]
     argv += ["--checkpointing"] if checkpointing else []
     assert finetune.main(argv) == 0
     data = json.loads((out / "finetune.json").read_text())
@@ -237,8 +307,14 @@ def test_the_rate_is_chosen_on_validation_and_only_then_tested(monkeypatch, tmp_
 
     def fake_run(args, entry, lr, seed, out, new, base, device, overrides):
         calls.append(("train", lr, seed))
-        return {"method": entry, "lr": lr, "seed": seed, "val_loss": val[lr] + seed, "history": {},
-                "memory": {"total_bytes": 1}}, ("model", lr, seed)
+        return {
+            "method": entry,
+            "lr": lr,
+            "seed": seed,
+            "val_loss": val[lr] + seed,
+            "history": {},
+            "memory": {"total_bytes": 1},
+        }, ("model", lr, seed)
 
     def fake_eval(model, data, args, batches=None, split="val"):
         calls.append((split, model))
@@ -264,21 +340,38 @@ def test_a_rate_chosen_at_the_grid_edge_extends_the_grid(monkeypatch, tmp_path):
 
     def fake_run(args, entry, lr, seed, out, new, base, device, overrides):
         tried.append(lr)
-        return {"method": entry, "lr": lr, "seed": seed, "val_loss": abs(math.log10(lr) + 4.2), "history": {},
-                "memory": {"total_bytes": 1}}, ("model", lr, seed)  # best near 6e-5: below the grid
+        return {
+            "method": entry,
+            "lr": lr,
+            "seed": seed,
+            "val_loss": abs(math.log10(lr) + 4.2),
+            "history": {},
+            "memory": {"total_bytes": 1},
+        }, ("model", lr, seed)  # best near 6e-5: below the grid
 
     monkeypatch.setattr(finetune, "one_run", fake_run)
-    monkeypatch.setattr(train, "evaluate_with_error", lambda model, data, args, batches=None, split="val": (
-        1.0, 0.0, [0.0, 0.0]))
+    monkeypatch.setattr(
+        train, "evaluate_with_error", lambda model, data, args, batches=None, split="val": (1.0, 0.0, [0.0, 0.0])
+    )
     monkeypatch.setattr(train, "evaluate", lambda model, data, args, batches=None: 0.5)
-    row = finetune.run_method(parsed(FAST + ["--seeds", "1"]), "lora", (1e-3, 1e-2), None, None, None, None,
-                              tmp_path, {})
+    row = finetune.run_method(
+        parsed(FAST + ["--seeds", "1"]), "lora", (1e-3, 1e-2), None, None, None, None, tmp_path, {}
+    )
     assert tried == pytest.approx([1e-3, 1e-2, 1e-4, 1e-5])  # extended twice, by the grid's ratio
     assert row["lr"] == pytest.approx(1e-4) and not row["lr_at_grid_edge"]
     assert list(row["grid"]) == ["1e-05", "0.0001", "0.001", "0.01"]
     tried.clear()
-    row = finetune.run_method(parsed(FAST + ["--seeds", "1", "--grid-extensions", "1"]), "lora", (1e-2, 1e-1),
-                              None, None, None, None, tmp_path, {})
+    row = finetune.run_method(
+        parsed(FAST + ["--seeds", "1", "--grid-extensions", "1"]),
+        "lora",
+        (1e-2, 1e-1),
+        None,
+        None,
+        None,
+        None,
+        tmp_path,
+        {},
+    )
     assert tried == pytest.approx([1e-2, 1e-1, 1e-3]) and row["lr_at_grid_edge"]  # still at the edge: flagged
 
 
@@ -287,7 +380,10 @@ def test_grids_per_method():
     assert grids == {"misa": (1e-4, 2e-4), "lora": (5e-3,), "adamw": finetune.DEFAULT_GRIDS["adamw"]}
     assert finetune.parse_grid("1e-3", ["misa+delta=0.1", "lisa"]) == {"misa+delta=0.1": (1e-3,), "lisa": (1e-3,)}
     assert finetune.parse_entry("misa-official+delta=0.1+flush=true") == (
-        "misa", "misa-official+flush=true", {"delta": 0.1})
+        "misa",
+        "misa-official+flush=true",
+        {"delta": 0.1},
+    )
 
 
 # ----------------------------------------------------------------------------------------- bad input
@@ -295,29 +391,46 @@ def refused(capsys, argv, text, workdir):
     assert_refused(finetune.main, capsys, argv, text, workdir)
 
 
-@pytest.mark.parametrize("extra,text", [
-    (["--lr-grid", "1e-3,0"], "--lr-grid"),
-    (["--lr-grid", "1e-3,-1e-4"], "--lr-grid"),
-    (["--lr-grid", "misa=1e-3,abc"], "--lr-grid"),
-    (["--lr-grid", "sgd=1e-3"], "--lr-grid"),
-    (["--methods", "misa,sgd"], "--methods"),
-    (["--methods", "misa,misa"], "--methods"),
-    (["--methods", "lora+delta=0.1"], "--methods"),
-    (["--methods", "misa+flush=maybe"], "flush"),
-    (["--equal-memory", "--methods", "misa"], "--equal-memory"),
-    (["--equal-memory", "sometimes"], "--equal-memory"),
-    (["--delta", "0.0001"], "delta"),
-    (["--base", "/does/not/exist"], "--base"),
-    (["--data", "/does/not/exist"], "--data"),
-    (["--grid-extensions", "-1"], "--grid-extensions"),
-], ids=["zero-rate", "negative-rate", "not-a-rate", "grid-for-unknown-method", "unknown-method", "twice",
-        "switch-on-lora", "bad-switch", "equal-memory-without-lora", "unknown-equal-memory-criterion",
-        "delta-below-a-module", "missing-base",
-        "missing-data", "negative-extensions"])
+@pytest.mark.parametrize(
+    "extra,text",
+    [
+        (["--lr-grid", "1e-3,0"], "--lr-grid"),
+        (["--lr-grid", "1e-3,-1e-4"], "--lr-grid"),
+        (["--lr-grid", "misa=1e-3,abc"], "--lr-grid"),
+        (["--lr-grid", "sgd=1e-3"], "--lr-grid"),
+        (["--methods", "misa,sgd"], "--methods"),
+        (["--methods", "misa,misa"], "--methods"),
+        (["--methods", "lora+delta=0.1"], "--methods"),
+        (["--methods", "misa+flush=maybe"], "flush"),
+        (["--equal-memory", "--methods", "misa"], "--equal-memory"),
+        (["--equal-memory", "sometimes"], "--equal-memory"),
+        (["--delta", "0.0001"], "delta"),
+        (["--base", "/does/not/exist"], "--base"),
+        (["--data", "/does/not/exist"], "--data"),
+        (["--grid-extensions", "-1"], "--grid-extensions"),
+    ],
+    ids=[
+        "zero-rate",
+        "negative-rate",
+        "not-a-rate",
+        "grid-for-unknown-method",
+        "unknown-method",
+        "twice",
+        "switch-on-lora",
+        "bad-switch",
+        "equal-memory-without-lora",
+        "unknown-equal-memory-criterion",
+        "delta-below-a-module",
+        "missing-base",
+        "missing-data",
+        "negative-extensions",
+    ],
+)
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, monkeypatch, extra, text):
     monkeypatch.chdir(tmp_path)
-    refused(capsys, FAST + ["--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out")] + extra, text,
-            tmp_path)
+    refused(
+        capsys, FAST + ["--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out")] + extra, text, tmp_path
+    )
 
 
 def test_a_base_that_does_not_fit_the_model_is_refused(tmp_path, capsys, monkeypatch):
@@ -325,8 +438,12 @@ def test_a_base_that_does_not_fit_the_model_is_refused(tmp_path, capsys, monkeyp
     folder = tmp_path / "base"
     folder.mkdir()
     torch.save({"model": LlamaForCausalLM(SIZES["tiny"]).state_dict()}, folder / pretrained.BASE_FILE)
-    refused(capsys, FAST + ["--model-size", "small", "--base", str(folder), "--out", str(tmp_path / "out")],
-            "does not fit", tmp_path)
+    refused(
+        capsys,
+        FAST + ["--model-size", "small", "--base", str(folder), "--out", str(tmp_path / "out")],
+        "does not fit",
+        tmp_path,
+    )
     (folder / pretrained.BASE_FILE).write_bytes(b"not a checkpoint")
     refused(capsys, FAST + ["--base", str(folder), "--out", str(tmp_path / "out")], "--base", tmp_path)
 
@@ -334,15 +451,24 @@ def test_a_base_that_does_not_fit_the_model_is_refused(tmp_path, capsys, monkeyp
 def test_checkpointing_a_model_that_cannot_is_refused(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(LlamaForCausalLM, "supports_gradient_checkpointing", False, raising=False)
-    refused(capsys, FAST + ["--methods", "misa", "--checkpointing", "--cache-dir", str(tmp_path / "c"),
-                            "--out", str(tmp_path / "out")], "--checkpointing", tmp_path)
+    refused(
+        capsys,
+        FAST
+        + ["--methods", "misa", "--checkpointing", "--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "out")],
+        "--checkpointing",
+        tmp_path,
+    )
 
 
 def test_missing_peft_is_one_clear_message(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(finetune, "peft_available", lambda: False)
-    refused(capsys, FAST + ["--methods", "misa,lora", "--out", str(tmp_path / "out")], "pip install misa-kernels[hf]",
-            tmp_path)
+    refused(
+        capsys,
+        FAST + ["--methods", "misa,lora", "--out", str(tmp_path / "out")],
+        "pip install misa-kernels[hf]",
+        tmp_path,
+    )
 
 
 def test_a_base_of_ours_is_taken_as_it_is(tmp_path):
@@ -352,8 +478,26 @@ def test_a_base_of_ours_is_taken_as_it_is(tmp_path):
     weights = LlamaForCausalLM(SIZES["tiny"]).state_dict()
     torch.save({"model": weights, "args": {}}, folder / train.CHECKPOINT)  # misa.train's checkpoint
     out = tmp_path / "ft"
-    assert finetune.main(FAST + ["--methods", "adamw", "--lr-grid", "1e-3", "--seeds", "1", "--base", str(folder),
-                                 "--cache-dir", str(tmp_path / "c"), "--out", str(out)]) == 0
+    assert (
+        finetune.main(
+            FAST
+            + [
+                "--methods",
+                "adamw",
+                "--lr-grid",
+                "1e-3",
+                "--seeds",
+                "1",
+                "--base",
+                str(folder),
+                "--cache-dir",
+                str(tmp_path / "c"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert not (tmp_path / "c").exists()  # no pretraining when a base is given
     assert json.loads((out / "finetune.json").read_text())["meta"]["base"] == ".../base"  # no machine paths
 
@@ -369,9 +513,17 @@ def tiny_hf_model(folder: Path) -> Path:
     tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(folder)
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
-                     ).save_pretrained(folder)
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=257,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+    ).save_pretrained(folder)
     return folder
 
 
@@ -382,10 +534,32 @@ def test_a_hugging_face_model_is_its_own_base(tmp_path, criterion):
     pytest.importorskip("transformers")
     folder = tiny_hf_model(tmp_path / "hf")
     out = tmp_path / "ft"
-    assert finetune.main(FAST[2:] + ["--model", str(folder), "--methods", "misa,lora", "--lr-grid", "1e-3",
-                                     "--seeds", "1", "--delta", "0.3", "--interval", "2", "--equal-memory", criterion,
-                                     "--cache-dir", str(tmp_path / "c"), "--out", str(out)]
-) == 0
+    assert (
+        finetune.main(
+            FAST[2:]
+            + [
+                "--model",
+                str(folder),
+                "--methods",
+                "misa,lora",
+                "--lr-grid",
+                "1e-3",
+                "--seeds",
+                "1",
+                "--delta",
+                "0.3",
+                "--interval",
+                "2",
+                "--equal-memory",
+                criterion,
+                "--cache-dir",
+                str(tmp_path / "c"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     data = json.loads((out / "finetune.json").read_text())
     assert not (tmp_path / "c").exists() and data["meta"]["base"] == ".../hf"
     rows = {r["method"]: r for r in data["rows"]}

@@ -14,16 +14,42 @@ from pathlib import Path
 
 import pytest
 
-from misa import finetune, pretrained, train
 from misa.integrations.lora import peft_available
+from misa.jobs import finetune, pretrained, train
 
 from cli_checks import assert_refused, snapshot
 
 pytestmark = pytest.mark.skipif(not peft_available(), reason="the comparison includes LoRA: needs peft")
 
-ARGV = ["--model-size", "tiny", "--seq-len", "32", "--batch-size", "2", "--eval-batches", "2", "--max-steps", "6",
-        "--eval-every", "3", "--base-steps", "3", "--no-progress", "--methods", "lora,misa", "--lr-grid", "1e-3,3e-3",
-        "--grid-extensions", "0", "--seeds", "2", "--save-every", "2", "--interval", "2"]
+ARGV = [
+    "--model-size",
+    "tiny",
+    "--seq-len",
+    "32",
+    "--batch-size",
+    "2",
+    "--eval-batches",
+    "2",
+    "--max-steps",
+    "6",
+    "--eval-every",
+    "3",
+    "--base-steps",
+    "3",
+    "--no-progress",
+    "--methods",
+    "lora,misa",
+    "--lr-grid",
+    "1e-3,3e-3",
+    "--grid-extensions",
+    "0",
+    "--seeds",
+    "2",
+    "--save-every",
+    "2",
+    "--interval",
+    "2",
+]
 # Wall-clock measurements differ between any two runs, interrupted or not; a resumed run also meters the
 # first steps after its restart once more. Every other number must be the same.
 VOLATILE = {"date", "step_ms", "tokens_per_s", "metered_steps"}
@@ -32,8 +58,11 @@ VOLATILE = {"date", "step_ms", "tokens_per_s", "metered_steps"}
 def stable(obj):
     if isinstance(obj, dict):
         # which of two runs made the cached base and which found it is no result
-        return {k: (v.replace(" (made now)", "").replace(" (cached)", "") if k == "base" else stable(v))
-                for k, v in obj.items() if k not in VOLATILE}
+        return {
+            k: (v.replace(" (made now)", "").replace(" (cached)", "") if k == "base" else stable(v))
+            for k, v in obj.items()
+            if k not in VOLATILE
+        }
     if isinstance(obj, list):
         return [stable(v) for v in obj]
     return obj
@@ -69,13 +98,14 @@ class Killed(BaseException):
 
 
 @pytest.mark.parametrize("kill_at", [10, 33], ids=["during-a-grid-run", "during-a-seed-run"])
-def test_a_comparison_killed_and_resumed_writes_what_the_uninterrupted_one_writes(tmp_path, monkeypatch,
-                                                                                   uninterrupted, kill_at):
+def test_a_comparison_killed_and_resumed_writes_what_the_uninterrupted_one_writes(
+    tmp_path, monkeypatch, uninterrupted, kill_at
+):
     # steps 1-12 are LoRA's grid (two rates, 6 steps each), 13-18 its second seed, 19-30 MISA's grid, 31-36 its
     # second seed: step 10 is the fourth step of a grid run, step 33 the third of a seed run
     reference, cache = uninterrupted
     out = tmp_path / "out"
-    real, calls = train._train_step, [0]
+    real, calls = train.train_step, [0]
 
     def dying(*args, **kwargs):
         calls[0] += 1
@@ -83,20 +113,20 @@ def test_a_comparison_killed_and_resumed_writes_what_the_uninterrupted_one_write
             raise Killed()
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train, "_train_step", dying)
+    monkeypatch.setattr(train, "train_step", dying)
     monkeypatch.setattr(finetune, "peak_at", lambda *a, **k: pytest.fail("no equal-memory rows here"))
     argv = ARGV + ["--cache-dir", str(cache), "--out", str(out)]
     with pytest.raises(Killed):
         finetune.main(argv)
     assert not (out / "finetune.json").exists()
-    monkeypatch.setattr(train, "_train_step", real)
+    monkeypatch.setattr(train, "train_step", real)
     resumed_steps = [0]
 
     def counting(*args, **kwargs):
         resumed_steps[0] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train, "_train_step", counting)
+    monkeypatch.setattr(train, "train_step", counting)
     assert finetune.main(argv + ["--resume", str(out)]) == 0
     # finished runs were read back, the interrupted one went on from its step-8 (or step-2) checkpoint
     assert resumed_steps[0] == 36 - (kill_at - 1) + (kill_at - 1) % 6 % 2
@@ -105,10 +135,18 @@ def test_a_comparison_killed_and_resumed_writes_what_the_uninterrupted_one_write
 
 def test_a_resume_with_other_settings_is_refused_by_name(tmp_path, capsys, uninterrupted):
     reference, cache = uninterrupted
-    for extra, name in ((["--max-steps", "7"], "--max-steps"), (["--methods", "lora"], "--methods"),
-                        (["--lora-r", "4"], "--lora-r")):
-        assert_refused(finetune.main, capsys, ARGV + ["--cache-dir", str(cache), "--resume", str(reference)] + extra,
-                       name, reference)
+    for extra, name in (
+        (["--max-steps", "7"], "--max-steps"),
+        (["--methods", "lora"], "--methods"),
+        (["--lora-r", "4"], "--lora-r"),
+    ):
+        assert_refused(
+            finetune.main,
+            capsys,
+            ARGV + ["--cache-dir", str(cache), "--resume", str(reference)] + extra,
+            name,
+            reference,
+        )
     assert_refused(finetune.main, capsys, ARGV + ["--resume", str(tmp_path)], "--resume", tmp_path)
 
 
@@ -160,9 +198,14 @@ def test_two_first_runs_build_one_base(tmp_path):
 
     pretrained._pretrain = counted
     try:
-        threads = [threading.Thread(target=lambda: results.append(pretrained.pretrained_base(args, old, corpus,
-                                                                                          __import__("torch").device("cpu"))))
-                   for _ in range(2)]
+        threads = [
+            threading.Thread(
+                target=lambda: results.append(
+                    pretrained.pretrained_base(args, old, corpus, __import__("torch").device("cpu"))
+                )
+            )
+            for _ in range(2)
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -172,4 +215,5 @@ def test_two_first_runs_build_one_base(tmp_path):
     assert len(built) == 1 and len(results) == 2
     assert results[0][0] == results[1][0] and sorted(r[1] for r in results) == [False, True]
     assert [p.name for p in (tmp_path / "cache" / "bases").iterdir() if not p.name.startswith(".")] == [
-        results[0][0].name]
+        results[0][0].name
+    ]

@@ -20,8 +20,20 @@ SETUPS = {
 
 def make(dtype, release, variant="paper", **kw):
     model = tiny_lm(seed=7, dtype=dtype, d=64, ff=64)
-    opt = misa.MISA(model, lr=3e-3, weight_decay=0.01, delta=0.25, interval=4, variant=variant, seed=11,
-                    backend="torch", check_finite=False, release_grads=release, train_1d=True, **kw)
+    opt = misa.MISA(
+        model,
+        lr=3e-3,
+        weight_decay=0.01,
+        delta=0.25,
+        interval=4,
+        variant=variant,
+        seed=11,
+        backend="torch",
+        check_finite=False,
+        release_grads=release,
+        train_1d=True,
+        **kw,
+    )
     return model, opt
 
 

@@ -64,8 +64,9 @@ def test_storage_that_moved_is_validated_and_tabled_again():
     p, g, m, v = make_inputs(SHAPES, torch.float32, device, seed=2)
     _step(p, g, m, v)
     p[0].data = torch.randn(5, 3, generator=torch.Generator().manual_seed(9)).to(device)
-    want_p, want_m, _, _ = oracle_adamw(p, g, m, v, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01,
-                                        step=3, fresh=False)
+    want_p, want_m, _, _ = oracle_adamw(
+        p, g, m, v, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, step=3, fresh=False
+    )
     _step(p, g, m, v)
     assert rel_err(p, want_p) <= 1e-6 and rel_err(m, want_m) <= 1e-6
     p[1].data = torch.randn(18, device=device)  # a parameter that no longer matches its states
@@ -123,7 +124,7 @@ def test_chunk_tables_are_built_once_per_set_of_addresses():
     p, g, m, v = make_inputs([(300,), (5,), (1,)], torch.float32, torch.device("cpu"), seed=5)
     first = tables.build([p, g, m, v], 64)
     assert tables.build([p, g, m, v], 64) is first  # a later step: a lookup
-    assert first.flat[:first.n_chunks].tolist() == [0] * 5 + [1, 2]
+    assert first.flat[: first.n_chunks].tolist() == [0] * 5 + [1, 2]
     moved = [t.clone() for t in g]
     other = tables.build([p, moved, m, v], 64)
     assert other is not first and other.addresses[1].tolist() == [t.data_ptr() for t in moved]

@@ -22,8 +22,13 @@ def test_parameters_outside_every_module_are_announced():
         warnings.simplefilter("error")  # nothing to announce when everything is trained
         misa.MISA(tiny_lm(), delta=0.5, train_1d=True, include_embedding=True, include_lm_head=True, backend="torch")
         model = tiny_lm()
-        misa.MISA(model, delta=0.5, train_1d=True, backend="torch",
-                  always_train=[model.embed_tokens.weight, model.lm_head.weight])
+        misa.MISA(
+            model,
+            delta=0.5,
+            train_1d=True,
+            backend="torch",
+            always_train=[model.embed_tokens.weight, model.lm_head.weight],
+        )
 
 
 def test_eta_auto_is_scale_free():

@@ -23,8 +23,9 @@ def bf16_run(backend, device, *, size=256, steps=STEPS, lr=LR, **misa_kwargs):
     reference = torch.nn.Parameter(w0.float().clone())
     adamw = torch.optim.AdamW([reference], lr=lr, weight_decay=0.0, foreach=False)
     # interval > steps: the 50 steps are one period, with no end-of-period flush in the comparison
-    opt = misa.MISA(model, lr=lr, delta=1.0, interval=steps + 1, variant="paper", backend=backend, check_finite=False,
-                    **misa_kwargs)
+    opt = misa.MISA(
+        model, lr=lr, delta=1.0, interval=steps + 1, variant="paper", backend=backend, check_finite=False, **misa_kwargs
+    )
     gen = torch.Generator().manual_seed(1)
     # Fine-tuning gradients keep a direction across steps: a fixed component plus fresh noise.
     direction = torch.randn(size, size, generator=gen)
@@ -47,9 +48,12 @@ def random_grads(model, gen):
 
 def quality(w0, w, ref):
     moved = (ref - w0.float()).norm()
-    return {"error": float((w.float() - ref).norm() / moved), "unchanged": float((w == w0).float().mean()),
-            "moved_ratio": float((w.float() - w0.float()).norm() / moved),
-            "reference_unchanged": float((ref.to(w0.dtype) == w0).float().mean())}
+    return {
+        "error": float((w.float() - ref).norm() / moved),
+        "unchanged": float((w == w0).float().mean()),
+        "moved_ratio": float((w.float() - w0.float()).norm() / moved),
+        "reference_unchanged": float((ref.to(w0.dtype) == w0).float().mean()),
+    }
 
 
 @pytest.mark.parametrize("backend", backend_params())

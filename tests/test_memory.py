@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 import misa
-from misa import train
 from misa.integrations.lora import attach_lora, peft_available
+from misa.jobs import train
+from misa.jobs.model import SIZES, LlamaForCausalLM
+from misa.jobs.worst_set import candidate_sets, module_inputs, worst_case_peak
 from misa.memory import StepPeakMeter, optimizer_tensors
-from misa.model import SIZES, LlamaForCausalLM
-from misa.worst_set import candidate_sets, module_inputs, worst_case_peak
 
 F32 = 4
 N, D_IN, D_OUT = 64, 96, 48  # a batch of 64 rows through a 96 -> 48 linear layer
@@ -142,8 +142,11 @@ def test_a_step_peak_holds_at_least_weights_gradients_and_states(method):
     model = _tiny()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = (torch.optim.AdamW(model.parameters(), lr=1e-3) if method == "adamw" else
-               misa.MISA(model, lr=1e-3, delta=0.3, interval=5, backend="torch"))
+        opt = (
+            torch.optim.AdamW(model.parameters(), lr=1e-3)
+            if method == "adamw"
+            else misa.MISA(model, lr=1e-3, delta=0.3, interval=5, backend="torch")
+        )
     meter = StepPeakMeter(model, opt)
     batch = _batch()
     for _ in range(3):
@@ -153,8 +156,9 @@ def test_a_step_peak_holds_at_least_weights_gradients_and_states(method):
             opt.step()
             opt.zero_grad(set_to_none=True)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    states = sum(t.untyped_storage().nbytes() for t in {t.untyped_storage()._cdata: t for t in
-                                                          optimizer_tensors(opt)}.values())
+    states = sum(
+        t.untyped_storage().nbytes() for t in {t.untyped_storage()._cdata: t for t in optimizer_tensors(opt)}.values()
+    )
     last = meter.steps[-1]
     assert last.peak_bytes >= weights + grads + states
     assert last.parts["weights"] >= weights
@@ -224,8 +228,9 @@ def test_candidate_sets_fit_the_budget_and_start_at_the_lowest_module():
     first = min(inputs, key=lambda b: inputs[b].order)
     assert opt.module_names[first].startswith("model.layers.0.")
     # q, k and v read one tensor; so do gate and up
-    names = {opt.module_names[b].rsplit(".", 1)[-1]: inputs[b].storage for b in inputs if ".layers.0." in
-             opt.module_names[b]}
+    names = {
+        opt.module_names[b].rsplit(".", 1)[-1]: inputs[b].storage for b in inputs if ".layers.0." in opt.module_names[b]
+    }
     assert names["q_proj"] == names["k_proj"] == names["v_proj"] != names["o_proj"]
     assert names["gate_proj"] == names["up_proj"] != names["down_proj"]
     sets = candidate_sets(opt, inputs, grad_bytes_per_element=4)
@@ -250,8 +255,9 @@ def test_an_input_another_op_saves_anyway_brings_no_bytes_when_its_module_trains
     anchor = name["model.layers.0.self_attn.q_proj"]  # backward runs through every layer above it
     o, q = name["model.layers.1.self_attn.o_proj"], name["model.layers.1.self_attn.q_proj"]
     assert opt.sampler.sizes[o] == opt.sampler.sizes[q]
-    peaks = {b: worst_case_peak(model, opt, lambda: _step(model, opt, _batch()), None, sets=[[anchor, b]])[0]
-             for b in (o, q)}  # measured: the same gradient bytes, and q_proj's input saved on top
+    peaks = {
+        b: worst_case_peak(model, opt, lambda: _step(model, opt, _batch()), None, sets=[[anchor, b]])[0] for b in (o, q)
+    }  # measured: the same gradient bytes, and q_proj's input saved on top
     assert peaks[o] < peaks[q]
 
 
@@ -305,9 +311,25 @@ def test_mode_cuda_needs_a_model_on_a_cuda_device():
 
 
 def test_the_main_job_reports_its_step_peak_and_time(tmp_path):
-    args = train.build_parser().parse_args(["--model-size", "tiny", "--seq-len", "32", "--batch-size", "2",
-                                            "--max-steps", "8", "--eval-every", "8", "--eval-batches", "2",
-                                            "--interval", "2", "--no-progress"])
+    args = train.build_parser().parse_args(
+        [
+            "--model-size",
+            "tiny",
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "2",
+            "--max-steps",
+            "8",
+            "--eval-every",
+            "8",
+            "--eval-batches",
+            "2",
+            "--interval",
+            "2",
+            "--no-progress",
+        ]
+    )
     data = train.TokenDataset(train.tokenize(train.load_corpus(None)), 32, torch.device("cpu"))
     summary = train.run(args, "misa", tmp_path, data, torch.device("cpu"), progress=False)["summary"]
     assert summary["step_peak_bytes"] > 0 and sum(summary["step_peak_parts"].values()) == summary["step_peak_bytes"]
@@ -319,8 +341,15 @@ def test_a_hugging_face_model_checkpoints_its_blocks_behind_a_frozen_embedding()
     transformers = pytest.importorskip("transformers")
     from types import SimpleNamespace
 
-    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)
+    cfg = transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+        max_position_embeddings=64,
+    )
     losses, peaks = {}, {}
     for ckpt in (False, True):
         torch.manual_seed(0)

@@ -65,8 +65,9 @@ class Float64Reference:
             self.G[mod] = BETA * self.G.get(mod, 0.0) + (1 - BETA) * self.S[mod] / T
 
     def importance(self, all_modules):
-        return torch.tensor([self.G[m] / (1 - BETA ** self.k[m]) if self.k.get(m, 0) else 0.0
-                             for m in all_modules], dtype=torch.float64)
+        return torch.tensor(
+            [self.G[m] / (1 - BETA ** self.k[m]) if self.k.get(m, 0) else 0.0 for m in all_modules], dtype=torch.float64
+        )
 
 
 def module_param_names(opt):
@@ -76,8 +77,18 @@ def module_param_names(opt):
 @pytest.mark.parametrize("interval,warmup", [(6, None), (4, 2)], ids=["T6", "T4-warmup2"])
 def test_matches_float64_reference(interval, warmup):
     model = tiny_lm(seed=1)
-    opt = misa.MISA(model, lr=LR, weight_decay=WD, delta=0.12, eta=2.0, interval=interval,
-                    warmup_interval=warmup, seed=3, backend="torch", variant="paper")
+    opt = misa.MISA(
+        model,
+        lr=LR,
+        weight_decay=WD,
+        delta=0.12,
+        eta=2.0,
+        interval=interval,
+        warmup_interval=warmup,
+        seed=3,
+        backend="torch",
+        variant="paper",
+    )
     ref = Float64Reference(model, eta=2.0)
     names = module_param_names(opt)
     gen = torch.Generator().manual_seed(0)
@@ -141,8 +152,9 @@ def test_norms_and_embedding_are_frozen_by_default_and_optional():
     opt = misa.MISA(model, delta=0.2, backend="torch")
     assert "embed_tokens" not in opt.module_names and "lm_head" not in opt.module_names
     assert not model.norm.weight.requires_grad and not model.embed_tokens.weight.requires_grad
-    opt2 = misa.MISA(tiny_lm(), delta=0.5, include_embedding=True, include_lm_head=True, backend="torch",
-                     variant="paper")
+    opt2 = misa.MISA(
+        tiny_lm(), delta=0.5, include_embedding=True, include_lm_head=True, backend="torch", variant="paper"
+    )
     assert "embed_tokens" in opt2.module_names and "lm_head" in opt2.module_names
     model3 = tiny_lm()
     opt3 = misa.MISA(model3, delta=0.2, train_1d=True, backend="torch", variant="paper")
@@ -167,13 +179,24 @@ def test_unrecognised_model_still_works_and_empty_model_errors():
         misa.MISA(torch.nn.ReLU(), delta=0.5)
 
 
-@pytest.mark.parametrize("kwargs,text", [
-    (dict(delta=0.0), "delta"), (dict(delta=1.5), "delta"), (dict(delta=1e-6), "smallest module"),
-    (dict(eta=-1.0), "eta"), (dict(interval=0), "interval"), (dict(order="sorted"), "order"),
-    (dict(granularity="neuron"), "granularity"), (dict(variant="v2"), "variant"), (dict(lr=-1.0), "lr"),
-    (dict(betas=(0.9, 1.0)), "betas"), (dict(backend="opencl"), "backend"),
-    (dict(order="ascending", delta=0.04), "visits every module"),
-], ids=lambda v: str(v) if isinstance(v, str) else None)
+@pytest.mark.parametrize(
+    "kwargs,text",
+    [
+        (dict(delta=0.0), "delta"),
+        (dict(delta=1.5), "delta"),
+        (dict(delta=1e-6), "smallest module"),
+        (dict(eta=-1.0), "eta"),
+        (dict(interval=0), "interval"),
+        (dict(order="sorted"), "order"),
+        (dict(granularity="neuron"), "granularity"),
+        (dict(variant="v2"), "variant"),
+        (dict(lr=-1.0), "lr"),
+        (dict(betas=(0.9, 1.0)), "betas"),
+        (dict(backend="opencl"), "backend"),
+        (dict(order="ascending", delta=0.04), "visits every module"),
+    ],
+    ids=lambda v: str(v) if isinstance(v, str) else None,
+)
 def test_bad_configuration(kwargs, text):
     model = tiny_lm()
     with pytest.raises(ValueError, match=text):
@@ -197,8 +220,9 @@ def _grads_from(model, seed, nan=False):
 
 
 @pytest.mark.parametrize("bad_step", [0, 2], ids=["fresh-step", "steady-step"])
-@pytest.mark.parametrize("backend", [pytest.param("torch", id="torch"),
-                                     pytest.param("triton", id="triton", marks=pytest.mark.interpreter)])
+@pytest.mark.parametrize(
+    "backend", [pytest.param("torch", id="torch"), pytest.param("triton", id="triton", marks=pytest.mark.interpreter)]
+)
 def test_nonfinite_gradient_skips_step_and_leaves_state(bad_step, backend):
     """A step with NaN gradients is skipped on the device: parameters and every state stay as they were,
     and the run continues exactly as if that step had not happened (also when it was a module's fresh
@@ -214,8 +238,11 @@ def test_nonfinite_gradient_skips_step_and_leaves_state(bad_step, backend):
         for k in range(5):
             if with_bad and k == bad_step:
                 before = {n: p.detach().clone() for n, p in model.named_parameters()}
-                states = {p: {key: v.clone() for key, v in st.items() if key in ("exp_avg", "exp_avg_sq")}
-                          for p, st in opt.state.items() if st["step"] > 0}
+                states = {
+                    p: {key: v.clone() for key, v in st.items() if key in ("exp_avg", "exp_avg_sq")}
+                    for p, st in opt.state.items()
+                    if st["step"] > 0
+                }
                 _grads_from(model, 100, nan=True)
                 opt.step()
                 opt.zero_grad()
@@ -231,8 +258,9 @@ def test_nonfinite_gradient_skips_step_and_leaves_state(bad_step, backend):
     (bad_model, bad_opt), (good_model, good_opt) = runs[True], runs[False]
     for a, b in zip(bad_model.parameters(), good_model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-    assert [st["step"] for st in bad_opt.state_dict()["state"].values()] == \
-        [st["step"] for st in good_opt.state_dict()["state"].values()]
+    assert [st["step"] for st in bad_opt.state_dict()["state"].values()] == [
+        st["step"] for st in good_opt.state_dict()["state"].values()
+    ]
     with pytest.warns(RuntimeWarning, match="non-finite gradients and were skipped"):
         _grads_from(bad_model, 9)
         bad_opt.step()  # the seventh step of the period (one of them skipped) ends it
@@ -249,16 +277,20 @@ def test_step_never_waits_for_the_device(monkeypatch):
         opt.clip_grad_norm_(1.0)
         opt.step()
         opt.zero_grad()
-    assert not opt.sampler.never_selected() and opt._step_count % 50 != 0
+    assert not opt.sampler.never_selected() and opt.period.step_count % 50 != 0
     syncs = []
     for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "new_tensor"):
         real = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _name=name, **k: (
-            syncs.append(_name), _real(self, *a, **k))[1])
+        monkeypatch.setattr(
+            torch.Tensor,
+            name,
+            lambda self, *a, _real=real, _name=name, **k: (syncs.append(_name), _real(self, *a, **k))[1],
+        )
     for name in ("tensor", "as_tensor"):  # from host data: on a GPU, a blocking copy that waits for the stream
         real = getattr(torch, name)
-        monkeypatch.setattr(torch, name, lambda *a, _real=real, _name=name, **k: (
-            syncs.append(f"torch.{_name}"), _real(*a, **k))[1])
+        monkeypatch.setattr(
+            torch, name, lambda *a, _real=real, _name=name, **k: (syncs.append(f"torch.{_name}"), _real(*a, **k))[1]
+        )
     for _ in range(5):
         model.loss(ids).backward()
         opt.clip_grad_norm_(1.0)
@@ -266,7 +298,7 @@ def test_step_never_waits_for_the_device(monkeypatch):
         opt.zero_grad()
     monkeypatch.undo()
     assert syncs == []
-    assert opt.switch_log[-1]["step"] < opt._step_count - 5  # no switch happened in the counted steps
+    assert opt.switch_log[-1]["step"] < opt.period.step_count - 5  # no switch happened in the counted steps
 
 
 def test_a_steady_step_issues_few_small_operations():
@@ -293,7 +325,7 @@ def test_a_steady_step_issues_few_small_operations():
     model.loss(ids).backward()
     with Count():
         opt.step()
-    assert opt.switch_log[-1]["step"] < opt._step_count - 1  # a steady step, not a switch
+    assert opt.switch_log[-1]["step"] < opt.period.step_count - 1  # a steady step, not a switch
     assert len(Count.ops) <= 24, Count.ops
 
 
@@ -304,11 +336,13 @@ def test_works_with_lr_scheduler_and_closure():
     ids = torch.randint(0, 32, (4, 9), generator=torch.Generator().manual_seed(0))
     losses = []
     for _ in range(12):
+
         def closure():
             opt.zero_grad()
             loss = model.loss(ids)
             loss.backward()
             return loss
+
         losses.append(float(opt.step(closure).detach()))
         sched.step()
     assert losses[-1] < losses[0]
@@ -324,11 +358,12 @@ def test_clip_grad_norm_matches_torch_and_feeds_the_step():
     want = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
     got = opt.clip_grad_norm_(1.0)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
-    clipped = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in model.parameters()
-                                                    if p.grad is not None]))
+    clipped = torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(p.grad) for p in model.parameters() if p.grad is not None])
+    )
     assert float(clipped) == pytest.approx(1.0, rel=1e-4)
     opt.step()
-    assert float(opt._S.sum()) == pytest.approx(1.0, rel=1e-4)  # S saw the clipped norms
+    assert float(opt.period.S.sum()) == pytest.approx(1.0, rel=1e-4)  # S saw the clipped norms
 
 
 @pytest.mark.parametrize("order", ["uniform", "ascending", "descending", "random"])
@@ -354,8 +389,17 @@ def test_baseline_orders(order):
 
 def test_official_variant():
     model = tiny_lm()
-    opt = misa.MISA(model, lr=1e-2, delta=0.3, interval=3, variant="official", include_embedding=True, eta=1.0,
-                    backend="torch", seed=1)
+    opt = misa.MISA(
+        model,
+        lr=1e-2,
+        delta=0.3,
+        interval=3,
+        variant="official",
+        include_embedding=True,
+        eta=1.0,
+        backend="torch",
+        seed=1,
+    )
     assert opt.sampler.sample_last == 2 and opt.warmup_interval == 1 and not opt.flush
     assert model.embed_tokens.weight.requires_grad and model.embed_tokens.weight in opt.state  # every step
     gen = torch.Generator().manual_seed(0)
@@ -390,16 +434,19 @@ def test_official_importance_update_compounds():
 def test_block_coordinate_descent_api():
     model = tiny_lm()
     base = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.8, 0.99), weight_decay=0.05)
-    opt = misa.BlockCoordinateDescentOptimizer(base, list(model.named_parameters()), param_ratio_limit=0.1,
-                                               interval=4, backend="torch")
+    opt = misa.BlockCoordinateDescentOptimizer(
+        base, list(model.named_parameters()), param_ratio_limit=0.1, interval=4, backend="torch"
+    )
     assert opt.param_groups[0]["lr"] == 3e-3 and opt.param_groups[0]["betas"] == (0.8, 0.99)
     assert opt.trainable_fraction <= 0.1
     with pytest.raises(ValueError, match="decoupled"):
-        misa.BlockCoordinateDescentOptimizer(torch.optim.Adam(model.parameters(), weight_decay=0.1),
-                                             list(model.named_parameters()))
+        misa.BlockCoordinateDescentOptimizer(
+            torch.optim.Adam(model.parameters(), weight_decay=0.1), list(model.named_parameters())
+        )
     with pytest.raises(TypeError, match="base_optimizer"):
-        misa.BlockCoordinateDescentOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
-                                             list(model.named_parameters()))
+        misa.BlockCoordinateDescentOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1), list(model.named_parameters())
+        )
 
 
 @pytest.mark.interpreter
@@ -456,8 +503,13 @@ def test_planned_step_on_a_fused_backend_matches_the_grouped_torch_path(monkeypa
             opt.step()
             per_step.append(len(calls) - before)
             opt.zero_grad()
-        results[backend] = ([p.detach().clone() for p in model.parameters()], opt.importance, opt.switch_log,
-                            per_step, opt.skipped_steps)
+        results[backend] = (
+            [p.detach().clone() for p in model.parameters()],
+            opt.importance,
+            opt.switch_log,
+            per_step,
+            opt.skipped_steps,
+        )
     torch_run, triton_run = results["torch"], results["triton"]
     for a, b in zip(torch_run[0], triton_run[0]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -632,8 +684,10 @@ def test_a_steady_planned_step_is_capturable_in_structure():
         synthetic_grads(model, gen)
         opt.step()
     switches, version, plan = len(opt.switch_log), opt._plan_version, opt._plan
-    addresses = [[t.data_ptr() for t in c["params"] + c["exp_avgs"] + c["exp_avg_sqs"]] + [c["steps"].data_ptr()]
-                 for c in plan.calls]
+    addresses = [
+        [t.data_ptr() for t in c["params"] + c["exp_avgs"] + c["exp_avg_sqs"]] + [c["steps"].data_ptr()]
+        for c in plan.calls
+    ]
     cached_tables = len(tables._cache)
     watch = Watch()
     grads = {p: p.grad for p in model.parameters() if p.grad is not None}
@@ -647,8 +701,10 @@ def test_a_steady_planned_step_is_capturable_in_structure():
             opt.step()
     assert len(opt.switch_log) == switches and opt._plan is plan and opt._plan_version == version
     assert watch.syncs == [] and watch.from_host == []
-    assert addresses == [[t.data_ptr() for t in c["params"] + c["exp_avgs"] + c["exp_avg_sqs"]] +
-                         [c["steps"].data_ptr()] for c in opt._plan.calls]
+    assert addresses == [
+        [t.data_ptr() for t in c["params"] + c["exp_avgs"] + c["exp_avg_sqs"]] + [c["steps"].data_ptr()]
+        for c in opt._plan.calls
+    ]
     assert len(tables._cache) == cached_tables  # no new chunk table: no operand moved, the gradients included
     # what invalidates: a switch (and the fresh step after it) makes the plan again
     opt._end_period()
@@ -664,8 +720,15 @@ def test_a_step_without_any_active_gradient_says_it_trains_nothing(release_grads
     model = tiny_lm(seed=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = misa.MISA(model, lr=1e-3, delta=0.3, interval=100, backend="torch", release_grads=release_grads,
-                        check_finite=not release_grads)
+        opt = misa.MISA(
+            model,
+            lr=1e-3,
+            delta=0.3,
+            interval=100,
+            backend="torch",
+            release_grads=release_grads,
+            check_finite=not release_grads,
+        )
     with pytest.warns(RuntimeWarning, match="has a gradient, so this step trains nothing"):
         opt.step()
     with warnings.catch_warnings():

@@ -65,8 +65,9 @@ def test_momentum_flush_with_device_tensors(backend):
     params, _, m, v = make_inputs(SHAPES["mixed"], torch.float32, device, seed=7)
     want = oracle_flush(params, m, v, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, step=4)
     got = [t.clone() for t in params]
-    mk.momentum_flush_(got, m, v, lr=torch.tensor(1e-3, device=device), step=torch.tensor(4.0, device=device),
-                       backend=backend)
+    mk.momentum_flush_(
+        got, m, v, lr=torch.tensor(1e-3, device=device), step=torch.tensor(4.0, device=device), backend=backend
+    )
     assert rel_err(got, want) <= 1e-6
 
 

@@ -19,11 +19,22 @@ LR, WD, ETA = 1e-2, 0.01, 3.0
 
 def make(interval, delta=0.1, seed=0):
     model = tiny_lm(seed=1, d=16, ff=24, layers=3)
-    opt = misa.MISA(model, lr=LR, weight_decay=WD, delta=delta, eta=ETA, interval=interval, variant="official",
-                    seed=seed, backend="torch", check_finite=False)
+    opt = misa.MISA(
+        model,
+        lr=LR,
+        weight_decay=WD,
+        delta=delta,
+        eta=ETA,
+        interval=interval,
+        variant="official",
+        seed=seed,
+        backend="torch",
+        check_finite=False,
+    )
     modules = [[p for _, p in m.params] for m in opt.partition.modules]
-    theirs = AuthorsMISA(modules, opt.partition.total_params, ratio=delta, interval=interval, eta=ETA, lr=LR,
-                         weight_decay=WD)
+    theirs = AuthorsMISA(
+        modules, opt.partition.total_params, ratio=delta, interval=interval, eta=ETA, lr=LR, weight_decay=WD
+    )
     return model, opt, theirs
 
 
@@ -56,10 +67,12 @@ def test_official_matches_the_authors_code_step_by_step(interval):
             switch_steps["ours"].append(step)
             switch_steps["theirs"].append(step)
             theirs.update_estimate()
-            torch.testing.assert_close(opt.importance, torch.tensor(theirs.G, dtype=torch.float64), rtol=1e-5,
-                                       atol=1e-9)
-            torch.testing.assert_close(opt.probabilities, torch.tensor(theirs.p, dtype=torch.float64), rtol=1e-5,
-                                       atol=1e-9)
+            torch.testing.assert_close(
+                opt.importance, torch.tensor(theirs.G, dtype=torch.float64), rtol=1e-5, atol=1e-9
+            )
+            torch.testing.assert_close(
+                opt.probabilities, torch.tensor(theirs.p, dtype=torch.float64), rtol=1e-5, atol=1e-9
+            )
             forced, _, _ = theirs.forced()
             assert set(forced) <= set(opt._active), f"step {step}: forced {forced}, chosen {opt._active}"
             kept = set(opt._active) & set(theirs.active)
@@ -83,8 +96,10 @@ def test_the_random_part_of_the_draw_matches_in_distribution():
     G = torch.rand(len(sampler.sizes), generator=g, dtype=torch.float64) * 1.5
     last = torch.randint(0, 5, (len(sampler.sizes),), generator=g)
     theirs.G, theirs.last_used = G.tolist(), last.tolist()
-    theirs.p = [x / sum(math.exp(min(5.0, ETA * v * v)) for v in theirs.G) for x in
-                [math.exp(min(5.0, ETA * v * v)) for v in theirs.G]]
+    theirs.p = [
+        x / sum(math.exp(min(5.0, ETA * v * v)) for v in theirs.G)
+        for x in [math.exp(min(5.0, ETA * v * v)) for v in theirs.G]
+    ]
     sampler.G, sampler.last = G.clone(), last.clone()
     sampler.k[:] = 1
     torch.testing.assert_close(sampler.probabilities(), torch.tensor(theirs.p, dtype=torch.float64))
@@ -110,15 +125,15 @@ def test_official_counts_a_nonfinite_step_and_skips_its_update():
     opt.check_finite = True
     active = opt._active
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    S_before, steps_before = opt._S.clone(), opt._step_count
+    S_before, steps_before = opt.period.S.clone(), opt.period.step_count
     for b in active:
         for _, p in opt.partition.modules[b].params:
             p.grad = torch.randn(p.shape)
     opt.partition.modules[active[0]].params[0][1].grad[0, 0] = float("nan")
     opt.step()  # decided on the device: no warning until the period ends
     assert opt.skipped_steps == 1
-    assert opt._step_count == steps_before + 1  # counted, as the authors' code does
-    assert float(opt._S[0] - S_before[0]) == pytest.approx(1.0)  # the NaN tensor's norm counts as 1.0
+    assert opt.period.step_count == steps_before + 1  # counted, as the authors' code does
+    assert float(opt.period.S[0] - S_before[0]) == pytest.approx(1.0)  # the NaN tensor's norm counts as 1.0
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # no update
 
 

@@ -15,8 +15,30 @@ def test_opcheck_adamw_step(backend):
     require(backend, device)
     p, g, m, v = make_inputs([(5, 3), (17,)], torch.float32, device, seed=0)
     norms = torch.zeros(2, device=device)
-    args = (p, g, m, v, norms, [], [], [], [], 1e-3, None, 3.0, None, 0.9, 0.999, 1e-8, 0.01, False, False, 0, None,
-            backend)
+    args = (
+        p,
+        g,
+        m,
+        v,
+        norms,
+        [],
+        [],
+        [],
+        [],
+        1e-3,
+        None,
+        3.0,
+        None,
+        0.9,
+        0.999,
+        1e-8,
+        0.01,
+        False,
+        False,
+        0,
+        None,
+        backend,
+    )
     torch.library.opcheck(torch.ops.misa.adamw_step_.default, args)
 
 
@@ -26,12 +48,35 @@ def test_opcheck_master_weights_and_stochastic_rounding(backend):
     require(backend, device)
     p, g, m, v = make_inputs([(5, 3), (17,)], torch.bfloat16, device, seed=2)
     w = [t.float() for t in p]
-    args = (p, g, m, v, None, w, [], [], [], 1e-3, None, 3.0, None, 0.9, 0.999, 1e-8, 0.01, False, True, 5,
-            torch.ones((), device=device), backend)
+    args = (
+        p,
+        g,
+        m,
+        v,
+        None,
+        w,
+        [],
+        [],
+        [],
+        1e-3,
+        None,
+        3.0,
+        None,
+        0.9,
+        0.999,
+        1e-8,
+        0.01,
+        False,
+        True,
+        5,
+        torch.ones((), device=device),
+        backend,
+    )
     torch.library.opcheck(torch.ops.misa.adamw_step_.default, args)
-    torch.library.opcheck(torch.ops.misa.momentum_flush_.default,
-                          (p, m, [t.abs() for t in v], w, [], [], [], 1e-3, None, 4.0, None, 0.9, 0.999, 1e-8, True, 5,
-                           backend))
+    torch.library.opcheck(
+        torch.ops.misa.momentum_flush_.default,
+        (p, m, [t.abs() for t in v], w, [], [], [], 1e-3, None, 4.0, None, 0.9, 0.999, 1e-8, True, 5, backend),
+    )
 
 
 @pytest.mark.parametrize("backend", backend_params())
@@ -47,11 +92,14 @@ def test_opcheck_compact_formats(backend):
     codes_v, scale_v = zip(*(quant.quantize(t.float().abs(), qu) for t in v))
     comp = [(0.01 * torch.randn(t.shape, device=device)).bfloat16() for t in p]
     lists = (list(codes_m), list(codes_v), None, [], comp, list(scale_m), list(scale_v))
-    args = (p, g) + lists[:3] + lists[3:] + (1e-3, None, 3.0, None, 0.9, 0.999, 1e-8, 0.01, False, False, 0, None,
-                                             backend)
+    args = (
+        (p, g) + lists[:3] + lists[3:] + (1e-3, None, 3.0, None, 0.9, 0.999, 1e-8, 0.01, False, False, 0, None, backend)
+    )
     torch.library.opcheck(torch.ops.misa.adamw_step_.default, args)
-    torch.library.opcheck(torch.ops.misa.momentum_flush_.default,
-                          (p,) + lists[:2] + lists[3:] + (1e-3, None, 4.0, None, 0.9, 0.999, 1e-8, False, 0, backend))
+    torch.library.opcheck(
+        torch.ops.misa.momentum_flush_.default,
+        (p,) + lists[:2] + lists[3:] + (1e-3, None, 4.0, None, 0.9, 0.999, 1e-8, False, 0, backend),
+    )
 
 
 @pytest.mark.parametrize("backend", backend_params())
@@ -61,9 +109,10 @@ def test_opcheck_norms_and_flush(backend):
     p, g, m, v = make_inputs([(5, 3), (17,)], torch.bfloat16, device, seed=1)
     torch.library.opcheck(torch.ops.misa.grad_sq_norms.default, (g, backend))
     m = [t.float() for t in m]
-    torch.library.opcheck(torch.ops.misa.momentum_flush_.default,
-                          (p, m, [t.abs() for t in v], [], [], [], [], 1e-3, None, 4.0, None, 0.9, 0.999, 1e-8, False,
-                           0, backend))
+    torch.library.opcheck(
+        torch.ops.misa.momentum_flush_.default,
+        (p, m, [t.abs() for t in v], [], [], [], [], 1e-3, None, 4.0, None, 0.9, 0.999, 1e-8, False, 0, backend),
+    )
 
 
 def test_auto_picks_torch_on_cpu_and_reports_it():

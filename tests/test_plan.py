@@ -24,16 +24,20 @@ def test_the_8b_plans_are_within_1_percent_of_every_measured_peak():
     peaks = plan_vs_measured.committed_peaks()
     assert len(peaks) >= 10  # 8 H200 train_step rows, the mem8b row, the H100 row
     assert {p[0] for p in peaks} == set(plan_vs_measured.METHODS.values())
-    off = [f"{r['method']} seq {r['seq']} ckpt {r['checkpointing']}: planned {r['planned_bytes'] / 2**30:.3f} GiB, "
-           f"measured {r['measured_bytes'] / 2**30:.3f} ({r['source']}), {r['error']:+.2%}"
-           for r in plan_vs_measured.compare(peaks) if abs(r["error"]) > 0.01]
+    off = [
+        f"{r['method']} seq {r['seq']} ckpt {r['checkpointing']}: planned {r['planned_bytes'] / 2**30:.3f} GiB, "
+        f"measured {r['measured_bytes'] / 2**30:.3f} ({r['source']}), {r['error']:+.2%}"
+        for r in plan_vs_measured.compare(peaks)
+        if abs(r["error"]) > 0.01
+    ]
     assert not off, "\n".join(off)
 
 
 def _real_peak(method: str, seq: int, batch: int, checkpointing: bool):
     """The same step as the planner's, on real CPU tensors, metered exactly (no GPU terms)."""
     from misa.integrations.lora import attach_lora
-    from misa.model import SIZES, LlamaConfig, LlamaForCausalLM
+    from misa.jobs.model import SIZES, LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**SIZES["tiny"].to_dict()))
     model.gradient_checkpointing = checkpointing
@@ -57,21 +61,29 @@ def _real_peak(method: str, seq: int, batch: int, checkpointing: bool):
 def test_a_planned_step_holds_what_the_same_real_step_holds(method, checkpointing):
     if method == "lora":
         pytest.importorskip("peft")
-    row = P.plan_step(P.load_model("tiny"), P.parse_methods(method)[0],
-                      P.Setting(seq=33, batch=3, dtype="fp32", checkpointing=checkpointing, gpu="none"))
+    row = P.plan_step(
+        P.load_model("tiny"),
+        P.parse_methods(method)[0],
+        P.Setting(seq=33, batch=3, dtype="fp32", checkpointing=checkpointing, gpu="none"),
+    )
     assert row.gpu_terms == {}
     assert row.peak_bytes == _real_peak(method, 33, 3, checkpointing)
     assert sum(row.parts.values()) == row.peak_bytes
 
 
 def test_misa_is_planned_at_its_worst_set_and_held_there():
-    row = P.plan_step(P.load_model("tiny"), P.parse_methods("misa+delta=0.25")[0],
-                      P.Setting(seq=16, batch=2, dtype="fp32", checkpointing=False, gpu="none", worst_set="largest"))
+    row = P.plan_step(
+        P.load_model("tiny"),
+        P.parse_methods("misa+delta=0.25")[0],
+        P.Setting(seq=16, batch=2, dtype="fp32", checkpointing=False, gpu="none", worst_set="largest"),
+    )
     assert row.active_set and row.active_set[0].startswith("model.layers.0.")  # the lowest layer: the longest backward
     assert 0 < row.trainable
-    searched = P.plan_step(P.load_model("tiny"), P.parse_methods("misa+delta=0.25")[0],
-                           P.Setting(seq=16, batch=2, dtype="fp32", checkpointing=False, gpu="none",
-                                     worst_set="search"))
+    searched = P.plan_step(
+        P.load_model("tiny"),
+        P.parse_methods("misa+delta=0.25")[0],
+        P.Setting(seq=16, batch=2, dtype="fp32", checkpointing=False, gpu="none", worst_set="search"),
+    )
     assert searched.peak_bytes >= row.peak_bytes * 0.999 or searched.active_set != row.active_set
 
 
@@ -120,9 +132,28 @@ def test_the_meter_counts_whole_allocator_blocks_when_asked():
 def test_the_budget_answers_fit_and_plan_json(tmp_path):
     out = tmp_path / "plan"
     budget = 3 * 2**19  # 1.5 MiB: the tiny model's adamw step (2.2 MiB) does not fit, MISA's at delta 0.05 (1 MiB) does
-    rc = P.main(["--model", "tiny", "--dtype", "fp32", "--batch", "1", "--seq", "16,32", "--gpu", "none",
-                 "--methods", "misa+delta=0.05,adamw", "--worst-set", "largest", "--budget", "1.5MiB",
-                 "--out", str(out)])
+    rc = P.main(
+        [
+            "--model",
+            "tiny",
+            "--dtype",
+            "fp32",
+            "--batch",
+            "1",
+            "--seq",
+            "16,32",
+            "--gpu",
+            "none",
+            "--methods",
+            "misa+delta=0.05,adamw",
+            "--worst-set",
+            "largest",
+            "--budget",
+            "1.5MiB",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     result = json.loads((out / "plan.json").read_text())
     assert (out / "plan.png").is_file() and result["meta"]["commit"]
@@ -147,8 +178,16 @@ def test_the_budget_answers_fit_and_plan_json(tmp_path):
 
 def test_planning_side_by_side_gives_the_same_plan():
     def plan(jobs):
-        result = P.plan(model="tiny", methods="misa+delta=0.05,lora", seqs=(16, 32), dtype="fp32", gpu="none",
-                        worst_set="largest", budget="1.5MiB", jobs=jobs)
+        result = P.plan(
+            model="tiny",
+            methods="misa+delta=0.05,lora",
+            seqs=(16, 32),
+            dtype="fp32",
+            gpu="none",
+            worst_set="largest",
+            budget="1.5MiB",
+            jobs=jobs,
+        )
         for row in result["rows"]:
             row.pop("seconds")
         return result
@@ -157,15 +196,18 @@ def test_planning_side_by_side_gives_the_same_plan():
     assert side_by_side == alone and len(alone["rows"]) == 4 and len(alone["budget"]) == 2
 
 
-@pytest.mark.parametrize("argv, flag", [
-    (["--model", "llama9-70b"], "--model"),
-    (["--budget", "lots"], "--budget"),
-    (["--seq", "512,x"], "--seq"),
-    (["--jobs", "0"], "--jobs"),
-    (["--fsdp", "0"], "--fsdp"),
-    (["--methods", "sgd"], "--methods"),
-    (["--model", "tiny", "--methods", "misa+delta=1e-9", "--seq", "8", "--gpu", "none"], "--methods"),
-])
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--model", "llama9-70b"], "--model"),
+        (["--budget", "lots"], "--budget"),
+        (["--seq", "512,x"], "--seq"),
+        (["--jobs", "0"], "--jobs"),
+        (["--fsdp", "0"], "--fsdp"),
+        (["--methods", "sgd"], "--methods"),
+        (["--model", "tiny", "--methods", "misa+delta=1e-9", "--seq", "8", "--gpu", "none"], "--methods"),
+    ],
+)
 def test_bad_input_names_the_argument_and_exits_2(argv, flag, capsys):
     assert P.main(argv) == 2
     err = capsys.readouterr().err
@@ -188,8 +230,18 @@ def test_lora_on_a_model_without_its_projections_exits_2(tmp_path, capsys):
     pytest.importorskip("transformers")
     pytest.importorskip("peft")
     cfg = tmp_path / "gpt2.json"
-    cfg.write_text(json.dumps({"model_type": "gpt2", "hidden_size": 32, "num_hidden_layers": 1, "n_head": 2,
-                               "vocab_size": 64, "n_positions": 64}))
+    cfg.write_text(
+        json.dumps(
+            {
+                "model_type": "gpt2",
+                "hidden_size": 32,
+                "num_hidden_layers": 1,
+                "n_head": 2,
+                "vocab_size": 64,
+                "n_positions": 64,
+            }
+        )
+    )
     assert P.main(["--model", str(cfg), "--methods", "lora", "--seq", "8", "--gpu", "none"]) == 2
     assert "--methods" in capsys.readouterr().err
 
@@ -203,6 +255,7 @@ def test_every_shipped_config_loads():
         assert m.hf_config.num_hidden_layers == m.n_layers > 0
         with torch.device("meta"):
             import transformers
+
             model = transformers.AutoModelForCausalLM.from_config(m.hf_config)
         sizes[name] = sum(p.numel() for p in model.parameters())
     # their public parameter counts
@@ -210,18 +263,23 @@ def test_every_shipped_config_loads():
     assert 7.6e9 < sizes["qwen2.5-7b"] < 7.7e9 and 7.2e9 < sizes["mistral-7b"] < 7.3e9
 
 
-@pytest.mark.parametrize("peak, quantum, expected", [
-    (lambda x: 1000 + 10 * x, 1, 900),  # affine: the secant lands on it
-    (lambda x: 1000 + 10 * x + (2000 if x > 500 else 0), 1, 700),  # a step the secant overshoots
-    (lambda x: 1000 + x * x / 100, 64, 896),  # convex, in multiples of 64
-])
+@pytest.mark.parametrize(
+    "peak, quantum, expected",
+    [
+        (lambda x: 1000 + 10 * x, 1, 900),  # affine: the secant lands on it
+        (lambda x: 1000 + 10 * x + (2000 if x > 500 else 0), 1, 700),  # a step the secant overshoots
+        (lambda x: 1000 + x * x / 100, 64, 896),  # convex, in multiples of 64
+    ],
+)
 def test_the_largest_that_fits_is_planned_and_tight(peak, quantum, expected):
     from types import SimpleNamespace
+
     planned = []
 
     def plan(x):
         planned.append(x)
         return SimpleNamespace(peak_bytes=peak(x))
+
     x, row = P._largest(plan, quantum, 2 * quantum, 10_000, quantum=quantum, ceiling=1 << 20, tries=8)
     assert x in planned and row.peak_bytes == peak(x) <= 10_000
     assert expected * 0.97 <= x <= expected and len(planned) <= 10
@@ -229,4 +287,5 @@ def test_the_largest_that_fits_is_planned_and_tight(peak, quantum, expected):
 
 def test_nothing_fits_when_even_the_smallest_does_not():
     from types import SimpleNamespace
+
     assert P._largest(lambda x: SimpleNamespace(peak_bytes=100 + x), 1, 2, 50, quantum=1, ceiling=10) == (None, None)

@@ -19,9 +19,13 @@ WORLD = 2
 def measured(tmp_path, model, entry, setting):
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available")
-    ctx = mp.start_processes(plan_workers.worker, args=(WORLD, str(tmp_path / "init"), str(tmp_path), model, entry,
-                                                         asdict(setting)),
-                             nprocs=WORLD, join=False, start_method="spawn")
+    ctx = mp.start_processes(
+        plan_workers.worker,
+        args=(WORLD, str(tmp_path / "init"), str(tmp_path), model, entry, asdict(setting)),
+        nprocs=WORLD,
+        join=False,
+        start_method="spawn",
+    )
     for _ in range(1200):  # bounded: 120 s
         if ctx.join(timeout=0.1):
             break
@@ -32,11 +36,20 @@ def measured(tmp_path, model, entry, setting):
     return [torch.load(os.path.join(tmp_path, f"peak{r}.pt")) for r in range(WORLD)]
 
 
-@pytest.mark.parametrize("entry, checkpointing", [("misa+delta=0.25", False), ("misa+delta=0.25", True),
-                                                  ("lora", False), ("adamw", True)])
+@pytest.mark.parametrize(
+    "entry, checkpointing", [("misa+delta=0.25", False), ("misa+delta=0.25", True), ("lora", False), ("adamw", True)]
+)
 def test_the_planned_rank_peak_is_within_1_percent_of_a_real_2_rank_run(entry, checkpointing, tmp_path):
-    setting = P.Setting(seq=64, batch=4, dtype="fp32", checkpointing=checkpointing, lora_r=8, gpu="none",
-                        worst_set="largest", fsdp=WORLD)
+    setting = P.Setting(
+        seq=64,
+        batch=4,
+        dtype="fp32",
+        checkpointing=checkpointing,
+        lora_r=8,
+        gpu="none",
+        worst_set="largest",
+        fsdp=WORLD,
+    )
     planned = P.plan_step(P.load_model("small"), P.parse_methods(entry)[0], setting)
     ranks = measured(tmp_path, "small", entry, setting)
     rank0 = ranks[0]["peak_bytes"]

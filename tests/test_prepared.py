@@ -37,8 +37,12 @@ def _grads(params, seed):
 
 def _copy(case):
     params, m, v, kept = case
-    return ([t.clone() for t in params], [t.clone() for t in m], [t.clone() for t in v],
-            {k: [t.clone() for t in ts] for k, ts in kept.items()})
+    return (
+        [t.clone() for t in params],
+        [t.clone() for t in m],
+        [t.clone() for t in v],
+        {k: [t.clone() for t in ts] for k, ts in kept.items()},
+    )
 
 
 def _every(case):
@@ -56,8 +60,7 @@ def test_a_prepared_call_is_adamw_step_to_the_bit(backend, fmt):
     ours = _case(fmt, device, seed=1)
     theirs = _copy(ours)
     step = mk.prepare_adamw_step(*ours[:3], backend=backend, **ours[3])
-    for k, (step_count, skip) in enumerate([(3, 0.0), (torch.full((len(SIZES),), 4.0, device=device), 0.0),
-                                            (5, 1.0)]):
+    for k, (step_count, skip) in enumerate([(3, 0.0), (torch.full((len(SIZES),), 4.0, device=device), 0.0), (5, 1.0)]):
         grads = _grads(ours[0], seed=k)
         flag = torch.tensor(skip, device=device)
         norms_a = torch.full((len(SIZES),), 0.5, device=device)  # accumulated into, not overwritten
@@ -65,8 +68,18 @@ def test_a_prepared_call_is_adamw_step_to_the_bit(backend, fmt):
         step.grad_sq_norms_(grads, norms_a)
         norms_b += mk.grad_sq_norms([g.clone() for g in grads], backend=backend)
         step(grads, lr=1e-3, weight_decay=0.1, step=step_count, skip=flag)
-        mk.adamw_step_(theirs[0], [g.clone() for g in grads], theirs[1], theirs[2], lr=1e-3, weight_decay=0.1,
-                       step=step_count, skip=flag, backend=backend, **theirs[3])
+        mk.adamw_step_(
+            theirs[0],
+            [g.clone() for g in grads],
+            theirs[1],
+            theirs[2],
+            lr=1e-3,
+            weight_decay=0.1,
+            step=step_count,
+            skip=flag,
+            backend=backend,
+            **theirs[3],
+        )
         assert torch.equal(norms_a, norms_b)
         for a, b in zip(_every(ours), _every(theirs)):
             assert torch.equal(a, b)
@@ -82,8 +95,9 @@ def test_norms_accumulated_in_the_update_pass_match_the_public_op(backend):
     grads = _grads(ours[0], seed=7)
     norms_a, norms_b = torch.zeros(len(SIZES), device=device), torch.zeros(len(SIZES), device=device)
     mk.prepare_adamw_step(*ours[:3], backend=backend, **ours[3])(grads, lr=1e-3, step=2, grad_sq_norms=norms_a)
-    mk.adamw_step_(theirs[0], grads, theirs[1], theirs[2], lr=1e-3, step=2, grad_sq_norms=norms_b, backend=backend,
-                   **theirs[3])
+    mk.adamw_step_(
+        theirs[0], grads, theirs[1], theirs[2], lr=1e-3, step=2, grad_sq_norms=norms_b, backend=backend, **theirs[3]
+    )
     assert torch.equal(norms_a, norms_b)
     assert all(torch.equal(a, b) for a, b in zip(_every(ours), _every(theirs)))
 
@@ -157,7 +171,7 @@ def test_autograd_sees_the_writes_through_the_states_base():
     params = [torch.nn.Parameter(torch.randn(n, device=device)) for n in SIZES]
     arena = torch.zeros(2 * sum(SIZES), device=device)
     views = list(arena.split(SIZES + SIZES))
-    m, v = views[:len(SIZES)], views[len(SIZES):]
+    m, v = views[: len(SIZES)], views[len(SIZES) :]
     step = mk.prepare_adamw_step(params, m, v, backend="torch")
     with torch.enable_grad():
         loss = (params[0] * params[0]).sum()  # saves params[0] for backward

@@ -23,8 +23,9 @@ def train(model, opt, steps, data_seed=0, start=0):
 
 def make(variant="paper", dtype=torch.float32, model_kw=None, **kw):
     model = tiny_lm(seed=7, dtype=dtype, **(model_kw or {}))
-    opt = misa.MISA(model, lr=5e-3, weight_decay=0.01, delta=0.15, interval=4, variant=variant, seed=11,
-                    backend="torch", **kw)
+    opt = misa.MISA(
+        model, lr=5e-3, weight_decay=0.01, delta=0.15, interval=4, variant=variant, seed=11, backend="torch", **kw
+    )
     return model, opt
 
 
@@ -37,11 +38,14 @@ def roundtrip(obj):
 
 # The 8-bit formats need tensors of at least 4096 elements: a wider model (d=64).
 WIDE = {"model_kw": {"d": 64, "ff": 64}}
-LOW_PRECISION = {"fp32": (torch.float32, {}), "bf16-master": (torch.bfloat16, {}),
-                 "bf16-stochastic": (torch.bfloat16, {"rounding": "stochastic"}),
-                 "fp32-8bit": (torch.float32, {"states": "8bit", **WIDE}),
-                 "bf16-8bit-kahan": (torch.bfloat16, {"states": "8bit", "master_weights": "kahan", **WIDE}),
-                 "bf16-8bit-stochastic": (torch.bfloat16, {"states": "8bit", "rounding": "stochastic", **WIDE})}
+LOW_PRECISION = {
+    "fp32": (torch.float32, {}),
+    "bf16-master": (torch.bfloat16, {}),
+    "bf16-stochastic": (torch.bfloat16, {"rounding": "stochastic"}),
+    "fp32-8bit": (torch.float32, {"states": "8bit", **WIDE}),
+    "bf16-8bit-kahan": (torch.bfloat16, {"states": "8bit", "master_weights": "kahan", **WIDE}),
+    "bf16-8bit-stochastic": (torch.bfloat16, {"states": "8bit", "rounding": "stochastic", **WIDE}),
+}
 
 
 @pytest.mark.parametrize("precision", list(LOW_PRECISION), ids=list(LOW_PRECISION))

@@ -83,8 +83,17 @@ def test_higher_gradient_modules_are_sampled_more_in_training():
     torch.manual_seed(0)
     model = tiny_lm(seed=0)
     with pytest.warns(UserWarning, match="never be trained"):  # the MLP matrices exceed this budget
-        opt = misa.MISA(model, lr=1e-3, delta=0.05, eta=50.0, interval=2, warmup_interval=1, seed=0, backend="torch",
-                        variant="paper")
+        opt = misa.MISA(
+            model,
+            lr=1e-3,
+            delta=0.05,
+            eta=50.0,
+            interval=2,
+            warmup_interval=1,
+            seed=0,
+            backend="torch",
+            variant="paper",
+        )
     hot = {"layers.1.mlp.up_proj", "layers.2.self_attn.v_proj"}
     gen = torch.Generator().manual_seed(0)
     counts = {n: 0 for n in opt.module_names}
@@ -141,7 +150,7 @@ def test_the_bookkeeping_stays_real_under_fake_tensors_and_a_meta_default_device
         return s, out
 
     real, expected = draws()
-    with (FakeTensorMode(allow_non_fake_inputs=True) if context == "fake" else torch.device("meta")):
+    with FakeTensorMode(allow_non_fake_inputs=True) if context == "fake" else torch.device("meta"):
         s, got = draws()
         probs = s.probabilities()
         state = s.state_dict()

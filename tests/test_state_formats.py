@@ -33,7 +33,7 @@ def _block_bound(codes, absmax, qmap):
     gaps = torch.cat([qmap[1:] - qmap[:-1], qmap[-1:] - qmap[-2:-1]])
     below = torch.cat([gaps[:1], gaps[:-1]])
     half = 0.5 * torch.maximum(gaps[c], below[c])
-    scale = absmax.repeat_interleave(quant.BLOCK)[:c.numel()]
+    scale = absmax.repeat_interleave(quant.BLOCK)[: c.numel()]
     return (half * scale + 1e-6 * scale).double()
 
 
@@ -60,7 +60,7 @@ def _inputs(sizes, dtype, device, seed, misaligned=False):
 def _compensation(params, seed):
     # A compensation as after a few steps: a fraction of the parameter's last bf16 bit.
     g = torch.Generator().manual_seed(seed + 7)
-    return [(p.float() * 2.0 ** -10 * torch.randn(p.shape, generator=g).to(p.device)).bfloat16() for p in params]
+    return [(p.float() * 2.0**-10 * torch.randn(p.shape, generator=g).to(p.device)).bfloat16() for p in params]
 
 
 def _run(backend, device, sizes, dtype, *, fresh, value, seed=0, skip=None, misaligned=False):
@@ -69,10 +69,15 @@ def _run(backend, device, sizes, dtype, *, fresh, value, seed=0, skip=None, misa
     mc, vc, ma, va = _states8(sizes, device, seed)
     masters = [p.float() + 1e-3 * p.float().abs() for p in params] if value == "master" else None
     comp = _compensation(params, seed) if value == "kahan" else None
-    seen = dict(params=[p.clone() for p in params], mc=[c.clone() for c in mc], vc=[c.clone() for c in vc],
-                ma=[a.clone() for a in ma], va=[a.clone() for a in va],
-                masters=None if masters is None else [w.clone() for w in masters],
-                comp=None if comp is None else [c.clone() for c in comp])
+    seen = dict(
+        params=[p.clone() for p in params],
+        mc=[c.clone() for c in mc],
+        vc=[c.clone() for c in vc],
+        ma=[a.clone() for a in ma],
+        va=[a.clone() for a in va],
+        masters=None if masters is None else [w.clone() for w in masters],
+        comp=None if comp is None else [c.clone() for c in comp],
+    )
     if fresh:  # never read: poison codes, scales (and masters, compensation)
         for c in mc + vc:
             c.fill_(201)
@@ -81,9 +86,24 @@ def _run(backend, device, sizes, dtype, *, fresh, value, seed=0, skip=None, misa
         for c in comp or []:
             c.fill_(float("nan"))
     norms = torch.ones(len(sizes), device=device)
-    mk.adamw_step_(params, grads, mc, vc, **HYPER, step=3, fresh=fresh, grad_sq_norms=norms, master_params=masters,
-                   compensation=comp, exp_avg_absmax=ma, exp_avg_sq_absmax=va, skip=skip, backend=backend,
-                   rounding="stochastic" if value == "stochastic" else "nearest", seed=3)
+    mk.adamw_step_(
+        params,
+        grads,
+        mc,
+        vc,
+        **HYPER,
+        step=3,
+        fresh=fresh,
+        grad_sq_norms=norms,
+        master_params=masters,
+        compensation=comp,
+        exp_avg_absmax=ma,
+        exp_avg_sq_absmax=va,
+        skip=skip,
+        backend=backend,
+        rounding="stochastic" if value == "stochastic" else "nearest",
+        seed=3,
+    )
     assert mk.last_backend() == backend
     return seen, grads, dict(params=params, mc=mc, vc=vc, ma=ma, va=va, masters=masters, comp=comp, norms=norms)
 
@@ -98,8 +118,17 @@ def _oracle(seen, grads, device, *, fresh, value):
     masters = seen["masters"] if value == "master" else None
     if value == "kahan":  # the oracle's start value is param + compensation, as an fp32 master would be
         masters = [s.float() for s in start] if not fresh else None
-    return oracle_adamw(seen["params"], grads, m, v, **HYPER, step=3.0, fresh=fresh,
-                        grad_sq_norms=torch.ones(len(grads), device=device), master_params=masters)
+    return oracle_adamw(
+        seen["params"],
+        grads,
+        m,
+        v,
+        **HYPER,
+        step=3.0,
+        fresh=fresh,
+        grad_sq_norms=torch.ones(len(grads), device=device),
+        master_params=masters,
+    )
 
 
 @pytest.mark.parametrize("backend", backend_params())
@@ -117,8 +146,9 @@ def test_8bit_step_against_float64(backend, dtype, fresh, value):
     seen, grads, out = _run(backend, device, SIZES, dtype, fresh=fresh, value=value)
     want_p, want_m, want_v, want_n = _oracle(seen, grads, device, fresh=fresh, value=value)
     qs, qu = quant.maps(device)
-    for got_c, got_a, want, qmap in [(c, a, w, qs) for c, a, w in zip(out["mc"], out["ma"], want_m)] + \
-                                    [(c, a, w, qu) for c, a, w in zip(out["vc"], out["va"], want_v)]:
+    for got_c, got_a, want, qmap in [(c, a, w, qs) for c, a, w in zip(out["mc"], out["ma"], want_m)] + [
+        (c, a, w, qu) for c, a, w in zip(out["vc"], out["va"], want_v)
+    ]:
         got = quant.dequantize(got_c, got_a, qmap).double()
         assert torch.all((got - want.reshape(-1)).abs() <= _block_bound(got_c, got_a, qmap)), "states off the bound"
         # the block scale is the block's largest new magnitude
@@ -202,13 +232,33 @@ def test_8bit_flush_reads_states_and_moves_the_value(backend, value):
     comp = _compensation(params, 5) if value == "kahan" else None
     before = [t.clone() for t in mc + vc + ma + va]
     qs, qu = quant.maps(device)
-    start = masters if masters is not None else (
-        [p.double() + c.double() for p, c in zip(params, comp)] if comp is not None else params)
-    want = oracle_flush(start, [quant.dequantize(c, a, qs) for c, a in zip(mc, ma)],
-                        [quant.dequantize(c, a, qu) for c, a in zip(vc, va)],
-                        lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, step=7.0)
-    mk.momentum_flush_(params, mc, vc, lr=1e-3, step=7, master_params=masters, compensation=comp,
-                       exp_avg_absmax=ma, exp_avg_sq_absmax=va, backend=backend)
+    start = (
+        masters
+        if masters is not None
+        else ([p.double() + c.double() for p, c in zip(params, comp)] if comp is not None else params)
+    )
+    want = oracle_flush(
+        start,
+        [quant.dequantize(c, a, qs) for c, a in zip(mc, ma)],
+        [quant.dequantize(c, a, qu) for c, a in zip(vc, va)],
+        lr=1e-3,
+        beta1=0.9,
+        beta2=0.999,
+        eps=1e-8,
+        step=7.0,
+    )
+    mk.momentum_flush_(
+        params,
+        mc,
+        vc,
+        lr=1e-3,
+        step=7,
+        master_params=masters,
+        compensation=comp,
+        exp_avg_absmax=ma,
+        exp_avg_sq_absmax=va,
+        backend=backend,
+    )
     for t, b in zip(mc + vc + ma + va, before):
         assert torch.equal(t, b)  # states are read, never written
     if value == "master":
@@ -235,9 +285,26 @@ def test_cuda_binding_receives_8bit_operands_in_kernel_order(monkeypatch):
     params, grads = _inputs([300], torch.bfloat16, torch.device("cpu"), 0)
     mc, vc, ma, va = _states8([300], torch.device("cpu"), 0)
     comp = _compensation(params, 0)
-    cuda.adamw_step_(params, grads, mc, vc, None, [], lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
-                     step=2, fresh=False, stochastic=False, seed=0, compensation=comp, exp_avg_absmax=ma,
-                     exp_avg_sq_absmax=va)
+    cuda.adamw_step_(
+        params,
+        grads,
+        mc,
+        vc,
+        None,
+        [],
+        lr=1e-3,
+        beta1=0.9,
+        beta2=0.999,
+        eps=1e-8,
+        weight_decay=0.0,
+        step=2,
+        fresh=False,
+        stochastic=False,
+        seed=0,
+        compensation=comp,
+        exp_avg_absmax=ma,
+        exp_avg_sq_absmax=va,
+    )
     (a,) = calls
     assert a[3] == quant.BLOCK and a[1] == 2  # chunk 256: two chunks of 300 elements
     operands = [params[0], grads[0], mc[0], vc[0], ma[0], va[0], comp[0]]
@@ -310,9 +377,14 @@ def test_bad_state_formats_are_refused_and_nothing_changes(name, message, case):
         m, v = [mc], [vc]
         if case.get("mixed"):
             v = [torch.rand(300)]
-    absmax = dict(exp_avg_absmax=[torch.ones(case.get("absmax_numel", 2), dtype=case.get("absmax_dtype",
-                                                                                         torch.float32))],
-                  exp_avg_sq_absmax=[torch.ones(2)]) if case.get("absmax", True) else {}
+    absmax = (
+        dict(
+            exp_avg_absmax=[torch.ones(case.get("absmax_numel", 2), dtype=case.get("absmax_dtype", torch.float32))],
+            exp_avg_sq_absmax=[torch.ones(2)],
+        )
+        if case.get("absmax", True)
+        else {}
+    )
     extra = {}
     if case.get("comp"):
         extra["compensation"] = [torch.zeros(300, dtype=case.get("comp_dtype", torch.bfloat16))]
@@ -341,14 +413,26 @@ def test_against_bitsandbytes_adamw8bit_where_installed():
     p = p0.clone()
     qs, qu = quant.maps(device)
     mc, vc = torch.empty_like(p, dtype=torch.uint8), torch.empty_like(p, dtype=torch.uint8)
-    ma, va = torch.empty(quant.n_blocks(p.numel()), device=device), torch.empty(quant.n_blocks(p.numel()),
-                                                                                 device=device)
+    ma, va = (
+        torch.empty(quant.n_blocks(p.numel()), device=device),
+        torch.empty(quant.n_blocks(p.numel()), device=device),
+    )
     for step in range(1, 21):
         grad = torch.randn(p.shape, generator=g, device=device) * 1e-2
         ref.grad = grad.clone()
         theirs.step()
-        mk.adamw_step_([p], [grad], [mc], [vc], lr=1e-3, weight_decay=0.01, step=step, fresh=step == 1,
-                       exp_avg_absmax=[ma], exp_avg_sq_absmax=[va])
+        mk.adamw_step_(
+            [p],
+            [grad],
+            [mc],
+            [vc],
+            lr=1e-3,
+            weight_decay=0.01,
+            step=step,
+            fresh=step == 1,
+            exp_avg_absmax=[ma],
+            exp_avg_sq_absmax=[va],
+        )
     st = theirs.state[ref]
     assert torch.equal(st["qmap1"].float().cpu(), quant.dynamic_map(True))
     assert torch.equal(st["qmap2"].float().cpu(), quant.dynamic_map(False))

@@ -16,16 +16,25 @@ HERE = Path(__file__).resolve().parent
 def instructions():
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="0")
-    result = subprocess.run([sys.executable, str(HERE / "triton_sm90.py")], capture_output=True, text=True,
-                            timeout=600, env=env, check=False)
+    result = subprocess.run(
+        [sys.executable, str(HERE / "triton_sm90.py")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        check=False,
+    )
     if result.returncode != 0 and "ptxas" in result.stderr.lower():
         pytest.skip(f"Triton cannot reach ptxas here: {result.stderr[-300:]}")
     assert result.returncode == 0, result.stderr[-2000:]
     return json.loads(result.stdout)
 
 
-@pytest.mark.parametrize("kernel,dtype", [(k, d) for k in ("adamw", "flush", "norms") for d in ("fp32", "bf16")]
-                         + [("adamw_master", "bf16"), ("flush_master", "bf16")])
+@pytest.mark.parametrize(
+    "kernel,dtype",
+    [(k, d) for k in ("adamw", "flush", "norms") for d in ("fp32", "bf16")]
+    + [("adamw_master", "bf16"), ("flush_master", "bf16")],
+)
 def test_aligned_kernels_vectorize(instructions, kernel, dtype):
     aligned = instructions[f"{kernel}-{dtype}-aligned"]
     unaligned = instructions[f"{kernel}-{dtype}-unaligned"]

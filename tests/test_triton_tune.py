@@ -27,8 +27,10 @@ def test_cpu_keeps_the_default(monkeypatch):
 
     monkeypatch.delenv(tune.CONFIG_ENV, raising=False)
     called = []
-    assert tune.config("adamw", torch.device("cpu"), torch.float32, 65536, {},
-                       launch=lambda *a: called.append(a)) == tune.DEFAULT
+    assert (
+        tune.config("adamw", torch.device("cpu"), torch.float32, 65536, {}, launch=lambda *a: called.append(a))
+        == tune.DEFAULT
+    )
     assert called == []
 
 
@@ -64,6 +66,7 @@ def test_measure_takes_the_median_of_interleaved_rounds_and_a_tie_goes_to_the_de
             c = calls[-1]
             noisy = 50.0 if c == (512, 4) and calls.count(c) == 2 else 0.0
             return {(1024, 4): 1.10, (1024, 8): 1.00, (2048, 8): 0.99, (512, 4): 1.30, (2048, 16): 1.20}[c] + noisy
+
         return timer
 
     launch = lambda table, b, w: calls.append((b, w))  # noqa: E731
@@ -86,8 +89,13 @@ def test_measure_skips_blocks_larger_than_the_chunk():
     from misa_kernels.triton import tune
 
     seen = []
-    best, _ = tune.measure(torch.device("cpu"), [torch.float32], 1024, lambda t, b, w: seen.append(b),
-                           timer=lambda fn, reps: (fn(), 1.0)[1])
+    best, _ = tune.measure(
+        torch.device("cpu"),
+        [torch.float32],
+        1024,
+        lambda t, b, w: seen.append(b),
+        timer=lambda fn, reps: (fn(), 1.0)[1],
+    )
     assert seen and max(seen) <= 1024 and best[0] <= 1024
 
 
@@ -119,16 +127,18 @@ def test_every_candidate_block_computes_the_same_update(monkeypatch, config):
     if not interpreting():
         pytest.skip("the GPU tests cover the tuned config")
     monkeypatch.setenv("MISA_TRITON_CONFIG", config)
-    case = run_case("triton", device, SHAPES["mixed"], torch.bfloat16, fresh=False, step=4, with_norms=True,
-                    master=True)
+    case = run_case(
+        "triton", device, SHAPES["mixed"], torch.bfloat16, fresh=False, step=4, with_norms=True, master=True
+    )
     masters = [w.reshape(p.shape) for w, p in zip(case["w"], case["p"])]
     assert rel_err(masters, case["want_p"]) <= 1e-6
     assert rel_err([case["norms"]], [case["want_n"]]) <= 1e-5
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", [f"{b},{w}" for b, w in
-                                    __import__("misa_kernels.triton.tune", fromlist=["CANDIDATES"]).CANDIDATES])
+@pytest.mark.parametrize(
+    "config", [f"{b},{w}" for b, w in __import__("misa_kernels.triton.tune", fromlist=["CANDIDATES"]).CANDIDATES]
+)
 def test_every_candidate_config_is_right_on_the_gpu(monkeypatch, config):
     from oracle import rel_err
     from test_adamw_step import SHAPES, require, run_case
@@ -137,8 +147,7 @@ def test_every_candidate_config_is_right_on_the_gpu(monkeypatch, config):
     require("triton", device)
     monkeypatch.setenv("MISA_TRITON_CONFIG", config)
     for shapes in (SHAPES["mixed"], SHAPES["many"]):
-        case = run_case("triton", device, shapes, torch.bfloat16, fresh=False, step=4, with_norms=True,
-                        master=True)
+        case = run_case("triton", device, shapes, torch.bfloat16, fresh=False, step=4, with_norms=True, master=True)
         masters = [w.reshape(p.shape) for w, p in zip(case["w"], case["p"])]
         assert rel_err(masters, case["want_p"]) <= 1e-6
         assert rel_err([case["norms"]], [case["want_n"]]) <= 1e-5
@@ -161,8 +170,9 @@ def test_tuning_runs_on_the_gpu_and_is_remembered(monkeypatch, tmp_path):
     monkeypatch.delenv(tune.CONFIG_ENV, raising=False)
     monkeypatch.setenv(tune.CACHE_ENV, str(tmp_path))
     monkeypatch.setattr(tune, "_chosen", {})
-    case = run_case("triton", device, SHAPES["mixed"], torch.bfloat16, fresh=False, step=4, with_norms=True,
-                    master=True)
+    case = run_case(
+        "triton", device, SHAPES["mixed"], torch.bfloat16, fresh=False, step=4, with_norms=True, master=True
+    )
     masters = [w.reshape(p.shape) for w, p in zip(case["w"], case["p"])]
     assert rel_err(masters, case["want_p"]) <= 1e-6  # the tuned call computed the step once, right
     saved = json.loads((tmp_path / "triton_configs.json").read_text())

@@ -41,10 +41,12 @@ def test_flush_switch(monkeypatch, flush):
 @pytest.mark.parametrize("keep", [True, False])
 def test_keep_states_switch(keep):
     # two modules' worth of budget over three modules: re-selection happens often
-    model = torch.nn.Sequential(torch.nn.Linear(8, 8, bias=False), torch.nn.Linear(8, 8, bias=False),
-                                torch.nn.Linear(8, 8, bias=False))
-    opt = misa.MISA(model, delta=0.7, interval=2, variant="paper", keep_states=keep, flush=False, backend="torch",
-                    warmup_interval=2)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(8, 8, bias=False), torch.nn.Linear(8, 8, bias=False), torch.nn.Linear(8, 8, bias=False)
+    )
+    opt = misa.MISA(
+        model, delta=0.7, interval=2, variant="paper", keep_states=keep, flush=False, backend="torch", warmup_interval=2
+    )
     gen = torch.Generator().manual_seed(0)
     seen_kept = seen_restart = False
     for _ in range(30):
@@ -63,8 +65,9 @@ def test_keep_states_switch(keep):
 @pytest.mark.parametrize("power", [1, 2])
 def test_norm_power_switch(power):
     model = tiny_lm()
-    opt = misa.MISA(model, delta=0.2, interval=5, variant="paper", norm_power=power, backend="torch",
-                    check_finite=False)
+    opt = misa.MISA(
+        model, delta=0.2, interval=5, variant="paper", norm_power=power, backend="torch", check_finite=False
+    )
     gen = torch.Generator().manual_seed(0)
     grads_for_trainable(model, gen)
     want = []
@@ -72,7 +75,7 @@ def test_norm_power_switch(power):
         sq = sum(float(p.grad.double().square().sum()) for _, p in opt.partition.modules[b].params)
         want.append(sq if power == 2 else math.sqrt(sq))
     opt.step()
-    torch.testing.assert_close(opt._S.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=0)
+    torch.testing.assert_close(opt.period.S.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("cap", [None, 0.5, math.inf])

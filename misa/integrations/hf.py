@@ -21,8 +21,12 @@ from ..optimizer import MISA
 
 def create_misa_optimizer(model, args: TrainingArguments, **misa_kwargs) -> MISA:
     """MISA with the Trainer's AdamW hyperparameters (learning rate, betas, epsilon, weight decay)."""
-    kwargs = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
-                  weight_decay=args.weight_decay)
+    kwargs = dict(
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+        weight_decay=args.weight_decay,
+    )
     kwargs.update(misa_kwargs)
     return MISA(model, **kwargs)
 
@@ -39,7 +43,8 @@ class MISATrainer(Trainer):
         self.misa_kwargs = dict(misa_kwargs or {})
         super().__init__(*args, **kwargs)
         checkpointing = getattr(self.args, "activation_checkpointing", False) or getattr(
-            self.args, "gradient_checkpointing", False)  # renamed in transformers 5
+            self.args, "gradient_checkpointing", False
+        )  # renamed in transformers 5
         if checkpointing and hasattr(self.model, "enable_input_require_grads"):
             # Frozen embeddings feed checkpointed blocks inputs that need no grad; with reentrant
             # checkpointing the blocks' weights would then get none. Same fix as PEFT uses.
@@ -47,8 +52,9 @@ class MISATrainer(Trainer):
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
-            self.optimizer = create_misa_optimizer(model if model is not None else self.model, self.args,
-                                                   **self.misa_kwargs)
+            self.optimizer = create_misa_optimizer(
+                model if model is not None else self.model, self.args, **self.misa_kwargs
+            )
         return self.optimizer
 
     def _clip_grad_norm(self, model):
@@ -60,8 +66,12 @@ class MISATrainer(Trainer):
     def log(self, logs, *args, **kwargs):
         opt = unwrap_misa(self.optimizer)
         if opt is not None and "loss" in logs:  # training logs, not evaluation
-            logs = dict(logs, misa_trainable_fraction=opt.trainable_fraction,
-                        misa_active_modules=len(opt.active_modules), misa_skipped_steps=opt.skipped_steps)
+            logs = dict(
+                logs,
+                misa_trainable_fraction=opt.trainable_fraction,
+                misa_active_modules=len(opt.active_modules),
+                misa_skipped_steps=opt.skipped_steps,
+            )
         return super().log(logs, *args, **kwargs)
 
     def _get_grad_norm(self, model, grad_norm=None):

@@ -35,8 +35,13 @@ def attach_lora(model: nn.Module, r: int, alpha: float, dora: bool = False) -> L
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError:
         raise PeftMissing(PEFT_MISSING) from None
-    targets = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-                      if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in PROJECTIONS})
+    targets = sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in PROJECTIONS
+        }
+    )
     if not targets:
         raise ValueError(f"model: no linear layer named {', '.join(PROJECTIONS)} to put adapters on")
     config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, use_dora=dora)

@@ -54,8 +54,9 @@ def cublas_workspace_bytes(capability: Tuple[int, int], config: Optional[str] = 
                 raise ValueError
             sizes = [(int(kib), int(count)) for kib, count in zip(parts[1::2], parts[2::2])]
         except ValueError:
-            raise ValueError(f"{WORKSPACE_ENV}: expected ':KiB:count' pairs such as ':4096:8', got {config!r}") \
-                from None
+            raise ValueError(
+                f"{WORKSPACE_ENV}: expected ':KiB:count' pairs such as ':4096:8', got {config!r}"
+            ) from None
         return sum(kib * 1024 * count for kib, count in sizes)
     if capability[0] >= 9:
         return 4096 * 1024 * 8
@@ -79,5 +80,4 @@ def triton_tuner_scratch_bytes(dtypes: Sequence[torch.dtype]) -> int:
     each operand dtype of the call (parameter, gradient, states, master), the chunk table aside."""
     from misa_kernels.triton import tune
 
-    return sum(tune.SCRATCH_TENSORS * tune.SCRATCH_NUMEL * torch.empty((), dtype=d).element_size()
-               for d in dtypes)
+    return sum(tune.SCRATCH_TENSORS * tune.SCRATCH_NUMEL * torch.empty((), dtype=d).element_size() for d in dtypes)

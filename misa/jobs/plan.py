@@ -12,20 +12,24 @@ expects a valid device index") that a machine without a GPU does not have. The C
 in a few known terms, added explicitly (`misa.jobs.device_model`, each tested against an H200 measurement):
 - the cuBLAS workspaces of the step's two threads (forward's and autograd's), 2 x 32 MiB on Hopper;
 - the caching allocator's rounding of every block to 512 B (the meter rounds each storage);
-- attention: the CPU's flash kernel saves the output and the log-sum-exp, as the GPU's flash and cuDNN kernels
-  do (never the S x S matrix); cuDNN's seed and offset add a 512-B block per layer whose backward is pending;
+- attention: the planned step calls SDPA causally without a mask (`model(input_ids=ids, labels=ids)`), which the
+  CPU runs with its flash kernel: it saves the output and the log-sum-exp, as every fused GPU kernel does (cuDNN
+  and flash for bf16/fp16, memory-efficient for fp32), never the S x S matrix. The kernel is then told apart by
+  dtype only: bf16/fp16 take cuDNN on Hopper (measured on the H200), whose seed and offset add a 512-B block
+  per layer whose backward is pending; fp32 takes the memory-efficient kernel, which adds none. The math path
+  (a mask or dtype the fused kernels refuse, which saves the S x S weights) is not planned;
 - MISA's CUDA step scratch (5 KiB at the first step). The Triton backend's tuner scratch (1 GiB, once per
   machine at the first launch) is left out: the plan is for the CUDA backend, the default on a GPU.
 Nothing is fitted: a term that the validation (tests/test_plan.py, against the committed H200 peaks) finds
 missing is measured and modelled here.
 
 MISA's active set is planned, not drawn: its worst case is the largest set the budget allows with the lowest
-layer active (backward runs down to it), chosen by `misa.worst_set.largest_set`, or with `--worst-set search`
-the worst of `worst_set.candidate_sets` measured one by one (the default for models under 1B parameters,
-where the set changes the peak most). The optimizer holds its periods (`MISA.hold`): no period ends, no
+layer active (backward runs down to it), chosen by `worst_set.largest_set` (misa/jobs/worst_set.py), or with
+`--worst-set search` the worst of `worst_set.candidate_sets` measured one by one (the default for models under
+1B parameters, where the set changes the peak most). The optimizer holds its periods (`MISA.hold`): no period ends, no
 value of a fake tensor is read.
 
-Models: the built-in sizes (misa.model, trained with its own loss), a shipped config (llama3-8b, llama3.2-1b,
+Models: the built-in sizes (misa/jobs/model.py, trained with its own loss), a shipped config (llama3-8b, llama3.2-1b,
 qwen2.5-7b, mistral-7b: their public shapes; mistral-7b is v0.3, without a sliding window), or a Hugging
 Face config file or folder (config only, no weights), planned as the transformers model a user trains:
 `model(input_ids=ids, labels=ids).loss`, which upcasts the logits to fp32; LoRA and DoRA through
@@ -63,7 +67,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from . import device_model, files
+from . import device_model, extras, files
 
 CONFIGS = Path(__file__).parent / "configs"
 SHIPPED = sorted(p.stem for p in CONFIGS.glob("*.json"))
@@ -105,36 +109,42 @@ def parse_ints(text: str, flag: str) -> List[int]:
 @dataclass
 class Model:
     """What to build: a built-in size, or a transformers config."""
+
     name: str
-    builtin: Optional[str] = None  # a key of misa.model.SIZES
+    builtin: Optional[str] = None  # a key of misa.jobs.model.SIZES
     hf_config: Optional[object] = None  # a transformers PretrainedConfig
 
     @property
     def n_layers(self) -> int:
         if self.builtin:
-            from ..model import SIZES
+            from .model import SIZES
+
             return SIZES[self.builtin].num_layers
         return self.hf_config.num_hidden_layers
 
     @property
     def vocab_size(self) -> int:
         if self.builtin:
-            from ..model import SIZES
+            from .model import SIZES
+
             return SIZES[self.builtin].vocab_size
         return self.hf_config.vocab_size
 
 
 def load_model(spec: str) -> Model:
     """A built-in size, a shipped config's name, or a path to a config JSON or a folder with config.json."""
-    from ..model import SIZES
+    from .model import SIZES
+
     if spec in SIZES:
         return Model(spec, builtin=spec)
     path = CONFIGS / f"{spec}.json" if spec in SHIPPED else Path(spec)
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
-        raise UsageError(f"--model: {spec!r} is neither a built-in size ({', '.join(SIZES)}), a shipped config "
-                         f"({', '.join(SHIPPED)}), nor a config file or folder")
+        raise UsageError(
+            f"--model: {spec!r} is neither a built-in size ({', '.join(SIZES)}), a shipped config "
+            f"({', '.join(SHIPPED)}), nor a config file or folder"
+        )
     try:
         fields = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
@@ -162,7 +172,8 @@ class Method:
 
 
 def parse_methods(text: str) -> List[Method]:
-    from .. import finetune
+    from . import finetune
+
     methods = []
     for entry in [e for e in text.split(",") if e.strip()]:
         try:
@@ -191,7 +202,8 @@ class Setting:
 
 def _optimizer_args(method: Method, setting: Setting, delta: Optional[float]):
     """The namespace train.build_optimizer reads, with misa.finetune's defaults."""
-    from .. import finetune
+    from . import finetune
+
     fargs = finetune.build_parser().parse_args([])
     fargs.dtype = setting.dtype
     fargs.backend = "torch"  # the kernels' own steps cannot run on fake tensors; the CUDA step's scratch is added
@@ -207,7 +219,8 @@ def _build(model_spec: Model, method: Method, setting: Setting):
     """(model on meta, its loss on a [batch, seq+1] batch of ids)."""
     dtype = DTYPES[setting.dtype]
     if model_spec.builtin:
-        from ..model import SIZES, LlamaConfig, LlamaForCausalLM
+        from .model import SIZES, LlamaConfig, LlamaForCausalLM
+
         fields = SIZES[model_spec.builtin].to_dict()
         fields["max_seq_len"] = max(fields["max_seq_len"], setting.seq)
         with torch.device("meta"):
@@ -215,9 +228,11 @@ def _build(model_spec: Model, method: Method, setting: Setting):
         model.gradient_checkpointing = setting.checkpointing
         if method.name in ("lora", "dora"):
             from ..integrations.lora import attach_lora
+
             attach_lora(model, setting.lora_r, setting.lora_alpha or 2.0 * setting.lora_r, dora=method.name == "dora")
         return model, model.loss
     import transformers
+
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # built directly in the training dtype, as a user loads it
     try:
@@ -231,16 +246,31 @@ def _build(model_spec: Model, method: Method, setting: Setting):
         from peft import LoraConfig, get_peft_model
 
         from ..integrations.lora import PROJECTIONS
-        targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                          if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in PROJECTIONS})
+
+        targets = sorted(
+            {
+                n.rsplit(".", 1)[-1]
+                for n, m in model.named_modules()
+                if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in PROJECTIONS
+            }
+        )
         if not targets:
-            raise UsageError(f"--methods: {method.entry}: the model has none of the projections LoRA adapts "
-                             f"({', '.join(PROJECTIONS)})")
+            raise UsageError(
+                f"--methods: {method.entry}: the model has none of the projections LoRA adapts "
+                f"({', '.join(PROJECTIONS)})"
+            )
         # low_cpu_mem_usage: the adapters are made on meta like the model; otherwise peft initialises them on the
         # CPU first (2.5 GB of real memory and seconds at rank 226 on 8B) only to move them to meta
-        model = get_peft_model(model, LoraConfig(r=setting.lora_r, lora_alpha=setting.lora_alpha or 2 * setting.lora_r,
-                                                 target_modules=targets, use_dora=method.name == "dora"),
-                               low_cpu_mem_usage=True)
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=setting.lora_r,
+                lora_alpha=setting.lora_alpha or 2 * setting.lora_r,
+                target_modules=targets,
+                use_dora=method.name == "dora",
+            ),
+            low_cpu_mem_usage=True,
+        )
         if setting.checkpointing:
             model.enable_input_require_grads()
 
@@ -252,12 +282,14 @@ def _build(model_spec: Model, method: Method, setting: Setting):
 
 
 def _optimizer(model, method: Method, setting: Setting, delta: Optional[float]):
-    from ..train import build_optimizer
+    from .train import build_optimizer
+
     if method.name in ("lora", "dora"):
         return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     if method.name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=1e-5)
-    from ..finetune import bare_entry
+    from .finetune import bare_entry
+
     return build_optimizer(bare_entry(method.inner), model, _optimizer_args(method, setting, delta))
 
 
@@ -304,7 +336,7 @@ def gpu_terms(setting: Setting, n_layers: int, method: Method) -> Dict[str, int]
 
 
 def blocks(model: nn.Module, n_layers: int) -> List[nn.Module]:
-    """The model's decoder blocks: its ModuleList of n_layers (misa.model's `layers`, transformers' and peft's
+    """The model's decoder blocks: its ModuleList of n_layers (the built-in model's `layers`, transformers' and peft's
     `model.layers`)."""
     for m in model.modules():
         if isinstance(m, nn.ModuleList) and len(m) == n_layers:
@@ -316,6 +348,7 @@ def shard(model: nn.Module, n_layers: int, mesh=None) -> None:
     """FSDP2 as a user applies it: `fully_shard` on every block, then on the root (its embedding, norm and
     head). The planner and the real runs that check it (tests/test_plan_fsdp.py) shard with this one function."""
     from torch.distributed.fsdp import fully_shard
+
     for block in blocks(model, n_layers):
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -327,6 +360,7 @@ def _fake_mesh(world: int):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.testing._internal.distributed.fake_pg import FakeStore
+
     if dist.is_initialized() and (dist.get_backend() != "fake" or dist.get_world_size() != world):
         if dist.get_backend() != "fake":
             raise UsageError("--fsdp: plans in a process of its own; this one already has a real process group")
@@ -340,8 +374,8 @@ def plan_step(model_spec: Model, method: Method, setting: Setting, delta: Option
     """One planned training step of `method` on `model_spec` (module doc)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from .. import worst_set
     from ..memory import StepPeakMeter
+    from . import worst_set
 
     start = time.perf_counter()
     with warnings.catch_warnings(), _quiet_transformers():
@@ -359,6 +393,7 @@ def plan_step(model_spec: Model, method: Method, setting: Setting, delta: Option
                 raise UsageError(f"--methods: {method.entry}: {exc}") from None
             if setting.fsdp > 1 and method.name == "misa":
                 from .. import distributed
+
                 distributed.prepare(opt)  # its norms summed over the ranks, as a user's MISA under FSDP2
             batch = torch.zeros(setting.batch, setting.seq + 1, dtype=torch.long)
 
@@ -371,10 +406,12 @@ def plan_step(model_spec: Model, method: Method, setting: Setting, delta: Option
             held = opt.hold() if hasattr(opt, "hold") else contextlib.nullcontext()
             with held:
                 n_params = sum(p.numel() for p in model.parameters())
-                if hasattr(opt, "set_active") and (setting.worst_set == "search" or (
-                        setting.worst_set == "auto" and n_params < SEARCH_BELOW_PARAMS)):
+                if hasattr(opt, "set_active") and (
+                    setting.worst_set == "search" or (setting.worst_set == "auto" and n_params < SEARCH_BELOW_PARAMS)
+                ):
                     peak, parts, chosen = worst_set.worst_case_peak(
-                        model, opt, train_step, lambda: loss_fn(batch), steps=STEPS, block_bytes=block)
+                        model, opt, train_step, lambda: loss_fn(batch), steps=STEPS, block_bytes=block
+                    )
                     if peak < 0:
                         raise UsageError(f"--methods: {method.entry}: delta={opt.delta:g} fits no module")
                 else:
@@ -387,20 +424,37 @@ def plan_step(model_spec: Model, method: Method, setting: Setting, delta: Option
                     meter = StepPeakMeter(model, opt, mode="track", block_bytes=block)
                     worst_set.measure_steps(meter, train_step, 1)
                     peak, parts = meter.peak_bytes, meter.peak_parts
-            trainable = (sum(opt.sampler.sizes[b] for b in chosen) if chosen is not None
-                         else sum(p.numel() for p in model.parameters() if p.requires_grad))
+            trainable = (
+                sum(opt.sampler.sizes[b] for b in chosen)
+                if chosen is not None
+                else sum(p.numel() for p in model.parameters() if p.requires_grad)
+            )
             names = [opt.module_names[b] for b in chosen] if chosen is not None else None
             used_delta = getattr(opt, "delta", None)
             formats = dict(opt.formats) if hasattr(opt, "formats") else None
             arena = sum(opt.memory_bytes().values()) if hasattr(opt, "memory_bytes") else None
             release = bool(getattr(opt, "release_grads", False))
     terms = gpu_terms(setting, model_spec.n_layers, method)
-    return Row(model=model_spec.name, method=method.entry, seq=setting.seq, batch=setting.batch, dtype=setting.dtype,
-               checkpointing=setting.checkpointing, peak_bytes=peak + sum(terms.values()), parts=parts,
-               gpu_terms=terms, delta=used_delta,
-               lora_r=setting.lora_r if method.name in ("lora", "dora") else None, trainable=trainable,
-               active_set=names, formats=formats, arena_bytes=arena, release_grads=release,
-               seconds=round(time.perf_counter() - start, 2), fsdp=setting.fsdp)
+    return Row(
+        model=model_spec.name,
+        method=method.entry,
+        seq=setting.seq,
+        batch=setting.batch,
+        dtype=setting.dtype,
+        checkpointing=setting.checkpointing,
+        peak_bytes=peak + sum(terms.values()),
+        parts=parts,
+        gpu_terms=terms,
+        delta=used_delta,
+        lora_r=setting.lora_r if method.name in ("lora", "dora") else None,
+        trainable=trainable,
+        active_set=names,
+        formats=formats,
+        arena_bytes=arena,
+        release_grads=release,
+        seconds=round(time.perf_counter() - start, 2),
+        fsdp=setting.fsdp,
+    )
 
 
 def _prime(model: nn.Module, opt) -> None:
@@ -430,14 +484,16 @@ def _quiet_transformers():
 
 
 # ----------------------------------------------------------------------------------------- the budget's answers
-def _largest(plan: Callable[[float], Row], lo: float, hi: float, budget: int, *, quantum: float,
-             ceiling: float, tries: int = 4) -> Tuple[Optional[float], Optional[Row]]:
+def _largest(
+    plan: Callable[[float], Row], lo: float, hi: float, budget: int, *, quantum: float, ceiling: float, tries: int = 4
+) -> Tuple[Optional[float], Optional[Row]]:
     """The largest x <= ceiling (a multiple of `quantum`) whose planned peak fits `budget`. The peak is close
     to affine in x (a delta, a rank, a sequence length), so x is found by the secant through two planned
     points (lo, hi), then by regula falsi between the largest x planned to fit and the smallest planned not
     to, kept a quarter of the bracket in from each end (so that a step in the peak cannot stall it), `tries`
     more plans at most; it stops once the bracket is one quantum wide or the fit is within 0.5% of the budget.
     Every x it returns was planned. (None, None) when nothing planned fits."""
+
     def down(x):
         return math.floor(x / quantum + 1e-9) * quantum
 
@@ -445,8 +501,9 @@ def _largest(plan: Callable[[float], Row], lo: float, hi: float, budget: int, *,
     for _ in range(tries):
         fit = max((x for x, r in points.items() if r.peak_bytes <= budget), default=None)
         fail = min((x for x, r in points.items() if r.peak_bytes > budget and (fit is None or x > fit)), default=None)
-        if fit is not None and (points[fit].peak_bytes >= 0.995 * budget or fit >= ceiling
-                                or (fail is not None and fail - fit <= quantum)):
+        if fit is not None and (
+            points[fit].peak_bytes >= 0.995 * budget or fit >= ceiling or (fail is not None and fail - fit <= quantum)
+        ):
             break
         if fit is not None and fail is not None:  # regula falsi inside the bracket
             a, b = (fit, points[fit].peak_bytes), (fail, points[fail].peak_bytes)
@@ -470,8 +527,14 @@ def _largest(plan: Callable[[float], Row], lo: float, hi: float, budget: int, *,
     return (fit, points[fit]) if fit is not None else (None, None)
 
 
-def budget_answers(model_spec: Model, methods: Sequence[Method], setting: Setting, rows: Sequence[Row],
-                   budget: int, pool: Optional["Pool"] = None) -> List[Dict]:
+def budget_answers(
+    model_spec: Model,
+    methods: Sequence[Method],
+    setting: Setting,
+    rows: Sequence[Row],
+    budget: int,
+    pool: Optional["Pool"] = None,
+) -> List[Dict]:
     """Per method: at every planned sequence, whether it fits and the largest delta (MISA) or rank (LoRA,
     DoRA) that does; and the longest sequence that fits at its own settings. Each of these searches is
     independent of the others: with a `pool` they run side by side."""
@@ -479,10 +542,16 @@ def budget_answers(model_spec: Model, methods: Sequence[Method], setting: Settin
     searches = []
     for m in methods:
         mine = sorted((r for r in rows if r.method == m.entry), key=lambda r: r.seq)
-        searches.append(([pool.submit(_answer_at_seq, model_spec, m, setting, r, budget) for r in mine],
-                         pool.submit(_longest_seq, model_spec, m, setting, mine, budget)))
-    return [{"method": m.entry, "at_seq": [f.result() for f in at_seq], **longest.result()}
-            for m, (at_seq, longest) in zip(methods, searches)]
+        searches.append(
+            (
+                [pool.submit(_answer_at_seq, model_spec, m, setting, r, budget) for r in mine],
+                pool.submit(_longest_seq, model_spec, m, setting, mine, budget),
+            )
+        )
+    return [
+        {"method": m.entry, "at_seq": [f.result() for f in at_seq], **longest.result()}
+        for m, (at_seq, longest) in zip(methods, searches)
+    ]
 
 
 class Pool:
@@ -495,14 +564,17 @@ class Pool:
         if jobs > 1:
             import concurrent.futures
             import multiprocessing
+
             # spawn: a forked torch can deadlock on its thread pools; each worker imports torch once
             self._executor = concurrent.futures.ProcessPoolExecutor(
-                jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init)
+                jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init
+            )
 
     def submit(self, fn, *args, **kwargs):
         if self._executor is not None:
             return self._executor.submit(fn, *args, **kwargs)
         import concurrent.futures
+
         done: concurrent.futures.Future = concurrent.futures.Future()
         try:
             done.set_result(fn(*args, **kwargs))
@@ -534,6 +606,7 @@ def _cached(plan: Callable[[float], Row], known: Dict[float, Row]) -> Callable[[
         if x not in known:
             known[x] = plan(x)
         return known[x]
+
     return planned
 
 
@@ -546,8 +619,9 @@ def _answer_at_seq(model_spec: Model, method: Method, setting: Setting, row: Row
         delta, best = _largest(plan, row.delta, min(1.0, 2 * row.delta), budget, quantum=1e-3, ceiling=1.0)
         here.update(largest_delta=delta, peak_bytes_at_largest=best.peak_bytes if best else None)
     elif method.name in ("lora", "dora"):
-        plan = _cached(lambda r: plan_step(model_spec, method, Setting(**{**asdict(at), "lora_r": int(r)})),
-                       {setting.lora_r: row})
+        plan = _cached(
+            lambda r: plan_step(model_spec, method, Setting(**{**asdict(at), "lora_r": int(r)})), {setting.lora_r: row}
+        )
         rank, best = _largest(plan, setting.lora_r, 2 * setting.lora_r, budget, quantum=1, ceiling=65536)
         here.update(largest_rank=rank, peak_bytes_at_largest=best.peak_bytes if best else None)
     return here
@@ -557,42 +631,71 @@ def _longest_seq(model_spec: Model, method: Method, setting: Setting, mine: List
     """The longest sequence that fits: from the two longest planned ones when there are two, else from one more."""
     longest = mine[-1]
     lo, hi = (mine[-2].seq, longest.seq) if len(mine) >= 2 else (longest.seq, 2 * longest.seq)
-    plan = _cached(lambda s: plan_step(model_spec, method, Setting(**{**asdict(setting), "seq": int(s)}),
-                                       delta=longest.delta), {r.seq: r for r in mine})
+    plan = _cached(
+        lambda s: plan_step(model_spec, method, Setting(**{**asdict(setting), "seq": int(s)}), delta=longest.delta),
+        {r.seq: r for r in mine},
+    )
     seq, best = _largest(plan, lo, hi, budget, quantum=SEQ_MULTIPLE, ceiling=1 << 20)
-    return {"longest_seq": best.seq if best else None,
-            "peak_bytes_at_longest_seq": best.peak_bytes if best else None}
+    return {"longest_seq": best.seq if best else None, "peak_bytes_at_longest_seq": best.peak_bytes if best else None}
 
 
 # ----------------------------------------------------------------------------------------- the command
 def build_parser() -> argparse.ArgumentParser:
-    from ..train import _HelpFormatter
-    p = argparse.ArgumentParser(prog="python -m misa.plan", formatter_class=_HelpFormatter,
-                                description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="llama3-8b",
-                   help=f"a built-in size, a shipped config ({', '.join(SHIPPED)}), or a HF config file or folder")
-    p.add_argument("--methods", default="misa+delta=0.03,lora",
-                   help="comma-separated, as misa.finetune spells them: misa+delta=0.03+states=8bit+masters=kahan, "
-                        "lora, dora, lisa, badam, adamw")
+    from .cli import HelpFormatter
+
+    p = argparse.ArgumentParser(
+        prog="python -m misa.plan", formatter_class=HelpFormatter, description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument(
+        "--model",
+        default="llama3-8b",
+        help=f"a built-in size, a shipped config ({', '.join(SHIPPED)}), or a HF config file or folder",
+    )
+    p.add_argument(
+        "--methods",
+        default="misa+delta=0.03,lora",
+        help="comma-separated, as misa.finetune spells them: misa+delta=0.03+states=8bit+masters=kahan, "
+        "lora, dora, lisa, badam, adamw",
+    )
     p.add_argument("--seq", default="512,2048", help="sequence lengths, comma-separated")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block (non-reentrant)")
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--lora-alpha", type=float, default=None, help="None: 2 x rank")
-    p.add_argument("--gpu", choices=sorted(GPUS), default="hopper",
-                   help="whose cuBLAS workspace and allocator to add (none: the CPU step as it is)")
-    p.add_argument("--worst-set", choices=("auto", "largest", "search"), default="auto",
-                   help="MISA's planned set: the largest with the lowest layer, or the worst of the candidates "
-                        "measured (auto: search below 1B parameters)")
-    p.add_argument("--fsdp", type=int, default=1, metavar="N",
-                   help="plan one rank's peak under FSDP2 over N ranks (every block and the root fully_shard-ed, "
-                        "MISA through misa.distributed.prepare); the batch is each rank's")
-    p.add_argument("--budget", default=None, help="a GPU's memory (24GiB): what fits, the largest delta and rank, "
-                                                  "the longest sequence")
+    p.add_argument(
+        "--gpu",
+        choices=sorted(GPUS),
+        default="hopper",
+        help="whose cuBLAS workspace and allocator to add (none: the CPU step as it is)",
+    )
+    p.add_argument(
+        "--worst-set",
+        choices=("auto", "largest", "search"),
+        default="auto",
+        help="MISA's planned set: the largest with the lowest layer, or the worst of the candidates "
+        "measured (auto: search below 1B parameters)",
+    )
+    p.add_argument(
+        "--fsdp",
+        type=int,
+        default=1,
+        metavar="N",
+        help="plan one rank's peak under FSDP2 over N ranks (every block and the root fully_shard-ed, "
+        "MISA through misa.distributed.prepare); the batch is each rank's",
+    )
+    p.add_argument(
+        "--budget",
+        default=None,
+        help="a GPU's memory (24GiB): what fits, the largest delta and rank, the longest sequence",
+    )
     p.add_argument("--out", default=None, help="write plan.json and plan.png here")
-    p.add_argument("--jobs", type=int, default=default_jobs(),
-                   help="planned steps run side by side in this many processes (default: the CPUs available)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=default_jobs(),
+        help="planned steps run side by side in this many processes (default: the CPUs available)",
+    )
     return p
 
 
@@ -617,27 +720,67 @@ def validate(args) -> Tuple[Model, List[Method], List[int], Optional[int]]:
     return model_spec, methods, seqs, budget
 
 
-def plan(model: str = "llama3-8b", methods: str = "misa+delta=0.03,lora", seqs: Sequence[int] = (512, 2048),
-         batch: int = 1, dtype: str = "bf16", checkpointing: bool = False, lora_r: int = 16,
-         lora_alpha: Optional[float] = None, gpu: str = "hopper", worst_set: str = "auto",
-         budget: Optional[str] = None, jobs: int = 1, fsdp: int = 1) -> Dict:
+def plan(
+    model: str = "llama3-8b",
+    methods: str = "misa+delta=0.03,lora",
+    seqs: Sequence[int] = (512, 2048),
+    batch: int = 1,
+    dtype: str = "bf16",
+    checkpointing: bool = False,
+    lora_r: int = 16,
+    lora_alpha: Optional[float] = None,
+    gpu: str = "hopper",
+    worst_set: str = "auto",
+    budget: Optional[str] = None,
+    jobs: int = 1,
+    fsdp: int = 1,
+) -> Dict:
     """The plan as `python -m misa.plan` writes it to plan.json (`rows`, and `budget` when one is given).
     jobs > 1 plans side by side in that many processes."""
-    args = argparse.Namespace(model=model, methods=methods, seq=",".join(map(str, seqs)), batch=batch, dtype=dtype,
-                              checkpointing=checkpointing, lora_r=lora_r, lora_alpha=lora_alpha, gpu=gpu,
-                              worst_set=worst_set, budget=budget, jobs=jobs, fsdp=fsdp)
+    args = argparse.Namespace(
+        model=model,
+        methods=methods,
+        seq=",".join(map(str, seqs)),
+        batch=batch,
+        dtype=dtype,
+        checkpointing=checkpointing,
+        lora_r=lora_r,
+        lora_alpha=lora_alpha,
+        gpu=gpu,
+        worst_set=worst_set,
+        budget=budget,
+        jobs=jobs,
+        fsdp=fsdp,
+    )
     return run(args, *validate(args))
 
 
-def run(args, model_spec: Model, methods: List[Method], seqs: List[int], budget: Optional[int],
-        echo: Callable[[str], None] = lambda s: None) -> Dict:
-    base = Setting(seq=seqs[0], batch=args.batch, dtype=args.dtype, checkpointing=args.checkpointing,
-                   lora_r=args.lora_r, lora_alpha=args.lora_alpha, gpu=args.gpu, worst_set=args.worst_set,
-                   fsdp=getattr(args, "fsdp", 1))
+def run(
+    args,
+    model_spec: Model,
+    methods: List[Method],
+    seqs: List[int],
+    budget: Optional[int],
+    echo: Callable[[str], None] = lambda s: None,
+) -> Dict:
+    base = Setting(
+        seq=seqs[0],
+        batch=args.batch,
+        dtype=args.dtype,
+        checkpointing=args.checkpointing,
+        lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        gpu=args.gpu,
+        worst_set=args.worst_set,
+        fsdp=getattr(args, "fsdp", 1),
+    )
     n_tasks = len(methods) * len(seqs)
     with Pool(min(getattr(args, "jobs", 1), n_tasks)) as pool:
-        futures = [pool.submit(plan_step, model_spec, method, Setting(**{**asdict(base), "seq": seq}))
-                   for method in methods for seq in seqs]
+        futures = [
+            pool.submit(plan_step, model_spec, method, Setting(**{**asdict(base), "seq": seq}))
+            for method in methods
+            for seq in seqs
+        ]
         rows = []
         for future in futures:
             row = future.result()
@@ -645,8 +788,7 @@ def run(args, model_spec: Model, methods: List[Method], seqs: List[int], budget:
                 row.fits = row.peak_bytes <= budget
             rows.append(row)
             echo(describe(row, budget))
-        out = {"model": model_spec.name, "gpu": args.gpu, "budget_bytes": budget,
-               "rows": [asdict(r) for r in rows]}
+        out = {"model": model_spec.name, "gpu": args.gpu, "budget_bytes": budget, "rows": [asdict(r) for r in rows]}
         if budget is not None:
             out["budget"] = budget_answers(model_spec, methods, base, rows, budget, pool)
     return out
@@ -661,14 +803,18 @@ def describe(row: Row, budget: Optional[int]) -> str:
     gpu = f"; GPU {size(sum(row.gpu_terms.values()))}" if row.gpu_terms else ""
     fit = "" if row.fits is None else ("  fits" if row.fits else "  does not fit")
     ranks = f" fsdp {row.fsdp} (per rank)" if row.fsdp > 1 else ""
-    return (f"{row.method} seq {row.seq} batch {row.batch}{' ckpt' if row.checkpointing else ''}{ranks}: "
-            f"peak {size(row.peak_bytes)} ({parts}{gpu}){fit}  [{row.seconds:.0f} s]")
+    return (
+        f"{row.method} seq {row.seq} batch {row.batch}{' ckpt' if row.checkpointing else ''}{ranks}: "
+        f"peak {size(row.peak_bytes)} ({parts}{gpu}){fit}  [{row.seconds:.0f} s]"
+    )
 
 
 def plot(result: Dict, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for method in dict.fromkeys(r["method"] for r in result["rows"]):
         rows = sorted((r for r in result["rows"] if r["method"] == method), key=lambda r: r["seq"])
@@ -689,9 +835,11 @@ def plot(result: Dict, path: Path) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.out:  # the plot is the only use the planner has for the jobs' packages
+            extras.require()
         model_spec, methods, seqs, budget = validate(args)
         result = run(args, model_spec, methods, seqs, budget, echo=lambda s: print(s, flush=True))
-    except UsageError as exc:
+    except (UsageError, extras.ExtraMissing) as exc:
         print(f"misa-plan: error: {exc}", file=sys.stderr)
         return 2
     for answer in result.get("budget", []):
@@ -701,11 +849,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         import transformers
 
-        from .. import provenance
-        result["meta"] = {"command": provenance.command("misa.plan", sys.argv[1:] if argv is None else argv),
-                          "commit": provenance.commit(), "torch": torch.__version__,
-                          "transformers": transformers.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-                          "device": "planned on fake CPU tensors (no GPU)"}
+        from . import provenance
+
+        result["meta"] = {
+            "command": provenance.command("misa.plan", sys.argv[1:] if argv is None else argv),
+            "commit": provenance.commit(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "device": "planned on fake CPU tensors (no GPU)",
+        }
         files.write_text(out / "plan.json", json.dumps(result, indent=1))
         plot(result, out / PLOT)
         print(f"misa-plan: wrote {out / 'plan.json'} and {out / PLOT}")

@@ -98,8 +98,9 @@ def _value_operand(address_ptr, fallback, MASTER: tl.constexpr, KAHAN: tl.conste
 
 
 @triton.jit
-def _call_scalars(scalars_ptr, t, step_size, bc2_sqrt, decay, SCALARS_ON_DEVICE: tl.constexpr,
-                  PER_TENSOR: tl.constexpr):
+def _call_scalars(
+    scalars_ptr, t, step_size, bc2_sqrt, decay, SCALARS_ON_DEVICE: tl.constexpr, PER_TENSOR: tl.constexpr
+):
     # [step_size, bc2_sqrt, decay]: the launch's arguments, or read on the device, once for the call or
     # (PER_TENSOR: a step count per tensor) a row per tensor
     if SCALARS_ON_DEVICE:
@@ -130,8 +131,9 @@ def _chunk_bounds(chunk_tensor_ptr, chunk_start_ptr, numel_ptr, CHUNK: tl.conste
 
 
 @triton.jit
-def _load_value(p_ptr, w_ptr, idx, mask, FRESH: tl.constexpr, MASTER: tl.constexpr, KAHAN: tl.constexpr,
-                MASKED: tl.constexpr):
+def _load_value(
+    p_ptr, w_ptr, idx, mask, FRESH: tl.constexpr, MASTER: tl.constexpr, KAHAN: tl.constexpr, MASKED: tl.constexpr
+):
     # The fp32 value the update starts from: the master, or param + compensation, or the param (a fresh
     # step reads neither master nor compensation).
     if MASTER and not FRESH:
@@ -144,8 +146,20 @@ def _load_value(p_ptr, w_ptr, idx, mask, FRESH: tl.constexpr, MASTER: tl.constex
 
 
 @triton.jit
-def _store_value(p_ptr, w_ptr, idx, p, mask, key, PARAM_DTYPE: tl.constexpr, MASTER: tl.constexpr,
-                 KAHAN: tl.constexpr, STOCHASTIC: tl.constexpr, SOFT_BF16: tl.constexpr, MASKED: tl.constexpr):
+def _store_value(
+    p_ptr,
+    w_ptr,
+    idx,
+    p,
+    mask,
+    key,
+    PARAM_DTYPE: tl.constexpr,
+    MASTER: tl.constexpr,
+    KAHAN: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+    MASKED: tl.constexpr,
+):
     rounded = _to_param(p, idx, key, PARAM_DTYPE, STOCHASTIC, SOFT_BF16)
     if MASTER:
         _store(w_ptr, idx, p, mask, MASKED)
@@ -156,9 +170,30 @@ def _store_value(p_ptr, w_ptr, idx, p, mask, key, PARAM_DTYPE: tl.constexpr, MAS
 
 
 @triton.jit
-def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, idx, n, key, one_minus_beta1, beta2, one_minus_beta2, eps,
-                 step_size, bc2_sqrt, decay, PARAM_DTYPE: tl.constexpr, FRESH: tl.constexpr, MASTER: tl.constexpr,
-                 KAHAN: tl.constexpr, STOCHASTIC: tl.constexpr, SOFT_BF16: tl.constexpr, MASKED: tl.constexpr):
+def _adamw_block(
+    p_ptr,
+    g_ptr,
+    m_ptr,
+    v_ptr,
+    w_ptr,
+    idx,
+    n,
+    key,
+    one_minus_beta1,
+    beta2,
+    one_minus_beta2,
+    eps,
+    step_size,
+    bc2_sqrt,
+    decay,
+    PARAM_DTYPE: tl.constexpr,
+    FRESH: tl.constexpr,
+    MASTER: tl.constexpr,
+    KAHAN: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+    MASKED: tl.constexpr,
+):
     mask = idx < n
     g = _load(g_ptr, idx, mask, MASKED).to(tl.float32)
     if FRESH:
@@ -179,8 +214,9 @@ def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, idx, n, key, one_minus_beta1
 
 
 @triton.jit
-def _skipped_fresh_block(p_ptr, m_ptr, v_ptr, w_ptr, idx, n, MASTER: tl.constexpr, KAHAN: tl.constexpr,
-                         MASKED: tl.constexpr):
+def _skipped_fresh_block(
+    p_ptr, m_ptr, v_ptr, w_ptr, idx, n, MASTER: tl.constexpr, KAHAN: tl.constexpr, MASKED: tl.constexpr
+):
     # A skipped fresh step defines its states as zero (and the master as the weight, the compensation as
     # zero), so that the next step starts from them as from a fresh step.
     mask = idx < n
@@ -195,13 +231,35 @@ def _skipped_fresh_block(p_ptr, m_ptr, v_ptr, w_ptr, idx, n, MASTER: tl.constexp
 
 @triton.jit
 def adamw_kernel(
-    chunk_tensor_ptr, chunk_start_ptr, numel_ptr, addr_ptr, n_tensors,
-    partials_ptr, scalars_ptr, skip_ptr,
-    one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt, decay, seed,
-    PARAM_DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-    FRESH: tl.constexpr, NORMS: tl.constexpr, SCALARS_ON_DEVICE: tl.constexpr, ALIGNED: tl.constexpr,
-    MASTER: tl.constexpr, STOCHASTIC: tl.constexpr, SOFT_BF16: tl.constexpr, SKIP: tl.constexpr,
-    KAHAN: tl.constexpr = False, PER_TENSOR: tl.constexpr = False,
+    chunk_tensor_ptr,
+    chunk_start_ptr,
+    numel_ptr,
+    addr_ptr,
+    n_tensors,
+    partials_ptr,
+    scalars_ptr,
+    skip_ptr,
+    one_minus_beta1,
+    beta2,
+    one_minus_beta2,
+    eps,
+    step_size,
+    bc2_sqrt,
+    decay,
+    seed,
+    PARAM_DTYPE: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+    FRESH: tl.constexpr,
+    NORMS: tl.constexpr,
+    SCALARS_ON_DEVICE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    MASTER: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+    SKIP: tl.constexpr,
+    KAHAN: tl.constexpr = False,
+    PER_TENSOR: tl.constexpr = False,
 ):
     pid, t, start, n, length, full = _chunk_bounds(chunk_tensor_ptr, chunk_start_ptr, numel_ptr, CHUNK, BLOCK)
     p_ptr = _typed(tl.load(addr_ptr + t), PARAM_DTYPE, ALIGNED)
@@ -210,8 +268,9 @@ def adamw_kernel(
     v_ptr = _typed(tl.load(addr_ptr + 3 * n_tensors + t), tl.float32, ALIGNED)
     w_ptr = _value_operand(addr_ptr + 4 * n_tensors + t, m_ptr, MASTER, KAHAN, ALIGNED)
     key = _tensor_key(seed, t)
-    step_size, bc2_sqrt, decay = _call_scalars(scalars_ptr, t, step_size, bc2_sqrt, decay, SCALARS_ON_DEVICE,
-                                               PER_TENSOR)
+    step_size, bc2_sqrt, decay = _call_scalars(
+        scalars_ptr, t, step_size, bc2_sqrt, decay, SCALARS_ON_DEVICE, PER_TENSOR
+    )
     skip = _skip_flag(skip_ptr, SKIP)
     # The skip flag decides for the whole program (a branch, not a per-element store mask), so the
     # update keeps its unmasked, vectorized loads and stores.
@@ -219,14 +278,56 @@ def adamw_kernel(
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for off in range(0, full, BLOCK):
             idx = tl.multiple_of(start + off, BLOCK) + tl.arange(0, BLOCK)
-            acc += _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, idx, n, key, one_minus_beta1, beta2,
-                                one_minus_beta2, eps, step_size, bc2_sqrt, decay,
-                                PARAM_DTYPE, FRESH, MASTER, KAHAN, STOCHASTIC, SOFT_BF16, False)
+            acc += _adamw_block(
+                p_ptr,
+                g_ptr,
+                m_ptr,
+                v_ptr,
+                w_ptr,
+                idx,
+                n,
+                key,
+                one_minus_beta1,
+                beta2,
+                one_minus_beta2,
+                eps,
+                step_size,
+                bc2_sqrt,
+                decay,
+                PARAM_DTYPE,
+                FRESH,
+                MASTER,
+                KAHAN,
+                STOCHASTIC,
+                SOFT_BF16,
+                False,
+            )
         if full < length:
             idx = start + full + tl.arange(0, BLOCK)
-            acc += _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, idx, n, key, one_minus_beta1, beta2,
-                                one_minus_beta2, eps, step_size, bc2_sqrt, decay,
-                                PARAM_DTYPE, FRESH, MASTER, KAHAN, STOCHASTIC, SOFT_BF16, True)
+            acc += _adamw_block(
+                p_ptr,
+                g_ptr,
+                m_ptr,
+                v_ptr,
+                w_ptr,
+                idx,
+                n,
+                key,
+                one_minus_beta1,
+                beta2,
+                one_minus_beta2,
+                eps,
+                step_size,
+                bc2_sqrt,
+                decay,
+                PARAM_DTYPE,
+                FRESH,
+                MASTER,
+                KAHAN,
+                STOCHASTIC,
+                SOFT_BF16,
+                True,
+            )
         if NORMS:
             tl.store(partials_ptr + pid, tl.sum(acc, axis=0))
     else:
@@ -242,9 +343,24 @@ def adamw_kernel(
 
 
 @triton.jit
-def _flush_block(p_ptr, m_ptr, v_ptr, w_ptr, idx, n, key, eps, step_size, bc2_sqrt,
-                 PARAM_DTYPE: tl.constexpr, MASTER: tl.constexpr, KAHAN: tl.constexpr, STOCHASTIC: tl.constexpr,
-                 SOFT_BF16: tl.constexpr, MASKED: tl.constexpr):
+def _flush_block(
+    p_ptr,
+    m_ptr,
+    v_ptr,
+    w_ptr,
+    idx,
+    n,
+    key,
+    eps,
+    step_size,
+    bc2_sqrt,
+    PARAM_DTYPE: tl.constexpr,
+    MASTER: tl.constexpr,
+    KAHAN: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+    MASKED: tl.constexpr,
+):
     mask = idx < n
     m = _load(m_ptr, idx, mask, MASKED)
     v = _load(v_ptr, idx, mask, MASKED)
@@ -255,11 +371,25 @@ def _flush_block(p_ptr, m_ptr, v_ptr, w_ptr, idx, n, key, eps, step_size, bc2_sq
 
 @triton.jit
 def flush_kernel(
-    chunk_tensor_ptr, chunk_start_ptr, numel_ptr, addr_ptr, n_tensors,
-    scalars_ptr, eps, step_size, bc2_sqrt, seed,
-    PARAM_DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-    SCALARS_ON_DEVICE: tl.constexpr, ALIGNED: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr,
-    SOFT_BF16: tl.constexpr, KAHAN: tl.constexpr = False,
+    chunk_tensor_ptr,
+    chunk_start_ptr,
+    numel_ptr,
+    addr_ptr,
+    n_tensors,
+    scalars_ptr,
+    eps,
+    step_size,
+    bc2_sqrt,
+    seed,
+    PARAM_DTYPE: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SCALARS_ON_DEVICE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    MASTER: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+    KAHAN: tl.constexpr = False,
 ):
     pid, t, start, n, length, full = _chunk_bounds(chunk_tensor_ptr, chunk_start_ptr, numel_ptr, CHUNK, BLOCK)
     p_ptr = _typed(tl.load(addr_ptr + t), PARAM_DTYPE, ALIGNED)
@@ -272,18 +402,57 @@ def flush_kernel(
         bc2_sqrt = tl.load(scalars_ptr + 1)
     for off in range(0, full, BLOCK):
         idx = tl.multiple_of(start + off, BLOCK) + tl.arange(0, BLOCK)
-        _flush_block(p_ptr, m_ptr, v_ptr, w_ptr, idx, n, key, eps, step_size, bc2_sqrt, PARAM_DTYPE, MASTER,
-                     KAHAN, STOCHASTIC, SOFT_BF16, False)
+        _flush_block(
+            p_ptr,
+            m_ptr,
+            v_ptr,
+            w_ptr,
+            idx,
+            n,
+            key,
+            eps,
+            step_size,
+            bc2_sqrt,
+            PARAM_DTYPE,
+            MASTER,
+            KAHAN,
+            STOCHASTIC,
+            SOFT_BF16,
+            False,
+        )
     if full < length:
         idx = start + full + tl.arange(0, BLOCK)
-        _flush_block(p_ptr, m_ptr, v_ptr, w_ptr, idx, n, key, eps, step_size, bc2_sqrt, PARAM_DTYPE, MASTER,
-                     KAHAN, STOCHASTIC, SOFT_BF16, True)
+        _flush_block(
+            p_ptr,
+            m_ptr,
+            v_ptr,
+            w_ptr,
+            idx,
+            n,
+            key,
+            eps,
+            step_size,
+            bc2_sqrt,
+            PARAM_DTYPE,
+            MASTER,
+            KAHAN,
+            STOCHASTIC,
+            SOFT_BF16,
+            True,
+        )
 
 
 @triton.jit
 def sq_norm_partials_kernel(
-    chunk_tensor_ptr, chunk_start_ptr, numel_ptr, addr_ptr, partials_ptr,
-    DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+    chunk_tensor_ptr,
+    chunk_start_ptr,
+    numel_ptr,
+    addr_ptr,
+    partials_ptr,
+    DTYPE: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     pid, t, start, n, length, full = _chunk_bounds(chunk_tensor_ptr, chunk_start_ptr, numel_ptr, CHUNK, BLOCK)
     x_ptr = _typed(tl.load(addr_ptr + t), DTYPE, ALIGNED)
@@ -357,10 +526,36 @@ def _quantize(x, c_ptr, a_ptr, q_ptr, idx, blk, mask, bmask, MASKED: tl.constexp
 
 
 @triton.jit
-def _adamw8_tile(p_ptr, g_ptr, mc_ptr, vc_ptr, ma_ptr, va_ptr, w_ptr, qs_ptr, qu_ptr, first, n, n_blocks, key,
-                 one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt, decay,
-                 PARAM_DTYPE: tl.constexpr, R: tl.constexpr, FRESH: tl.constexpr, MASTER: tl.constexpr,
-                 KAHAN: tl.constexpr, STOCHASTIC: tl.constexpr, SOFT_BF16: tl.constexpr, MASKED: tl.constexpr):
+def _adamw8_tile(
+    p_ptr,
+    g_ptr,
+    mc_ptr,
+    vc_ptr,
+    ma_ptr,
+    va_ptr,
+    w_ptr,
+    qs_ptr,
+    qu_ptr,
+    first,
+    n,
+    n_blocks,
+    key,
+    one_minus_beta1,
+    beta2,
+    one_minus_beta2,
+    eps,
+    step_size,
+    bc2_sqrt,
+    decay,
+    PARAM_DTYPE: tl.constexpr,
+    R: tl.constexpr,
+    FRESH: tl.constexpr,
+    MASTER: tl.constexpr,
+    KAHAN: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+    MASKED: tl.constexpr,
+):
     idx, blk = _tile(first, R)
     mask = idx < n
     bmask = blk < n_blocks
@@ -386,9 +581,23 @@ def _adamw8_tile(p_ptr, g_ptr, mc_ptr, vc_ptr, ma_ptr, va_ptr, w_ptr, qs_ptr, qu
 
 
 @triton.jit
-def _skipped_fresh8_tile(p_ptr, mc_ptr, vc_ptr, ma_ptr, va_ptr, w_ptr, first, n, n_blocks, R: tl.constexpr,
-                         ZERO_M: tl.constexpr, ZERO_V: tl.constexpr, MASTER: tl.constexpr, KAHAN: tl.constexpr,
-                         MASKED: tl.constexpr):
+def _skipped_fresh8_tile(
+    p_ptr,
+    mc_ptr,
+    vc_ptr,
+    ma_ptr,
+    va_ptr,
+    w_ptr,
+    first,
+    n,
+    n_blocks,
+    R: tl.constexpr,
+    ZERO_M: tl.constexpr,
+    ZERO_V: tl.constexpr,
+    MASTER: tl.constexpr,
+    KAHAN: tl.constexpr,
+    MASKED: tl.constexpr,
+):
     # Zero states (the zero codes, absmax 0), as quant.quantize writes for zeros; masters = weights.
     idx, blk = _tile(first, R)
     mask = idx < n
@@ -406,13 +615,39 @@ def _skipped_fresh8_tile(p_ptr, mc_ptr, vc_ptr, ma_ptr, va_ptr, w_ptr, first, n,
 
 @triton.jit
 def adamw8_kernel(
-    chunk_tensor_ptr, chunk_start_ptr, numel_ptr, addr_ptr, n_tensors,
-    partials_ptr, scalars_ptr, skip_ptr, qs_ptr, qu_ptr,
-    one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt, decay, seed,
-    PARAM_DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-    FRESH: tl.constexpr, NORMS: tl.constexpr, SCALARS_ON_DEVICE: tl.constexpr, ALIGNED: tl.constexpr,
-    MASTER: tl.constexpr, KAHAN: tl.constexpr, STOCHASTIC: tl.constexpr, SOFT_BF16: tl.constexpr, SKIP: tl.constexpr,
-    ZERO_M: tl.constexpr, ZERO_V: tl.constexpr, PER_TENSOR: tl.constexpr = False,
+    chunk_tensor_ptr,
+    chunk_start_ptr,
+    numel_ptr,
+    addr_ptr,
+    n_tensors,
+    partials_ptr,
+    scalars_ptr,
+    skip_ptr,
+    qs_ptr,
+    qu_ptr,
+    one_minus_beta1,
+    beta2,
+    one_minus_beta2,
+    eps,
+    step_size,
+    bc2_sqrt,
+    decay,
+    seed,
+    PARAM_DTYPE: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+    FRESH: tl.constexpr,
+    NORMS: tl.constexpr,
+    SCALARS_ON_DEVICE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    MASTER: tl.constexpr,
+    KAHAN: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+    SKIP: tl.constexpr,
+    ZERO_M: tl.constexpr,
+    ZERO_V: tl.constexpr,
+    PER_TENSOR: tl.constexpr = False,
 ):
     # Operands: 0 param, 1 grad, 2/3 codes of exp_avg/exp_avg_sq, 4/5 their absmax, 6 master or compensation.
     R: tl.constexpr = BLOCK // QBLOCK
@@ -426,39 +661,143 @@ def adamw8_kernel(
     va_ptr = _typed(tl.load(addr_ptr + 5 * n_tensors + t), tl.float32, ALIGNED)
     w_ptr = _value_operand(addr_ptr + 6 * n_tensors + t, ma_ptr, MASTER, KAHAN, ALIGNED)
     key = _tensor_key(seed, t)
-    step_size, bc2_sqrt, decay = _call_scalars(scalars_ptr, t, step_size, bc2_sqrt, decay, SCALARS_ON_DEVICE,
-                                               PER_TENSOR)
+    step_size, bc2_sqrt, decay = _call_scalars(
+        scalars_ptr, t, step_size, bc2_sqrt, decay, SCALARS_ON_DEVICE, PER_TENSOR
+    )
     skip = _skip_flag(skip_ptr, SKIP)
     if skip == 0.0:
         acc = tl.zeros([R, QBLOCK], dtype=tl.float32)
         for off in range(0, full, BLOCK):
-            acc += _adamw8_tile(p_ptr, g_ptr, mc_ptr, vc_ptr, ma_ptr, va_ptr, w_ptr, qs_ptr, qu_ptr,
-                                tl.multiple_of(start + off, BLOCK), n, n_blocks, key, one_minus_beta1, beta2,
-                                one_minus_beta2, eps, step_size, bc2_sqrt, decay,
-                                PARAM_DTYPE, R, FRESH, MASTER, KAHAN, STOCHASTIC, SOFT_BF16, False)
+            acc += _adamw8_tile(
+                p_ptr,
+                g_ptr,
+                mc_ptr,
+                vc_ptr,
+                ma_ptr,
+                va_ptr,
+                w_ptr,
+                qs_ptr,
+                qu_ptr,
+                tl.multiple_of(start + off, BLOCK),
+                n,
+                n_blocks,
+                key,
+                one_minus_beta1,
+                beta2,
+                one_minus_beta2,
+                eps,
+                step_size,
+                bc2_sqrt,
+                decay,
+                PARAM_DTYPE,
+                R,
+                FRESH,
+                MASTER,
+                KAHAN,
+                STOCHASTIC,
+                SOFT_BF16,
+                False,
+            )
         if full < length:
-            acc += _adamw8_tile(p_ptr, g_ptr, mc_ptr, vc_ptr, ma_ptr, va_ptr, w_ptr, qs_ptr, qu_ptr,
-                                start + full, n, n_blocks, key, one_minus_beta1, beta2,
-                                one_minus_beta2, eps, step_size, bc2_sqrt, decay,
-                                PARAM_DTYPE, R, FRESH, MASTER, KAHAN, STOCHASTIC, SOFT_BF16, True)
+            acc += _adamw8_tile(
+                p_ptr,
+                g_ptr,
+                mc_ptr,
+                vc_ptr,
+                ma_ptr,
+                va_ptr,
+                w_ptr,
+                qs_ptr,
+                qu_ptr,
+                start + full,
+                n,
+                n_blocks,
+                key,
+                one_minus_beta1,
+                beta2,
+                one_minus_beta2,
+                eps,
+                step_size,
+                bc2_sqrt,
+                decay,
+                PARAM_DTYPE,
+                R,
+                FRESH,
+                MASTER,
+                KAHAN,
+                STOCHASTIC,
+                SOFT_BF16,
+                True,
+            )
         if NORMS:
             tl.store(partials_ptr + pid, tl.sum(tl.sum(acc, axis=1), axis=0))
     else:
         if FRESH:
             for off in range(0, full, BLOCK):
-                _skipped_fresh8_tile(p_ptr, mc_ptr, vc_ptr, ma_ptr, va_ptr, w_ptr, tl.multiple_of(start + off, BLOCK),
-                                     n, n_blocks, R, ZERO_M, ZERO_V, MASTER, KAHAN, False)
+                _skipped_fresh8_tile(
+                    p_ptr,
+                    mc_ptr,
+                    vc_ptr,
+                    ma_ptr,
+                    va_ptr,
+                    w_ptr,
+                    tl.multiple_of(start + off, BLOCK),
+                    n,
+                    n_blocks,
+                    R,
+                    ZERO_M,
+                    ZERO_V,
+                    MASTER,
+                    KAHAN,
+                    False,
+                )
             if full < length:
-                _skipped_fresh8_tile(p_ptr, mc_ptr, vc_ptr, ma_ptr, va_ptr, w_ptr, start + full, n, n_blocks, R,
-                                     ZERO_M, ZERO_V, MASTER, KAHAN, True)
+                _skipped_fresh8_tile(
+                    p_ptr,
+                    mc_ptr,
+                    vc_ptr,
+                    ma_ptr,
+                    va_ptr,
+                    w_ptr,
+                    start + full,
+                    n,
+                    n_blocks,
+                    R,
+                    ZERO_M,
+                    ZERO_V,
+                    MASTER,
+                    KAHAN,
+                    True,
+                )
         if NORMS:
             tl.store(partials_ptr + pid, 0.0)
 
 
 @triton.jit
-def _flush8_tile(p_ptr, mc_ptr, vc_ptr, ma_ptr, va_ptr, w_ptr, qs_ptr, qu_ptr, first, n, n_blocks, key, eps,
-                 step_size, bc2_sqrt, PARAM_DTYPE: tl.constexpr, R: tl.constexpr, MASTER: tl.constexpr,
-                 KAHAN: tl.constexpr, STOCHASTIC: tl.constexpr, SOFT_BF16: tl.constexpr, MASKED: tl.constexpr):
+def _flush8_tile(
+    p_ptr,
+    mc_ptr,
+    vc_ptr,
+    ma_ptr,
+    va_ptr,
+    w_ptr,
+    qs_ptr,
+    qu_ptr,
+    first,
+    n,
+    n_blocks,
+    key,
+    eps,
+    step_size,
+    bc2_sqrt,
+    PARAM_DTYPE: tl.constexpr,
+    R: tl.constexpr,
+    MASTER: tl.constexpr,
+    KAHAN: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+    MASKED: tl.constexpr,
+):
     idx, blk = _tile(first, R)
     mask = idx < n
     bmask = blk < n_blocks
@@ -471,11 +810,27 @@ def _flush8_tile(p_ptr, mc_ptr, vc_ptr, ma_ptr, va_ptr, w_ptr, qs_ptr, qu_ptr, f
 
 @triton.jit
 def flush8_kernel(
-    chunk_tensor_ptr, chunk_start_ptr, numel_ptr, addr_ptr, n_tensors,
-    scalars_ptr, qs_ptr, qu_ptr, eps, step_size, bc2_sqrt, seed,
-    PARAM_DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-    SCALARS_ON_DEVICE: tl.constexpr, ALIGNED: tl.constexpr, MASTER: tl.constexpr, KAHAN: tl.constexpr,
-    STOCHASTIC: tl.constexpr, SOFT_BF16: tl.constexpr,
+    chunk_tensor_ptr,
+    chunk_start_ptr,
+    numel_ptr,
+    addr_ptr,
+    n_tensors,
+    scalars_ptr,
+    qs_ptr,
+    qu_ptr,
+    eps,
+    step_size,
+    bc2_sqrt,
+    seed,
+    PARAM_DTYPE: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SCALARS_ON_DEVICE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    MASTER: tl.constexpr,
+    KAHAN: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
 ):
     # Operands: 0 param, 1/2 codes, 3/4 absmax, 5 master or compensation. States are read only.
     R: tl.constexpr = BLOCK // QBLOCK
@@ -492,9 +847,52 @@ def flush8_kernel(
         step_size = tl.load(scalars_ptr)
         bc2_sqrt = tl.load(scalars_ptr + 1)
     for off in range(0, full, BLOCK):
-        _flush8_tile(p_ptr, mc_ptr, vc_ptr, ma_ptr, va_ptr, w_ptr, qs_ptr, qu_ptr, tl.multiple_of(start + off, BLOCK),
-                     n, n_blocks, key, eps, step_size, bc2_sqrt, PARAM_DTYPE, R, MASTER, KAHAN, STOCHASTIC,
-                     SOFT_BF16, False)
+        _flush8_tile(
+            p_ptr,
+            mc_ptr,
+            vc_ptr,
+            ma_ptr,
+            va_ptr,
+            w_ptr,
+            qs_ptr,
+            qu_ptr,
+            tl.multiple_of(start + off, BLOCK),
+            n,
+            n_blocks,
+            key,
+            eps,
+            step_size,
+            bc2_sqrt,
+            PARAM_DTYPE,
+            R,
+            MASTER,
+            KAHAN,
+            STOCHASTIC,
+            SOFT_BF16,
+            False,
+        )
     if full < length:
-        _flush8_tile(p_ptr, mc_ptr, vc_ptr, ma_ptr, va_ptr, w_ptr, qs_ptr, qu_ptr, start + full, n, n_blocks, key,
-                     eps, step_size, bc2_sqrt, PARAM_DTYPE, R, MASTER, KAHAN, STOCHASTIC, SOFT_BF16, True)
+        _flush8_tile(
+            p_ptr,
+            mc_ptr,
+            vc_ptr,
+            ma_ptr,
+            va_ptr,
+            w_ptr,
+            qs_ptr,
+            qu_ptr,
+            start + full,
+            n,
+            n_blocks,
+            key,
+            eps,
+            step_size,
+            bc2_sqrt,
+            PARAM_DTYPE,
+            R,
+            MASTER,
+            KAHAN,
+            STOCHASTIC,
+            SOFT_BF16,
+            True,
+        )

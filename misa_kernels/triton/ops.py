@@ -48,39 +48,87 @@ def _block(config, eight: bool):
     return (max(block, quant.BLOCK) if eight else block), warps
 
 
-def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, grad_sq_norms: Optional[Tensor], master_params, *, lr,
-                beta1, beta2, eps, weight_decay, step, fresh, stochastic, seed, skip=None, compensation=(),
-                exp_avg_absmax=(), exp_avg_sq_absmax=(), prepared=None) -> None:
+def adamw_step_(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    grad_sq_norms: Optional[Tensor],
+    master_params,
+    *,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    step,
+    fresh,
+    stochastic,
+    seed,
+    skip=None,
+    compensation=(),
+    exp_avg_absmax=(),
+    exp_avg_sq_absmax=(),
+    prepared=None,
+) -> None:
     if prepared is None:  # a PreparedAdamW hands its own, made once for these operands
-        prepared = tables.prepare_formats([params, grads, exp_avgs, exp_avg_sqs], master_params, compensation,
-                                          (exp_avg_absmax, exp_avg_sq_absmax))
+        prepared = tables.prepare_formats(
+            [params, grads, exp_avgs, exp_avg_sqs], master_params, compensation, (exp_avg_absmax, exp_avg_sq_absmax)
+        )
     if prepared is None:
         return
     keep, (params, *_), table, eight = prepared
     master = bool(master_params)
     sc = kernel_scalars(lr, step, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
     out = tables.norms_of_kept(grad_sq_norms, keep)
-    partials = (torch.empty(table.n_chunks, dtype=torch.float32, device=params[0].device) if out is not None
-                else _placeholder(params[0].device))
+    partials = (
+        torch.empty(table.n_chunks, dtype=torch.float32, device=params[0].device)
+        if out is not None
+        else _placeholder(params[0].device)
+    )
     scalars_dev = tables.rows_of_kept(sc.device, keep, sc.per_tensor) if sc.device is not None else partials
-    mode = dict(PARAM_DTYPE=_TL_DTYPES[params[0].dtype], FRESH=bool(fresh), NORMS=out is not None,
-                SCALARS_ON_DEVICE=sc.device is not None, ALIGNED=table.aligned16, MASTER=master,
-                KAHAN=bool(compensation), STOCHASTIC=bool(stochastic), SOFT_BF16=_SOFT_BF16, SKIP=skip is not None,
-                PER_TENSOR=sc.per_tensor)
+    mode = dict(
+        PARAM_DTYPE=_TL_DTYPES[params[0].dtype],
+        FRESH=bool(fresh),
+        NORMS=out is not None,
+        SCALARS_ON_DEVICE=sc.device is not None,
+        ALIGNED=table.aligned16,
+        MASTER=master,
+        KAHAN=bool(compensation),
+        STOCHASTIC=bool(stochastic),
+        SOFT_BF16=_SOFT_BF16,
+        SKIP=skip is not None,
+        PER_TENSOR=sc.per_tensor,
+    )
     if eight:
         maps = quant.maps(params[0].device)
         mode.update(ZERO_M=quant.zero_code(True), ZERO_V=quant.zero_code(False))
 
     def launch(tbl, block, num_warps):
-        parts = partials if tbl is table else torch.empty(max(tbl.n_chunks, 1), dtype=torch.float32,
-                                                                device=partials.device)
+        parts = (
+            partials if tbl is table else torch.empty(max(tbl.n_chunks, 1), dtype=torch.float32, device=partials.device)
+        )
         common = (parts, scalars_dev, skip if skip is not None else parts)
         kernel = adamw8_kernel if eight else adamw_kernel
         kernel[(tbl.n_chunks,)](
-            tbl.chunk_tensor, tbl.chunk_start, tbl.numels, tbl.addresses, tbl.n_tensors,
+            tbl.chunk_tensor,
+            tbl.chunk_start,
+            tbl.numels,
+            tbl.addresses,
+            tbl.n_tensors,
             *(common + maps if eight else common),
-            sc.one_minus_beta1, sc.beta2, sc.one_minus_beta2, sc.eps, sc.step_size, sc.bias_correction2_sqrt,
-            sc.decay, int(seed), CHUNK=tbl.chunk, BLOCK=block, num_warps=num_warps, **mode,
+            sc.one_minus_beta1,
+            sc.beta2,
+            sc.one_minus_beta2,
+            sc.eps,
+            sc.step_size,
+            sc.bias_correction2_sqrt,
+            sc.decay,
+            int(seed),
+            CHUNK=tbl.chunk,
+            BLOCK=block,
+            num_warps=num_warps,
+            **mode,
         )
 
     dtype = params[0].dtype
@@ -111,8 +159,15 @@ def grad_sq_norms(tensors, out: Optional[Tensor] = None, prepared=None) -> Tenso
     def launch(tbl, block, num_warps):
         parts = partials if tbl is table else torch.empty(tbl.n_chunks, dtype=torch.float32, device=result.device)
         sq_norm_partials_kernel[(tbl.n_chunks,)](
-            tbl.chunk_tensor, tbl.chunk_start, tbl.numels, tbl.addresses, parts,
-            CHUNK=tbl.chunk, BLOCK=block, num_warps=num_warps, **mode,
+            tbl.chunk_tensor,
+            tbl.chunk_start,
+            tbl.numels,
+            tbl.addresses,
+            parts,
+            CHUNK=tbl.chunk,
+            BLOCK=block,
+            num_warps=num_warps,
+            **mode,
         )
 
     dtype = kept[0].dtype
@@ -123,27 +178,61 @@ def grad_sq_norms(tensors, out: Optional[Tensor] = None, prepared=None) -> Tenso
     return result
 
 
-def momentum_flush_(params, exp_avgs, exp_avg_sqs, master_params, *, lr, beta1, beta2, eps, step, stochastic,
-                    seed, compensation=(), exp_avg_absmax=(), exp_avg_sq_absmax=()) -> None:
-    prepared = tables.prepare_formats([params, exp_avgs, exp_avg_sqs], master_params, compensation,
-                        (exp_avg_absmax, exp_avg_sq_absmax))
+def momentum_flush_(
+    params,
+    exp_avgs,
+    exp_avg_sqs,
+    master_params,
+    *,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    step,
+    stochastic,
+    seed,
+    compensation=(),
+    exp_avg_absmax=(),
+    exp_avg_sq_absmax=(),
+) -> None:
+    prepared = tables.prepare_formats(
+        [params, exp_avgs, exp_avg_sqs], master_params, compensation, (exp_avg_absmax, exp_avg_sq_absmax)
+    )
     if prepared is None:
         return
     _, (params, *_), table, eight = prepared
     master = bool(master_params)
     sc = kernel_scalars(lr, step, beta1=beta1, beta2=beta2, eps=eps, flush=True)
     scalars_dev = sc.device if sc.device is not None else table.numels
-    mode = dict(PARAM_DTYPE=_TL_DTYPES[params[0].dtype], SCALARS_ON_DEVICE=sc.device is not None,
-                ALIGNED=table.aligned16, MASTER=master, KAHAN=bool(compensation), STOCHASTIC=bool(stochastic),
-                SOFT_BF16=_SOFT_BF16)
+    mode = dict(
+        PARAM_DTYPE=_TL_DTYPES[params[0].dtype],
+        SCALARS_ON_DEVICE=sc.device is not None,
+        ALIGNED=table.aligned16,
+        MASTER=master,
+        KAHAN=bool(compensation),
+        STOCHASTIC=bool(stochastic),
+        SOFT_BF16=_SOFT_BF16,
+    )
     maps = quant.maps(params[0].device) if eight else ()
 
     def launch(tbl, block, num_warps):
         kernel = flush8_kernel if eight else flush_kernel
         kernel[(tbl.n_chunks,)](
-            tbl.chunk_tensor, tbl.chunk_start, tbl.numels, tbl.addresses, tbl.n_tensors,
-            scalars_dev, *maps, sc.eps, sc.step_size, sc.bias_correction2_sqrt, int(seed),
-            CHUNK=tbl.chunk, BLOCK=block, num_warps=num_warps, **mode,
+            tbl.chunk_tensor,
+            tbl.chunk_start,
+            tbl.numels,
+            tbl.addresses,
+            tbl.n_tensors,
+            scalars_dev,
+            *maps,
+            sc.eps,
+            sc.step_size,
+            sc.bias_correction2_sqrt,
+            int(seed),
+            CHUNK=tbl.chunk,
+            BLOCK=block,
+            num_warps=num_warps,
+            **mode,
         )
 
     dtype = params[0].dtype

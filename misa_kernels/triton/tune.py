@@ -53,8 +53,9 @@ def _forced() -> Optional[Config]:
     except ValueError:
         raise ValueError(f"{CONFIG_ENV}: expected 'BLOCK,num_warps' (e.g. '1024,8'), got {text!r}") from None
     if block < 16 or block & (block - 1) or warps not in (1, 2, 4, 8, 16, 32):
-        raise ValueError(f"{CONFIG_ENV}: BLOCK must be a power of two >= 16 and num_warps one of 1..32 "
-                         f"(powers of two), got {text!r}")
+        raise ValueError(
+            f"{CONFIG_ENV}: BLOCK must be a power of two >= 16 and num_warps one of 1..32 (powers of two), got {text!r}"
+        )
     return block, warps
 
 
@@ -65,7 +66,8 @@ def _fit(config: Config, chunk: int) -> Config:
 
 def _cache_file() -> Path:
     root = os.environ.get(CACHE_ENV) or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "misa_kernels")
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "misa_kernels"
+    )
     return Path(root) / "triton_configs.json"
 
 
@@ -104,8 +106,15 @@ def _save(key: tuple, config: Config, timings: Dict[str, float], info: Optional[
         pass  # a read-only home only costs a re-tune in the next process
 
 
-def config(kernel: str, device: torch.device, dtype: torch.dtype, chunk: int, mode: dict,
-           scratch_dtypes: Sequence[torch.dtype] = (), launch: Optional[Launch] = None) -> Config:
+def config(
+    kernel: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    chunk: int,
+    mode: dict,
+    scratch_dtypes: Sequence[torch.dtype] = (),
+    launch: Optional[Launch] = None,
+) -> Config:
     """(BLOCK, num_warps) for `kernel` on `device`; tunes on first use when `launch` is given.
     `scratch_dtypes` may be a callable returning them (made only when tuning)."""
     forced = _forced()
@@ -121,8 +130,9 @@ def config(kernel: str, device: torch.device, dtype: torch.dtype, chunk: int, mo
         key = (kernel, torch.cuda.get_device_name(device), str(dtype).replace("torch.", ""), fast[3])
         found = _load(key)
         if found is None:
-            found, timings = measure(device, scratch_dtypes() if callable(scratch_dtypes) else scratch_dtypes,
-                                     chunk, launch)
+            found, timings = measure(
+                device, scratch_dtypes() if callable(scratch_dtypes) else scratch_dtypes, chunk, launch
+            )
             _save(key, found, timings, measured())
         _chosen[fast] = found
     return _fit(found, chunk)
@@ -144,8 +154,13 @@ def saved_timings(device_name: Optional[str] = None, part: int = 2) -> Dict[str,
     out: Dict[str, Dict[tuple, Dict[str, float]]] = {}
     for key, entry in data.items():
         parts = key.split("|")
-        if len(parts) == 5 and isinstance(entry, list) and len(entry) >= 3 and parts[0] == _source_tag() and (
-                device_name is None or parts[1] == device_name):
+        if (
+            len(parts) == 5
+            and isinstance(entry, list)
+            and len(entry) >= 3
+            and parts[0] == _source_tag()
+            and (device_name is None or parts[1] == device_name)
+        ):
             _, _, kernel, dtype, master = parts
             out.setdefault(kernel, {})[(dtype, master == "master=True")] = entry[part] if len(entry) > part else {}
     return out
@@ -161,9 +176,16 @@ def measured() -> Dict:
     return dict(_last_measure)
 
 
-def measure(device: torch.device, dtypes: Sequence[torch.dtype], chunk: int, launch: Launch,
-            candidates: Sequence[Config] = CANDIDATES, reps: int = 10, rounds: int = ROUNDS,
-            timer: Optional[Callable[[Callable[[], None], int], float]] = None) -> Tuple[Config, Dict[str, float]]:
+def measure(
+    device: torch.device,
+    dtypes: Sequence[torch.dtype],
+    chunk: int,
+    launch: Launch,
+    candidates: Sequence[Config] = CANDIDATES,
+    reps: int = 10,
+    rounds: int = ROUNDS,
+    timer: Optional[Callable[[Callable[[], None], int], float]] = None,
+) -> Tuple[Config, Dict[str, float]]:
     """Times each candidate on bandwidth-bound scratch tensors (one list per dtype in `dtypes`), in `rounds`
     interleaved rounds of `reps` launches, and returns the fastest by median with every median (ms per
     launch). Candidates within TIE of the fastest tie and the default wins a tie, so a rerun on the same
@@ -175,8 +197,10 @@ def measure(device: torch.device, dtypes: Sequence[torch.dtype], chunk: int, lau
     numel = SCRATCH_NUMEL
     while True:
         try:
-            lists = [[torch.rand(numel, generator=gen, device=device).to(dt) for _ in range(SCRATCH_TENSORS)]
-                     for dt in dtypes]
+            lists = [
+                [torch.rand(numel, generator=gen, device=device).to(dt) for _ in range(SCRATCH_TENSORS)]
+                for dt in dtypes
+            ]
             break
         except torch.OutOfMemoryError:
             numel //= 2
@@ -201,8 +225,11 @@ def measure(device: torch.device, dtypes: Sequence[torch.dtype], chunk: int, lau
     _last_measure.update(
         margin=ordered[1] / ordered[0] - 1 if len(ordered) > 1 else None,
         noise=max((max(v) - min(v)) / statistics.median(v) for v in samples.values()),
-        tie_to_default=best == DEFAULT and medians[DEFAULT] > fastest, scratch_elements=numel * SCRATCH_TENSORS,
-        rounds=rounds, reps=reps)
+        tie_to_default=best == DEFAULT and medians[DEFAULT] > fastest,
+        scratch_elements=numel * SCRATCH_TENSORS,
+        rounds=rounds,
+        reps=reps,
+    )
     return best, {f"{b},{w}": t for (b, w), t in medians.items()}
 
 

@@ -32,8 +32,10 @@ class LlamaConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
         if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 2:
-            raise ValueError(f"hidden_size {self.hidden_size} must split into num_heads {self.num_heads} heads of an "
-                             "even size (rotary positions rotate pairs)")
+            raise ValueError(
+                f"hidden_size {self.hidden_size} must split into num_heads {self.num_heads} heads of an "
+                "even size (rotary positions rotate pairs)"
+            )
 
     def to_dict(self):
         return asdict(self)
@@ -60,7 +62,7 @@ class RMSNorm(nn.Module):
 
 
 def rotary(x, cos, sin):
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
@@ -139,8 +141,10 @@ class LlamaForCausalLM(nn.Module):
         behind a frozen embedding still receive gradients; a reentrant one would give them none."""
         kwargs = dict(gradient_checkpointing_kwargs or {})
         if kwargs.get("use_reentrant", False):
-            raise ValueError("gradient_checkpointing_kwargs: use_reentrant=True gives blocks behind a frozen "
-                             "embedding no gradients; this model checkpoints non-reentrantly")
+            raise ValueError(
+                "gradient_checkpointing_kwargs: use_reentrant=True gives blocks behind a frozen "
+                "embedding no gradients; this model checkpoints non-reentrantly"
+            )
         self.gradient_checkpointing = True
 
     def gradient_checkpointing_disable(self) -> None:
@@ -150,8 +154,11 @@ class LlamaForCausalLM(nn.Module):
         # GPT-2/LLaMA-style init: N(0, 0.02), residual projections scaled by depth.
         if isinstance(module, (nn.Linear, nn.Embedding)):
             std = 0.02
-            if isinstance(module, nn.Linear) and module.out_features == self.config.hidden_size \
-                    and module.in_features != self.config.hidden_size:
+            if (
+                isinstance(module, nn.Linear)
+                and module.out_features == self.config.hidden_size
+                and module.in_features != self.config.hidden_size
+            ):
                 std /= math.sqrt(2 * self.config.num_layers)
             nn.init.normal_(module.weight, mean=0.0, std=std)
 

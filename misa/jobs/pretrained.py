@@ -17,12 +17,12 @@ from typing import Dict, Tuple
 
 import torch
 
-from . import train
+from . import cli, train
 from .data import TokenDataset
 
 BASE_FILE = "base.pt"
 BASE_VERSION = 1  # bump when the pretraining recipe below changes
-UsageError = train.UsageError
+UsageError = cli.UsageError
 
 
 def cache_dir(args) -> Path:
@@ -36,18 +36,35 @@ def _code_digest() -> str:
     from . import data, model
 
     h = hashlib.sha256(str(BASE_VERSION).encode())
-    for part in (model, data.TokenDataset, train.run, train.build_model, train.build_optimizer, train.lr_lambda,
-                 pretrained_base):
+    for part in (
+        model,
+        data.TokenDataset,
+        train.run,
+        train.build_model,
+        train.build_optimizer,
+        train.lr_lambda,
+        pretrained_base,
+    ):
         h.update(inspect.getsource(part).encode())
     return h.hexdigest()[:16]
 
 
 def base_key(args, corpus: bytes, device: torch.device) -> Dict:
     """Everything that determines the pretrained base: the same key, the same weights."""
-    return {"config": train.model_config(args).to_dict(), "steps": args.base_steps, "lr": args.base_lr,
-            "seed": 0, "batch_size": args.batch_size, "seq_len": args.seq_len, "warmup_steps": 10,
-            "max_grad_norm": 1.0, "data": hashlib.sha256(corpus).hexdigest()[:16], "code": _code_digest(),
-            "torch": ".".join(torch.__version__.split("+")[0].split(".")[:2]), "device": device.type}
+    return {
+        "config": train.model_config(args).to_dict(),
+        "steps": args.base_steps,
+        "lr": args.base_lr,
+        "seed": 0,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "warmup_steps": 10,
+        "max_grad_norm": 1.0,
+        "data": hashlib.sha256(corpus).hexdigest()[:16],
+        "code": _code_digest(),
+        "torch": ".".join(torch.__version__.split("+")[0].split(".")[:2]),
+        "device": device.type,
+    }
 
 
 def key_digest(key: Dict) -> str:
@@ -74,14 +91,30 @@ def pretrained_base(args, old: TokenDataset, corpus: bytes, device: torch.device
 
 def _pretrain(args, old: TokenDataset, key: Dict, folder: Path, device: torch.device) -> Path:
     work = folder.parent / f".{folder.name}.{os.getpid()}.tmp"
-    pre = SimpleNamespace(**{**vars(args), "lr": args.base_lr, "seed": 0, "max_steps": args.base_steps,
-                             "warmup_steps": 10, "max_grad_norm": 1.0, "dtype": "fp32", "eval_every": args.base_steps,
-                             "weight_decay": 0.0, "model": None, "save_every": 0, "out": str(work),
-                             "checkpointing": False})  # the same base whatever the fine-tuning regime
-    print(f"misa-finetune: pretraining the base once ({args.base_steps} AdamW steps on the main job's corpus); "
-          f"cached in {folder}", flush=True)
+    pre = SimpleNamespace(
+        **{
+            **vars(args),
+            "lr": args.base_lr,
+            "seed": 0,
+            "max_steps": args.base_steps,
+            "warmup_steps": 10,
+            "max_grad_norm": 1.0,
+            "dtype": "fp32",
+            "eval_every": args.base_steps,
+            "weight_decay": 0.0,
+            "model": None,
+            "save_every": 0,
+            "out": str(work),
+            "checkpointing": False,
+        }
+    )  # the same base whatever the fine-tuning regime
+    print(
+        f"misa-finetune: pretraining the base once ({args.base_steps} AdamW steps on the main job's corpus); "
+        f"cached in {folder}",
+        flush=True,
+    )
     model = train.build_model(pre, device)
-    train.run(pre, "adamw", work, old, device, progress=train.show_progress(args), model=model)
+    train.run(pre, "adamw", work, old, device, progress=cli.show_progress(args), model=model)
     torch.save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "key": key}, work / BASE_FILE)
     (work / "base.json").write_text(json.dumps({"key": key, "digest": key_digest(key)}, indent=2))
     for extra in ("checkpoint.pt", "loss.png"):
@@ -113,9 +146,13 @@ def check_fits(weights: Dict[str, torch.Tensor], model, where: str) -> None:
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
     if missing or unexpected:
-        raise UsageError(f"--base: {where} does not fit this model (missing {missing[:2]}, unexpected "
-                         f"{unexpected[:2]}); pass the --model-size/--config it was trained with")
+        raise UsageError(
+            f"--base: {where} does not fit this model (missing {missing[:2]}, unexpected "
+            f"{unexpected[:2]}); pass the --model-size/--config it was trained with"
+        )
     for k, v in own.items():
         if tuple(weights[k].shape) != tuple(v.shape):
-            raise UsageError(f"--base: {where} does not fit this model ({k} is {list(weights[k].shape)} there, "
-                             f"{list(v.shape)} here); pass the --model-size/--config it was trained with")
+            raise UsageError(
+                f"--base: {where} does not fit this model ({k} is {list(weights[k].shape)} there, "
+                f"{list(v.shape)} here); pass the --model-size/--config it was trained with"
+            )

@@ -108,8 +108,8 @@ class TokenDataset:
 
     def __init__(self, tokens: torch.Tensor, seq_len: int, device="cpu", test_fraction: float = 0.0):
         n_test = max(int(len(tokens) * test_fraction), seq_len + 1) if test_fraction > 0 else 0
-        self.test = tokens[len(tokens) - n_test:] if n_test else tokens[:0]
-        tokens = tokens[:len(tokens) - n_test]
+        self.test = tokens[len(tokens) - n_test :] if n_test else tokens[:0]
+        tokens = tokens[: len(tokens) - n_test]
         n_val = max(int(len(tokens) * VAL_FRACTION), seq_len + 1)
         self.train = tokens[:-n_val]
         self.val = tokens[-n_val:]
@@ -118,14 +118,16 @@ class TokenDataset:
         splits = (("training", self.train), ("validation", self.val)) + ((("test", self.test),) if n_test else ())
         for name, split in splits:
             if len(split) < seq_len + 1:
-                raise DataError(f"--seq-len {seq_len} is longer than the {name} text ({len(split)} tokens); "
-                                "use a shorter --seq-len or more --data")
+                raise DataError(
+                    f"--seq-len {seq_len} is longer than the {name} text ({len(split)} tokens); "
+                    "use a shorter --seq-len or more --data"
+                )
 
     def batch(self, step: int, batch_size: int, seed: int, split: str = "train") -> torch.Tensor:
         tokens = self.train if split == "train" else self.val
         g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 2 + (split != "train"))
         starts = torch.randint(0, len(tokens) - self.seq_len, (batch_size,), generator=g)
-        rows = torch.stack([tokens[s:s + self.seq_len + 1] for s in starts.tolist()])
+        rows = torch.stack([tokens[s : s + self.seq_len + 1] for s in starts.tolist()])
         return rows.to(self.device, non_blocking=True)
 
     def val_batches(self, batch_size: int, max_batches: int, split: str = "val"):
@@ -134,7 +136,7 @@ class TokenDataset:
         windows = (len(text) - 1) // self.seq_len
         starts = [i * self.seq_len for i in range(min(windows, batch_size * max_batches))]
         for i in range(0, len(starts), batch_size):
-            rows = torch.stack([text[s:s + self.seq_len + 1] for s in starts[i:i + batch_size]])
+            rows = torch.stack([text[s : s + self.seq_len + 1] for s in starts[i : i + batch_size]])
             yield rows.to(self.device)
 
 

@@ -33,16 +33,25 @@ def summarize(entry, rates, grid, chosen, finals, overrides) -> Dict:
         memory.update(step_peak_bytes=worst["step_peak_bytes"], step_peak_parts=worst["step_peak_parts"])
     times = [r["step_ms"] for r in finals if r.get("step_ms")]
     step_ms = float(torch.tensor(times, dtype=torch.float64).median()) if times else None
-    return {"method": entry, "overrides": overrides, "grid": {f"{r['lr']:g}": r["val_loss"] for r in grid},
-            "lr": chosen, "lr_at_grid_edge": len(rates) > 1 and chosen in (min(rates), max(rates)),
-            "seeds": len(finals), "test_loss_mean": float(tests.mean()),
-            "test_loss_std": float(tests.std()) if len(finals) > 1 else 0.0,
-            "test_loss_min": float(tests.min()), "test_loss_max": float(tests.max()),
-            "test_sem_mean": float(sum(r["test_sem"] for r in finals) / len(finals)),
-            "old_loss_mean": float(olds.mean()), "memory": memory, "step_ms": step_ms,
-            "tokens_per_s": finals[0]["tokens_per_s"] * finals[0]["step_ms"] / step_ms if step_ms else None,
-            "runs": [{k: v for k, v in r.items() if k != "history"} for r in finals],
-            "val_curves": [r["history"] for r in finals]}
+    return {
+        "method": entry,
+        "overrides": overrides,
+        "grid": {f"{r['lr']:g}": r["val_loss"] for r in grid},
+        "lr": chosen,
+        "lr_at_grid_edge": len(rates) > 1 and chosen in (min(rates), max(rates)),
+        "seeds": len(finals),
+        "test_loss_mean": float(tests.mean()),
+        "test_loss_std": float(tests.std()) if len(finals) > 1 else 0.0,
+        "test_loss_min": float(tests.min()),
+        "test_loss_max": float(tests.max()),
+        "test_sem_mean": float(sum(r["test_sem"] for r in finals) / len(finals)),
+        "old_loss_mean": float(olds.mean()),
+        "memory": memory,
+        "step_ms": step_ms,
+        "tokens_per_s": finals[0]["tokens_per_s"] * finals[0]["step_ms"] / step_ms if step_ms else None,
+        "runs": [{k: v for k, v in r.items() if k != "history"} for r in finals],
+        "val_curves": [r["history"] for r in finals],
+    }
 
 
 def paired_se(a_rows, b_rows) -> float:
@@ -69,8 +78,10 @@ def table(rows: List[Dict], base_losses: Dict) -> str:
     by = {r["method"]: r for r in rows}
     lora = by.get("lora")
     measured = any(_peak(r) for r in rows)
-    head = ("| method | lr (grid: val loss) | seeds | test loss, mean ± std | old-domain loss (base "
-            f"{base_losses['old']:.4f}) | trainable params |")
+    head = (
+        "| method | lr (grid: val loss) | seeds | test loss, mean ± std | old-domain loss (base "
+        f"{base_losses['old']:.4f}) | trainable params |"
+    )
     if measured:
         head += " step peak MiB (x LoRA) | ms / step | tokens/s |"
     head += " accounted: adapters + grads + states + masters (MiB) | accounted MiB |"
@@ -80,8 +91,10 @@ def table(rows: List[Dict], base_losses: Dict) -> str:
         grid = ", ".join(f"{k}: {v:.3f}" for k, v in r["grid"].items())
         edge = " (edge)" if r["lr_at_grid_edge"] else ""
         mib = " + ".join(f"{m[k] / 2**20:.2f}" for k in ("adapter_bytes", "grad_bytes", "state_bytes", "master_bytes"))
-        line = (f"| {r['method']} | {r['lr']:g}{edge} ({grid}) | {r['seeds']} | {r['test_loss_mean']:.4f} ± "
-                f"{r['test_loss_std']:.4f} | {r['old_loss_mean']:.4f} | {m['trainable_params']:,} |")
+        line = (
+            f"| {r['method']} | {r['lr']:g}{edge} ({grid}) | {r['seeds']} | {r['test_loss_mean']:.4f} ± "
+            f"{r['test_loss_std']:.4f} | {r['old_loss_mean']:.4f} | {m['trainable_params']:,} |"
+        )
         if measured:
             peak = f"{_peak(r) / 2**20:.2f}{_x_lora(r, lora)}" if _peak(r) else ""
             ms = f"{r['step_ms']:.0f}" if r.get("step_ms") else ""
@@ -108,10 +121,12 @@ def verdict(rows: List[Dict]) -> str:
             spread = max(a["test_loss_std"], b["test_loss_std"])
             noise = b.get("paired_se", {}).get(mine, float("nan"))
             (mem_a, what), (mem_b, _) = _mem(a), _mem(b)
-            out.append(f"{mine}'s mean test loss is {abs(diff):.4f} {'lower' if diff > 0 else 'higher'} than "
-                       f"{other}'s, {'larger than' if abs(diff) > spread else 'within'} the spread over seeds "
-                       f"(largest std {spread:.4f}; evaluation noise of the difference {noise:.4f}), at "
-                       f"{mem_a / max(mem_b, 1):.2f}x its {what}.")
+            out.append(
+                f"{mine}'s mean test loss is {abs(diff):.4f} {'lower' if diff > 0 else 'higher'} than "
+                f"{other}'s, {'larger than' if abs(diff) > spread else 'within'} the spread over seeds "
+                f"(largest std {spread:.4f}; evaluation noise of the difference {noise:.4f}), at "
+                f"{mem_a / max(mem_b, 1):.2f}x its {what}."
+            )
     return " ".join(out)
 
 
@@ -150,41 +165,59 @@ def advice(rows: List[Dict], base_old: float, meta: Optional[Dict] = None) -> st
             best = min(within, key=lambda r: r["test_loss_mean"])
             d, spread = _gap(best, lora)
             if abs(d) <= spread:
-                said = (f"MISA and LoRA train alike (test losses {abs(d):.4f} apart, within the seed spread "
-                        f"{spread:.4f}): choose on speed and forgetting")
+                said = (
+                    f"MISA and LoRA train alike (test losses {abs(d):.4f} apart, within the seed spread "
+                    f"{spread:.4f}): choose on speed and forgetting"
+                )
             else:
                 better = "MISA" if d > 0 else "LoRA"
-                said = (f"{better} trains better (test loss {abs(d):.4f} lower, more than the seed spread "
-                        f"{spread:.4f}): choose {better} when memory is what limits you")
-            out.append(f"{prefix} LoRA's memory ({mib(lora):.2f} {unit}), the best MISA row is {best['method']} "
-                       f"({best['test_loss_mean']:.4f} against LoRA's {lora['test_loss_mean']:.4f}, "
-                       f"{mib(best):.2f} {unit}{_speed(best, lora)}): {said}.")
+                said = (
+                    f"{better} trains better (test loss {abs(d):.4f} lower, more than the seed spread "
+                    f"{spread:.4f}): choose {better} when memory is what limits you"
+                )
+            out.append(
+                f"{prefix} LoRA's memory ({mib(lora):.2f} {unit}), the best MISA row is {best['method']} "
+                f"({best['test_loss_mean']:.4f} against LoRA's {lora['test_loss_mean']:.4f}, "
+                f"{mib(best):.2f} {unit}{_speed(best, lora)}): {said}."
+            )
         else:
             out.append(f"{prefix} LoRA's memory ({mib(lora):.2f} {unit}) no MISA row fits.")
         mine = sorted((r for r in rows if method_name(r["method"]) == "misa"), key=mib)
         beating = [r for r in mine if _gap(r, lora)[0] > _gap(r, lora)[1]]
         if beating:
-            out.append(f"The least memory at which a MISA row beats LoRA beyond the seed spread: "
-                       f"{beating[0]['method']} at {mib(beating[0]) / mib(lora):.2f}x LoRA's {_mem(lora)[1]}.")
+            out.append(
+                f"The least memory at which a MISA row beats LoRA beyond the seed spread: "
+                f"{beating[0]['method']} at {mib(beating[0]) / mib(lora):.2f}x LoRA's {_mem(lora)[1]}."
+            )
         else:
             out.append("No MISA row here beats LoRA beyond the seed spread.")
     sampled = [r for r in rows if method_name(r["method"]) in ("misa", "lisa", "badam", "lora", "dora")]
     if sampled:
         best = min(sampled, key=lambda r: r["test_loss_mean"])
-        line = (f"Of the memory-saving methods, {best['method']} reaches the lowest test loss "
-                f"({best['test_loss_mean']:.4f}, {mib(best):.2f} {unit}")
+        line = (
+            f"Of the memory-saving methods, {best['method']} reaches the lowest test loss "
+            f"({best['test_loss_mean']:.4f}, {mib(best):.2f} {unit}"
+        )
         if "adamw" in by:
             line += f"; full fine-tuning {by['adamw']['test_loss_mean']:.4f} at {mib(by['adamw']):.2f}"
         out.append(line + ").")
         timed = [r for r in sampled if r.get("step_ms")]
         if timed:
             fast = min(timed, key=lambda r: r["step_ms"])
-            out.append(f"The fastest is {fast['method']} ({fast['step_ms']:.0f} ms per step"
-                       + (f"; LoRA {lora['step_ms']:.0f}" if lora is not None and lora.get("step_ms") else "") + ").")
+            out.append(
+                f"The fastest is {fast['method']} ({fast['step_ms']:.0f} ms per step"
+                + (f"; LoRA {lora['step_ms']:.0f}" if lora is not None and lora.get("step_ms") else "")
+                + ")."
+            )
     least = min(rows, key=lambda r: r["old_loss_mean"])
-    out.append(f"{least['method']} forgets least: its loss on the old domain rises from {base_old:.4f} to "
-               f"{least['old_loss_mean']:.4f}; " + ", ".join(f"{r['method']} {r['old_loss_mean']:.4f}" for r in
-                                                             sorted(rows, key=lambda r: r["old_loss_mean"])[1:]) + ".")
+    out.append(
+        f"{least['method']} forgets least: its loss on the old domain rises from {base_old:.4f} to "
+        f"{least['old_loss_mean']:.4f}; "
+        + ", ".join(
+            f"{r['method']} {r['old_loss_mean']:.4f}" for r in sorted(rows, key=lambda r: r["old_loss_mean"])[1:]
+        )
+        + "."
+    )
     return " ".join(out)
 
 
@@ -220,14 +253,23 @@ def equal_peak_line(meta: Dict, found: Dict) -> str:
         over = found.get("over")
         if over is None:
             return line + "."
-        said = {"tie": "trains like LoRA (within the seed spread)", "misa": "trains better than LoRA (beyond the seed "
-                "spread)", "lora": "trains worse than LoRA (beyond the seed spread)"}[found["over_winner"]]
-        return (f"{line}: the rows sized to it ran at {_peak(over) / _peak(lora):.2f}x and above, and the best, "
-                f"{over['method']}, {said}: {over['test_loss_mean']:.4f} ± {over['test_loss_std']:.4f} against "
-                f"{lora['test_loss_mean']:.4f} ± {lora['test_loss_std']:.4f}{_speed(over, lora)} ms.")
-    said = {"tie": "MISA and LoRA train alike (within the seed spread)",
-            "misa": "MISA trains better than LoRA (beyond the seed spread)",
-            "lora": "LoRA trains better than MISA (beyond the seed spread)"}[found["winner"]]
-    return (f"{where}: at LoRA's step peak ({_peak(lora) / 2**20:.1f} MiB) {said}: {best['method']} "
-            f"{best['test_loss_mean']:.4f} ± {best['test_loss_std']:.4f} against {lora['test_loss_mean']:.4f} ± "
-            f"{lora['test_loss_std']:.4f}{_speed(best, lora)} ms.")
+        said = {
+            "tie": "trains like LoRA (within the seed spread)",
+            "misa": "trains better than LoRA (beyond the seed spread)",
+            "lora": "trains worse than LoRA (beyond the seed spread)",
+        }[found["over_winner"]]
+        return (
+            f"{line}: the rows sized to it ran at {_peak(over) / _peak(lora):.2f}x and above, and the best, "
+            f"{over['method']}, {said}: {over['test_loss_mean']:.4f} ± {over['test_loss_std']:.4f} against "
+            f"{lora['test_loss_mean']:.4f} ± {lora['test_loss_std']:.4f}{_speed(over, lora)} ms."
+        )
+    said = {
+        "tie": "MISA and LoRA train alike (within the seed spread)",
+        "misa": "MISA trains better than LoRA (beyond the seed spread)",
+        "lora": "LoRA trains better than MISA (beyond the seed spread)",
+    }[found["winner"]]
+    return (
+        f"{where}: at LoRA's step peak ({_peak(lora) / 2**20:.1f} MiB) {said}: {best['method']} "
+        f"{best['test_loss_mean']:.4f} ± {best['test_loss_std']:.4f} against {lora['test_loss_mean']:.4f} ± "
+        f"{lora['test_loss_std']:.4f}{_speed(best, lora)} ms."
+    )

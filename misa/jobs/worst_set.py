@@ -27,8 +27,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .memory import StepPeakMeter
-from .sampler import host
+from ..memory import StepPeakMeter
+from ..sampler import host
 
 RANDOM_FILLS = 3  # budget-filling random sets beside the constructed ones: what a draw may hold that they miss
 
@@ -62,8 +62,10 @@ def module_inputs(model: nn.Module, opt, forward: Callable[[], object]) -> Dict[
             x = next((a for a in list(args) + list((kwargs or {}).values()) if isinstance(a, torch.Tensor)), None)
             if x is not None and b not in seen:
                 held.append(x)
-                seen[b] = ModuleInput(order=len(seen), storage=x.untyped_storage()._cdata,
-                                      nbytes=x.numel() * x.element_size())
+                seen[b] = ModuleInput(
+                    order=len(seen), storage=x.untyped_storage()._cdata, nbytes=x.numel() * x.element_size()
+                )
+
         return pre
 
     flags = [p.requires_grad for p in params]
@@ -88,8 +90,11 @@ def module_inputs(model: nn.Module, opt, forward: Callable[[], object]) -> Dict[
 def _saved_by_other_ops(out, weights: set) -> set:
     """Storages that the autograd graph under `out` saves for an op that is not a module's product with its
     weight (that product saves its input only for the weight's gradient)."""
-    roots = [t.grad_fn for t in (out if isinstance(out, (tuple, list)) else [out])
-             if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+    roots = [
+        t.grad_fn
+        for t in (out if isinstance(out, (tuple, list)) else [out])
+        if isinstance(t, torch.Tensor) and t.grad_fn is not None
+    ]
     anyway, visited, stack = set(), set(), roots
     while stack:
         fn = stack.pop()
@@ -105,8 +110,11 @@ def _saved_by_other_ops(out, weights: set) -> set:
                     value = getattr(fn, name)
                 except RuntimeError:  # released, or not a tensor a Python object can hold
                     continue
-                anyway |= {t.untyped_storage()._cdata for t in (value if isinstance(value, (tuple, list))
-                                                                 else [value]) if isinstance(t, torch.Tensor)}
+                anyway |= {
+                    t.untyped_storage()._cdata
+                    for t in (value if isinstance(value, (tuple, list)) else [value])
+                    if isinstance(t, torch.Tensor)
+                }
     return anyway
 
 
@@ -143,8 +151,9 @@ def candidate_sets(opt, inputs: Dict[int, ModuleInput], grad_bytes_per_element: 
                 saved.add(inputs[best].storage)
 
     def per_param(b, saved):
-        new_input = inputs[b].nbytes if b in inputs and inputs[b].storage not in saved \
-            and not inputs[b].saved_anyway else 0
+        new_input = (
+            inputs[b].nbytes if b in inputs and inputs[b].storage not in saved and not inputs[b].saved_anyway else 0
+        )
         return (sizes[b] * grad_bytes_per_element + new_input) / sizes[b]
 
     def by_size(b, saved):
@@ -180,7 +189,8 @@ def candidate_sets(opt, inputs: Dict[int, ModuleInput], grad_bytes_per_element: 
     top = max((layer_of(b) for b in range(len(sizes))), default=-1)
     firsts = [b for b in order if layer_of(b) == top and top >= 0 and sizes[b] + sizes[anchor] <= budget]
     led = [fill(lambda b, saved, m=m: (b == m,) + top_block_first(b, saved)) for m in firsts] + [
-        fill(lambda b, saved, m=m: (b == m, per_param(b, saved))) for m in firsts]
+        fill(lambda b, saved, m=m: (b == m, per_param(b, saved))) for m in firsts
+    ]
     constructed = [fill(per_param), fill(by_size), fill(in_forward_order), fill(from_the_top), fill(top_block_first)]
     out = []
     for s in constructed + led + [fill(lambda b, saved, rank=d: -rank.index(b)) for d in draws]:
@@ -205,8 +215,9 @@ def largest_set(opt) -> Optional[List[int]]:
     return sorted(chosen)
 
 
-def measure_steps(meter: StepPeakMeter, train_step: Callable[[], None], steps: int,
-                  before_step: Optional[Callable[[], None]] = None) -> int:
+def measure_steps(
+    meter: StepPeakMeter, train_step: Callable[[], None], steps: int, before_step: Optional[Callable[[], None]] = None
+) -> int:
     """The largest peak of `steps` metered training steps (`before_step()` runs before each, unmetered)."""
     start = len(meter.steps)
     for _ in range(steps):
@@ -217,10 +228,17 @@ def measure_steps(meter: StepPeakMeter, train_step: Callable[[], None], steps: i
     return max(s.peak_bytes for s in meter.steps[start:])
 
 
-def worst_case_peak(model: nn.Module, opt, train_step: Callable[[], None], forward: Callable[[], object],
-                    *, steps: int = 2, sets: Optional[Sequence[Sequence[int]]] = None,
-                    grad_bytes_per_element: Optional[int] = None,
-                    block_bytes: int = 1) -> Tuple[int, Dict[str, int], List[int]]:
+def worst_case_peak(
+    model: nn.Module,
+    opt,
+    train_step: Callable[[], None],
+    forward: Callable[[], object],
+    *,
+    steps: int = 2,
+    sets: Optional[Sequence[Sequence[int]]] = None,
+    grad_bytes_per_element: Optional[int] = None,
+    block_bytes: int = 1,
+) -> Tuple[int, Dict[str, int], List[int]]:
     """(peak bytes, its parts by kind, the set) of the worst of the candidate sets (or of `sets`), each
     measured over `steps` steps with the set forced before every step (a switch at a period's end is part
     of a step; the next step starts from the chosen set again). Trains `model` and `opt`: pass throwaway

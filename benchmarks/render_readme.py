@@ -218,10 +218,24 @@ def choose_section() -> str:
             ms = f"{r['step_ms']:.0f}" if r.get("step_ms") else ""
             out.append(
                 f"| {r['method']} | {r['test_loss_mean']:.4f} ± {r['test_loss_std']:.4f} | {peak / 2**20:.2f} "
-                f"({peak / lora_peak:.2f}x) | {ms} | {r['old_loss_mean']:.4f} |"
+                f"({peak / lora_peak:.3f}x) | {ms} | {r['old_loss_mean']:.4f} |"
             )
         line = fr.equal_peak_line(meta, found)
-        out += ["", line[:1].upper() + line[1:], ""]
+        said = [line[:1].upper() + line[1:]]
+        for r in rows:  # the other rows sized to LoRA's peak: how each format fares there
+            if r["method"].startswith("misa@lora-peak") and r is not found["misa"]:
+                d, spread = fr._gap(r, found["lora"])
+                word = (
+                    "like LoRA (within the seed spread)"
+                    if abs(d) <= spread
+                    else f"{'better' if d > 0 else 'worse'} than LoRA (beyond the seed spread)"
+                )
+                delta = r.get("overrides", {}).get("delta")
+                said.append(
+                    f"{r['method']} (δ={delta:.3f}, {r['memory']['step_peak_bytes'] / lora_peak:.3f}x) trains {word}: "
+                    f"{r['test_loss_mean']:.4f} ± {r['test_loss_std']:.4f}."
+                )
+        out += ["", " ".join(said), ""]
     first = json.loads(files[0].read_text())
     meta = first["meta"]
     rates = sorted({r["lr"] for f in files for r in json.loads(f.read_text())["rows"]})

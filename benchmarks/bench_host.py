@@ -269,9 +269,9 @@ def _graphed_row(model, backend: str, device) -> Dict:
     opt = _steady_misa(model, backend, cuda_graph=True)
     for _ in range(4):  # the fresh step, two warm steps, the recording
         opt.step()
-    recordings = opt._graph_recordings
+    recordings = opt.graph.recordings
     us = per_call_us(opt.step, device, calls=200)
-    assert opt._graph_recordings == recordings, "a timed step recorded a graph again"
+    assert opt.graph.recordings == recordings, "a timed step recorded a graph again"
     n = sum(1 for p in model.parameters() if p.requires_grad)
     del opt
     return dict(

@@ -121,16 +121,18 @@ def finetune_section() -> str:
     return "\n\n".join(parts)
 
 
+def equal_peak_files(domain=None):
+    """The committed `--equal-memory` (peak) comparisons' finetune.json files, of one domain or of all."""
+    metas = {f: json.loads(f.read_text())["meta"] for f in sorted(RESULTS.glob("*/finetune.json"))}
+    return [f for f, m in metas.items() if m.get("equal_memory") == "peak" and domain in (None, m.get("domain"))]
+
+
 def equal_peak_section() -> str:
     """MISA or LoRA at LoRA's measured step peak: one row per committed `--equal-memory` (peak) comparison, each
     domain and regime, and the verdict sentences computed from them."""
     from misa.jobs import finetune_report as fr
 
-    files = [
-        f
-        for f in sorted(RESULTS.glob("*/finetune.json"))
-        if json.loads(f.read_text())["meta"].get("equal_memory") == "peak"
-    ]
+    files = equal_peak_files()
     if not files:
         return "_No equal-peak comparison is recorded yet._"
 
@@ -189,12 +191,7 @@ def choose_section() -> str:
     test loss, step peak and x LoRA, ms per step, forgetting), each with its verdict in at most three sentences."""
     from misa.jobs import finetune_report as fr
 
-    files = [
-        f
-        for f in sorted(RESULTS.glob("*/finetune.json"))
-        if json.loads(f.read_text())["meta"].get("equal_memory") == "peak"
-        and json.loads(f.read_text())["meta"].get("domain") == "unicode-names"
-    ]
+    files = equal_peak_files(domain="unicode-names")
     if not files:
         return "_No equal-peak comparison is recorded yet: see docs/finetune.md._"
     out = []

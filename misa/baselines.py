@@ -52,8 +52,12 @@ def LISA(model: nn.Module, lr: float = 1e-5, *, n_layers: int = 2, interval: int
     independent draw each time); embedding, LM head and final norm train at every step; Adam states
     restart at each switch (the paper's experiments ran each interval with a fresh optimizer; LMFlow's
     callback keeps stale states, its issues #729, #768, #778); no flush."""
-    return MISA(
-        model,
+    return MISA(model, **lisa_kwargs(model, lr=lr, n_layers=n_layers, interval=interval, seed=seed, **kwargs))
+
+
+def lisa_kwargs(model: nn.Module, lr: float = 1e-5, *, n_layers: int = 2, interval: int = 20, seed: int = 0, **kwargs):
+    """LISA's arguments of MISA (what misa.optimizer.capacity reads a LISA's bound from, no optimizer built)."""
+    return dict(
         lr=lr,
         delta=_layer_fraction(model, n_layers),
         interval=interval,

@@ -40,7 +40,7 @@ class Checkpoint:
             "module_names": list(self.module_names),
             "variant": self.variant,
             "sampler": self.sampler.state_dict(),
-            "active": list(self._active),
+            "active": list(self.active_set.indices),
             **self.period.as_dict(),
             "switch_log": list(self.switch_log),
         }

@@ -32,30 +32,58 @@ def capture(body: Callable[[], None]) -> Callable[[], None]:
     return graph.replay
 
 
+class GraphRecorder:
+    """One recorded step at a time: warmed up for WARM_STEPS eager steps under a key, recorded on the next,
+    replayed after that while the key holds. `invalidate()` drops the recording (its memory goes back now).
+    `capture`: how a step is recorded (tests on the CPU put a stand-in here)."""
+
+    def __init__(self, capture: Callable[[Callable[[], None]], Callable[[], None]] = capture):
+        self.capture = capture
+        self.recordings = 0  # how many steps were recorded: each is a graph made again
+        self._current: Optional[Dict] = None  # the recording under its key, and its warm-up count
+        self._lrs: Optional[List[torch.Tensor]] = None
+
+    def invalidate(self) -> None:
+        self._current = None
+
+    def lrs(self, param_groups, device) -> List[torch.Tensor]:
+        """The groups' learning rates as device scalars (float64, exactly the groups' numbers), written before
+        each step, so that a scheduler changes no recorded work, and the eager steps fold them alike."""
+        if self._lrs is None:
+            self._lrs = [torch.zeros((), dtype=torch.float64, device=device) for _ in param_groups]
+        for t, group in zip(self._lrs, param_groups):
+            t.fill_(float(group["lr"]))  # a launch with the number as its argument: no copy, no wait
+        return self._lrs
+
+    def run(self, key, grads: List[torch.Tensor], work: Callable[[List[torch.Tensor]], None]) -> bool:
+        """Runs `work(recorded gradients)` from the recording under `key` (recording it first when due) and
+        returns True, or returns False while warming up (the caller runs the step eagerly). The gradients of a
+        replay are copied into the recorded ones when autograd gave new tensors."""
+        rec = self._current
+        if rec is None or rec["key"] != key:
+            rec = self._current = {"key": key, "warm": 0, "replay": None, "grads": None}
+        if rec["replay"] is None and rec["warm"] < WARM_STEPS:
+            rec["warm"] += 1
+            rec["grads"] = grads  # the last warm step's gradients become the recorded ones
+            return False
+        recorded = rec["grads"]
+        stale = [(g, r) for g, r in zip(grads, recorded) if g is not r]
+        if stale:
+            torch._foreach_copy_([r for _, r in stale], [g for g, _ in stale])
+        if rec["replay"] is None:
+            rec["replay"] = self.capture(lambda: work(recorded))
+            self.recordings += 1
+        rec["replay"]()
+        return True
+
+
 class CudaGraphStep:
-    """The recorded steady step (a part of MISA)."""
-
-    _capture = staticmethod(capture)  # tests on the CPU put a stand-in here
-
-    def _init_graph(self) -> None:
-        self._graph: Optional[Dict] = None  # the recording of the current plan, and its warm-up count
-        self._lr_devices: Optional[List[torch.Tensor]] = None
-        self._graph_recordings = 0
-
-    def _invalidate_graph(self) -> None:
-        """Drops the recorded step (a switch): its memory goes back now, and the next plan records anew."""
-        self._graph = None
+    """When a step may run from the recording (a part of MISA; the recording is MISA.graph, a GraphRecorder)."""
 
     def _graph_lrs(self) -> Optional[List[torch.Tensor]]:
-        """With cuda_graph=True the learning rates are device scalars (float64, exactly the groups' numbers),
-        in the eager steps as in the replays, so that both fold them alike; None otherwise."""
-        if not self.cuda_graph:
-            return None
-        if self._lr_devices is None:
-            self._lr_devices = [torch.zeros((), dtype=torch.float64, device=self.device) for _ in self.param_groups]
-        for t, group in zip(self._lr_devices, self.param_groups):
-            t.fill_(float(group["lr"]))  # a launch with the number as its argument: no copy, no wait
-        return self._lr_devices
+        """With cuda_graph=True the learning rates are device scalars, in the eager steps as in the replays;
+        None otherwise."""
+        return self.graph.lrs(self.param_groups, self.device) if self.cuda_graph else None
 
     def _graph_step(self, plan, grads) -> bool:
         """Runs this step from the recorded graph (recording it first when due) and returns True, or returns
@@ -65,21 +93,8 @@ class CudaGraphStep:
         if clipped or self._reduce_sq_norms is not None or plan.fresh:
             return False
         key = (id(plan), tuple((g["betas"], g["eps"], g["weight_decay"]) for g in self.param_groups))
-        rec: Optional[Dict] = self._graph
-        if rec is None or rec["key"] != key:
-            rec = self._graph = {"key": key, "warm": 0, "replay": None, "grads": None}
-        if rec["replay"] is None and rec["warm"] < WARM_STEPS:
-            rec["warm"] += 1
-            rec["grads"] = grads  # the last warm step's gradients become the recorded ones
-            return False
-        recorded = rec["grads"]
-        stale = [(g, r) for g, r in zip(grads, recorded) if g is not r]
-        if stale:
-            torch._foreach_copy_([r for _, r in stale], [g for g, _ in stale])
         lrs = self._graph_lrs()
-        if rec["replay"] is None:
-            rec["replay"] = self._capture(lambda: self._planned_device_work(plan, recorded, lrs))
-            self._graph_recordings += 1
-        rec["replay"]()
+        if not self.graph.run(key, grads, lambda recorded: self._planned_device_work(plan, recorded, lrs)):
+            return False
         self._planned_books(plan)
         return True

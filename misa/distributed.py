@@ -79,7 +79,7 @@ def prepare(opt: MISA, group: Optional[dist.ProcessGroup] = None) -> MISA:
     # torch's fake process group (the memory planner's, misa/jobs/plan.py) moves no data: nothing to agree on
     if dist.get_backend(group) != "fake":
         opt._check_active_set = check
-        check(opt._active)
+        check(opt.active_set.indices)
     if _is_sharded(opt):
 
         def reduce(sq: torch.Tensor) -> None:

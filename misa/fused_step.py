@@ -74,7 +74,7 @@ class FusedStep:
     def _grads(self) -> List[Tuple[int, Tensor, Tensor, Optional[int]]]:
         """(group index, local param, local grad, slot or None) for every active param with a grad."""
         out = []
-        for gi, p, slot in self._active_items:  # made at each switch (active_set.py)
+        for gi, p, slot in self.active_set.items:  # made at each switch (active_set.py)
             grad = p.grad
             if grad is None:
                 continue
@@ -95,15 +95,15 @@ class FusedStep:
         per_entry = torch.zeros(len(entries), dtype=torch.float32, device=self.device)
         for ks in by_dtype.values():
             norms = misa_kernels.grad_sq_norms([entries[k][2] for k in ks], backend=self.backend)
-            per_entry[self._index_tensor(ks)] = norms
+            per_entry[self.active_set.index_tensor(ks)] = norms
         return self._to_slots(entries, per_entry), per_entry
 
     def _to_slots(self, entries, per_entry: Tensor) -> Tensor:
-        step_sq = torch.zeros(len(self._slots) + 1, dtype=torch.float32, device=self.device)
+        step_sq = torch.zeros(len(self.active_set.slots) + 1, dtype=torch.float32, device=self.device)
         ks = [k for k, e in enumerate(entries) if e[3] is not None]
         if ks:
-            idx = self._index_tensor([entries[k][3] for k in ks])
-            step_sq.index_copy_(0, idx, per_entry[self._index_tensor(ks)])
+            idx = self.active_set.index_tensor([entries[k][3] for k in ks])
+            step_sq.index_copy_(0, idx, per_entry[self.active_set.index_tensor(ks)])
         return step_sq
 
     # Excluded from torch.compile: the step's schedule (sampling from the sampler's own generator, period
@@ -144,7 +144,7 @@ class FusedStep:
         if self._no_gradient_warned == self._plan_version:
             return
         self._no_gradient_warned = self._plan_version
-        names = [self.module_names[b] for b in self._active]
+        names = [self.module_names[b] for b in self.active_set.indices]
         warnings.warn(
             f"MISA.step: none of the {len(names)} active modules ({', '.join(names[:3])}"
             f"{', ...' if len(names) > 3 else ''}) has a gradient, so this step trains nothing; call "
@@ -169,7 +169,7 @@ class FusedStep:
             self._device_steps = True
             found = _nonfinite(total)
         if step_sq is None:
-            step_sq = torch.zeros(len(self._slots) + 1, dtype=torch.float32, device=self.device)
+            step_sq = torch.zeros(len(self.active_set.slots) + 1, dtype=torch.float32, device=self.device)
             self._fused_steps(entries, step_sq, found)
             if self._reduce_sq_norms is not None:
                 self._reduce_sq_norms(step_sq)
@@ -188,7 +188,7 @@ class FusedStep:
         if found is not None and self.v.count_nonfinite_steps:
             # The authors' code: a non-finite tensor's norm counts as 1.0 and the step counts.
             step_sq = torch.nan_to_num(step_sq, 1.0, 1.0, 1.0)  # one launch, not three
-        per_module = self._per_module(step_sq)
+        per_module = self.active_set.per_module(step_sq)
         stat = per_module.sqrt() if self.v.norm_power == 1 else per_module
         if found is None:
             self.period.S.add_(stat)
@@ -245,7 +245,7 @@ class FusedStep:
                     norms = step_sq[slots[0] : slots[0] + len(slots)]  # a contiguous view: accumulate in place
                 else:
                     norms = torch.zeros(len(slots), dtype=torch.float32, device=self.device)
-                    scatter = self._index_tensor(slots)
+                    scatter = self.active_set.index_tensor(slots)
             misa_kernels.adamw_step_(
                 params,
                 [g for _, g, _ in items],
@@ -315,7 +315,7 @@ class FusedStep:
             self._planned_calls(plan, grads, None, found, lrs)
         else:  # the norms come out of the update's own pass
             found = None
-            step_sq = torch.zeros(len(self._slots) + 1, dtype=torch.float32, device=self.device)
+            step_sq = torch.zeros(len(self.active_set.slots) + 1, dtype=torch.float32, device=self.device)
             self._planned_calls(plan, grads, step_sq, None, lrs)
             if self._reduce_sq_norms is not None:
                 self._reduce_sq_norms(step_sq)
@@ -342,7 +342,7 @@ class FusedStep:
                 norms.index_copy_(0, c["out"], part)
         if self._reduce_sq_norms is not None:
             self._reduce_sq_norms(norms)
-        n = len(self._slots)
+        n = len(self.active_set.slots)
         every = plan.module_norms if plan.n_norms == n + 1 else torch.cat([norms[:n], norms[n + 1 :]])
         return plan.step_sq, every.sum()
 
@@ -411,7 +411,7 @@ class FusedStep:
 
     def _flush(self) -> None:
         calls = defaultdict(list)
-        for b in self._active:
+        for b in self.active_set.indices:
             for p in self._module_params(b):
                 st = self.state.get(p)
                 if st is not None and self._steps_taken(st) > 0:
@@ -496,10 +496,10 @@ class _Plan:
             st = opt.state[p]
             groups[(gi, _local(p).dtype, st["step"] == 0, slot is not None, "exp_avg_absmax" in st)].append((p, slot))
         planned = {id(p) for _, p, _, _ in entries}
-        self.others = [p for _, p, _ in opt._active_items if id(p) not in planned]  # active, no gradient now
+        self.others = [p for _, p, _ in opt.active_set.items if id(p) not in planned]  # active, no gradient now
         self.sharded = any(_local(p) is not p for _, p, _, _ in entries)  # DTensors (FSDP2): kernels see shards
         self.params, self.calls = [], []
-        self.n_norms = len(opt._slots) + 1  # the slots and the pad; then the tensors outside any module
+        self.n_norms = len(opt.active_set.slots) + 1  # the slots and the pad; then the tensors outside any module
         for (gi, _, fresh, is_module, _), items in groups.items():
             states = [opt.state[p] for p, _ in items]
             slots, out = None, slice(self.n_norms, self.n_norms + len(items))
@@ -508,7 +508,7 @@ class _Plan:
                 if numbers == list(range(numbers[0], numbers[0] + len(numbers))):
                     slots = out = slice(numbers[0], numbers[0] + len(numbers))
                 else:
-                    slots = out = opt._index_tensor(numbers)
+                    slots = out = opt.active_set.index_tensor(numbers)
             else:
                 self.n_norms += len(items)
             formats = {
@@ -546,7 +546,10 @@ class _Plan:
         self.steady_steps = [c["steps"] for c in self.calls if not c["fresh"]]  # advanced after each step
         # The step's squared norms (zeroed at each step; a CUDA graph records these addresses) and its views.
         self.norms = torch.zeros(self.n_norms, dtype=torch.float32, device=opt.device)
-        self.step_sq, self.module_norms = self.norms[: len(opt._slots) + 1], self.norms[: len(opt._slots)]
+        self.step_sq, self.module_norms = (
+            self.norms[: len(opt.active_set.slots) + 1],
+            self.norms[: len(opt.active_set.slots)],
+        )
         for c in self.calls:
             c["norms"] = self.norms[c["out"]] if isinstance(c["out"], slice) else None
 

@@ -25,7 +25,7 @@ class GradRelease:
 
     def _reset_release(self) -> None:
         """A new active set: one squared-norm accumulator per slot (and one for the rest)."""
-        self._release_sq = torch.zeros(len(self._slots) + 1, dtype=torch.float32, device=self.device)
+        self._release_sq = torch.zeros(len(self.active_set.slots) + 1, dtype=torch.float32, device=self.device)
 
     def _install_release_hooks(self, params) -> None:
         # The hook holds the optimizer weakly: a model must not keep a dropped optimizer alive.
@@ -59,9 +59,9 @@ class GradRelease:
         if g.is_sparse:
             raise RuntimeError(f"MISA does not support sparse gradients ({self._param_names.get(p, 'a param')})")
         self._released.add(p)
-        gi = 0 if p in self._slots else self._group_of(p)
+        gi = 0 if p in self.active_set.slots else self._group_of(p)
         with torch.no_grad():
-            self._fused_steps([(gi, p, g, self._slots.get(p))], self._release_sq, call_base=self._index[p])
+            self._fused_steps([(gi, p, g, self.active_set.slots.get(p))], self._release_sq, call_base=self._index[p])
         p.grad = None
 
     def _group_of(self, p: Tensor) -> int:
@@ -76,7 +76,7 @@ class GradRelease:
         self._released.clear()
         if self._reduce_sq_norms is not None:
             self._reduce_sq_norms(step_sq)
-        per_module = self._per_module(step_sq)
+        per_module = self.active_set.per_module(step_sq)
         self.period.S.add_(per_module.sqrt() if self.v.norm_power == 1 else per_module)
         self._advance()
         return loss

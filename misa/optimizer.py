@@ -8,16 +8,17 @@ states out of a fixed StateArena. Frozen modules have requires_grad=False, no gr
 This file is the public face: the arguments, their checks and the construction. The work is in parts,
 one file per concern, that MISA composes:
 
-    active_set.py    state formats, the arena and its typed views, slots of the active tensors
+    active_set.py    state formats, the arena's capacity at any delta, and the ActiveSet: the arena, its
+                     typed views and the slots of the active tensors (objects MISA holds: self.active_set)
     schedule.py      periods, switches, the importance update and the next sample (sampler.py)
     period.py        the period's counters as one record (MISA.period), which checkpoints read and write
     fused_step.py    step(): norms, the non-finite check, the fused misa_kernels calls, flush, clipping
-    cuda_graph.py    cuda_graph=True: the steady step recorded once and replayed
+    cuda_graph.py    cuda_graph=True: the steady step recorded once and replayed (a GraphRecorder: self.graph)
     grad_release.py  release_grads=True: updates in backward hooks
     checkpoint.py    state_dict / load_state_dict, conversion between state formats
 
-Each part makes the state it owns (`_init_*`) and is the only one to write it (tests/test_parts.py); a switch
-announces itself once (`_switched`), and each part resets its own.
+Each part makes the state it owns (an object, or `_init_*`) and is the only one to write it
+(tests/test_parts.py); a switch announces itself once (`_switched`), and each part resets its own.
 
 LISA and BAdam (baselines.py) are MISA configured from the same parts.
 """
@@ -25,6 +26,7 @@ LISA and BAdam (baselines.py) are MISA configured from the same parts.
 from __future__ import annotations
 
 import gc
+import inspect
 import math
 import warnings
 import weakref
@@ -36,10 +38,10 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from misa_kernels import StateArena
 
-from .active_set import STATE_FORMATS, ActiveSet, _local
+from .active_set import STATE_FORMATS, ActiveSet, Capacity, StateFormats, _local
 from .checkpoint import Checkpoint
 from .compiled_switch import SwitchTags
-from .cuda_graph import CudaGraphStep
+from .cuda_graph import CudaGraphStep, GraphRecorder
 from .fused_step import FusedStep
 from .grad_release import GradRelease
 from .partition import Partition, partition
@@ -76,7 +78,76 @@ def _check_config(lr, betas, eps, weight_decay, delta, eta, interval, warmup_int
             raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
 
 
-class MISA(ActiveSet, Schedule, FusedStep, CudaGraphStep, GradRelease, Checkpoint, torch.optim.Optimizer):
+def _master_format(master_weights, rounding: str) -> Optional[str]:
+    if master_weights is None:
+        master_weights = "fp32" if rounding == "nearest" else False
+    return {True: "fp32", False: None}.get(master_weights, master_weights)
+
+
+def _user_groups(always_train, groups) -> List[Dict]:
+    """always_train as param groups, each parameter checked to be in no other group."""
+    if always_train is None:
+        return []
+    taken = {id(p) for g in groups for p in g["params"]}
+    out = []
+    items = list(always_train)
+    if items and isinstance(items[0], dict):
+        out = [dict(g, params=list(g["params"]), name=g.get("name", _ALWAYS_GROUP)) for g in items]
+    elif items:
+        out = [{"params": items, "name": _ALWAYS_GROUP}]
+    for g in out:
+        for p in g["params"]:
+            if id(p) in taken:
+                raise ValueError("always_train: a parameter is already a module or trained at every step")
+            taken.add(id(p))
+    return out
+
+
+def _formats(states: str, master_format: Optional[str], tensors: Iterable[Tensor]) -> StateFormats:
+    low = any(_local(p).dtype != torch.float32 for p in tensors)
+    return StateFormats(states=states, masters=master_format, low_precision=low)
+
+
+def capacity(model_or_named_params, **misa_kwargs) -> Capacity:
+    """The arena's size at any delta of `MISA(model_or_named_params, **misa_kwargs)`, computed without building
+    it (no optimizer, no arena, no sampler; a model on the meta device will do): `.bytes_at(delta)` is the bound
+    that --equal-memory and the planner size a budget with (bytes_at below)."""
+    a = _arguments(model_or_named_params, misa_kwargs)
+    v = resolve(a["variant"], warmup_interval=a["warmup_interval"], sample_last=a["sample_last"])
+    part = partition(
+        model_or_named_params,
+        granularity=a["granularity"],
+        include_embedding=a["include_embedding"],
+        include_lm_head=a["include_lm_head"],
+        embedding_and_head_every_step=v.embedding_and_head_every_step,
+        train_1d=a["train_1d"],
+        module_biases=v.module_biases,
+    )
+    modules = [[p for _, p in m.params] for m in part.modules]
+    tensors = [p for m in modules for p in m] + [p for _, p in part.always]
+    always = [p for _, p in part.always]
+    always += [p for g in _user_groups(a["always_train"], [{"params": tensors}]) for p in g["params"]]
+    formats = _formats(a["states"], _master_format(a["master_weights"], a["rounding"]), tensors + always)
+    return Capacity.of(formats, modules, always, part.total_params)
+
+
+def bytes_at(model_or_named_params, **misa_kwargs) -> Dict[str, int]:
+    """What `MISA(model_or_named_params, **misa_kwargs)` would hold at its delta, computed, not built:
+    {"states", "masters"}, its arena as memory_bytes() would report it, and "gradients", the most its active
+    set and the tensors trained at every step hold at once."""
+    delta = _arguments(model_or_named_params, misa_kwargs)["delta"]
+    return capacity(model_or_named_params, **misa_kwargs).bytes_at(delta)
+
+
+def _arguments(model_or_named_params, misa_kwargs: Dict) -> Dict:
+    """MISA's arguments as its constructor would see them (defaults filled in; a name it does not take raises
+    TypeError, as MISA(...) would)."""
+    args = inspect.signature(MISA.__init__).bind(None, model_or_named_params, **misa_kwargs)
+    args.apply_defaults()
+    return args.arguments
+
+
+class MISA(Schedule, FusedStep, CudaGraphStep, GradRelease, Checkpoint, torch.optim.Optimizer):
     """Module-wise Importance SAmpling (Liu et al., NeurIPS 2025) with fused AdamW.
 
     Args:
@@ -211,9 +282,7 @@ class MISA(ActiveSet, Schedule, FusedStep, CudaGraphStep, GradRelease, Checkpoin
         self.states = states
         self.release_grads = bool(release_grads)
         self.cuda_graph = bool(cuda_graph)
-        if master_weights is None:
-            master_weights = "fp32" if rounding == "nearest" else False
-        self.master_format = {True: "fp32", False: None}.get(master_weights, master_weights)
+        self.master_format = _master_format(master_weights, rounding)
         self.master_weights = self.master_format is not None
         self.seed = int(seed)
         if order not in ORDERS:
@@ -261,7 +330,7 @@ class MISA(ActiveSet, Schedule, FusedStep, CudaGraphStep, GradRelease, Checkpoin
         extra = [p for _, p in self.partition.always]
         if extra:
             groups.append({"params": extra, "name": _ALWAYS_GROUP})
-        groups += self._user_groups(always_train, groups)
+        groups += _user_groups(always_train, groups)
         super().__init__(groups, defaults)
 
         every_param = [p for g in self.param_groups for p in g["params"]]
@@ -281,17 +350,32 @@ class MISA(ActiveSet, Schedule, FusedStep, CudaGraphStep, GradRelease, Checkpoin
         self._param_names = {p: n for m in modules for n, p in m.params}
         self._param_names.update({p: n for n, p in self.partition.always})
         self._always = [(gi, p) for gi, g in enumerate(self.param_groups) if gi > 0 for p in g["params"]]
-        self.arena = StateArena(self._arena_capacity(modules), device=self.device)
-        # the step counters, the importance statistic and the skip counts (period.py)
-        self.period = Period(self.device, self.warmup_interval)
         if self.cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph=True: CUDA graphs record CUDA kernels; the model is on {self.device}")
-        # each part makes the state it owns (and alone writes)
+        # each part makes the state it owns (and alone writes): the active set's memory (active_set.py)
+        self.state_formats = _formats(states, self.master_format, every_param)
+        self.capacity = Capacity.of(
+            self.state_formats,
+            [self._module_params(b) for b in range(len(modules))],
+            [p for _, p in self._always],
+            self.partition.total_params,
+        )
+        self.active_set = ActiveSet(
+            self.state_formats,
+            self.capacity.arena_numel(self.budget),
+            self.device,
+            self._index,
+            self.state,
+            self._module_params,
+            self._always,
+        )
+        # the step counters, the importance statistic and the skip counts (period.py)
+        self.period = Period(self.device, self.warmup_interval)
+        self.graph = GraphRecorder()  # cuda_graph.py: the recorded steady step
         self._init_step(check_finite)  # fused_step.py
-        self._init_graph()  # cuda_graph.py
         self._init_schedule()  # schedule.py
         for _, p in self._always:
-            self._acquire(p)
+            self.active_set.acquire(p, self.period.skips_at_switch)
 
         # compiled_switch.py: a switch marks the modules it changes, so that a compiled model retraces
         self._switch_tags = SwitchTags(model_or_named_params if isinstance(model_or_named_params, nn.Module) else None)
@@ -317,8 +401,41 @@ class MISA(ActiveSet, Schedule, FusedStep, CudaGraphStep, GradRelease, Checkpoin
     def _switched(self) -> None:
         """A switch announces itself here, once (schedule.py); each part resets what it owns."""
         self._invalidate_plan()  # new states, views and slots: the step's plan is made again
-        self._invalidate_graph()  # and a recorded step with it: its memory goes back now
+        self.graph.invalidate()  # and a recorded step with it: its memory goes back now
         self._reset_release()
+
+    # ---------------------------------------------------------------- the active set's memory (active_set.py)
+    @property
+    def arena(self) -> StateArena:
+        """The StateArena that holds every active tensor's states (and masters or compensations)."""
+        return self.active_set.arena
+
+    def memory_bytes(self) -> Dict[str, int]:
+        """Bytes this optimizer holds: {"states": Adam's m and v (codes and scales when 8-bit), "masters":
+        master copies or compensations}. Both live in the arena, allocated at construction for the largest
+        active set the budget allows, so this is the arena's size (split by the formats' bytes per
+        element), whatever the current set uses."""
+        return self.capacity.split(self.arena.stats()["bytes"])
+
+    def bytes_at(self, delta: float) -> Dict[str, int]:
+        """What this optimizer would hold at `delta` (misa.bytes_at: computed, not built); at its own delta
+        "states" and "masters" equal memory_bytes()."""
+        return self.capacity.bytes_at(delta)
+
+    def arena_bytes(self, p: Tensor) -> int:
+        """Bytes the arena gives parameter `p` when it is active (alignment included)."""
+        return self.state_formats.arena_bytes(p)
+
+    @property
+    def formats(self) -> Dict[str, object]:
+        """The state formats and what they cost: {"states", "masters", "bytes_per_element"} (an active
+        element of a tensor of at least quant.MIN_NUMEL elements; smaller ones keep fp32 states)."""
+        f = self.state_formats
+        return {
+            "states": f.states,
+            "masters": f.masters if f.master_bytes else None,
+            "bytes_per_element": f.bytes_per_element(large=True),
+        }
 
     # ---------------------------------------------------------------- construction helpers (the rest: the parts)
     def _claim(self, params) -> None:
@@ -395,29 +512,12 @@ class MISA(ActiveSet, Schedule, FusedStep, CudaGraphStep, GradRelease, Checkpoin
                     f"raise delta to at least {sizes[largest] / total:.4g}"
                 )
 
-    def _user_groups(self, always_train, groups) -> List[Dict]:
-        if always_train is None:
-            return []
-        taken = {id(p) for g in groups for p in g["params"]}
-        out = []
-        items = list(always_train)
-        if items and isinstance(items[0], dict):
-            out = [dict(g, params=list(g["params"]), name=g.get("name", _ALWAYS_GROUP)) for g in items]
-        elif items:
-            out = [{"params": items, "name": _ALWAYS_GROUP}]
-        for g in out:
-            for p in g["params"]:
-                if id(p) in taken:
-                    raise ValueError("always_train: a parameter is already a module or trained at every step")
-                taken.add(id(p))
-        return out
-
     def __repr__(self) -> str:
         frozen = sum(p.numel() for _, p in self._never_trained())
         return (
             f"MISA(modules={len(self.module_names)}, delta={self.delta:g}, eta={self.eta}, "
             f"interval={self.interval}, order={self.order!r}, variant={self.variant!r}, "
-            f"active={len(self._active)}, trainable={self.trainable_fraction:.2%}, "
+            f"active={len(self.active_set.indices)}, trainable={self.trainable_fraction:.2%}, "
             f"never trained={frozen / self.partition.total_params:.2%}, "
             f"states={self.formats['states']}, masters={self.formats['masters']}, "
             f"bytes/element={self.formats['bytes_per_element']:.2f}, "

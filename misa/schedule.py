@@ -19,7 +19,6 @@ class Schedule:
     """Periods and switches of the active set (a part of MISA)."""
 
     def _init_schedule(self) -> None:
-        self._active: List[int] = []
         self._held = False  # hold(): periods do not end, the active set changes only by set_active
         self.switch_log: List[Dict] = []
         self._switch_hooks: List[Callable[["Schedule"], None]] = []
@@ -29,7 +28,7 @@ class Schedule:
 
     @property
     def active_modules(self) -> List[str]:
-        return [self.module_names[b] for b in self._active]
+        return [self.module_names[b] for b in self.active_set.indices]
 
     @property
     def importance(self) -> Tensor:
@@ -41,7 +40,7 @@ class Schedule:
 
     @property
     def trainable_fraction(self) -> float:
-        return sum(self.sampler.sizes[b] for b in self._active) / self.partition.total_params
+        return sum(self.sampler.sizes[b] for b in self.active_set.indices) / self.partition.total_params
 
     @property
     def steps_in_period(self) -> int:
@@ -92,29 +91,20 @@ class Schedule:
         new = sorted(new)
         if self._check_active_set is not None:
             self._check_active_set(new)
-        old, new_set = set(self._active), set(new)
+        old, new_set = set(self.active_set.indices), set(new)
         if keep_states is None:
             keep_states = old & new_set if self.v.keep_states else set()
-        for b in old:
+        for b in old - new_set:
             for p in self._module_params(b):
-                if b not in keep_states:
-                    self._release(p)
-                if b not in new_set:
-                    p.requires_grad_(False)
-                    p.grad = None
-        generation = self.arena.generation
+                p.requires_grad_(False)
+                p.grad = None
         # the new period starts before the new states exist: they count their skips from here
         self.period.start(len(new), self.warmup_interval if self.sampler.in_warmup else self.interval)
+        self.active_set.change(new, keep_states, self.period.skips_at_switch)  # active_set.py: states, slots
         for b in new:
             for p in self._module_params(b):
                 p.requires_grad_(True)
-                if b not in keep_states:
-                    self._acquire(p)
         self._switch_tags.touch(p for b in old ^ new_set for p in self._module_params(b))
-        if self.arena.generation != generation:  # compaction moved blocks: re-point every state
-            self._refresh_views(list(self.state.keys()))
-        self._active = new
-        self._build_slots()
         self._switched()  # each part resets its own state (optimizer.py)
         if log:
             probs = self.probabilities
@@ -156,5 +146,5 @@ class Schedule:
             self._flush()
         counted = length if self.v.count_nonfinite_steps else max(length - skipped, 1)
         stats = (self.period.S / (self.interval if self.v.divide_by_interval else counted)).tolist()
-        self.sampler.update(self._active, stats)
+        self.sampler.update(self.active_set.indices, stats)
         self._switch(self.sampler.sample())

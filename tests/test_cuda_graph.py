@@ -35,7 +35,7 @@ def _graphed(opt, record=True):
         return replay
 
     opt.cuda_graph, opt._device_steps = True, True
-    opt._capture = stand_in if record else (lambda body: pytest.fail("recorded"))
+    opt.graph.capture = stand_in if record else (lambda body: pytest.fail("recorded"))
     return replays
 
 
@@ -70,7 +70,7 @@ def test_replayed_steps_equal_the_eager_ones(lr_schedule, monkeypatch):
     _needs_triton()
     graphed, opt_g, replays = _run(True, lr_schedule=lr_schedule)
     eager, opt_e, _ = _run(False, lr_schedule=lr_schedule, monkeypatch=monkeypatch)
-    assert replays and opt_g._graph_recordings >= 1
+    assert replays and opt_g.graph.recordings >= 1
     # a learning-rate schedule is written into the device scalar before each replay: no new recording
     for a, b in zip(graphed.parameters(), eager.parameters()):
         assert torch.equal(a, b)
@@ -88,15 +88,15 @@ def test_a_graph_is_recorded_after_warm_steps_and_again_after_a_switch():
     for _ in range(7):
         synthetic_grads(model, gen)
         opt.step()
-        counts.append((opt._graph_recordings, len(replays)))
+        counts.append((opt.graph.recordings, len(replays)))
     # the fresh step of the last set and the warm steps run eagerly; then one recording, replayed every step
     assert counts[-1][0] == 1 and counts[-1][1] == counts[-2][1] + 1
-    recordings = opt._graph_recordings
+    recordings = opt.graph.recordings
     opt.param_groups[0]["weight_decay"] = 0.1  # a captured constant: the graph is made again
     for _ in range(4):
         synthetic_grads(model, gen)
         opt.step()
-    assert opt._graph_recordings == recordings + 1
+    assert opt.graph.recordings == recordings + 1
     opt._end_period()  # a switch: a fresh step, warm steps, then a new recording
     replayed = len(replays)
     synthetic_grads(model, gen)
@@ -105,7 +105,7 @@ def test_a_graph_is_recorded_after_warm_steps_and_again_after_a_switch():
     for _ in range(4):
         synthetic_grads(model, gen)
         opt.step()
-    assert opt._graph_recordings == recordings + 2
+    assert opt.graph.recordings == recordings + 2
 
 
 def test_clipped_steps_run_eagerly():
@@ -114,7 +114,7 @@ def test_clipped_steps_run_eagerly():
         synthetic_grads(model, gen)
         opt.clip_grad_norm_(1.0)
         opt.step()
-    assert replays == [] and opt._graph_recordings == 0
+    assert replays == [] and opt.graph.recordings == 0
 
 
 def test_cuda_graph_refuses_what_it_cannot_record():
@@ -148,7 +148,7 @@ def test_a_real_graph_replays_the_eager_step_bit_for_bit(backend, monkeypatch):
                 next(p for p in model.parameters() if p.grad is not None).grad[0] = float("nan")
             opt.param_groups[0]["lr"] = 1e-3 * (1 - step / 20)
             opt.step()
-        results.append(([p.detach().clone() for p in model.parameters()], opt._graph_recordings))
+        results.append(([p.detach().clone() for p in model.parameters()], opt.graph.recordings))
     (graphed, recordings), (eager, none) = results
     assert recordings >= 1 and none == 0
     for a, b in zip(graphed, eager):

@@ -11,6 +11,7 @@ import torch
 
 from misa.integrations.lora import attach_lora, peft_available
 from misa.jobs import finetune, pretrained, train
+from misa.jobs.method import Method
 from misa.jobs.model import SIZES, LlamaForCausalLM
 from misa.memory import MemoryMeter
 from misa.optimizer import MISA
@@ -238,15 +239,19 @@ def _new_domain(args):
 def test_the_equal_peak_delta_fits_and_is_tight():
     args = parsed(FAST)
     data = _new_domain(args)
-    target = finetune.peak_at(args, "misa", {"delta": 0.2}, None, data, torch.device("cpu"))[0]
-    found = finetune.delta_at_peak(args, target, "misa", None, data, torch.device("cpu"))
+    target = finetune.peak_at(args, Method("misa", "misa", overrides={"delta": 0.2}), None, data, torch.device("cpu"))[
+        0
+    ]
+    found = finetune.delta_at_peak(args, target, Method("misa", "misa"), None, data, torch.device("cpu"))
     assert found["peak_bytes"] <= target < found["next_peak_bytes"]
     assert found["next_delta"] - found["delta"] <= 2.0**-finetune.EQUAL_PEAK_ITERATIONS
     assert found["delta"] >= 0.2 - 2.0**-finetune.EQUAL_PEAK_ITERATIONS  # 0.2's own worst peak fits
     # the peak it reports is the worst set's, measured again
-    again = finetune.peak_at(args, "misa", {"delta": found["delta"]}, None, data, torch.device("cpu"))
+    again = finetune.peak_at(
+        args, Method("misa", "misa", overrides={"delta": found["delta"]}), None, data, torch.device("cpu")
+    )
     assert again[0] == found["peak_bytes"]
-    assert finetune.delta_at_peak(args, 10, "misa", None, data, torch.device("cpu")) is None
+    assert finetune.delta_at_peak(args, 10, Method("misa", "misa"), None, data, torch.device("cpu")) is None
 
 
 def test_lisa_layers_at_the_peak_are_counted_by_measurement():
@@ -305,7 +310,8 @@ def test_the_rate_is_chosen_on_validation_and_only_then_tested(monkeypatch, tmp_
     test_if_chosen_on_test = {1e-3: 0.1, 3e-3: 9.0, 1e-2: 9.0}  # test would pick 1e-3: it must not be read
     calls = []
 
-    def fake_run(args, entry, lr, seed, out, new, base, device, overrides):
+    def fake_run(args, method, lr, seed, out, new, base, device):
+        entry = method.entry
         calls.append(("train", lr, seed))
         return {
             "method": entry,
@@ -324,7 +330,7 @@ def test_the_rate_is_chosen_on_validation_and_only_then_tested(monkeypatch, tmp_
     monkeypatch.setattr(train, "evaluate_with_error", fake_eval)
     monkeypatch.setattr(train, "evaluate", lambda model, data, args, batches=None: 0.5)
     args = parsed(FAST + ["--seeds", "3"])
-    row = finetune.run_method(args, "misa", (1e-3, 3e-3, 1e-2), None, None, None, None, tmp_path, {})
+    row = finetune.run_method(args, Method("misa", "misa"), (1e-3, 3e-3, 1e-2), None, None, None, None, tmp_path)
     assert row["lr"] == 3e-3 and not row["lr_at_grid_edge"]
     grid_calls = calls[:3]
     assert grid_calls == [("train", 1e-3, 0), ("train", 3e-3, 0), ("train", 1e-2, 0)]
@@ -338,7 +344,8 @@ def test_the_rate_is_chosen_on_validation_and_only_then_tested(monkeypatch, tmp_
 def test_a_rate_chosen_at_the_grid_edge_extends_the_grid(monkeypatch, tmp_path):
     tried = []
 
-    def fake_run(args, entry, lr, seed, out, new, base, device, overrides):
+    def fake_run(args, method, lr, seed, out, new, base, device):
+        entry = method.entry
         tried.append(lr)
         return {
             "method": entry,
@@ -355,7 +362,7 @@ def test_a_rate_chosen_at_the_grid_edge_extends_the_grid(monkeypatch, tmp_path):
     )
     monkeypatch.setattr(train, "evaluate", lambda model, data, args, batches=None: 0.5)
     row = finetune.run_method(
-        parsed(FAST + ["--seeds", "1"]), "lora", (1e-3, 1e-2), None, None, None, None, tmp_path, {}
+        parsed(FAST + ["--seeds", "1"]), Method("lora", "lora"), (1e-3, 1e-2), None, None, None, None, tmp_path
     )
     assert tried == pytest.approx([1e-3, 1e-2, 1e-4, 1e-5])  # extended twice, by the grid's ratio
     assert row["lr"] == pytest.approx(1e-4) and not row["lr_at_grid_edge"]
@@ -363,14 +370,13 @@ def test_a_rate_chosen_at_the_grid_edge_extends_the_grid(monkeypatch, tmp_path):
     tried.clear()
     row = finetune.run_method(
         parsed(FAST + ["--seeds", "1", "--grid-extensions", "1"]),
-        "lora",
+        Method("lora", "lora"),
         (1e-2, 1e-1),
         None,
         None,
         None,
         None,
         tmp_path,
-        {},
     )
     assert tried == pytest.approx([1e-2, 1e-1, 1e-3]) and row["lr_at_grid_edge"]  # still at the edge: flagged
 
@@ -379,10 +385,8 @@ def test_grids_per_method():
     grids = finetune.parse_grid("misa=1e-4,2e-4;lora=5e-3", ["misa", "lora", "adamw"])
     assert grids == {"misa": (1e-4, 2e-4), "lora": (5e-3,), "adamw": finetune.DEFAULT_GRIDS["adamw"]}
     assert finetune.parse_grid("1e-3", ["misa+delta=0.1", "lisa"]) == {"misa+delta=0.1": (1e-3,), "lisa": (1e-3,)}
-    assert finetune.parse_entry("misa-official+delta=0.1+flush=true") == (
-        "misa",
-        "misa-official+flush=true",
-        {"delta": 0.1},
+    assert finetune.parse_entry("misa-official+delta=0.1+flush=true") == Method(
+        "misa-official+delta=0.1+flush=true", "misa", {"variant": "official", "flush": True}, {"delta": 0.1}
     )
 
 

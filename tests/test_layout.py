@@ -125,3 +125,17 @@ def test_the_readme_is_one_page_and_its_links_resolve():
         for target in re.findall(r"\]\(([^)#]+)\)", page.read_text()):
             if not target.startswith("http"):
                 assert (page.parent / target).exists(), f"{page.name} links to {target}, which does not exist"
+
+
+def test_the_flags_both_jobs_take_are_defined_once():
+    from misa.jobs import cli, finetune, train
+
+    def actions(parser):
+        return {a.option_strings[0]: a for a in parser._actions if a.option_strings}
+
+    ours, theirs = actions(train.build_parser()), actions(finetune.build_parser())
+    both = set(ours) & set(theirs) - {"-h"}
+    assert both == set(cli.FLAGS), "a flag both jobs take is not in cli.FLAGS, or FLAGS names one they do not share"
+    for flag in both:
+        a, b = ours[flag], theirs[flag]
+        assert (a.type, a.choices, type(a)) == (b.type, b.choices, type(b)), flag

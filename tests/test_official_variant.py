@@ -45,14 +45,14 @@ def test_official_matches_the_authors_code_step_by_step(interval):
     assert all(len(m.params) == 1 and m.params[0][1].dim() == 2 for m in opt.partition.modules)
     assert not model.layers[0].mlp.down_proj.bias.requires_grad
     forced, _, _ = theirs.forced()
-    assert sorted(forced) == opt._active  # the first sample is all forced (nothing sampled yet)
-    theirs.switch(opt._active)
+    assert sorted(forced) == opt.active_set.indices  # the first sample is all forced (nothing sampled yet)
+    theirs.switch(opt.active_set.indices)
     gen = torch.Generator().manual_seed(interval)
     steps = max(3 * interval, 30) if interval < 50 else 120
     switch_steps = {"ours": [], "theirs": []}
     for step in range(1, steps + 1):
         grads = {}
-        for b in opt._active:
+        for b in opt.active_set.indices:
             grads[b] = []
             for _, p in opt.partition.modules[b].params:
                 p.grad = torch.randn(p.shape, generator=gen) * (0.5 + b % 3)
@@ -74,9 +74,11 @@ def test_official_matches_the_authors_code_step_by_step(interval):
                 opt.probabilities, torch.tensor(theirs.p, dtype=torch.float64), rtol=1e-5, atol=1e-9
             )
             forced, _, _ = theirs.forced()
-            assert set(forced) <= set(opt._active), f"step {step}: forced {forced}, chosen {opt._active}"
-            kept = set(opt._active) & set(theirs.active)
-            theirs.switch(opt._active)  # their random part: take ours
+            assert set(forced) <= set(opt.active_set.indices), (
+                f"step {step}: forced {forced}, chosen {opt.active_set.indices}"
+            )
+            kept = set(opt.active_set.indices) & set(theirs.active)
+            theirs.switch(opt.active_set.indices)  # their random part: take ours
             for b in kept:  # re-selected modules keep their Adam state and step count
                 p = opt.partition.modules[b].params[0][1]
                 assert opt.state[p]["step"] == theirs.state_steps(b)
@@ -118,12 +120,12 @@ def test_the_random_part_of_the_draw_matches_in_distribution():
 def test_official_counts_a_nonfinite_step_and_skips_its_update():
     model, opt, _ = make(interval=50)
     for _ in range(10):  # through the warm-up
-        for b in opt._active:
+        for b in opt.active_set.indices:
             for _, p in opt.partition.modules[b].params:
                 p.grad = torch.randn(p.shape)
         opt.step()
     opt.check_finite = True
-    active = opt._active
+    active = opt.active_set.indices
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     S_before, steps_before = opt.period.S.clone(), opt.period.step_count
     for b in active:

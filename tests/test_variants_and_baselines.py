@@ -50,12 +50,12 @@ def test_keep_states_switch(keep):
     gen = torch.Generator().manual_seed(0)
     seen_kept = seen_restart = False
     for _ in range(30):
-        before = {b: opt.state[opt.partition.modules[b].params[0][1]]["step"] for b in opt._active}
+        before = {b: opt.state[opt.partition.modules[b].params[0][1]]["step"] for b in opt.active_set.indices}
         grads_for_trainable(model, gen)
         opt.step()
         opt.zero_grad()
         if opt.steps_in_period == 0:  # switched
-            for b in set(before) & set(opt._active):
+            for b in set(before) & set(opt.active_set.indices):
                 step = opt.state[opt.partition.modules[b].params[0][1]]["step"]
                 seen_kept |= step == before[b] + 1
                 seen_restart |= step == 0
@@ -71,7 +71,7 @@ def test_norm_power_switch(power):
     gen = torch.Generator().manual_seed(0)
     grads_for_trainable(model, gen)
     want = []
-    for b in opt._active:
+    for b in opt.active_set.indices:
         sq = sum(float(p.grad.double().square().sum()) for _, p in opt.partition.modules[b].params)
         want.append(sq if power == 2 else math.sqrt(sq))
     opt.step()
@@ -110,7 +110,9 @@ def test_lisa_as_lmflow_runs_it():
         assert all(p.requires_grad for p in outside)  # embedding, head, final norm: every step
         if opt.steps_in_period == 0:
             draws.append(tuple(opt.active_modules))
-            assert all(opt.state[p]["step"] == 0 for b in opt._active for _, p in opt.partition.modules[b].params)
+            assert all(
+                opt.state[p]["step"] == 0 for b in opt.active_set.indices for _, p in opt.partition.modules[b].params
+            )
         grads_for_trainable(model, gen)
         opt.step()
         opt.zero_grad()
@@ -129,7 +131,7 @@ def test_badam_as_its_authors_run_it(mode):
         if opt.steps_in_period == 0:
             visits.append(opt.active_modules[0])
             assert len(opt.active_modules) == 1
-            assert all(opt.state[p]["step"] == 0 for _, p in opt.partition.modules[opt._active[0]].params)
+            assert all(opt.state[p]["step"] == 0 for _, p in opt.partition.modules[opt.active_set.indices[0]].params)
         grads_for_trainable(model, gen)
         opt.step()
         opt.zero_grad()

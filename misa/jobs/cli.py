@@ -8,11 +8,11 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import List
 
 import torch
 
-from .model import LlamaConfig
+from ..variants import PRESETS
+from .model import SIZES, LlamaConfig
 
 
 class UsageError(ValueError):
@@ -36,17 +36,15 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def entry_list(text: str, flag: str, choices, parse) -> List[str]:
-    """A comma-separated list of method entries (--compare, misa.finetune's --methods): not empty, no entry
-    twice (seeds are for repeats), each one parsed (parse raises UsageError naming what is wrong)."""
+def entry_list(text: str, flag: str, choices, parse) -> list:
+    """A comma-separated list of method entries (--compare, misa.finetune's --methods), each parsed (`parse`
+    raises UsageError naming what is wrong): not empty, no entry twice (seeds are for repeats)."""
     entries = [e.strip() for e in text.split(",") if e.strip()]
     if not entries:
         raise UsageError(f"{flag}: nothing given; choose from {', '.join(choices)}")
     if len(set(entries)) != len(entries):
         raise UsageError(f"{flag}: {text!r} names a method twice; use --seeds for repeats")
-    for entry in entries:
-        parse(entry)
-    return entries
+    return [parse(entry) for entry in entries]
 
 
 def validate_common(args, counts, positive, nonnegative, paths) -> None:
@@ -106,14 +104,55 @@ def transformers_module():
     return transformers
 
 
-def add_checkpointing_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--checkpointing",
+# The flags misa.train and misa.finetune both take, defined here once: their kind (type, choices, action) and,
+# where both jobs mean the same, their default and help. A job adds one with add_flag, giving what differs for it
+# (a default, a help text that speaks of that job).
+FLAGS = {
+    "--seeds": dict(type=int),
+    "--delta": dict(type=float, default=0.25),
+    "--eta": dict(type=eta_arg, default=100.0),
+    "--interval": dict(type=int, default=20),
+    "--variant": dict(default="default", choices=tuple(PRESETS)),
+    "--embeddings": dict(choices=("every-step", "module", "frozen")),
+    "--lisa-layers": dict(
+        type=int, default=None, help="layers LISA trains at once (default: as many as fit in --delta, at least 1)"
+    ),
+    "--max-steps": dict(type=int),
+    "--warmup-steps": dict(type=int, default=10, help="linear learning-rate warm-up"),
+    "--weight-decay": dict(type=float, default=0.0, help="AdamW's decoupled weight decay"),
+    "--max-grad-norm": dict(type=float, default=1.0, help="0 disables clipping"),
+    "--model-size": dict(default="small", choices=sorted(SIZES), help="built-in LLaMA-style model"),
+    "--config": dict(default=None, help="JSON file with LlamaConfig fields (overrides --model-size)"),
+    "--model": dict(default=None),
+    "--data": dict(default=None),
+    "--seq-len": dict(type=int, default=128),
+    "--batch-size": dict(type=int, default=8, help="sequences per optimizer step"),
+    "--device": dict(default=None, help="cpu, cuda, cuda:1 ...; when omitted: cuda if available, else cpu"),
+    "--dtype": dict(default="fp32", choices=("fp32", "bf16")),
+    "--checkpointing": dict(
         action="store_true",
         help="activation checkpointing per block (non-reentrant torch.utils.checkpoint; "
         "gradient_checkpointing_enable for a Hugging Face model): each block keeps only its input "
         "and is recomputed in backward",
-    )
+    ),
+    "--backend": dict(default="auto", choices=("auto", "torch", "triton", "cuda")),
+    "--seed": dict(type=int, default=0),
+    "--eval-every": dict(type=int),
+    "--eval-batches": dict(type=int),
+    "--out": dict(default=None),
+    "--resume": dict(default=None),
+    "--save-every": dict(type=int, default=100),
+    "--no-progress": dict(action="store_true"),
+}
+
+
+def add_flag(p: argparse.ArgumentParser, flag: str, **differences) -> None:
+    """Adds a flag of FLAGS to `p`, with what differs for this job (default, help, metavar)."""
+    p.add_argument(flag, **{**FLAGS[flag], **differences})
+
+
+def add_checkpointing_flag(p: argparse.ArgumentParser) -> None:
+    add_flag(p, "--checkpointing")
 
 
 def show_progress(args) -> bool:

@@ -25,6 +25,7 @@ import sys
 import time
 import unicodedata
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -36,16 +37,15 @@ from misa_kernels.backends import resolve as resolve_backend
 
 from ..integrations.lora import PEFT_MISSING, PeftMissing, attach_lora, peft_available
 from ..memory import MemoryMeter
+from ..optimizer import capacity
 from ..partition import partition
-from ..variants import PRESETS
 from . import cli, extras, files, provenance, train
 from .data import DOMAINS, DataError, TokenDataset, load_corpus, tokenize
-from .finetune_report import EQUAL, advice, bare_entry, method_name, paired_se, regime, summarize, table, verdict
-from .model import SIZES
+from .finetune_report import advice, paired_se, regime, summarize, table, verdict
+from .method import EQUAL, METHODS, Method, method_name, parse_entry
 from .pretrained import base_weights, check_fits, pretrained_base
 from .worst_set import worst_case_peak
 
-METHODS = ("misa", "lisa", "badam", "adamw", "lora", "dora")
 # Rates a small grid spans for each method, centred on each one's best in a wide pilot over 1e-4..1e-2 (the
 # built-in small model, 200 steps on the default domain): real LLMs fine-tune at far smaller rates, so pass
 # --lr-grid for them. Adapters and the sampled methods (few weights trained for a while) take larger rates.
@@ -56,15 +56,6 @@ DEFAULT_GRIDS = {
     "adamw": (1e-3, 3e-3, 1e-2),
     "lora": (3e-3, 1e-2, 3e-2),
     "dora": (3e-3, 1e-2, 3e-2),
-}
-# Switches a method entry may carry beyond train.SWITCHES (misa+delta=0.1+interval=50+embeddings=frozen).
-EXTRA_SWITCHES = {
-    "delta": float,
-    "interval": int,
-    "embeddings": str,
-    "train_norms": bool,
-    "lisa_layers": int,
-    "warmup_steps": int,
 }
 TEST_FRACTION = 0.1
 ROW_FILE, REPORT_FILE = "row.json", "report.json"  # a finished run's row, and its test and old-domain losses
@@ -77,12 +68,6 @@ UsageError = cli.UsageError
 
 
 # ----------------------------------------------------------------------------------------- arguments
-def _bool(text: str) -> bool:
-    if text.lower() not in ("true", "false", "1", "0"):
-        raise ValueError(text)
-    return text.lower() in ("true", "1")
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m misa.finetune", description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter
@@ -102,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         + "; ".join(f"{m} {','.join(f'{r:g}' for r in g)}" for m, g in DEFAULT_GRIDS.items())
         + ")",
     )
-    p.add_argument("--seeds", type=int, default=3, help="seeds at the chosen rate (the grid runs the first)")
+    cli.add_flag(p, "--seeds", default=3, help="seeds at the chosen rate (the grid runs the first)")
     p.add_argument(
         "--grid-extensions",
         type=int,
@@ -122,33 +107,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--lora-r", type=int, default=8, help="LoRA/DoRA rank, on all seven projections")
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA/DoRA alpha (default: 2 x rank)")
-    p.add_argument("--delta", type=float, default=0.25, help="MISA's budget (fraction of all parameters)")
-    p.add_argument("--eta", type=cli.eta_arg, default=100.0, help="MISA's sampling temperature, or 'auto'")
-    p.add_argument("--interval", type=int, default=20, help="optimizer steps per outer loop (MISA, LISA, BAdam)")
-    p.add_argument("--variant", default="default", choices=tuple(PRESETS), help="MISA preset")
-    p.add_argument(
+    cli.add_flag(p, "--delta", help="MISA's budget (fraction of all parameters)")
+    cli.add_flag(p, "--eta", help="MISA's sampling temperature, or 'auto'")
+    cli.add_flag(p, "--interval", help="optimizer steps per outer loop (MISA, LISA, BAdam)")
+    cli.add_flag(p, "--variant", help="MISA preset")
+    cli.add_flag(
+        p,
         "--embeddings",
         default="frozen",
-        choices=("every-step", "module", "frozen"),
         help="embedding and LM head during fine-tuning: frozen (as LoRA leaves them), trained at every "
         "step, or sampled as MISA modules",
     )
     p.add_argument("--train-norms", action="store_true", help="MISA trains the norms at every step")
-    p.add_argument(
-        "--lisa-layers",
-        type=int,
-        default=None,
-        help="layers LISA trains at once (default: as many as fit in --delta, at least 1)",
-    )
+    cli.add_flag(p, "--lisa-layers")
     # 600 steps of 8 x 128 bytes are about 0.7 epoch of the default domain. At 200 steps MISA at LoRA's memory
     # had trained each weight matrix for too few steps and lost to LoRA (benchmarks/results/finetune-ablation-*).
-    p.add_argument("--max-steps", type=int, default=600, help="fine-tuning steps of every run")
-    p.add_argument("--warmup-steps", type=int, default=10, help="linear learning-rate warm-up")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
-    p.add_argument("--model-size", default="small", choices=sorted(SIZES), help="built-in LLaMA-style model")
-    p.add_argument("--config", default=None, help="JSON file with LlamaConfig fields (overrides --model-size)")
-    p.add_argument("--model", default=None, help="a local Hugging Face causal-LM folder: the base itself")
+    cli.add_flag(p, "--max-steps", default=600, help="fine-tuning steps of every run")
+    for flag in ("--warmup-steps", "--weight-decay", "--max-grad-norm", "--model-size", "--config"):
+        cli.add_flag(p, flag)
+    cli.add_flag(p, "--model", help="a local Hugging Face causal-LM folder: the base itself")
     p.add_argument(
         "--base",
         default=None,
@@ -171,35 +148,29 @@ def build_parser() -> argparse.ArgumentParser:
         "not hold) or the documentation topics (English prose the base already models about as "
         "well as code)",
     )
-    p.add_argument("--data", default=None, help="fine-tuning text of your own, a file or folder (replaces --domain)")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per optimizer step")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...; when omitted: cuda if available, else cpu")
-    p.add_argument(
-        "--dtype",
-        default="fp32",
-        choices=("fp32", "bf16"),
-        help="weights during fine-tuning (bf16: MISA/LISA/BAdam keep fp32 masters, LoRA fp32 adapters)",
+    cli.add_flag(p, "--data", help="fine-tuning text of your own, a file or folder (replaces --domain)")
+    cli.add_flag(p, "--seq-len", help="tokens per sequence")
+    cli.add_flag(p, "--batch-size")
+    cli.add_flag(p, "--device")
+    cli.add_flag(
+        p, "--dtype", help="weights during fine-tuning (bf16: MISA/LISA/BAdam keep fp32 masters, LoRA fp32 adapters)"
     )
-    cli.add_checkpointing_flag(p)
-    p.add_argument(
-        "--backend", default="auto", choices=("auto", "torch", "triton", "cuda"), help="misa_kernels backend"
-    )
-    p.add_argument("--seed", type=int, default=0, help="first seed (model-independent: data order, sampler)")
-    p.add_argument("--eval-every", type=int, default=200, help="evaluate the new domain every N steps")
-    p.add_argument("--eval-batches", type=int, default=32, help="batches of every evaluation (fixed windows)")
-    p.add_argument("--out", default=None, help="output folder (default: runs/finetune-<time>)")
-    p.add_argument(
+    cli.add_flag(p, "--checkpointing")
+    cli.add_flag(p, "--backend", help="misa_kernels backend")
+    cli.add_flag(p, "--seed", help="first seed (model-independent: data order, sampler)")
+    cli.add_flag(p, "--eval-every", default=200, help="evaluate the new domain every N steps")
+    cli.add_flag(p, "--eval-batches", default=32, help="batches of every evaluation (fixed windows)")
+    cli.add_flag(p, "--out", help="output folder (default: runs/finetune-<time>)")
+    cli.add_flag(
+        p,
         "--resume",
-        default=None,
         metavar="OUT",
         help="continue the comparison in OUT: finished runs are read back, the run in progress resumes "
         "from its checkpoint; the settings must be those OUT was started with",
     )
-    p.add_argument(
+    cli.add_flag(
+        p,
         "--save-every",
-        type=int,
-        default=100,
         help="every run checkpoints every N steps into OUT/runs (what --resume continues from)",
     )
     p.add_argument(
@@ -207,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep every run's own outputs (checkpoint, history, plot) under OUT/runs",
     )
-    p.add_argument("--no-progress", action="store_true", help="plain log lines")
+    cli.add_flag(p, "--no-progress", help="plain log lines")
     return p
 
 
@@ -244,38 +215,7 @@ def parse_grid(text: Optional[str], methods: Sequence[str]) -> Dict[str, Tuple[f
     return grids
 
 
-def parse_entry(entry: str) -> Tuple[str, str, Dict]:
-    """'misa+delta=0.1+flush=true' -> ('misa', 'misa+flush=true', {'delta': 0.1}): the method, the entry
-    train.build_optimizer takes (its own switches), and the settings this command overrides."""
-    name = method_name(entry)
-    if name not in METHODS or (name != "misa" and bare_entry(entry.split("+")[0]) != name):
-        raise UsageError(
-            f"--methods: unknown method {entry!r}; choose from {', '.join(METHODS)} "
-            "(misa may carry a preset and +switch=value)"
-        )
-    head, *switches = entry.split("+")
-    kept, overrides = [head], {}
-    for item in switches:
-        key, _, value = item.partition("=")
-        if key in EXTRA_SWITCHES:
-            try:
-                overrides[key] = _bool(value) if EXTRA_SWITCHES[key] is bool else EXTRA_SWITCHES[key](value)
-            except ValueError:
-                kind = EXTRA_SWITCHES[key].__name__
-                raise UsageError(f"--methods: {item!r} in {entry!r}: expected a {kind}") from None
-            if key == "embeddings" and value not in ("every-step", "module", "frozen"):
-                raise UsageError(f"--methods: {item!r}: embeddings is every-step, module or frozen")
-        else:
-            kept.append(item)
-    inner = "+".join(kept)
-    if name in ("misa", "lisa", "badam", "adamw"):
-        train.parse_method(bare_entry(inner))  # raises UsageError naming the switch
-    elif len(kept) > 1 or overrides:
-        raise UsageError(f"--methods: {entry!r}: {name} takes no switches (use --lora-r, --lora-alpha)")
-    return name, inner, overrides
-
-
-def validate(args) -> None:
+def validate(args) -> List[Method]:
     cli.validate_common(
         args,
         counts=(
@@ -300,13 +240,14 @@ def validate(args) -> None:
     if args.lora_alpha is not None and not (math.isfinite(args.lora_alpha) and args.lora_alpha > 0):
         raise UsageError(f"--lora-alpha: expected a finite number > 0, got {args.lora_alpha}")
     methods = cli.entry_list(args.methods, "--methods", METHODS, parse_entry)
-    if any(method_name(m) in ("lora", "dora") for m in methods) or args.equal_memory:
+    if any(m.name in ("lora", "dora") for m in methods) or args.equal_memory:
         if not peft_available():
             raise UsageError(f"--methods {args.methods}: {PEFT_MISSING}")
-    if args.equal_memory and "lora" not in methods:
+    if args.equal_memory and "lora" not in [m.entry for m in methods]:
         raise UsageError("--equal-memory: matches LoRA's memory, so --methods must include lora")
     if args.base and args.model:
         raise UsageError("--base and --model exclude each other: a Hugging Face model is its own base")
+    return methods
 
 
 def run_args(args, lr: float, seed: int, overrides: Dict, out: Path) -> SimpleNamespace:
@@ -331,9 +272,9 @@ def run_args(args, lr: float, seed: int, overrides: Dict, out: Path) -> SimpleNa
 
 
 # ----------------------------------------------------------------------------------------- methods
-def build_method(entry: str, rargs, base: Dict[str, torch.Tensor], device):
-    """(model loaded from the base, optimizer, parameters of the base model) for one method entry."""
-    name, inner, _ = parse_entry(entry)
+def build_method(method: Method, rargs, base: Dict[str, torch.Tensor], device):
+    """(model loaded from the base, optimizer, parameters of the base model) for one method."""
+    name = method.name
     model = train.build_model(rargs, device)
     if base is not None:
         model.load_state_dict(base)
@@ -343,16 +284,15 @@ def build_method(entry: str, rargs, base: Dict[str, torch.Tensor], device):
         model.to(device)
         opt = torch.optim.AdamW(adapters, lr=rargs.lr, weight_decay=rargs.weight_decay, fused=device.type == "cuda")
         return model, opt, base_params
-    return model, train.build_optimizer(bare_entry(inner), model, rargs), base_params
+    return model, train.build_optimizer(method, model, rargs), base_params
 
 
-def _bound_optimizer(args, overrides: Dict, delta: float = 1.0, layers: Optional[int] = None):
-    """MISA (or LISA with `layers`) on a meta model: what its bound at any delta is computed from."""
-    rargs = run_args(args, 1e-3, 0, {**overrides, "delta": delta, "lisa_layers": layers}, Path("."))
+def _capacity(args, overrides: Dict, layers: Optional[int] = None):
+    """The bound of MISA (or LISA with `layers`) at any delta, read off a meta model: no optimizer is built."""
+    rargs = run_args(args, 1e-3, 0, {**overrides, "lisa_layers": layers}, Path("."))
     model = train.build_model(rargs, "meta") if args.model else train.build_model(rargs, "cpu").to("meta")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return train.build_optimizer("lisa" if layers else "misa", model, rargs)
+    kwargs = train.misa_kwargs("lisa" if layers else "misa", {}, model, rargs)
+    return capacity(model, **kwargs), kwargs["delta"]
 
 
 def _bound(held: Dict[str, int]) -> int:
@@ -360,22 +300,23 @@ def _bound(held: Dict[str, int]) -> int:
 
 
 def misa_bound(args, delta: float, overrides: Dict, layers: Optional[int] = None) -> int:
-    """The most MISA (or LISA with `layers`) can hold at `delta`: its arena, allocated up front, plus
-    gradients for a full budget of active parameters and whatever trains at every step."""
-    opt = _bound_optimizer(args, overrides, delta, layers)
-    return _bound(opt.bytes_at(opt.delta))
+    """The most MISA (or LISA with `layers`, whose delta its layers fix) can hold at `delta`: its arena,
+    allocated up front, plus gradients for a full budget of active parameters and whatever trains at every
+    step."""
+    held, own_delta = _capacity(args, {**overrides, "delta": delta}, layers)
+    return _bound(held.bytes_at(own_delta))
 
 
 def delta_at(args, budget_bytes: int, overrides: Dict) -> Optional[float]:
-    """The largest delta whose bound fits in `budget_bytes` (bisection over MISA.bytes_at, the bound as a
-    function of delta: one optimizer on a meta model, built once), or None if no module fits."""
-    opt = _bound_optimizer(args, overrides)
-    lo, hi = min(opt.sampler.sizes) / opt.partition.total_params * (1 + 1e-9), 1.0
-    if _bound(opt.bytes_at(lo)) > budget_bytes:
+    """The largest delta whose bound fits in `budget_bytes` (bisection over the bound as a function of delta,
+    misa.optimizer.capacity), or None if no module fits."""
+    held, _ = _capacity(args, overrides)
+    lo, hi = held.smallest_module / held.total_params * (1 + 1e-9), 1.0
+    if _bound(held.bytes_at(lo)) > budget_bytes:
         return None
     for _ in range(30):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if _bound(opt.bytes_at(mid)) <= budget_bytes else (lo, mid)
+        lo, hi = (mid, hi) if _bound(held.bytes_at(mid)) <= budget_bytes else (lo, mid)
     return lo
 
 
@@ -391,19 +332,19 @@ def lisa_layers_at(args, budget_bytes: int, overrides: Dict) -> Tuple[int, int]:
     return best, one
 
 
-def peak_at(args, entry: str, overrides: Dict, base, data: TokenDataset, device) -> Tuple[int, Dict, List[int]]:
-    """(peak bytes, parts by kind, active set) of a training step of `entry` on the worst active set its
+def peak_at(args, method: Method, base, data: TokenDataset, device) -> Tuple[int, Dict, List[int]]:
+    """(peak bytes, parts by kind, active set) of a training step of `method` on the worst active set its
     budget allows (worst_set.py), measured on a throwaway copy of the model from the base."""
-    rargs = run_args(args, 1e-3, args.seed, overrides, Path("."))
+    rargs = run_args(args, 1e-3, args.seed, method.overrides, Path("."))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model, opt, _ = build_method(entry, rargs, base, device)
+        model, opt, _ = build_method(method, rargs, base, device)
     batch = data.batch(0, args.batch_size, args.seed)
 
     def step():
         train.train_step(model, opt, batch, rargs)
 
-    if method_name(entry) == "lisa":  # every layer is alike: the lowest ones make backward the longest
+    if method.name == "lisa":  # every layer is alike: the lowest ones make backward the longest
         return worst_case_peak(model, opt, step, None, sets=[list(range(_lisa_count(opt)))])
     return worst_case_peak(model, opt, step, lambda: model.loss(batch))
 
@@ -413,7 +354,7 @@ def _lisa_count(opt) -> int:
     return max(k for k in range(1, len(sizes) + 1) if sum(sorted(sizes)[:k]) <= opt.budget)
 
 
-def delta_at_peak(args, target: int, entry: str, base, data, device) -> Optional[Dict]:
+def delta_at_peak(args, target: int, method: Method, base, data, device) -> Optional[Dict]:
     """The largest delta whose worst set's measured step peak fits in `target` bytes (bisection over the
     measured peaks), with the peaks on both sides of it; None if not even the smallest module fits."""
     meta = train.build_model(run_args(args, 1e-3, 0, {}, Path(".")), "meta")
@@ -425,7 +366,7 @@ def delta_at_peak(args, target: int, entry: str, base, data, device) -> Optional
     probe = {}
 
     def peak(delta):
-        probe[delta] = peak_at(args, entry, {"delta": delta}, base, data, device)
+        probe[delta] = peak_at(args, replace(method, overrides={"delta": delta}), base, data, device)
         return probe[delta][0]
 
     if peak(lo) > target:
@@ -454,7 +395,7 @@ def lisa_layers_at_peak(args, target: int, base, data, device) -> Tuple[int, Lis
     n_layers = sum(m.kind == "block" for m in partition(meta, granularity="layer").modules)
     peaks = []
     for k in range(1, n_layers + 1):
-        peaks.append(peak_at(args, "lisa", {"lisa_layers": k}, base, data, device)[0])
+        peaks.append(peak_at(args, Method("lisa", "lisa", overrides={"lisa_layers": k}), base, data, device)[0])
         if peaks[-1] > target:
             break
     return sum(p <= target for p in peaks), peaks
@@ -462,22 +403,22 @@ def lisa_layers_at_peak(args, target: int, base, data, device) -> Tuple[int, Lis
 
 # ----------------------------------------------------------------------------------------- running
 def one_run(
-    args, entry: str, lr: float, seed: int, out: Path, new: TokenDataset, base, device, overrides: Dict
+    args, method: Method, lr: float, seed: int, out: Path, new: TokenDataset, base, device
 ) -> Tuple[Dict, torch.nn.Module]:
     """One fine-tuning run, evaluated on the new domain's validation split only: (its row, its model). A run
     a killed comparison finished is read back from its folder (its model None: `load_model` has it); one it
     had begun resumes from its own checkpoint (saved every --save-every steps)."""
     if (out / ROW_FILE).is_file():
         return json.loads((out / ROW_FILE).read_text()), None
-    rargs = run_args(args, lr, seed, overrides, out)
-    model, opt, base_params = build_method(entry, rargs, base, device)
+    rargs = run_args(args, lr, seed, method.overrides, out)
+    model, opt, base_params = build_method(method, rargs, base, device)
     ledger = MemoryMeter(model, base_params)
     checkpoint = None
     if (out / train.CHECKPOINT).is_file():
         checkpoint = torch.load(out / train.CHECKPOINT, map_location="cpu", weights_only=False)
     result = train.run(
         rargs,
-        entry,
+        method.entry,
         out,
         new,
         device,
@@ -495,7 +436,7 @@ def one_run(
         metered_steps=summary["metered_steps"],
     )
     row = {
-        "method": entry,
+        "method": method.entry,
         "lr": lr,
         "seed": seed,
         "val_loss": summary["final_val_loss"],
@@ -508,12 +449,12 @@ def one_run(
     return row, model
 
 
-def load_model(args, entry: str, lr: float, seed: int, folder: Path, base, device, overrides: Dict):
+def load_model(args, method: Method, lr: float, seed: int, folder: Path, base, device):
     """The trained model of a finished run, from the checkpoint it left in its folder."""
-    rargs = run_args(args, lr, seed, overrides, folder)
+    rargs = run_args(args, lr, seed, method.overrides, folder)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model, _, _ = build_method(entry, rargs, base, device)
+        model, _, _ = build_method(method, rargs, base, device)
     model.load_state_dict(torch.load(folder / train.CHECKPOINT, map_location="cpu", weights_only=False)["model"])
     return model
 
@@ -555,22 +496,23 @@ def choose_rate(grid_rows: Sequence[Dict]) -> float:
     return min(grid_rows, key=lambda r: (r["val_loss"], r["lr"]))["lr"]
 
 
-def run_method(args, entry: str, rates, new, old, base, device, out: Path, overrides: Dict) -> Dict:
+def run_method(args, method: Method, rates, new, old, base, device, out: Path) -> Dict:
     """The grid at the first seed, the choice on validation, then the other seeds at the chosen rate
     (the first seed's run at that rate is reused, and only then evaluated on the test split). A choice at
     the edge of the grid extends it by the grid's own ratio, up to `--grid-extensions` times, so that the
     chosen rate is a minimum on validation rather than a boundary."""
     rates = sorted(rates)
     grid, models = [], {}
+    entry = method.entry
 
     def folder(lr, seed):
         return out / f"{entry}-lr{lr:g}-seed{seed}"
 
     def loader(lr, seed):
-        return lambda: load_model(args, entry, lr, seed, folder(lr, seed), base, device, overrides)
+        return lambda: load_model(args, method, lr, seed, folder(lr, seed), base, device)
 
     def trial(lr):
-        row, models[lr] = one_run(args, entry, lr, args.seed, folder(lr, args.seed), new, base, device, overrides)
+        row, models[lr] = one_run(args, method, lr, args.seed, folder(lr, args.seed), new, base, device)
         print(f"[{entry} lr={lr:g} seed={args.seed}] val {row['val_loss']:.4f} (grid)", flush=True)
         grid.append(row)
 
@@ -592,7 +534,7 @@ def run_method(args, entry: str, rates, new, old, base, device, out: Path, overr
     models.clear()
     for k in range(1, args.seeds):
         seed = args.seed + k
-        row, model = one_run(args, entry, chosen, seed, folder(chosen, seed), new, base, device, overrides)
+        row, model = one_run(args, method, chosen, seed, folder(chosen, seed), new, base, device)
         finals.append(report(args, row, model, new, old, folder(chosen, seed), loader(chosen, seed)))
     tried = sorted(r["lr"] for r in grid)
     return summarize(
@@ -601,7 +543,7 @@ def run_method(args, entry: str, rates, new, old, base, device, out: Path, overr
         sorted((({k: v for k, v in r.items() if k != "history"}) for r in grid), key=lambda r: r["lr"]),
         chosen,
         finals,
-        overrides,
+        method.overrides,
     )
 
 
@@ -717,11 +659,10 @@ def resume_settings(args, argv: List[str]) -> List[str]:
 
 def prepare(args):
     """Everything that can fail on bad input, before anything is written."""
-    validate(args)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    grids = parse_grid(args.lr_grid, methods)
+    methods = validate(args)  # each entry parsed once, here: a Method from then on
+    grids = parse_grid(args.lr_grid, [m.entry for m in methods])
     device = cli.pick_device(args)
-    if any(method_name(m) in ("misa", "lisa", "badam") for m in methods):
+    if any(m.name in ("misa", "lisa", "badam") for m in methods):
         resolve_backend(args.backend, device)
     if args.model:
         cli.transformers_module()
@@ -739,17 +680,75 @@ def prepare(args):
     if base is not None:
         check_fits(base, model, args.base)
     for m in methods:  # every optimizer builds (bad switches, budgets that fit no module) before any run
-        _, _, overrides = parse_entry(m)
-        rargs = run_args(args, 1e-3, args.seed, overrides, Path("."))
-        if method_name(m) not in ("lora", "dora"):
+        rargs = run_args(args, 1e-3, args.seed, m.overrides, Path("."))
+        if m.name not in ("lora", "dora"):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 train.build_optimizer(
-                    parse_entry(m)[1],
+                    m,
                     train.build_model(rargs, "cpu").to("meta") if not args.model else train.build_model(rargs, "meta"),
                     rargs,
                 )
     return methods, grids, device, old_corpus, old, new, base
+
+
+def sized_rows(args, rows: List[Dict], grids, new, old, base, device, runs: Path) -> Tuple[List[str], Dict]:
+    """--equal-memory: MISA's rows sized to LoRA's row (its measured step peak, or its accounted memory) and
+    LISA's with the most layers that fit, each run and appended to `rows`. Returns (a note per sized row, what
+    the peak search found: {entry: its probe})."""
+    notes, equal_peak = [], {}
+    if args.equal_memory is None:
+        return notes, equal_peak
+    lora = next(r for r in rows if r["method"] == "lora")
+
+    def add(entry: str, overrides: Dict) -> None:
+        method = replace(parse_entry(entry), overrides=overrides)
+        grid = grids.get(method.name, DEFAULT_GRIDS[method.name])
+        rows.append(run_method(args, method, grid, new, old, base, device, runs))
+
+    if args.equal_memory == "peak":
+        target = lora["memory"]["step_peak_bytes"]
+        where, measure = f"LoRA's measured step peak, {target / 2**20:.2f} MiB", "step peak"
+        for spec in EQUAL_PEAK_FORMATS:
+            head, *switches = spec.split("+")
+            entry = "+".join([head + EQUAL["peak"]] + switches)
+            found = delta_at_peak(args, target, parse_entry(spec), base, new, device)
+            equal_peak[entry] = found
+            if found is None:
+                notes.append(f"{entry}: not even the smallest module's worst step fits in {where}.")
+                continue
+            add(entry, {"delta": found["delta"]})
+            notes.append(
+                f"{entry}: delta {found['delta']:.4f}, the largest whose worst active set's step peak "
+                f"({found['peak_bytes'] / 2**20:.2f} MiB) fits in {where}."
+            )
+        layers, peaks = lisa_layers_at_peak(args, target, base, new, device)
+        equal_peak["lisa" + EQUAL["peak"]] = {"layers": layers, "peaks_by_layers": peaks, "target_bytes": target}
+        one, held = peaks[0], "peaks at"
+        fits = peaks[layers - 1] if layers else None
+    else:
+        budget = lora["memory"]["total_bytes"]
+        where, measure = f"LoRA's {budget / 2**20:.2f} MiB", "bound"
+        delta = delta_at(args, budget, {})
+        if delta is None:
+            notes.append("MISA: not even the smallest module fits in LoRA's accounted memory.")
+        else:
+            entry = "misa" + EQUAL["accounted"]
+            add(entry, {"delta": delta})
+            notes.append(f"{entry}: delta {delta:.4f}, the largest whose bound fits in {where}.")
+        layers, one = lisa_layers_at(args, budget, {})
+        held, fits = "holds", None
+    if layers == 0:
+        notes.append(
+            f"LISA: one layer (with the embedding and head it trains at every step) {held} "
+            f"{one / 2**20:.2f} MiB, more than {where}: no LISA row fits."
+        )
+    else:
+        entry = "lisa" + EQUAL[args.equal_memory]
+        add(entry, {"lisa_layers": layers})
+        measured = f" ({fits / 2**20:.2f} MiB)" if fits is not None else ""
+        notes.append(f"{entry}: {layers} layer(s), the most whose {measure}{measured} fits in {where}.")
+    return notes, equal_peak
 
 
 def finetune(args, argv, methods, grids, device, old_corpus, old, new, base) -> int:
@@ -784,7 +783,7 @@ def finetune(args, argv, methods, grids, device, old_corpus, old, new, base) -> 
         f"{args.max_steps} steps of {args.batch_size} x {args.seq_len}, device {device}; the base's loss: "
         f"{base_losses['old']:.4f} on its own domain (Python sources), {base_losses['new']:.4f} on the new one; "
         f"embeddings and head {args.embeddings}, norms {'trained' if args.train_norms else 'frozen'} (MISA); "
-        f"methods {', '.join(methods)}; writing to {out}",
+        f"methods {', '.join(m.entry for m in methods)}; writing to {out}",
         flush=True,
     )
     if base_losses["new"] <= base_losses["old"] + 0.1:
@@ -796,111 +795,9 @@ def finetune(args, argv, methods, grids, device, old_corpus, old, new, base) -> 
     out.mkdir(parents=True, exist_ok=True)
     runs = out / "runs"
     rows = []
-    for entry in methods:
-        _, _, overrides = parse_entry(entry)
-        rows.append(run_method(args, entry, grids[entry], new, old, base, device, runs, overrides))
-    notes, equal_peak = [], {}
-    if args.equal_memory == "peak":
-        lora = next(r for r in rows if r["method"] == "lora")
-        target = lora["memory"]["step_peak_bytes"]
-        where = f"LoRA's measured step peak, {target / 2**20:.2f} MiB"
-        for spec in EQUAL_PEAK_FORMATS:
-            head, *switches = spec.split("+")
-            entry = "+".join([head + EQUAL["peak"]] + switches)
-            found = delta_at_peak(args, target, spec, base, new, device)
-            equal_peak[entry] = found
-            if found is None:
-                notes.append(f"{entry}: not even the smallest module's worst step fits in {where}.")
-                continue
-            rows.append(
-                run_method(
-                    args,
-                    entry,
-                    grids.get("misa", DEFAULT_GRIDS["misa"]),
-                    new,
-                    old,
-                    base,
-                    device,
-                    runs,
-                    {"delta": found["delta"]},
-                )
-            )
-            notes.append(
-                f"{entry}: delta {found['delta']:.4f}, the largest whose worst active set's step peak "
-                f"({found['peak_bytes'] / 2**20:.2f} MiB) fits in {where}."
-            )
-        layers, peaks = lisa_layers_at_peak(args, target, base, new, device)
-        equal_peak["lisa" + EQUAL["peak"]] = {"layers": layers, "peaks_by_layers": peaks, "target_bytes": target}
-        if layers == 0:
-            notes.append(
-                f"LISA: one layer (with the embedding and head it trains at every step) peaks at "
-                f"{peaks[0] / 2**20:.2f} MiB, more than {where}: no LISA row fits."
-            )
-        else:
-            entry = "lisa" + EQUAL["peak"]
-            rows.append(
-                run_method(
-                    args,
-                    entry,
-                    grids.get("lisa", DEFAULT_GRIDS["lisa"]),
-                    new,
-                    old,
-                    base,
-                    device,
-                    runs,
-                    {"lisa_layers": layers},
-                )
-            )
-            notes.append(
-                f"{entry}: {layers} layer(s), the most whose step peak "
-                f"({peaks[layers - 1] / 2**20:.2f} MiB) fits in {where}."
-            )
-    if args.equal_memory == "accounted":
-        lora = next(r for r in rows if r["method"] == "lora")
-        budget = lora["memory"]["total_bytes"]
-        delta = delta_at(args, budget, {})
-        if delta is None:
-            notes.append("MISA: not even the smallest module fits in LoRA's accounted memory.")
-        else:
-            entry = "misa" + EQUAL["accounted"]
-            rows.append(
-                run_method(
-                    args,
-                    entry,
-                    grids.get("misa", DEFAULT_GRIDS["misa"]),
-                    new,
-                    old,
-                    base,
-                    device,
-                    runs,
-                    {"delta": delta},
-                )
-            )
-            notes.append(
-                f"{entry}: delta {delta:.4f}, the largest whose bound fits in LoRA's {budget / 2**20:.2f} MiB."
-            )
-        layers, one = lisa_layers_at(args, budget, {})
-        if layers == 0:
-            notes.append(
-                f"LISA: one layer (with the embedding and head it trains at every step) holds "
-                f"{one / 2**20:.2f} MiB, more than LoRA's {budget / 2**20:.2f} MiB: no LISA row fits."
-            )
-        else:
-            entry = "lisa" + EQUAL["accounted"]
-            rows.append(
-                run_method(
-                    args,
-                    entry,
-                    grids.get("lisa", DEFAULT_GRIDS["lisa"]),
-                    new,
-                    old,
-                    base,
-                    device,
-                    runs,
-                    {"lisa_layers": layers},
-                )
-            )
-            notes.append(f"{entry}: {layers} layer(s), the most whose bound fits in LoRA's {budget / 2**20:.2f} MiB.")
+    for method in methods:
+        rows.append(run_method(args, method, grids[method.entry], new, old, base, device, runs))
+    notes, equal_peak = sized_rows(args, rows, grids, new, old, base, device, runs)
     for r in rows:
         r["paired_se"] = {o["method"]: paired_se(r["runs"], o["runs"]) for o in rows}
     meta = {

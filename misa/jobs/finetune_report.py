@@ -9,19 +9,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-# --equal-memory's criteria and the suffix of the rows they size to LoRA's memory
-EQUAL = {"peak": "@lora-peak", "accounted": "@lora-memory"}
-
-
-def method_name(entry: str) -> str:
-    return entry.split("+")[0].split("-")[0].split("@")[0]
-
-
-def bare_entry(entry: str) -> str:
-    """The entry without the suffix --equal-memory gave it: what train.build_optimizer takes."""
-    for suffix in EQUAL.values():
-        entry = entry.replace(suffix, "")
-    return entry
+from .method import EQUAL, method_name
 
 
 def summarize(entry, rates, grid, chosen, finals, overrides) -> Dict:

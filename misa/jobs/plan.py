@@ -60,14 +60,15 @@ import re
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from . import device_model, extras, files
+from . import cli, device_model, extras, files
+from .method import Method, parse_entry
 
 CONFIGS = Path(__file__).parent / "configs"
 SHIPPED = sorted(p.stem for p in CONFIGS.glob("*.json"))
@@ -163,24 +164,12 @@ def load_model(spec: str) -> Model:
     return Model(spec if spec in SHIPPED else str(path), hf_config=config)
 
 
-@dataclass
-class Method:
-    entry: str  # as given: misa+delta=0.03+states=8bit+masters=kahan, lora, adamw
-    name: str  # misa, lisa, badam, adamw, lora, dora
-    inner: str  # the entry train.build_optimizer takes
-    overrides: Dict = field(default_factory=dict)  # delta, interval, ...
-
-
 def parse_methods(text: str) -> List[Method]:
-    from . import finetune
-
-    methods = []
-    for entry in [e for e in text.split(",") if e.strip()]:
-        try:
-            name, inner, overrides = finetune.parse_entry(entry.strip())
-        except finetune.UsageError as exc:
-            raise UsageError(str(exc)) from None
-        methods.append(Method(entry.strip(), name, inner, overrides))
+    """--methods: each entry parsed once (method.py), as misa.finetune parses its own."""
+    try:
+        methods = [parse_entry(entry.strip()) for entry in text.split(",") if entry.strip()]
+    except cli.UsageError as exc:
+        raise UsageError(str(exc)) from None
     if not methods:
         raise UsageError("--methods: expected at least one method")
     return methods
@@ -288,9 +277,7 @@ def _optimizer(model, method: Method, setting: Setting, delta: Optional[float]):
         return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     if method.name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=1e-5)
-    from .finetune import bare_entry
-
-    return build_optimizer(bare_entry(method.inner), model, _optimizer_args(method, setting, delta))
+    return build_optimizer(method, model, _optimizer_args(method, setting, delta))
 
 
 @dataclass

@@ -17,15 +17,16 @@ import statistics
 import sys
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from misa_kernels import BackendUnavailable
 from misa_kernels.backends import resolve as resolve_backend
 
-from ..baselines import LISA, BAdam, layers_within
+from ..baselines import BAdam, layers_within, lisa_kwargs
 from ..memory import StepPeakMeter
 from ..optimizer import MISA
 from ..variants import PRESETS
@@ -34,6 +35,7 @@ from .cli import (  # noqa: F401  (train.UsageError, ...: the names the jobs use
     HelpFormatter,
     UsageError,
     add_checkpointing_flag,
+    add_flag,
     entry_list,
     eta_arg,
     pick_device,
@@ -42,23 +44,9 @@ from .cli import (  # noqa: F401  (train.UsageError, ...: the names the jobs use
     validate_common,
 )
 from .data import DataError, TokenDataset, describe, load_corpus, tokenize
+from .method import OPTIMIZERS, SWITCHES, Method, parse_optimizer  # noqa: F401  (train.SWITCHES: the jobs' name)
 from .model import SIZES, LlamaConfig, LlamaForCausalLM
 
-OPTIMIZERS = ("misa", "lisa", "badam", "adamw")
-# --compare entries: an optimizer, or misa with a preset and switches: misa-paper, misa-official+flush=true
-SWITCHES = {
-    "flush": "bool",
-    "keep_states": "bool",
-    "norm_power": "int",
-    "logit_cap": "float",
-    "warmup_interval": "int",
-    "eta": "eta",
-    "states": ("fp32", "8bit"),
-    "masters": ("fp32", "kahan", "none"),
-    "rounding": ("nearest", "stochastic"),
-    "release_grads": "bool",
-    "check_finite": "bool",
-}
 CHECKPOINT = "checkpoint.pt"
 METER_EVERY = 50  # besides the steps that can hold the most, every 50th step's peak is measured
 
@@ -77,27 +65,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="LIST",
         help="comma-separated optimizers to run with the same seeds and data, drawn on one plot",
     )
-    p.add_argument("--seeds", type=int, default=1, help="with --compare: seeds per optimizer (seed, seed+1, ...)")
-    p.add_argument("--delta", type=float, default=0.25, help="trainable-parameter budget (fraction of all params)")
+    add_flag(p, "--seeds", default=1, help="with --compare: seeds per optimizer (seed, seed+1, ...)")
+    add_flag(p, "--delta", help="trainable-parameter budget (fraction of all params)")
     # Squared gradient norms of these small models are ~1e-5..1e-1 per module: eta=100 makes the
     # softmax over them informative (eta=1 would be nearly uniform). The authors pre-train with 500.
-    p.add_argument(
-        "--eta",
-        type=eta_arg,
-        default=100.0,
-        help="sampling temperature on the raw gradient energies, or 'auto' (scaled by their mean)",
-    )
-    p.add_argument("--interval", type=int, default=20, help="optimizer steps per outer loop (T)")
+    add_flag(p, "--eta", help="sampling temperature on the raw gradient energies, or 'auto' (scaled by their mean)")
+    add_flag(p, "--interval", help="optimizer steps per outer loop (T)")
     p.add_argument(
         "--granularity",
         default="module",
         choices=("module", "layer"),
         help="MISA's unit: each weight matrix, or each transformer layer",
     )
-    p.add_argument(
+    add_flag(
+        p,
         "--variant",
-        default="default",
-        choices=tuple(PRESETS),
         help="MISA preset: default (best in our measurements), paper (Algorithm 1), official (authors' code)",
     )
     p.add_argument(
@@ -139,62 +121,52 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("nearest", "stochastic"),
         help="how MISA writes fp32 results into bf16 weights",
     )
-    p.add_argument(
-        "--lisa-layers",
-        type=int,
-        default=None,
-        help="layers LISA trains at once (default: as many as fit in --delta, at least 1)",
-    )
+    add_flag(p, "--lisa-layers")
     p.add_argument(
         "--badam-order", default="descending", choices=("descending", "ascending", "random"), help="BAdam's switch mode"
     )
-    p.add_argument(
+    add_flag(
+        p,
         "--embeddings",
         default="every-step",
-        choices=("every-step", "module", "frozen"),
         help="the embedding and LM head: trained at every step (as the authors' code does; a model "
         "trained from scratch needs them early), sampled as modules, or frozen (fine-tuning)",
     )
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay")
-    p.add_argument("--warmup-steps", type=int, default=10, help="linear learning-rate warm-up")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
-    p.add_argument("--max-steps", type=int, default=300, help="optimizer steps in all (a resumed run continues to it)")
-    p.add_argument("--model-size", default="small", choices=sorted(SIZES), help="built-in LLaMA-style model")
-    p.add_argument("--config", default=None, help="JSON file with LlamaConfig fields (overrides --model-size)")
-    p.add_argument(
-        "--model", default=None, help="a local Hugging Face causal-LM folder to train instead (needs transformers)"
-    )
-    p.add_argument("--data", default=None, help="a text file or folder (default: Python's stdlib sources)")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per training sequence")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per optimizer step")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...; when omitted: cuda if available, else cpu")
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="parameter dtype")
-    add_checkpointing_flag(p)
-    p.add_argument(
-        "--backend",
-        default="auto",
-        choices=("auto", "torch", "triton", "cuda"),
-        help="misa_kernels backend (auto: cuda > triton > torch on a GPU, torch on the CPU)",
-    )
-    p.add_argument("--seed", type=int, default=0, help="seeds the model, the data order and the sampler")
-    p.add_argument("--eval-every", type=int, default=50, help="evaluate every N steps (and after the last one)")
-    p.add_argument(
+    add_flag(p, "--weight-decay")
+    add_flag(p, "--warmup-steps")
+    add_flag(p, "--max-grad-norm")
+    add_flag(p, "--max-steps", default=300, help="optimizer steps in all (a resumed run continues to it)")
+    add_flag(p, "--model-size")
+    add_flag(p, "--config")
+    add_flag(p, "--model", help="a local Hugging Face causal-LM folder to train instead (needs transformers)")
+    add_flag(p, "--data", help="a text file or folder (default: Python's stdlib sources)")
+    add_flag(p, "--seq-len", help="tokens per training sequence")
+    add_flag(p, "--batch-size")
+    add_flag(p, "--device")
+    add_flag(p, "--dtype", help="parameter dtype")
+    add_flag(p, "--checkpointing")
+    add_flag(p, "--backend", help="misa_kernels backend (auto: cuda > triton > torch on a GPU, torch on the CPU)")
+    add_flag(p, "--seed", help="seeds the model, the data order and the sampler")
+    add_flag(p, "--eval-every", default=50, help="evaluate every N steps (and after the last one)")
+    add_flag(
+        p,
         "--eval-batches",
-        type=int,
         default=64,
         help="batches of every evaluation: the same fixed held-out windows each time; the standard "
         "error over batches is reported as the evaluation noise",
     )
-    p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: only at the end)")
-    p.add_argument("--out", default=None, help="output folder (default: runs/<optimizer>-<time>)")
-    p.add_argument("--resume", default=None, metavar="DIR", help="resume exactly from DIR/checkpoint.pt")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (plain log lines)")
+    add_flag(p, "--save-every", help="checkpoint every N steps (0: only at the end)")
+    add_flag(p, "--out", help="output folder (default: runs/<optimizer>-<time>)")
+    add_flag(p, "--resume", metavar="DIR", help="resume exactly from DIR/checkpoint.pt")
+    add_flag(p, "--no-progress", help="no progress bar (plain log lines)")
     return p
 
 
 # ----------------------------------------------------------------------------------------- validation
-def validate(args) -> None:
+def validate(args) -> List[Method]:
+    """Checks the options (UsageError naming the first that is wrong) and returns the optimizer entries, parsed:
+    --compare's, or --optimizer."""
     validate_common(
         args,
         counts=("max_steps", "seq_len", "batch_size", "interval", "eval_every", "eval_batches", "seeds"),
@@ -209,12 +181,14 @@ def validate(args) -> None:
         )
     if args.seeds != 1 and args.compare is None:
         raise UsageError("--seeds: runs several seeds only with --compare (e.g. --compare misa,lisa --seeds 3)")
+    methods = [parse_optimizer(args.optimizer)]
     if args.compare is not None:
-        entry_list(args.compare, "--compare", OPTIMIZERS, parse_method)
+        methods = entry_list(args.compare, "--compare", OPTIMIZERS, parse_optimizer)
         if args.resume:
             raise UsageError("--compare and --resume do not go together")
     if args.resume and not (Path(args.resume) / CHECKPOINT).is_file():
         raise UsageError(f"--resume: {Path(args.resume) / CHECKPOINT} does not exist")
+    return methods
 
 
 # ----------------------------------------------------------------------------------------- building
@@ -293,41 +267,11 @@ def available_memory_bytes(device) -> float:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def parse_method(entry: str):
-    """'misa-official+flush=true' -> ('misa', {'variant': 'official', 'flush': True})."""
-    head, *switches = entry.split("+")
-    name, _, preset = head.partition("-")
-    if name not in OPTIMIZERS or (preset and (name != "misa" or preset not in PRESETS)):
-        raise UsageError(
-            f"--compare: unknown optimizer {entry!r}; choose from {', '.join(OPTIMIZERS)}, "
-            f"misa-<{'|'.join(PRESETS)}>, with +switch=value ({', '.join(SWITCHES)})"
-        )
-    options = {"variant": preset} if preset else {}
-    for item in switches:
-        key, _, value = item.partition("=")
-        kind = SWITCHES.get(key)
-        if kind is None or not value or name != "misa":
-            raise UsageError(
-                f"--compare: {item!r} in {entry!r}: expected misa...+switch=value with a switch from "
-                f"{', '.join(SWITCHES)}"
-            )
-        try:
-            if isinstance(kind, tuple):  # a choice: the state formats
-                if value not in kind:
-                    raise ValueError(value)
-                options[key] = value
-            elif kind == "bool":
-                if value.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError(value)
-                options[key] = value.lower() in ("true", "1")
-            elif kind == "eta":
-                options[key] = value if value == "auto" else float(value)
-            else:
-                options[key] = int(value) if kind == "int" else float(value)
-        except ValueError:
-            expected = "one of " + ", ".join(kind) if isinstance(kind, tuple) else f"a {kind}"
-            raise UsageError(f"--compare: {item!r}: expected {expected}") from None
-    return name, options
+def parse_method(entry):
+    """(name, options) of an optimizer entry: a Method parsed already (method.py: parsed once, read here), or
+    a --compare entry such as 'misa-official+flush=true' -> ('misa', {'variant': 'official', 'flush': True})."""
+    method = entry if isinstance(entry, Method) else parse_optimizer(entry)
+    return method.name, method.options
 
 
 def build_optimizer(entry: str, model, args):
@@ -343,6 +287,18 @@ def build_optimizer(entry: str, model, args):
 
 
 def _build_misa(name: str, options: Dict, model, args):
+    if name == "badam":
+        every_step = args.embeddings == "every-step"
+        common = dict(lr=args.lr, weight_decay=args.weight_decay, seed=args.seed, backend=args.backend)
+        return BAdam(
+            model, interval=args.interval, switch_mode=args.badam_order, train_outside_layers=every_step, **common
+        )
+    return MISA(model, **misa_kwargs(name, options, model, args))
+
+
+def misa_kwargs(name: str, options: Dict, model, args) -> Dict:
+    """MISA's arguments for "misa" (with its +switch options) or "lisa" on `model`: what build_optimizer
+    constructs, and what misa.optimizer.capacity reads a bound from without constructing anything."""
     common = dict(lr=args.lr, weight_decay=args.weight_decay, seed=args.seed, backend=args.backend)
     every_step = args.embeddings == "every-step"
     if name == "lisa":
@@ -351,11 +307,7 @@ def _build_misa(name: str, options: Dict, model, args):
             layers = min(args.lisa_layers, len(model.model.layers))
         else:
             layers = layers_within(model, args.delta)
-        return LISA(model, n_layers=layers, interval=args.interval, **common)
-    if name == "badam":
-        return BAdam(
-            model, interval=args.interval, switch_mode=args.badam_order, train_outside_layers=every_step, **common
-        )
+        return lisa_kwargs(model, n_layers=layers, interval=args.interval, **common)
     as_modules = args.embeddings == "module"
     always = [p for n, p in model.named_parameters() if "embed" in n or "lm_head" in n] if every_step else None
     switches = dict(
@@ -373,8 +325,7 @@ def _build_misa(name: str, options: Dict, model, args):
     chosen = "masters" in options or getattr(args, "masters", "fp32") != "fp32"
     if chosen or switches["rounding"] == "nearest":  # stochastic rounding alone means no master copy
         switches["master_weights"] = False if masters == "none" else masters
-    return MISA(
-        model,
+    return dict(
         delta=args.delta,
         eta=eta,
         interval=args.interval,
@@ -676,15 +627,26 @@ def paired_eval_se(runs, reference_runs) -> float:
     return float(diff.std() / diff.numel() ** 0.5)
 
 
-def compare(args, data, device, out: Path, argv: Optional[List[str]] = None) -> Dict:
-    names = [n.strip() for n in args.compare.split(",") if n.strip()]
+def compare(args, data, device, out: Path, argv: Optional[List[str]] = None, prepared=None) -> Dict:
+    """Every --compare entry over --seeds seeds. `prepared`: what prepare() made, the parsed entries and the
+    first seed's (model, optimizer) of each (used, not made again); the other seeds' are made here."""
+    if prepared is None:
+        prepared = Prepared([parse_optimizer(n.strip()) for n in args.compare.split(",") if n.strip()])
+    methods, built = prepared.methods, prepared.built
+    names = [m.entry for m in methods]
     results: Dict[str, List[Dict]] = {n: [] for n in names}
     base_seed = args.seed
-    for name in names:
+    for method in methods:
         for k in range(args.seeds):
             args.seed = base_seed + k
-            res = run(args, name, out / f"{name}-seed{args.seed}", data, device, progress=show_progress(args))
-            results[name].append(res)
+            model, opt = built.pop(method.entry, (None, None)) if k == 0 else (None, None)
+            if opt is None:
+                model = build_model(args, device)
+                opt = build_optimizer(method, model, args)
+            folder = out / f"{method.entry}-seed{args.seed}"
+            res = run(args, method.entry, folder, data, device, progress=show_progress(args), model=model, opt=opt)
+            del model, opt
+            results[method.entry].append(res)
     args.seed = base_seed
     rows = []
     for name, runs in results.items():
@@ -825,15 +787,15 @@ def prepare(args, parser, argv):
     """Everything that can fail on bad input, before anything is written: arguments, the checkpoint to
     resume, the data, the backend, the cost of a step, and each model and optimizer (built on the meta
     device). Returns what the run needs and the header line."""
-    validate(args)
+    methods = validate(args)
     checkpoint = None
     if args.resume:
         args, checkpoint = load_resume(args, parser, argv)
+        methods = [parse_optimizer(args.optimizer)]  # the checkpoint's
         if checkpoint["step"] == args.max_steps and finished(Path(args.out), checkpoint["step"]):
-            return args, None, None, checkpoint, None
+            return args, None, None, checkpoint, None, None
     device = pick_device(args)
-    entries = [n.strip() for n in args.compare.split(",")] if args.compare is not None else [args.optimizer]
-    if any(not e.startswith("adamw") for e in entries):
+    if any(m.name != "adamw" for m in methods):
         resolve_backend(args.backend, device)  # raises BackendUnavailable with the reason
     if args.model:
         transformers_module()
@@ -850,20 +812,32 @@ def prepare(args, parser, argv):
                 "or a smaller --batch-size"
             )
         estimate = f", about {total / 2**30:.2f} GiB per step"
-    model = build_model(args, "meta")
-    params = sum(p.numel() for p in model.parameters())
+    # each optimizer is built once, here, on the model it trains: bad options fail before anything is written,
+    # the header describes what runs, and run() (or compare()'s first seed) trains these very ones
+    prepared = Prepared(methods)
     described = []
-    for entry in entries:
-        opt = build_optimizer(entry, build_model(args, "meta") if entry != entries[0] else model, args)
+    for method in prepared.methods:
+        model = build_model(args, device)
+        opt = build_optimizer(method, model, args)
+        prepared.built[method.entry] = (model, opt)
         described.append(f"{opt!r}, {frozen_in_words(opt)}" if isinstance(opt, MISA) else f"AdamW(lr={args.lr:g})")
+    params = sum(p.numel() for p in model.parameters())
     what = args.model or (f"model {args.model_size}" + (f" + {args.config}" if args.config else ""))
     header = (
         f"misa-train: {what} ({params:,} params, {args.dtype}) on {describe(args.data)} "
         f"({len(data.train):,} training tokens), device {device}, backend {args.backend}, "
         f"{args.max_steps} steps of {args.batch_size} x {args.seq_len} tokens, lr {args.lr:g}{estimate}; "
-        + "; ".join(f"{e}: {d}" for e, d in zip(entries, described))
+        + "; ".join(f"{m.entry}: {d}" for m, d in zip(methods, described))
     )
-    return args, device, data, checkpoint, header
+    return args, device, data, checkpoint, header, prepared
+
+
+@dataclass
+class Prepared:
+    """The parsed optimizer entries and, for each, the (model, optimizer) prepare() built for its first run."""
+
+    methods: List[Method]
+    built: Dict[str, Tuple] = field(default_factory=dict)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -876,7 +850,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"misa-train: error: {exc}", file=sys.stderr)
         return 2
     try:
-        args, device, data, checkpoint, header = prepare(args, parser, argv)
+        args, device, data, checkpoint, header, prepared = prepare(args, parser, argv)
     except (UsageError, DataError, BackendUnavailable) as exc:
         print(f"misa-train: error: {exc}", file=sys.stderr)
         return 2
@@ -893,10 +867,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     out = Path(args.out or Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     print(f"{header}; writing to {out}", flush=True)
     if args.compare:
-        compare(args, data, device, out, argv)
+        compare(args, data, device, out, argv, prepared)
         print(f"wrote {out / 'compare.md'}, {out / 'compare.json'}, {out / 'compare.png'}")
         return 0
-    result = run(args, args.optimizer, out, data, device, progress=show_progress(args), checkpoint=checkpoint)
+    model, opt = prepared.built.pop(prepared.methods[0].entry)
+    progress = show_progress(args)
+    result = run(args, args.optimizer, out, data, device, progress, checkpoint=checkpoint, model=model, opt=opt)
     s = result["summary"]
     mem = ", ".join(f"{k} {v:.0f}" for k, v in s.items() if k.startswith("peak_"))
     print(

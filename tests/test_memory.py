@@ -401,4 +401,5 @@ def test_with_checkpointing_the_worst_case_peak_is_at_least_every_random_budget_
                 used += sizes[b]
         sets.append(sorted(chosen))
     randoms = worst_case_peak(model, opt, lambda: _step(model, opt, batch), None, sets=sets)[0]
-    assert randoms <= worst
+    # the period's statistic holds 4 bytes per active module: a set of more modules may hold those few bytes more
+    assert randoms <= worst + 4 * len(opt.module_names)

@@ -64,6 +64,12 @@ def test_base_is_made_once_reused_and_keyed_by_its_settings(tmp_path):
         assert pretrained.key_digest(pretrained.base_key(other, corpus, torch.device("cpu"))) != first.name, change
     other_data = pretrained.base_key(args, corpus + b"x", torch.device("cpu"))
     assert pretrained.key_digest(other_data) != first.name
+    threads = torch.get_num_threads()
+    try:  # the CPU's sums split by thread count: another count makes other weights, so another key
+        torch.set_num_threads(threads + 1)
+        assert pretrained.key_digest(pretrained.base_key(args, corpus, torch.device("cpu"))) != first.name
+    finally:
+        torch.set_num_threads(threads)
     bases = [p for p in (tmp_path / "cache" / "bases").iterdir()]
     assert bases == [first]  # one folder, no leftovers of the atomic write
 

@@ -1,6 +1,7 @@
 """The pretrained base that `python -m misa.finetune` starts from: made once with AdamW on the main job's
 corpus and cached on disk under a key of everything that determines its weights (the model config, the
-pretraining recipe, a digest of the data and of the code that trains it, torch's version, the device), or
+pretraining recipe, a digest of the data and of the code that trains it, torch's version, the device and,
+on the CPU, the thread count), or
 weights the user brings (`--base`), checked against the model before anything runs."""
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ def base_key(args, corpus: bytes, device: torch.device) -> Dict:
         "code": _code_digest(),
         "torch": ".".join(torch.__version__.split("+")[0].split(".")[:2]),
         "device": device.type,
+        # CPU kernels split their sums by thread count, so the same recipe at another count gives other weights
+        "threads": torch.get_num_threads() if device.type == "cpu" else None,
     }
 
 

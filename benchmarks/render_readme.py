@@ -139,8 +139,7 @@ def equal_peak_section() -> str:
     def cell(r, lora):
         if r is None:
             return "does not fit"
-        delta = r.get("overrides", {}).get("delta")
-        what = r["method"] + (f" (δ={delta:.3f})" if delta else "")
+        what = fr.sized(r)
         peak, lora_peak = r["memory"]["step_peak_bytes"], lora["memory"]["step_peak_bytes"]
         return (
             f"{what}: {r['test_loss_mean']:.4f} ± {r['test_loss_std']:.4f}, {peak / 2**20:.1f} MiB "
@@ -227,9 +226,8 @@ def choose_section() -> str:
                     if abs(d) <= spread
                     else f"{'better' if d > 0 else 'worse'} than LoRA (beyond the seed spread)"
                 )
-                delta = r.get("overrides", {}).get("delta")
                 said.append(
-                    f"{r['method']} (δ={delta:.3f}, {r['memory']['step_peak_bytes'] / lora_peak:.3f}x) trains {word}: "
+                    f"{fr.sized(r)}, at {r['memory']['step_peak_bytes'] / lora_peak:.3f}x, trains {word}: "
                     f"{r['test_loss_mean']:.4f} ± {r['test_loss_std']:.4f}."
                 )
         out += ["", " ".join(said), ""]

@@ -236,6 +236,17 @@ def at_lora_peak(rows: List[Dict]) -> Optional[Dict]:
     return out
 
 
+def sized(r: Dict) -> str:
+    """A row's entry with the delta it was sized to, if any; at delta 1 every module trains at every step, so the
+    row is AdamW in that row's state format on the projections, not a sample: said, not left to be inferred."""
+    delta = r.get("overrides", {}).get("delta")
+    if delta is None:
+        return r["method"]
+    if delta >= 1.0:
+        return f"{r['method']} (δ=1: every module at every step, no sampling)"
+    return f"{r['method']} (δ={delta:.3f})"
+
+
 def equal_peak_line(meta: Dict, found: Dict) -> str:
     """One sentence per comparison: who trains better at LoRA's peak, in which regime, at what speed."""
     lora, best = found["lora"], found["misa"]
@@ -252,7 +263,7 @@ def equal_peak_line(meta: Dict, found: Dict) -> str:
         }[found["over_winner"]]
         return (
             f"{line}: the rows sized to it ran at {_peak(over) / _peak(lora):.2f}x and above, and the best, "
-            f"{over['method']}, {said}: {over['test_loss_mean']:.4f} ± {over['test_loss_std']:.4f} against "
+            f"{sized(over)}, {said}: {over['test_loss_mean']:.4f} ± {over['test_loss_std']:.4f} against "
             f"{lora['test_loss_mean']:.4f} ± {lora['test_loss_std']:.4f}{_speed(over, lora)} ms."
         )
     said = {
@@ -261,7 +272,7 @@ def equal_peak_line(meta: Dict, found: Dict) -> str:
         "lora": "LoRA trains better than MISA (beyond the seed spread)",
     }[found["winner"]]
     return (
-        f"{where}: at LoRA's step peak ({_peak(lora) / 2**20:.1f} MiB) {said}: {best['method']} "
+        f"{where}: at LoRA's step peak ({_peak(lora) / 2**20:.1f} MiB) {said}: {sized(best)} "
         f"{best['test_loss_mean']:.4f} ± {best['test_loss_std']:.4f} against {lora['test_loss_mean']:.4f} ± "
         f"{lora['test_loss_std']:.4f}{_speed(best, lora)} ms."
     )

@@ -233,8 +233,16 @@ def choose_section() -> str:
         out += ["", " ".join(said), ""]
     first = json.loads(files[0].read_text())
     meta = first["meta"]
-    rates = sorted({r["lr"] for f in files for r in json.loads(f.read_text())["rows"]})
-    rate = f"every method at lr {rates[0]:g}" if len(rates) == 1 else "every method at its own rate (its grid's)"
+    rows = [r for f in files for r in json.loads(f.read_text())["rows"]]
+    chosen = sorted({r["lr"] for r in rows})
+    tried = sorted({float(lr) for r in rows for lr in r["grid"]})
+    if len(tried) == 1:
+        rate = f"every method at lr {chosen[0]:g} (no grid)"
+    else:
+        rate = (
+            f"every method at its own rate, chosen on validation over its grid ({', '.join(f'{lr:g}' for lr in tried)}"
+            + (f"): each chose {chosen[0]:g}" if len(chosen) == 1 else "): see docs/finetune.md")
+        )
     out.append(
         f"The built-in {meta['model']} ({meta['dtype']}), pretrained on Python sources, fine-tuned for {meta['steps']} "
         f"steps of {meta['batch_size']} x {meta['seq_len']} tokens on the Unicode character names, "

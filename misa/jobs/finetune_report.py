@@ -237,8 +237,9 @@ def at_lora_peak(rows: List[Dict]) -> Optional[Dict]:
 
 
 def sized(r: Dict) -> str:
-    """A row's entry with the delta it was sized to, if any; at delta 1 every module trains at every step, so the
-    row is AdamW in that row's state format on the projections, not a sample: said, not left to be inferred."""
+    """A row's entry with the delta it was sized to, if any. At delta 1 every module trains at every step, so the
+    row is AdamW, in the row's state format, on all of MISA's modules: no sample at all, which the reader is told
+    rather than left to infer."""
     delta = r.get("overrides", {}).get("delta")
     if delta is None:
         return r["method"]

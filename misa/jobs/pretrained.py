@@ -1,8 +1,8 @@
 """The pretrained base that `python -m misa.finetune` starts from: made once with AdamW on the main job's
 corpus and cached on disk under a key of everything that determines its weights (the model config, the
-pretraining recipe, a digest of the data and of the code that trains it, torch's version, the device and,
-on the CPU, the thread count), or
-weights the user brings (`--base`), checked against the model before anything runs."""
+pretraining recipe, a digest of the data and of the code that trains it, torch's version, the device and, on
+the CPU, the thread count), or weights the user brings (`--base`), checked against the model before anything
+runs."""
 
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ nothing written)."""
 
 import json
 import math
+import platform
 from pathlib import Path
 
 import pytest
@@ -294,6 +295,7 @@ def test_equal_memory_at_the_peak_writes_peaks_times_and_the_criterion(tmp_path,
     data = json.loads((out / "finetune.json").read_text())
     meta, rows = data["meta"], {r["method"]: r for r in data["rows"]}
     assert meta["checkpointing"] is checkpointing and meta["equal_memory"] == "peak"
+    assert meta["python"] == platform.python_version()  # the shipped domains are its own texts
     lora_peak = rows["lora"]["memory"]["step_peak_bytes"]
     for r in rows.values():
         m = r["memory"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import platform
 import sys
 import time
 import unicodedata
@@ -804,6 +805,7 @@ def finetune(args, argv, methods, grids, device, old_corpus, old, new, base) -> 
         "command": provenance.command("misa.finetune", argv),
         "device": str(device),
         "torch": torch.__version__,
+        "python": platform.python_version(),  # the shipped domains are this Python's own texts
         "commit": commit,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "model": what,
